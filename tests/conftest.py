@@ -1,0 +1,71 @@
+"""Shared helpers. Everything here runs offline and on the CPU."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# A model small enough to train in a fraction of a second per step.
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64"]
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails, as on an air-gapped machine."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """About 60 kB of the shipped Shakespeare: ~15k tokens, enough for train and val splits."""
+    path = tmp_path / "text.txt"
+    path.write_text((REPO / "input.txt").read_text()[:60_000])
+    return path
+
+
+def run_script(*args, cwd, timeout=300, env_extra=None, runner=None):
+    """Run train_gpt2.py as a user would; returns the CompletedProcess with text output."""
+    env = {**os.environ, **OFFLINE_ENV, **(env_extra or {})}
+    cmd = (runner or [sys.executable]) + [str(REPO / "train_gpt2.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def step_losses(stdout):
+    """{step: loss string} from the per-step lines."""
+    out = {}
+    for line in stdout.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if line.startswith("step") and len(parts) > 1 and parts[1].startswith("loss "):
+            out[int(parts[0].split()[1])] = parts[1].split()[1]
+    return out
+
+
+@pytest.fixture
+def hf_gpt2_dir(tmp_path_factory):
+    """Factory: a random-weight transformers GPT-2 of the given shape, saved with save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def make(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257, seed=0):
+        torch.manual_seed(seed)
+        config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                            vocab_size=vocab_size)
+        model = GPT2LMHeadModel(config)
+        path = tmp_path_factory.mktemp(f"hf_{n_layer}_{n_head}_{n_embd}")
+        model.save_pretrained(path)
+        return path, model.eval()
+
+    return make

@@ -1,0 +1,239 @@
+"""Training state that survives: atomic checkpoints, exact resume, safe loading, export."""
+
+import hashlib
+import json
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_gpt2
+from conftest import OFFLINE_ENV, REPO, TINY, run_script, step_losses
+from train_gpt2 import load_checkpoint, main, save_checkpoint
+
+# warmup + cosine decay, periodic validation and sampling: every piece of state a resume must restore
+RUN = [*TINY, "--B", "2", "--T", "16", "--lr", "3e-3", "--warmup_steps", "4", "--min_lr", "3e-4",
+       "--eval_interval", "5", "--sample_interval", "7", "--num_samples", "1", "--max_new_tokens", "4"]
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_log(out_dir):
+    return [json.loads(l) for l in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def uninterrupted(tmp_path, text_file):
+    """The reference: 30 steps in one go."""
+    r = run_script(*RUN, "--input_file", text_file, "--max_steps", "30", "--out_dir", "ref", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return r.stdout, read_log(tmp_path / "ref")
+
+
+def start(tmp_path, *args):
+    cmd = [sys.executable, str(REPO / "train_gpt2.py"), *map(str, args)]
+    import os
+    return subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc, step):
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"step {step:5d} | loss"):
+            return lines
+    raise AssertionError("run ended before step %d: %s" % (step, "".join(lines)))
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file, uninterrupted):
+    ref_stdout, ref_log = uninterrupted
+    args = (*RUN, "--input_file", text_file, "--max_steps", "30", "--out_dir", "run")
+    proc = start(tmp_path, *args)
+    first = wait_for_step(proc, 3)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, save, exit
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted: saved step" in rest
+    stopped_at = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"]
+    assert 3 < stopped_at < 30
+
+    resumed = run_script(*args, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from" in resumed.stdout
+    before = step_losses("".join(first) + rest)
+    after = step_losses(resumed.stdout)
+    assert min(after) == stopped_at
+    combined = {**{s: l for s, l in before.items() if s < stopped_at}, **after}
+    assert combined == step_losses(ref_stdout)  # the same losses, step for step, to the last digit
+    assert read_log(tmp_path / "run") == [{**r, "ms": s["ms"], "tok_per_s": s["tok_per_s"]}
+                                          for r, s in zip(ref_log, read_log(tmp_path / "run"))]
+    # and the samples printed at the end are the same text
+    assert [l for l in resumed.stdout.splitlines() if l.startswith("> ")][-1] == \
+        [l for l in ref_stdout.splitlines() if l.startswith("> ")][-1]
+
+
+def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, text_file, uninterrupted):
+    _, ref_log = uninterrupted
+    args = (*RUN, "--input_file", text_file, "--max_steps", "30", "--out_dir", "run", "--checkpoint_interval", "5")
+    proc = start(tmp_path, *args)
+    wait_for_step(proc, 12)
+    proc.kill()  # no chance to save anything
+    proc.communicate()
+    saved = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"]
+    assert saved % 5 == 0 and saved >= 10
+    resumed = run_script(*args, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    log = read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == list(range(30))  # the redone steps replaced, not duplicated
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
+    assert [r.get("val_loss") for r in log] == [r.get("val_loss") for r in ref_log]
+
+
+def test_checkpoint_contents_are_plain_and_unwrapped(tmp_path, text_file):
+    code = main([*RUN, "--input_file", str(text_file), "--max_steps", "3", "--out_dir", str(tmp_path / "o")])
+    assert code == 0
+    ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)  # no pickled code needed
+    assert ckpt["step"] == 3
+    assert all(not k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 50257, "n_layer": 2, "n_head": 2,
+                                    "n_embd": 32, "sdpa": True}
+    assert isinstance(ckpt["train_config"], dict) and ckpt["train_config"]["max_steps"] == 3
+    assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "sample"}
+    assert ckpt["optimizer"]["state"] and ckpt["train_loader"]["position"] == 3 * 2 * 16
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(1000)}, str(path))
+    before = digest(path)
+
+    def crash_half_way(obj, f):
+        f.write(b"PK\x03\x04 partial bytes of a checkpoint" * 1000)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_gpt2.torch, "save", crash_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2, "w": torch.zeros(1000)}, str(path))
+    assert digest(path) == before
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_process_killed_while_writing_leaves_the_previous_checkpoint_intact(tmp_path):
+    """A real kill in the middle of torch.save of a large checkpoint."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(10)}, str(path))
+    before = digest(path)
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+import train_gpt2
+state = {{"step": 2, "w": torch.zeros(200_000_000)}}  # 800 MB: takes a while to write
+print("writing", flush=True)
+train_gpt2.save_checkpoint(state, {str(path)!r})
+"""], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    tmp = tmp_path / "ckpt.pt.tmp"
+    deadline = time.time() + 60
+    while not (tmp.exists() and tmp.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.01)
+    writer.kill()
+    writer.wait()
+    assert digest(path) == before
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+class Exploit:
+    def __reduce__(self):
+        return (open, ("PWNED", "w"))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code"])
+def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, kind):
+    args = (*RUN, "--input_file", text_file, "--max_steps", "4", "--out_dir", "run")
+    assert run_script(*args, cwd=tmp_path).returncode == 0
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    if kind == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif kind == "garbage":
+        ckpt.write_bytes(b"\x00\x01 not a zip file" * 100)
+    elif kind == "not_a_checkpoint":
+        torch.save({"weights": torch.ones(3)}, ckpt)
+    else:
+        ckpt.write_bytes(pickle.dumps(Exploit()))
+    before, log_before = digest(ckpt), digest(tmp_path / "run" / "log.jsonl")
+    r = run_script(*args, "--resume", "--max_steps", "8", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "ckpt.pt" in r.stderr
+    assert digest(ckpt) == before and digest(tmp_path / "run" / "log.jsonl") == log_before
+    assert not (tmp_path / "PWNED").exists()  # loading never runs code from the file
+
+
+def test_resume_with_a_different_model_is_a_clear_error(tmp_path, text_file):
+    args = (*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run")
+    assert run_script(*args, cwd=tmp_path).returncode == 0
+    r = run_script(*args, "--resume", "--n_layer", "3", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == \
+        "error: checkpoint 'run/ckpt.pt' has n_layer=2, the command line says 3"
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, text_file):
+    r = run_script(*RUN, "--input_file", text_file, "--resume", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == "error: no checkpoint to resume from at 'out/ckpt.pt'"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys):
+    out = tmp_path / "o"
+    args = [*RUN, "--input_file", str(text_file), "--out_dir", str(out)]
+    assert main([*args, "--max_steps", "2"]) == 0
+    before = digest(out / "ckpt.pt")
+    capsys.readouterr()
+
+    forward, calls = train_gpt2.GPT.forward, []
+
+    def diverging(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        calls.append(1)
+        if targets is not None and len(calls) > 3:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(train_gpt2.GPT, "forward", diverging)
+    # a fresh run into the same out_dir: it says it will replace the checkpoint, then diverges at step 3
+    code = main([*args, "--max_steps", "10", "--checkpoint_interval", "1"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "replaces it when it saves its own" in captured.out
+    assert "loss is nan at step 3" in captured.err
+    # steps 0-2 were fine and each saved; step 3's NaN state was never written
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+    code = main([*args, "--max_steps", "10", "--resume", "--checkpoint_interval", "1"])
+    assert code == 1 and "loss is nan at step 3" in capsys.readouterr().err
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+
+
+def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file):
+    from transformers import GPT2LMHeadModel
+
+    args = (*RUN, "--input_file", text_file, "--max_steps", "3", "--out_dir", "run")
+    r = run_script(*args, "--export_dir", "hf", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours = train_gpt2.GPT(train_gpt2.GPTConfig(**load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["model_config"]))
+    ours.load_state_dict(load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["model"])
+    idx = torch.randint(0, 50257, (2, 12))
+    with torch.no_grad():
+        assert (ours.eval()(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+    sampled = run_script(*args, "--resume", "--max_steps", "0", "--num_samples", "2", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
+    assert len([l for l in sampled.stdout.splitlines() if l.startswith("> Hello")]) == 2
+    assert "| loss" not in sampled.stdout

@@ -1,0 +1,147 @@
+"""The script as users run it: a subprocess, flags, output, and one clear line for every bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_script, step_losses
+
+SMALL = [*TINY, "--B", "2", "--T", "16", "--num_samples", "2", "--max_new_tokens", "8"]
+
+
+def test_train_end_to_end(tmp_path, text_file):
+    r = run_script(*SMALL, "--input_file", text_file, "--max_steps", "5", "--out_dir", "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert list(step_losses(r.stdout)) == [0, 1, 2, 3, 4]  # one line per step
+    step_lines = [l for l in r.stdout.splitlines() if l.startswith("step") and "| loss" in l]
+    assert len(step_lines) == 5
+    assert " ms |" in step_lines[0] and "tok/s" in step_lines[0]
+    assert "val loss" in r.stdout
+    assert "dtype" in r.stdout.splitlines()[0]  # the precision is printed at start
+    assert r.stdout.count("> ") >= 2  # samples at the end
+    assert (tmp_path / "run" / "ckpt.pt").exists()  # everything the run writes goes under out_dir
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 5
+
+
+def test_flags_accept_both_spellings_and_help_lists_defaults(tmp_path, text_file):
+    r = run_script(*SMALL, f"--input_file={text_file}", "--max_steps=2", "--out_dir=o", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert list(step_losses(r.stdout)) == [0, 1]
+    h = run_script("--help", cwd=tmp_path)
+    assert h.returncode == 0
+    for name in ("max_steps", "B", "T", "lr", "seed", "device", "input_file", "init_from", "n_layer",
+                 "n_head", "n_embd", "dtype", "out_dir", "total_batch_size", "min_lr", "warmup_steps",
+                 "checkpoint_interval", "resume", "compile", "prompt", "num_samples", "top_k", "temperature"):
+        assert f"--{name}" in h.stdout, name
+    assert "(default: 50)" in h.stdout and "(default: 0.0003)" in h.stdout
+
+
+BAD_INPUTS = [  # (arguments, what the one line must say)
+    (["--input_file", "missing.txt"], "not found"),
+    (["--input_file", "empty.txt"], "is empty"),
+    (["--input_file", "binary.bin"], "not UTF-8"),
+    (["--input_file", "short.txt"], "fewer than"),
+    (["--T", "65"], "T=65 exceeds block_size=64"),
+    (["--init_from", "gpt5"], "unknown model 'gpt5'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--dtype", "float8"], "invalid choice"),
+    (["--max_steps", "many"], "invalid int value"),
+    (["--learning_rate", "1"], "unrecognized arguments: --learning_rate"),
+    (["--B", "0"], "--B must be positive"),
+    (["--n_embd", "30", "--n_head", "4"], "multiple of --n_head"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message):
+    shutil.copy(text_file, tmp_path / "input.txt")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "short.txt").write_text("Too short.")
+    r = run_script(*SMALL, "--max_steps", "1", *args, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "out").exists()  # a failed start writes nothing
+
+
+def test_unknown_device_cuda_without_cuda(tmp_path, text_file):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    r = run_script(*SMALL, "--input_file", text_file, "--device", "cuda", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == "error: device 'cuda' requested but CUDA is not available"
+
+
+def test_sample_only_from_a_local_gpt2_directory(tmp_path, hf_gpt2_dir):
+    """--max_steps 0 with --init_from DIR prints samples and trains nothing (the offline GPT-2 path)."""
+    path, _ = hf_gpt2_dir(2, 2, 32, 64)
+    r = run_script("--init_from", path, "--max_steps", "0", "--num_samples", "3", "--max_new_tokens", "5",
+                   "--prompt", "Hello, I'm a language model,", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    samples = [l for l in r.stdout.splitlines() if l.startswith("> Hello, I'm a language model,")]
+    assert len(samples) == 3
+    assert "step" not in r.stdout and not (tmp_path / "out").exists()
+
+
+def test_fine_tune_from_a_local_gpt2_directory(tmp_path, hf_gpt2_dir, text_file):
+    path, _ = hf_gpt2_dir(2, 2, 32, 64)
+    r = run_script("--init_from", path, "--input_file", text_file, "--max_steps", "2", "--B", "2",
+                   "--T", "16", "--num_samples", "1", "--max_new_tokens", "4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert list(step_losses(r.stdout)) == [0, 1]
+
+
+def test_gpt2_by_name_offline_is_one_clear_line(tmp_path):
+    r = run_script("--init_from", "gpt2", "--max_steps", "0", cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: could not load GPT-2 weights from 'gpt2'")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_importing_does_nothing_visible(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import train_gpt2"], cwd=REPO, capture_output=True,
+                       text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    assert "transformers" not in subprocess.run(
+        [sys.executable, "-c", "import sys, train_gpt2; print(sorted(sys.modules))"], cwd=REPO,
+        capture_output=True, text=True).stdout  # heavy and optional: imported only when needed
+
+
+def test_ddp_two_processes_match_one(tmp_path, text_file):
+    """torchrun with 2 CPU processes (gloo) follows the single-process loss trajectory with the same
+    total batch: 2 ranks x B=1 x 2 accumulation steps = 1 process x B=2 x 2 (float32, 1e-5)."""
+    common = [*TINY, "--input_file", text_file, "--T", "16", "--total_batch_size", "64", "--dtype", "float32",
+              "--max_steps", "4", "--eval_interval", "2", "--num_samples", "1", "--max_new_tokens", "2"]
+    single = run_script(*common, "--B", "2", "--out_dir", "single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = run_script(*common, "--B", "1", "--out_dir", "ddp", cwd=tmp_path, runner=torchrun,
+                     env_extra={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr
+    assert "processes 2" in ddp.stdout
+    assert ddp.stdout.count("| loss") == 4  # only rank 0 prints
+    a = [json.loads(l) for l in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 4
+    for r, s in zip(a, b):
+        assert abs(r["loss"] - s["loss"]) <= 1e-5
+        assert abs(r.get("val_loss", 0) - s.get("val_loss", 0)) <= 1e-5
+
+
+def test_readme_documents_every_option():
+    from dataclasses import fields
+
+    from train_gpt2 import TrainConfig
+
+    readme = (REPO / "README.md").read_text()
+    table = [line for line in readme.splitlines() if line.startswith("| `")]
+    for f in fields(TrainConfig):
+        assert any(f"`{f.name}`" in line.split("|")[1] for line in table), f.name

@@ -1,0 +1,108 @@
+"""Tokenizer (offline) and DataLoaderLite."""
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt2
+from train_gpt2 import DataLoaderLite, get_tokenizer, tokenize_file
+
+
+def test_tokenizer_works_with_the_network_disabled(no_network, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # no cached download to fall back on
+    get_tokenizer.cache_clear()
+    enc = get_tokenizer()
+    # GPT-2's ids for this sentence, as tiktoken.get_encoding("gpt2") gives them
+    assert enc.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+    text = "To be, or not to be: that is the question.\n  Ünïcödé ✓ 日本語 \t<|endoftext|>"
+    ids = enc.encode_ordinary(text)
+    assert enc.decode(ids) == text
+    assert 50256 not in ids  # a literal "<|endoftext|>" in data is plain text, not the special token
+
+
+def test_data_is_held_compactly_and_split_90_10(text_file):
+    tokens = tokenize_file(text_file)
+    assert tokens.dtype == np.uint16
+    train = DataLoaderLite(2, 8, text_file, split="train")
+    val = DataLoaderLite(2, 8, text_file, split="val")
+    n_train = int(len(tokens) * 0.9)
+    assert np.array_equal(train.tokens, tokens[:n_train])
+    assert np.array_equal(val.tokens, tokens[n_train:])  # validation is never trained on
+
+
+def test_batches_are_shifted_contiguous_and_wrap(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(" a" * 100)  # " a" is one token: a file of exactly 100 tokens
+    tokens = torch.from_numpy(tokenize_file(path).astype(np.int64))
+    assert len(tokens) == 100
+    loader = DataLoaderLite(B=3, T=10, input_file=path)
+    tokens = torch.arange(100)  # make positions visible: replace the (identical) ids by their index
+    loader.tokens = tokens.numpy().astype(np.uint16)
+    seen = []
+    for _ in range(4):
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (3, 10) and x.dtype == torch.long
+        assert torch.equal(y.flatten()[:-1], x.flatten()[1:])  # y is x shifted by one
+        seen.append(x.flatten())
+    assert torch.equal(seen[0], torch.arange(0, 30))  # contiguous rows, in order
+    assert torch.equal(seen[1], torch.arange(30, 60))
+    assert torch.equal(seen[2], torch.arange(60, 90))  # 90..120 would run past 100 tokens:
+    assert torch.equal(seen[3], torch.arange(0, 30))  # so it wraps to the start
+
+
+def test_processes_read_interleaved_slices(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(" a" * 100)
+    loaders = [DataLoaderLite(2, 5, path, process_rank=r, num_processes=2) for r in range(2)]
+    for loader in loaders:
+        loader.tokens = np.arange(100, dtype=np.uint16)
+    x0, _ = loaders[0].next_batch()
+    x1, _ = loaders[1].next_batch()
+    assert torch.equal(torch.cat([x0.flatten(), x1.flatten()]), torch.arange(0, 20))
+    x0, _ = loaders[0].next_batch()
+    assert torch.equal(x0.flatten(), torch.arange(20, 30))
+
+
+def test_position_state_round_trips(text_file):
+    a = DataLoaderLite(2, 8, text_file)
+    for _ in range(3):
+        a.next_batch()
+    b = DataLoaderLite(2, 8, text_file)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(p, q) for p, q in zip(a.next_batch(), b.next_batch()))
+
+
+def test_text_shorter_than_one_batch_is_a_clear_error(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("Only a few words here.")
+    with pytest.raises(ValueError, match=r"fewer than the 129 one batch needs"):
+        DataLoaderLite(4, 32, path)
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "not found"),
+    (b"", "is empty"),
+    (b"  \n\n ", "is empty"),
+    (b"\xff\xfe\x00binary", "not UTF-8"),
+])
+def test_bad_files_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        DataLoaderLite(1, 4, path)
+
+
+def test_file_is_tokenized_once_and_rereads_after_a_change(tmp_path, monkeypatch):
+    path = tmp_path / "t.txt"
+    path.write_text(" a" * 50)
+    calls = []
+    encode = train_gpt2.tiktoken.Encoding.encode_ordinary
+    monkeypatch.setattr(train_gpt2.tiktoken.Encoding, "encode_ordinary",
+                        lambda self, text: calls.append(1) or encode(self, text))
+    DataLoaderLite(1, 4, path, split="train")
+    DataLoaderLite(1, 4, path, split="val")
+    assert len(calls) == 1
+    path.write_text(" b" * 60)
+    assert len(DataLoaderLite(1, 4, path).tokens) == 60

@@ -1,0 +1,169 @@
+"""The model: attention paths, initialisation, weight tying, the loss at init, learning, generation."""
+
+import math
+
+import pytest
+import torch
+
+from train_gpt2 import GPT, GPT2_VOCAB_SIZE, CausalSelfAttention, GPTConfig
+
+TINY = GPTConfig(block_size=64, vocab_size=GPT2_VOCAB_SIZE, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.mark.parametrize("T", [1, 7, 64])
+def test_fused_and_explicit_attention_agree(T):
+    """F.scaled_dot_product_attention(is_causal=True) computes the explicit masked softmax (fp32, 1e-5)."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, n_head=4, n_embd=64)
+    explicit = CausalSelfAttention(GPTConfig(**{**config.__dict__, "sdpa": False}))
+    fused = CausalSelfAttention(config)
+    fused.load_state_dict(explicit.state_dict())
+    x = torch.randn(3, T, 64)
+    diff = (explicit(x) - fused(x)).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_attention_is_causal():
+    """Changing a later token never changes an earlier position's output, on both paths."""
+    torch.manual_seed(0)
+    for sdpa in (True, False):
+        model = GPT(GPTConfig(**{**TINY.__dict__, "sdpa": sdpa})).eval()
+        idx = torch.randint(0, 1000, (1, 16))
+        changed = idx.clone()
+        changed[0, 10:] = 7
+        a, _ = model(idx)
+        b, _ = model(changed)
+        torch.testing.assert_close(a[:, :10], b[:, :10])
+        assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_causal_mask_buffer_is_lower_triangular_and_not_saved():
+    attn = CausalSelfAttention(GPTConfig(block_size=16, n_head=2, n_embd=8))
+    assert attn.bias.shape == (1, 1, 16, 16)
+    assert torch.equal(attn.bias[0, 0], torch.tril(torch.ones(16, 16)))
+    assert "bias" not in attn.state_dict()  # only c_attn/c_proj weights and biases
+    assert not any(k.endswith(".attn.bias") for k in GPT(TINY).state_dict())
+
+
+@pytest.fixture(scope="module")
+def gpt2_124m():
+    torch.manual_seed(1337)
+    return GPT(GPTConfig())
+
+
+def test_124m_parameter_count_and_tying(gpt2_124m):
+    model = gpt2_124m
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # the tied matrix is one Parameter, counted once: GPT-2 small has 124,439,808 parameters
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+
+
+def test_init_stds(gpt2_124m):
+    """normal(0, 0.02) everywhere, 0.02 / sqrt(2 * n_layer) on the residual projections, zero biases."""
+    model = gpt2_124m
+    scaled = 0.02 * (2 * 12) ** -0.5
+    for name, p in model.named_parameters():
+        if name.endswith("bias") and "ln_" not in name:
+            assert torch.count_nonzero(p) == 0, name
+        elif name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(scaled, rel=0.02), name
+        elif p.dim() == 2:  # c_attn, c_fc, wte (= lm_head), wpe
+            assert p.std().item() == pytest.approx(0.02, rel=0.02), name
+            assert abs(p.mean().item()) < 1e-3, name
+        else:  # LayerNorm: gain 1, shift 0
+            assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+
+
+def test_initial_loss_is_uniform_guess(gpt2_124m):
+    """A fresh model predicts nearly uniformly: loss close to ln(50257) = 10.82."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 64))
+    targets = torch.randint(0, GPT2_VOCAB_SIZE, (2, 64))
+    with torch.no_grad():
+        logits, loss = gpt2_124m(idx, targets)
+    assert logits.shape == (2, 64, GPT2_VOCAB_SIZE)
+    assert abs(loss.item() - math.log(GPT2_VOCAB_SIZE)) < 0.2
+
+
+def test_weight_tying_survives_to_and_load_state_dict():
+    model = GPT(TINY)
+    model.to(torch.float64)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.dtype == torch.float64
+    other = GPT(TINY).to(torch.float64)
+    other.load_state_dict(model.state_dict())
+    assert other.lm_head.weight is other.transformer.wte.weight
+    torch.testing.assert_close(other.lm_head.weight, model.transformer.wte.weight, rtol=0, atol=0)
+
+
+def test_no_targets_gives_no_loss():
+    logits, loss = GPT(TINY)(torch.zeros((2, 5), dtype=torch.long))
+    assert loss is None and logits.shape == (2, 5, GPT2_VOCAB_SIZE)
+
+
+def test_sequence_longer_than_block_size_is_a_value_error():
+    with pytest.raises(ValueError, match=r"T=65.*block_size=64"):
+        GPT(TINY)(torch.zeros((1, 65), dtype=torch.long))
+
+
+def test_tiny_model_overfits_one_batch():
+    """Memorising one batch is the simplest proof that forward, backward and AdamW fit together."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    x = torch.randint(0, GPT2_VOCAB_SIZE, (2, 16))
+    y = torch.randint(0, GPT2_VOCAB_SIZE, (2, 16))
+    optimizer = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, device_type="cpu")
+    first = None
+    for _ in range(150):
+        optimizer.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.05 * first
+
+
+def test_greedy_generation_is_deterministic_and_argmax():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    out = model.generate(idx, 5, temperature=0)
+    assert out.shape == (1, 8) and torch.equal(out[:, :3], idx)
+    # each new token is the argmax of the logits given everything before it
+    logits, _ = model(out[:, :-1])
+    assert torch.equal(logits[0, 2:].argmax(-1), out[0, 3:])
+    assert torch.equal(model.generate(idx, 5, top_k=1), out)  # top-1 sampling is greedy too
+
+
+def test_sampling_has_its_own_random_stream():
+    """Sampling never draws from torch's global generator, so it cannot change training."""
+    model = GPT(TINY).eval()
+    idx = torch.zeros((3, 2), dtype=torch.long)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = model.generate(idx, 8, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = model.generate(idx, 8, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)  # the same seed gives the same samples
+    assert not torch.equal(a, model.generate(idx, 8, seed=8))
+
+
+def test_generation_never_emits_padding_ids():
+    """With the table padded to 50304, ids 50257.. are not tokens: make them the most likely, and check."""
+    model = GPT(GPTConfig(**{**TINY.__dict__, "vocab_size": 50304})).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)  # every position's final vector is all ones
+        model.lm_head.weight[GPT2_VOCAB_SIZE:] = 1.0  # so padding rows get logit n_embd, far above the rest
+    idx = torch.zeros((4, 1), dtype=torch.long)
+    logits, _ = model(idx)
+    assert logits[0, -1].argmax() >= GPT2_VOCAB_SIZE  # the trap is set
+    for kwargs in (dict(temperature=0), dict(top_k=50), dict(top_k=0)):
+        out = model.generate(idx, 6, **kwargs)
+        assert out.max() < GPT2_VOCAB_SIZE, kwargs
+
+
+def test_generation_crops_context_to_block_size():
+    model = GPT(TINY).eval()
+    out = model.generate(torch.zeros((1, 60), dtype=torch.long), 10, temperature=0)
+    assert out.shape == (1, 70)

@@ -1,0 +1,127 @@
+"""GPT-2 weights in and out: parity with transformers' GPT2LMHeadModel, export, round trip.
+
+Real OpenAI checkpoints cannot be downloaded here, so each test builds a random-weight transformers
+GPT-2 of the shape it needs and saves it with save_pretrained: the same directory format the hub serves.
+"""
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from train_gpt2 import GPT, GPT2_VOCAB_SIZE, PRETRAINED, GPTConfig
+
+SHAPES = [  # (n_layer, n_head, n_embd, n_positions)
+    (2, 2, 32, 64),
+    (3, 4, 64, 128),
+    (12, 12, 768, 1024),  # GPT-2 124M
+]
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd,n_positions", SHAPES)
+def test_logits_loss_and_greedy_generation_match_transformers(hf_gpt2_dir, n_layer, n_head, n_embd, n_positions):
+    path, hf = hf_gpt2_dir(n_layer, n_head, n_embd, n_positions)
+    ours = GPT.from_pretrained(str(path)).eval()
+    assert (ours.config.n_layer, ours.config.n_head, ours.config.n_embd, ours.config.block_size) == \
+        (n_layer, n_head, n_embd, n_positions)
+    assert ours.lm_head.weight is ours.transformer.wte.weight  # still tied after loading
+
+    torch.manual_seed(0)
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 24))
+    targets = torch.randint(0, GPT2_VOCAB_SIZE, (2, 24))
+    with torch.no_grad():
+        logits, loss = ours(idx, targets)
+        ref = hf(idx, labels=None)
+    ref_loss = torch.nn.functional.cross_entropy(ref.logits.view(-1, ref.logits.size(-1)), targets.view(-1))
+    assert (logits - ref.logits).abs().max().item() <= 1e-4  # fp32
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+
+    prompt = idx[:1, :8]
+    greedy = ours.generate(prompt, 20, temperature=0)
+    ref_greedy = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                             min_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy, ref_greedy)
+
+
+def test_explicit_attention_path_matches_transformers_too(hf_gpt2_dir):
+    path, hf = hf_gpt2_dir(2, 2, 32, 64)
+    ours = GPT.from_pretrained(str(path))
+    for block in ours.transformer.h:
+        block.attn.sdpa = False
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 30))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError) as err:
+        GPT.from_pretrained("gpt3")
+    for name in PRETRAINED:
+        assert name in str(err.value)
+
+
+def test_transformers_4_style_state_dict_loads(hf_gpt2_dir, monkeypatch):
+    """transformers 4.x kept mask buffers (attn.bias, attn.masked_bias) in state dicts; 5.x does not
+    and may leave out the tied lm_head.weight. Both load."""
+    path, hf = hf_gpt2_dir(2, 2, 32, 64)
+    load = GPT2LMHeadModel.from_pretrained
+
+    def load_v4_style(*args, **kwargs):
+        model = load(*args, **kwargs)
+        sd = dict(model.state_dict())
+        for i in range(model.config.n_layer):
+            sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+            sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        sd.pop("lm_head.weight")
+        model.state_dict = lambda *a, **k: sd
+        return model
+
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", load_v4_style)
+    ours = GPT.from_pretrained(str(path))
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 10))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_not_a_gpt2_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="could not load"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_padded_vocabulary_loads_a_50257_checkpoint(hf_gpt2_dir):
+    path, hf = hf_gpt2_dir(2, 2, 32, 64)
+    ours = GPT.from_pretrained(str(path), vocab_size=50304).eval()
+    assert ours.transformer.wte.weight.shape == (50304, 32)
+    torch.testing.assert_close(ours.transformer.wte.weight[:GPT2_VOCAB_SIZE], hf.transformer.wte.weight,
+                               rtol=0, atol=0)
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 10))
+    with torch.no_grad():
+        logits = ours(idx)[0]
+        assert (logits[..., :GPT2_VOCAB_SIZE] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("vocab_size", [GPT2_VOCAB_SIZE, 50304])
+def test_save_pretrained_loads_in_transformers_and_back(tmp_path, vocab_size):
+    """Our export is a transformers GPT-2 directory: same logits (1e-4, fp32), same greedy text;
+    a padded table is trimmed to the 50257 real tokens; our from_pretrained reads it back exactly."""
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # move off the init, so a missed transpose or bias would show
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours.save_pretrained(tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.config.vocab_size == GPT2_VOCAB_SIZE
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 20))
+    with torch.no_grad():
+        logits = ours(idx)[0][..., :GPT2_VOCAB_SIZE]
+        assert (logits - hf(idx).logits).abs().max().item() <= 1e-4
+    prompt = idx[:1, :5]
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                      min_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 20, temperature=0), ref)
+
+    back = GPT.from_pretrained(str(tmp_path))
+    for (name, p), (name_back, p_back) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert name == name_back
+        torch.testing.assert_close(p[: p_back.shape[0]], p_back, rtol=0, atol=0)

@@ -1,0 +1,164 @@
+"""Training helpers: learning-rate schedule, optimizer groups, gradient accumulation, device and
+precision policy, and main() run in-process on a tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import train_gpt2
+from conftest import TINY
+from train_gpt2 import GPT, GPTConfig, get_lr, main, resolve_device, resolve_dtype
+
+
+def test_lr_schedule_endpoints_and_shape():
+    kw = dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=100)
+    assert get_lr(0, **kw) == pytest.approx(6e-5)  # warmup starts above zero: step 0 trains
+    assert get_lr(9, **kw) == pytest.approx(6e-4)  # end of warmup: the peak
+    warmup = [get_lr(s, **kw) for s in range(10)]
+    assert all(b - a == pytest.approx(6e-5) for a, b in zip(warmup, warmup[1:]))  # linear
+    assert get_lr(10, **kw) == pytest.approx(6e-4)  # decay starts at the peak
+    assert get_lr(55, **kw) == pytest.approx((6e-4 + 6e-5) / 2)  # cosine: halfway at the midpoint
+    decay = [get_lr(s, **kw) for s in range(10, 101)]
+    assert all(b < a for a, b in zip(decay, decay[1:]))  # strictly falling
+    assert get_lr(100, **kw) == pytest.approx(6e-5)
+    assert get_lr(5000, **kw) == pytest.approx(6e-5)  # then flat
+
+
+def test_default_schedule_is_constant():
+    assert {get_lr(s, 3e-4, 3e-4, 0, 50) for s in range(60)} == {3e-4}
+
+
+def test_weight_decay_groups():
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, device_type="cpu")
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert decayed["betas"] == (0.9, 0.95) and decayed["eps"] == 1e-8
+    assert decayed["fused"]  # the fused kernel: several times faster than the default loop on CPU
+
+
+def test_fused_adamw_matches_the_default_loop():
+    """The fused kernel is only a faster way to run the same AdamW update."""
+    torch.manual_seed(0)
+    a = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
+    b = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
+    b.load_state_dict(a.state_dict())
+    opt_a = a.configure_optimizers(0.1, 1e-3, "cpu")
+    opt_b = torch.optim.AdamW([{"params": [p for p in b.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                               {"params": [p for p in b.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    x = torch.randint(0, 1000, (2, 16))
+    for model, optimizer in ((a, opt_a), (b, opt_b)):
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(x, x)[1].backward()
+            optimizer.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_four_micro_batches_give_the_gradients_of_one_batch():
+    """Accumulating B=1 four times, each loss divided by 4, equals one B=4 step (fp32)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    x = torch.randint(0, 50257, (4, 16))
+    y = torch.randint(0, 50257, (4, 16))
+    model(x, y)[1].backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for i in range(4):
+        (model(x[i:i + 1], y[i:i + 1])[1] / 4).backward()
+    for g, p in zip(big, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == ("cpu", "cpu")
+    assert resolve_device("auto")[1] in ("cpu", "cuda", "mps")
+    for bad in ("tpu", "cuda:x", "gpu0"):
+        with pytest.raises(ValueError, match="unknown device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_precision_policy(monkeypatch):
+    assert resolve_dtype("float16", "cpu") is torch.float16  # an explicit choice always wins
+    assert resolve_dtype("auto", "mps") is torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert resolve_dtype("auto", "cuda") is torch.bfloat16  # A100, H100: native bf16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert resolve_dtype("auto", "cuda") is torch.float16  # T4: bf16 only emulated; fp16 + GradScaler
+    monkeypatch.setattr(train_gpt2, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(train_gpt2, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu") is torch.float32
+
+
+def run_main(tmp_path, text_file, *args):
+    out = tmp_path / "out"
+    code = main([*TINY, "--input_file", str(text_file), "--out_dir", str(out), "--B", "2", "--T", "16",
+                 "--num_samples", "1", "--max_new_tokens", "4", *map(str, args)])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] \
+        if (out / "log.jsonl").exists() else []
+    return code, log
+
+
+def test_cpu_run_makes_no_cuda_calls(tmp_path, text_file, monkeypatch):
+    """The classic script synchronized CUDA unconditionally and crashed without a GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the behaviour on a machine without CUDA")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.cuda called on a machine without CUDA")
+
+    for name in ("synchronize", "get_device_capability", "set_device", "get_rng_state_all",
+                 "max_memory_allocated", "is_bf16_supported"):
+        monkeypatch.setattr(torch.cuda, name, forbidden)
+    code, log = run_main(tmp_path, text_file, "--max_steps", "2")
+    assert code == 0 and [r["step"] for r in log] == [0, 1]
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path, text_file):
+    _, a = run_main(tmp_path / "a", text_file, "--max_steps", "4")
+    _, b = run_main(tmp_path / "b", text_file, "--max_steps", "4")
+    _, c = run_main(tmp_path / "c", text_file, "--max_steps", "4", "--seed", "7")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["loss"] for r in a] != [r["loss"] for r in c]
+
+
+def test_accumulation_run_equals_big_batch_run(tmp_path, text_file):
+    """--B 1 with total_batch_size 4*T trains exactly like --B 4 (float32)."""
+    args = ("--max_steps", "4", "--dtype", "float32", "--lr", "1e-3")
+    _, big = run_main(tmp_path / "big", text_file, *args, "--B", "4")
+    _, acc = run_main(tmp_path / "acc", text_file, *args, "--B", "1", "--total_batch_size", "64")
+    for r, s in zip(big, acc):
+        assert r["loss"] == pytest.approx(s["loss"], abs=1e-5)
+        assert r["norm"] == pytest.approx(s["norm"], rel=1e-4)
+
+
+def test_total_batch_size_must_divide(tmp_path, text_file, capsys):
+    code, _ = run_main(tmp_path, text_file, "--total_batch_size", "100")
+    assert code == 1 and "not a multiple of B*T" in capsys.readouterr().err
+
+
+def test_log_has_one_record_per_step_with_val_loss_when_computed(tmp_path, text_file):
+    code, log = run_main(tmp_path, text_file, "--max_steps", "5", "--eval_interval", "2",
+                         "--warmup_steps", "2", "--min_lr", "3e-5")
+    assert code == 0
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4]
+    assert [("val_loss" in r) for r in log] == [False, True, False, True, True]  # every 2 steps and last
+    assert {"loss", "lr", "norm", "ms", "tok_per_s"} <= set(log[0])
+    assert log[0]["lr"] == pytest.approx(1.5e-4) and log[4]["lr"] < log[2]["lr"]
+    assert all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_learning_happens(tmp_path, text_file):
+    """A tiny model on Shakespeare: the loss after 40 steps is well below where it started."""
+    code, log = run_main(tmp_path, text_file, "--max_steps", "40", "--lr", "3e-3", "--B", "4")
+    assert code == 0 and log[-1]["loss"] < log[0]["loss"] - 2.0
