@@ -651,6 +651,8 @@ def evaluate(model, loader, eval_iters, device, autocast):
 
 def sample(model, cfg, device, autocast, generator):
     """Continuations of cfg.prompt, decoded to text."""
+    if cfg.num_samples == 0:
+        return []
     enc = get_tokenizer()
     prompt_ids = enc.encode_ordinary(cfg.prompt) or [enc.eot_token]  # an empty prompt starts a document
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(cfg.num_samples, 1)
@@ -880,6 +882,8 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
                 checkpoint(step + 1)
             if stop_now:
                 print0(f"interrupted: saved step {step + 1} to {ckpt_path}; continue with --resume")
+                if ddp:
+                    dist.barrier()  # the others wait for rank 0's checkpoint, so all exit together
                 raise KeyboardInterrupt
     finally:
         stop.restore()
@@ -892,6 +896,8 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
         if cfg.export_dir:
             raw_model.save_pretrained(cfg.export_dir)
             print0(f"exported to {cfg.export_dir}")
+    if ddp:
+        dist.barrier()  # a process that leaves while rank 0 still works can abort the process group
 
 
 def compile_model(model, cfg, device, autocast, print0):

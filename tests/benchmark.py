@@ -1,0 +1,268 @@
+"""
+Side-by-side speed benchmark: train_gpt2's GPT-2 (124M) training step against transformers' GPT2LMHeadModel.
+
+    python tests/benchmark.py              # CPU: B=4 T=32 and B=8 T=256; CUDA: B=16 T=1024 (bf16, compiled)
+    python tests/benchmark.py --quick      # fewer steps, seed shape only
+
+Not a test (pytest does not collect it): timings on a shared machine are noisy, so instead of asserting
+they are printed, side by side, from one process. Two measurements:
+
+1. In-process steps. Both models start from the same shapes; after warm-up, their full training steps
+   (zero_grad, forward with loss, backward, clip if ours clips, optimizer step) alternate one by one, so
+   a slow moment of the machine hits both. Ours runs exactly as the script does by default on this device
+   (its optimizer, precision policy and clipping); the baseline is what a user would otherwise write:
+   GPT2LMHeadModel(GPT2Config(...)) with dropout off (ours has none), its default attention,
+   torch.optim.AdamW(lr=3e-4) and the same autocast dtype.
+2. Whole programs. `python train_gpt2.py --max_steps N` at two values of N, and a transformers script
+   doing the same job the same way (same data, batches, autocast, optimizer step, per-step print);
+   the difference of the two run times over the difference in N is the per-step cost with everything a
+   loop does, start-up excluded. Peak memory is the process's maximum RSS (CPU) or max allocated (CUDA).
+"""
+
+import argparse
+import gc
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import train_gpt2  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, DataLoaderLite, resolve_device, resolve_dtype, synchronize  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# contestants: each exposes one training step, split into forward+backward and optimizer time
+
+
+class Ours:
+    name = "train_gpt2"
+
+    def __init__(self, device, device_type, dtype, compile):
+        self.model = GPT(GPTConfig()).to(device)
+        self.optimizer = self.model.configure_optimizers(0.1, 3e-4, device_type)
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+        self.device_type = device_type
+
+    def step(self, x, y):
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            _, loss = self.forward(x, y)
+        loss.backward()
+        synchronize(self.device_type)
+        t1 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        loss.item()
+        synchronize(self.device_type)
+        return t1 - t0, time.perf_counter() - t1
+
+
+class Transformers:
+    name = "transformers"
+
+    def __init__(self, device, device_type, dtype, compile):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # GPT-2 124M, dropout off
+        self.model = GPT2LMHeadModel(config).to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-4)
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+        self.device_type = device_type
+
+    def step(self, x, y):
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss = self.forward(input_ids=x, labels=x).loss  # transformers shifts the labels itself
+        loss.backward()
+        synchronize(self.device_type)
+        t1 = time.perf_counter()
+        self.optimizer.step()
+        loss.item()
+        synchronize(self.device_type)
+        return t1 - t0, time.perf_counter() - t1
+
+
+def matmul_peak(device, device_type, dtype, n=2048, repeats=10):
+    """Achievable matmul GFLOP/s for this dtype, measured now (the best of several)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device_type)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device_type)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def model_flops_per_step(B, T, config=GPTConfig()):
+    """Training FLOPs: 6 per parameter per token (forward 2, backward 4) for every matmul weight, plus
+    causal attention's score and value matmuls (6 * n_layer * T * n_embd per token, half of full)."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    matmul_params = L * 12 * C * C + V * C  # attention 4C^2 + MLP 8C^2 per layer, plus lm_head
+    return B * T * (6 * matmul_params + 6 * L * T * C)
+
+
+def in_process(B, T, steps, warmup, device, device_type, dtype, compile):
+    loader = DataLoaderLite(B, T, os.path.join(REPO, "input.txt"))
+    contestants = []
+    for cls in (Ours, Transformers):
+        torch.manual_seed(0)
+        contestants.append(cls(device, device_type, dtype, compile))
+    times = {c.name: [] for c in contestants}
+    for i in range(warmup + steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        for c in contestants if i % 2 == 0 else contestants[::-1]:  # alternate who goes first
+            fb, opt = c.step(x, y)
+            if i >= warmup:
+                times[c.name].append((fb, opt))
+    result = {}
+    for c in contestants:
+        fb = statistics.median(t[0] for t in times[c.name])
+        opt = statistics.median(t[1] for t in times[c.name])
+        total = statistics.median(t[0] + t[1] for t in times[c.name])
+        result[c.name] = dict(ms=total * 1e3, fb_ms=fb * 1e3, opt_ms=opt * 1e3, tok_s=B * T / total,
+                              gflops=model_flops_per_step(B, T) / total / 1e9)
+    del contestants
+    gc.collect()
+    return result
+
+
+# -----------------------------------------------------------------------------
+# whole programs, as users run them
+
+HF_SCRIPT = textwrap.dedent("""
+    # The same job as train_gpt2.py's loop, written with transformers' GPT-2: same data, batches,
+    # autocast dtype, AdamW step and one printed line per step.
+    import sys, time, torch
+    sys.path.insert(0, {repo!r})
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from train_gpt2 import DataLoaderLite, resolve_device, resolve_dtype, synchronize
+    B, T, steps = {B}, {T}, {steps}
+    device, device_type = resolve_device("auto")
+    dtype = resolve_dtype("auto", device_type)
+    torch.manual_seed(1337)
+    model = GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    loader = DataLoaderLite(B, T, {input!r})
+    for step in range(steps):
+        t0 = time.perf_counter()
+        x, _ = loader.next_batch()
+        x = x.to(device)
+        optimizer.zero_grad()
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        synchronize(device_type)
+        print(f"step {{step}} | loss {{loss.item():.6f}} | {{(time.perf_counter() - t0) * 1000:.1f}} ms", flush=True)
+""")
+
+# Runs a program and reports its own peak memory on its last line.
+WRAPPER = textwrap.dedent("""
+    import resource, runpy, sys, torch
+    script, sys.argv = sys.argv[1], sys.argv[1:]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code:
+            raise
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \\
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"PEAK_BYTES {peak}")
+""")
+
+
+def run_program(args, tmp):
+    wrapper = os.path.join(tmp, "wrapper.py")
+    with open(wrapper, "w") as f:
+        f.write(WRAPPER)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, wrapper, *args], capture_output=True, text=True, cwd=tmp)
+    elapsed = time.perf_counter() - t0
+    if r.returncode:
+        raise RuntimeError(f"{args} failed:\n{r.stderr[-2000:]}")
+    peak = int(r.stdout.strip().splitlines()[-1].split()[1])
+    return elapsed, peak
+
+
+def whole_programs(B, T, n_short, n_long, extra):
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for n in (n_short, n_long):
+            hf_script = os.path.join(tmp, f"hf_{n}.py")
+            with open(hf_script, "w") as f:
+                f.write(HF_SCRIPT.format(repo=REPO, B=B, T=T, steps=n, input=os.path.join(REPO, "input.txt")))
+            ours = [os.path.join(REPO, "train_gpt2.py"), "--B", B, "--T", T, "--max_steps", n,
+                    "--input_file", os.path.join(REPO, "input.txt"), "--out_dir", os.path.join(tmp, "out"),
+                    "--num_samples", "0", "--eval_iters", "1", *extra]
+            # alternate the contestants here too
+            runs[("train_gpt2", n)] = run_program([str(a) for a in ours], tmp)
+            runs[("transformers", n)] = run_program([hf_script], tmp)
+        for name in ("train_gpt2", "transformers"):
+            per_step = (runs[(name, n_long)][0] - runs[(name, n_short)][0]) / (n_long - n_short)
+            results[name] = dict(ms=per_step * 1e3, tok_s=B * T / per_step,
+                                 peak_mb=max(runs[(name, n)][1] for n in (n_short, n_long)) / 2**20)
+    return results
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps, seed shape only")
+    args = parser.parse_args()
+    device, device_type = resolve_device("auto")
+    dtype = resolve_dtype("auto", device_type)
+    compile = device_type == "cuda"  # on CPU, compiling costs more than it saves in a 50-step run
+    shapes = [(16, 1024)] if device_type == "cuda" else [(4, 32)] if args.quick else [(4, 32), (8, 256)]
+    print(f"device {device} | dtype {str(dtype).replace('torch.', '')} | compile {compile} | torch "
+          f"{torch.__version__} | threads {torch.get_num_threads()} | cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    peaks = {d: matmul_peak(device, device_type, d) for d in (torch.float32, torch.bfloat16)}
+    print(f"matmul peak, measured now: float32 {peaks[torch.float32]:,.0f} GFLOP/s | "
+          f"bfloat16 {peaks[torch.bfloat16]:,.0f} GFLOP/s")
+    peak = peaks[dtype] if dtype in peaks else peaks[torch.float32]
+
+    print("\nin-process training steps (medians, contestants alternating step by step)")
+    print(f"{'shape':<12}{'model':<14}{'ms/step':>9}{'tok/s':>9}{'ratio':>7}{'fwd+bwd ms':>12}"
+          f"{'optim ms':>10}{'GFLOP/s':>9}{'% peak':>8}")
+    for B, T in shapes:
+        steps = 4 if args.quick else (6 if B * T <= 512 else 4)
+        r = in_process(B, T, steps, 2, device, device_type, dtype, compile)
+        base = r["transformers"]["ms"]
+        for name, m in r.items():
+            print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>9,.0f}{base / m['ms']:>6.2f}x"
+                  f"{m['fb_ms']:>12.1f}{m['opt_ms']:>10.1f}{m['gflops']:>9,.0f}{100 * m['gflops'] / peak:>7.0f}%")
+
+    print("\nwhole programs: per-step time from two run lengths (start-up excluded), peak memory")
+    print(f"{'shape':<12}{'program':<14}{'ms/step':>9}{'tok/s':>9}{'ratio':>7}{'peak MB':>9}")
+    for B, T in shapes:
+        n_short, n_long = (3, 13) if B * T <= 512 else (2, 5)
+        if args.quick:
+            n_short, n_long = 2, 6
+        extra = ["--compile"] if compile else []
+        r = whole_programs(B, T, n_short, n_long, extra)
+        base = r["transformers"]["ms"]
+        for name, m in r.items():
+            print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>9,.0f}{base / m['ms']:>6.2f}x"
+                  f"{m['peak_mb']:>9,.0f}")
+
+
+if __name__ == "__main__":
+    main()
