@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from train_gpt2 import GPT, GPT2_VOCAB_SIZE, CausalSelfAttention, GPTConfig
+import torch.nn.functional as F
+
+from train_gpt2 import GPT, GPT2_VOCAB_SIZE, CausalSelfAttention, ChunkedCrossEntropy, GPTConfig
 
 TINY = GPTConfig(block_size=64, vocab_size=GPT2_VOCAB_SIZE, n_layer=2, n_head=2, n_embd=32)
 
@@ -167,3 +169,29 @@ def test_generation_crops_context_to_block_size():
     model = GPT(TINY).eval()
     out = model.generate(torch.zeros((1, 60), dtype=torch.long), 10, temperature=0)
     assert out.shape == (1, 70)
+
+
+def test_chunked_cross_entropy_matches_the_float64_reference():
+    """Loss and gradient equal F.cross_entropy in float64; from bf16 logits, to bf16 precision."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(37, 1000, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 1000, (37,))
+    assert torch.autograd.gradcheck(lambda l: ChunkedCrossEntropy.apply(l, targets, 4), (logits,))
+    ref = F.cross_entropy(logits, targets)
+    ref.backward()
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        x = logits.detach().to(dtype).requires_grad_()
+        loss = ChunkedCrossEntropy.apply(x, targets, 3)
+        loss.backward()
+        assert loss.dtype == torch.float32  # the loss itself is always at least float32
+        assert abs(loss.item() - ref.item()) <= tol * ref.item()
+        assert x.grad.dtype == dtype
+        torch.testing.assert_close(x.grad.double(), logits.grad, rtol=0, atol=tol * logits.grad.abs().max())
+
+
+def test_model_loss_equals_f_cross_entropy_on_its_logits():
+    model = GPT(TINY)
+    idx, targets = torch.randint(0, 1000, (2, 9)), torch.randint(0, 1000, (2, 9))
+    logits, loss = model(idx, targets)
+    ref = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    assert abs(loss.item() - ref.item()) <= 1e-6
