@@ -17,11 +17,14 @@ they are printed, side by side, from one process. Two measurements:
    doing the same job the same way (same data, batches, autocast, optimizer step, per-step print);
    the difference of the two run times over the difference in N is the per-step cost with everything a
    loop does, start-up excluded. Peak memory is the process's maximum RSS (CPU) or max allocated (CUDA).
+   "printed ms" is the median of the step times the program printed itself: a cross-check, since a
+   single pair of runs is noisy.
 """
 
 import argparse
 import gc
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -70,7 +73,9 @@ class Transformers:
 
     def __init__(self, device, device_type, dtype, compile):
         from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging
 
+        logging.set_verbosity_error()  # it notes an unset loss_type on every model it builds
         config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # GPT-2 124M, dropout off
         self.model = GPT2LMHeadModel(config).to(device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-4)
@@ -198,7 +203,9 @@ def run_program(args, tmp):
     if r.returncode:
         raise RuntimeError(f"{args} failed:\n{r.stderr[-2000:]}")
     peak = int(r.stdout.strip().splitlines()[-1].split()[1])
-    return elapsed, peak
+    # each program prints its own step times: their median (step 0 aside) is a cross-check
+    printed = [float(m) for m in re.findall(r"\| ([\d.]+) ms", r.stdout)][1:]
+    return elapsed, peak, statistics.median(printed) if printed else float("nan")
 
 
 def whole_programs(B, T, n_short, n_long, extra):
@@ -219,7 +226,8 @@ def whole_programs(B, T, n_short, n_long, extra):
         for name in ("train_gpt2", "transformers"):
             per_step = (runs[(name, n_long)][0] - runs[(name, n_short)][0]) / (n_long - n_short)
             results[name] = dict(ms=per_step * 1e3, tok_s=B * T / per_step,
-                                 peak_mb=max(runs[(name, n)][1] for n in (n_short, n_long)) / 2**20)
+                                 peak_mb=max(runs[(name, n)][1] for n in (n_short, n_long)) / 2**20,
+                                 printed_ms=runs[(name, n_long)][2])
     return results
 
 
@@ -258,7 +266,8 @@ def main():
                   f"{m['fb_ms']:>12.1f}{m['opt_ms']:>10.1f}{m['gflops']:>9,.0f}{100 * m['gflops'] / peak:>7.0f}%")
 
     print("\nwhole programs: per-step time from two run lengths (start-up excluded), peak memory")
-    print(f"{'shape':<12}{'program':<14}{'ms/step':>9}{'tok/s':>9}{'ratio':>7}{'peak MB':>9}")
+    print(f"{'shape':<12}{'program':<14}{'ms/step':>9}{'tok/s':>9}{'ratio':>7}{'peak MB':>9}"
+          f"{'printed ms':>12}")
     for B, T in shapes:
         n_short, n_long = (4, 20) if B * T <= 512 else (1, 4)
         if args.quick:
@@ -268,7 +277,7 @@ def main():
         base = r["transformers"]["ms"]
         for name, m in r.items():
             print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>9,.0f}{base / m['ms']:>6.2f}x"
-                  f"{m['peak_mb']:>9,.0f}")
+                  f"{m['peak_mb']:>9,.0f}{m['printed_ms']:>12.1f}")
 
 
 if __name__ == "__main__":

@@ -201,3 +201,14 @@ def test_compiled_training_follows_eager(tmp_path, text_file, capsys):
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
     assert compiled[-1]["val_loss"] == pytest.approx(eager[-1]["val_loss"], abs=1e-4)
+
+
+def test_text_too_short_for_validation_trains_without_it(tmp_path, capsys):
+    """1,000 tokens: the 10% validation split (100 tokens) is shorter than one batch of 2 x 64."""
+    path = tmp_path / "small.txt"
+    path.write_text(" word" * 1000)
+    code, log = run_main(tmp_path, path, "--max_steps", "2", "--T", "64")
+    out = capsys.readouterr().out
+    assert code == 0 and len(log) == 2
+    assert "no validation: the val split" in out and "val loss" not in out
+    assert all("val_loss" not in r for r in log)
