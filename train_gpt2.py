@@ -221,11 +221,12 @@ class GPT(nn.Module):
                                  **(dict(fused=True) if fused else {}))
 
     @classmethod
-    def from_pretrained(cls, name_or_path, vocab_size=None):
+    def from_pretrained(cls, name_or_path, vocab_size=None, sdpa=True):
         """GPT-2 weights from the Hugging Face hub by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
         or from a local directory written by save_pretrained (the offline path).
 
-        vocab_size pads the token table (e.g. to 50304); the extra rows keep their fresh init."""
+        vocab_size pads the token table (e.g. to 50304); the extra rows keep their fresh init.
+        sdpa chooses the attention path, as in GPTConfig."""
         if name_or_path not in PRETRAINED and not os.path.isdir(name_or_path):
             raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
                              "or a directory written by save_pretrained")
@@ -242,7 +243,7 @@ class GPT(nn.Module):
             raise ValueError(f"could not load GPT-2 weights from {name_or_path!r}: {first_line(e)}{hint}") from None
         hf = hf_model.config
         config = GPTConfig(block_size=hf.n_positions, vocab_size=max(hf.vocab_size, vocab_size or 0),
-                           n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd)
+                           n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, sdpa=sdpa)
         model = cls(config)
         sd, sd_hf = model.state_dict(), hf_model.state_dict()
         # Mask buffers (transformers 4.x kept attn.bias / attn.masked_bias in state dicts) are constants,
@@ -783,15 +784,15 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
                 if k != "sdpa" and ckpt["model_config"].get(k) != v:
                     raise ValueError(f"checkpoint {ckpt_path!r} has {k}={ckpt['model_config'].get(k)}, "
                                      f"the command line says {v}")
-        model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))
-        model.load_state_dict(ckpt["model"])
+        try:
+            model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, KeyError, RuntimeError) as e:  # the right keys, but not what we saved
+            raise ValueError(f"{ckpt_path!r} is not a usable train_gpt2 checkpoint: {first_line(e)}") from None
     elif cfg.init_from == "scratch":
         model = GPT(model_config_of(cfg))
     else:
-        model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size)
-        model.config.sdpa = cfg.sdpa
-        for block in model.transformer.h:
-            block.attn.sdpa = cfg.sdpa
+        model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
     if cfg.T > model.config.block_size:
         raise ValueError(f"T={cfg.T} exceeds block_size={model.config.block_size}; lower --T")
     model.to(device)

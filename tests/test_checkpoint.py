@@ -156,7 +156,8 @@ class Exploit:
         return (open, ("PWNED", "w"))
 
 
-@pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code"])
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code",
+                                  "wrong_weights"])
 def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, kind):
     args = (*RUN, "--input_file", text_file, "--max_steps", "4", "--out_dir", "run")
     assert run_script(*args, cwd=tmp_path).returncode == 0
@@ -167,6 +168,10 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
         ckpt.write_bytes(b"\x00\x01 not a zip file" * 100)
     elif kind == "not_a_checkpoint":
         torch.save({"weights": torch.ones(3)}, ckpt)
+    elif kind == "wrong_weights":  # every key there, but the model's tensors are not ours
+        state = torch.load(ckpt, weights_only=True)
+        state["model"] = {"transformer.wte.weight": torch.ones(3)}
+        torch.save(state, ckpt)
     else:
         ckpt.write_bytes(pickle.dumps(Exploit()))
     before, log_before = digest(ckpt), digest(tmp_path / "run" / "log.jsonl")

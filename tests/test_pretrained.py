@@ -44,9 +44,8 @@ def test_logits_loss_and_greedy_generation_match_transformers(hf_gpt2_dir, n_lay
 
 def test_explicit_attention_path_matches_transformers_too(hf_gpt2_dir):
     path, hf = hf_gpt2_dir(2, 2, 32, 64)
-    ours = GPT.from_pretrained(str(path))
-    for block in ours.transformer.h:
-        block.attn.sdpa = False
+    ours = GPT.from_pretrained(str(path), sdpa=False)
+    assert not any(block.attn.sdpa for block in ours.transformer.h)
     idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 30))
     with torch.no_grad():
         assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
