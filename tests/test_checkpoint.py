@@ -242,3 +242,12 @@ def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file
     assert sampled.returncode == 0, sampled.stderr
     assert len([l for l in sampled.stdout.splitlines() if l.startswith("> Hello")]) == 2
     assert "| loss" not in sampled.stdout
+
+
+def test_float16_run_saves_and_restores_the_grad_scaler(tmp_path, text_file):
+    args = [*RUN, "--input_file", str(text_file), "--out_dir", str(tmp_path / "o"), "--dtype", "float16"]
+    assert main([*args, "--max_steps", "2"]) == 0
+    ckpt = load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))
+    assert ckpt["scaler"]["scale"] > 0  # the loss scale float16 training had reached
+    assert main([*args, "--max_steps", "3", "--resume"]) == 0
+    assert load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["step"] == 3
