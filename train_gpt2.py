@@ -718,6 +718,15 @@ def sample(model, cfg, device, autocast, generator):
     return [enc.decode(row.tolist()) for row in out]
 
 
+def parse_log_line(line):
+    """One log record, or None for a line a killed run left half-written."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
 def format_seconds(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -859,9 +868,9 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
         kept = []
         if cfg.resume and os.path.exists(log_path):
             with open(log_path) as f:
-                kept = [line for line in f if line.startswith("{") and json.loads(line)["step"] < start_step]
+                kept = [r for r in map(parse_log_line, f) if r is not None and r["step"] < start_step]
         log = open(log_path, "w")
-        log.writelines(kept)
+        log.writelines(json.dumps(r) + "\n" for r in kept)
 
     def checkpoint(step):
         state = {

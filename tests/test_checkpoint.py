@@ -89,6 +89,8 @@ def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, text_fil
     proc.communicate()
     saved = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"]
     assert saved % 5 == 0 and saved >= 10
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:
+        f.write('{"step": 13, "loss": 2.5')  # as if killed in the middle of writing a record
     resumed = run_script(*args, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     log = read_log(tmp_path / "run")
