@@ -673,19 +673,24 @@ class TrainingDiverged(Exception):
 
 
 class StopRequested:
-    """Ctrl-C during training asks to stop after the current step, so the checkpoint written on the
-    way out is a consistent step (a second Ctrl-C interrupts at once)."""
+    """Ctrl-C (SIGINT) or SIGTERM during training asks to stop after the current step, so the
+    checkpoint written on the way out is a consistent step. SIGTERM is what torchrun sends its
+    workers on Ctrl-C, and what cluster schedulers send before preempting a job. A second signal
+    interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        self.restore()
 
     def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def evaluate(model, loader, eval_iters, device, autocast):

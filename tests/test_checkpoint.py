@@ -52,12 +52,13 @@ def wait_for_step(proc, step):
     raise AssertionError("run ended before step %d: %s" % (step, "".join(lines)))
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file, uninterrupted):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, uninterrupted, signum):
     ref_stdout, ref_log = uninterrupted
     args = (*RUN, "--input_file", text_file, "--max_steps", "30", "--out_dir", "run")
     proc = start(tmp_path, *args)
     first = wait_for_step(proc, 3)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, save, exit
+    proc.send_signal(signum)  # Ctrl-C, or a scheduler's SIGTERM: finish the step, save, exit
     rest, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
