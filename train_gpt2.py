@@ -65,6 +65,11 @@ PRETRAINED = {
 }
 
 
+# OpenAI's checkpoints use a Conv1D module that stores these weights as (in, out), the transpose of
+# nn.Linear's (out, in): loading and exporting transpose them, and only them.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -254,12 +259,9 @@ class GPT(nn.Module):
         if keys != keys_hf:
             raise ValueError(f"{name_or_path!r} is not a GPT-2 checkpoint: parameter names differ "
                              f"({sorted(set(keys) ^ set(keys_hf))[:4]} ...)")
-        # OpenAI's checkpoints use a Conv1D module that stores these weights as (in, out), the
-        # transpose of nn.Linear's (out, in)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k in keys:
-                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
                 if k == "transformer.wte.weight":  # a padded table keeps its extra rows
                     target = sd[k][: w.shape[0]]
                 else:
@@ -281,13 +283,12 @@ class GPT(nn.Module):
         GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                    n_head=c.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
                    attn_pdrop=0.0, tie_word_embeddings=True).save_pretrained(directory)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         tensors = {}
         for k, v in self.state_dict().items():
             if k == "lm_head.weight":
                 continue  # tied to wte: transformers re-ties it on load
             v = v.detach().float().cpu()
-            if k.endswith(transposed):
+            if k.endswith(CONV1D_WEIGHTS):
                 v = v.t()
             if k == "transformer.wte.weight":
                 v = v[:vocab]
