@@ -823,13 +823,23 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
         set_rng_state(ckpt["rng"], sample_generator)
         print0(f"resumed from {ckpt_path} at step {start_step}")
 
-    if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
+    # `raw_model` stays the plain module: evaluation, sampling and checkpoints use it, never the
+    # compiled or DDP-wrapped `model` below (the classic script broke both by going through compile)
+    raw_model = model
+
+    def print_samples():
+        for text in sample(raw_model, cfg, device, autocast, sample_generator):
+            print0(f"> {text}")
+
+    def finish():  # every run ends with a few samples, and the export if one was asked for
         if master:
-            for text in sample(model, cfg, device, autocast, sample_generator):
-                print0(f"> {text}")
+            print_samples()
             if cfg.export_dir:
-                model.save_pretrained(cfg.export_dir)
+                raw_model.save_pretrained(cfg.export_dir)
                 print0(f"exported to {cfg.export_dir}")
+
+    if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
+        finish()
         return
 
     # ---- data
@@ -857,9 +867,7 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
     elif os.path.exists(ckpt_path):
         print0(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own")
 
-    # ---- compile, then wrap for data parallelism. `raw_model` is the plain module: evaluation,
-    # sampling and checkpoints use it (the classic script broke both by going through the compiled one)
-    raw_model = model
+    # ---- compile, then wrap for data parallelism
     if cfg.compile:
         model = compile_model(model, cfg, device, autocast, print0)
     if ddp:
@@ -946,8 +954,7 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if master and cfg.sample_interval and (step + 1) % cfg.sample_interval == 0 and not last_step:
-                for text in sample(raw_model, cfg, device, autocast, sample_generator):
-                    print0(f"> {text}")
+                print_samples()
             if master and (last_step or stop_now or
                            (cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0)):
                 checkpoint(step + 1)
@@ -961,12 +968,7 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
         if master:
             log.close()
 
-    if master:
-        for text in sample(raw_model, cfg, device, autocast, sample_generator):
-            print0(f"> {text}")
-        if cfg.export_dir:
-            raw_model.save_pretrained(cfg.export_dir)
-            print0(f"exported to {cfg.export_dir}")
+    finish()
     if ddp:
         dist.barrier()  # a process that leaves while rank 0 still works can abort the process group
 
