@@ -1,8 +1,9 @@
 """
 Side-by-side speed benchmark: train_gpt2's GPT-2 (124M) training step against transformers' GPT2LMHeadModel.
 
-    python tests/benchmark.py              # CPU: B=4 T=32 and B=8 T=256; CUDA: B=16 T=1024 (bf16, compiled)
-    python tests/benchmark.py --quick      # fewer steps, seed shape only
+    python tests/benchmark.py              # CPU: B=4 T=32 and B=8 T=256; CUDA: B=16 and B=64, T=1024 (compiled)
+    python tests/benchmark.py --quick      # fewer steps, one shape
+    python tests/benchmark.py --levers     # also ours with each alternative we considered, side by side
 
 Not a test (pytest does not collect it): timings on a shared machine are noisy, so instead of asserting
 they are printed, side by side, from one process. Two measurements:
@@ -18,10 +19,17 @@ they are printed, side by side, from one process. Two measurements:
    the difference of the two run times over the difference in N is the per-step cost with everything a
    loop does, start-up excluded. Peak memory is the process's maximum RSS (CPU) or max allocated (CUDA).
    "printed ms" is the median of the step times the program printed itself: a cross-check, since a
-   single pair of runs is noisy.
+   single pair of runs is noisy. On CUDA each program runs once (compiling is most of a short run) and
+   its printed step times are the figure.
+
+On CUDA both models are compiled, the vocabulary is padded to 50304 as in the reproduction, and each
+contestant times 20 steps after 3 warm-up steps (the first compiled steps still recompile and autotune).
+"% peak" is model FLOPs per second over the bf16 (or float32) matmul peak measured in the same run.
 """
 
 import argparse
+import contextlib
+import functools
 import gc
 import os
 import re
@@ -45,20 +53,28 @@ from train_gpt2 import GPT, GPTConfig, DataLoaderLite, resolve_device, resolve_d
 
 
 class Contestant:
-    """One model with its optimizer; step() is a full training step, timed in two parts."""
+    """One model with its optimizer; step() is a full training step, timed in two parts.
 
-    def __init__(self, name, model, optimizer, loss_of, clip, device_type, dtype, compile):
-        self.name, self.model, self.optimizer, self.loss_of, self.clip = name, model, optimizer, loss_of, clip
-        self.forward = torch.compile(model) if compile else model
+    loss_of(model, x, y) computes the loss; it is what gets compiled, so a loss computed outside the
+    model is compiled with it. `context` is entered around forward and backward (an attention-backend
+    choice, for example)."""
+
+    def __init__(self, name, model, optimizer, loss_of, clip, device_type, dtype, compile,
+                 context=contextlib.nullcontext):
+        self.name, self.model, self.optimizer, self.clip = name, model, optimizer, clip
+        self.loss = functools.partial(loss_of, model)
+        if compile:
+            self.loss = torch.compile(self.loss)
         self.autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
-        self.device_type = device_type
+        self.device_type, self.context = device_type, context
 
     def step(self, x, y):
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast:
-            loss = self.loss_of(self.forward, x, y)
-        loss.backward()
+        with self.context():
+            with self.autocast:
+                loss = self.loss(x, y)
+            loss.backward()
         synchronize(self.device_type)
         t1 = time.perf_counter()
         if self.clip:
@@ -68,27 +84,69 @@ class Contestant:
         synchronize(self.device_type)
         return t1 - t0, time.perf_counter() - t1
 
+    def resident_bytes(self):
+        """Parameters, gradients and optimizer state: what stays allocated between steps."""
+        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters()]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
-def ours(device, device_type, dtype, compile):
+
+def ours(device, device_type, dtype, compile, vocab_size):
     """train_gpt2 as the script runs it on this device: its optimizer, precision policy, clipping."""
-    model = GPT(GPTConfig()).to(device)
+    model = GPT(GPTConfig(vocab_size=vocab_size)).to(device)
     optimizer = model.configure_optimizers(0.1, 3e-4, device_type)
-    return Contestant("train_gpt2", model, optimizer, lambda forward, x, y: forward(x, y)[1], True,
+    return Contestant("train_gpt2", model, optimizer, lambda m, x, y: m(x, y)[1], True,
                       device_type, dtype, compile)
 
 
-def transformers_baseline(device, device_type, dtype, compile):
+def lever_cudnn_attention(device, device_type, dtype, compile, vocab_size):
+    """Ours with SDPA held to cuDNN's attention kernel (Hopper's fastest in some releases)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    c = ours(device, device_type, dtype, compile, vocab_size)
+    c.name, c.context = "+cudnn attn", lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+    return c
+
+
+def lever_chunked_loss(device, device_type, dtype, compile, vocab_size):
+    """Ours with the CPU's loss path, ChunkedCrossEntropy, on this device."""
+    c = ours(device, device_type, dtype, compile, vocab_size)
+    vocab = c.model.config.vocab_size
+
+    def chunked(m, x, y):
+        return train_gpt2.ChunkedCrossEntropy.apply(m(x)[0].view(-1, vocab), y.view(-1))
+
+    c.name, c.loss = "chunked loss", torch.compile(functools.partial(chunked, c.model)) if compile \
+        else functools.partial(chunked, c.model)
+    return c
+
+
+def lever_erf_gelu(device, device_type, dtype, compile, vocab_size):
+    """Ours with the exact (erf) GELU instead of GPT-2's tanh approximation: the arithmetic of
+    nanoGPT's model.py, which differs from ours in nothing else on a GPU (F.cross_entropy, SDPA,
+    fused AdamW, clipping)."""
+    c = ours(device, device_type, dtype, compile, vocab_size)
+    for block in c.model.transformer.h:
+        block.mlp.gelu = torch.nn.GELU()
+    c.name = "erf gelu"
+    return c
+
+
+def transformers_baseline(device, device_type, dtype, compile, vocab_size):
     """What a user would otherwise write: GPT2LMHeadModel, dropout off (ours has none), plain AdamW."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # it notes an unset loss_type on every model it builds
-    config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # GPT-2 124M
+    config = GPT2Config(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # GPT-2 124M
     model = GPT2LMHeadModel(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     # transformers shifts the labels itself
-    return Contestant("transformers", model, optimizer, lambda forward, x, y: forward(input_ids=x, labels=x).loss,
+    return Contestant("transformers", model, optimizer, lambda m, x, y: m(input_ids=x, labels=x).loss,
                       False, device_type, dtype, compile)
+
+
+LEVERS = {"cuda": (lever_cudnn_attention, lever_chunked_loss, lever_erf_gelu), "cpu": (lever_erf_gelu,)}
 
 
 def matmul_peak(device, device_type, dtype, repeats=10):
@@ -111,26 +169,40 @@ def matmul_peak(device, device_type, dtype, repeats=10):
     return 2 * n**3 / best / 1e9
 
 
-def model_flops_per_step(B, T, config=GPTConfig()):
+def model_flops_per_step(B, T, vocab_size):
     """Training FLOPs: 6 per parameter per token (forward 2, backward 4) for every matmul weight, plus
     causal attention's score and value matmuls (6 * n_layer * T * n_embd per token, half of full)."""
+    config = GPTConfig(vocab_size=vocab_size)
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     matmul_params = L * 12 * C * C + V * C  # attention 4C^2 + MLP 8C^2 per layer, plus lm_head
     return B * T * (6 * matmul_params + 6 * L * T * C)
 
 
-def in_process(B, T, steps, warmup, device, device_type, dtype, compile):
+def in_process(B, T, steps, warmup, makers, vocab_size, device, device_type, dtype, compile):
     loader = DataLoaderLite(B, T, os.path.join(REPO, "input.txt"))
     contestants = []
-    for make in (ours, transformers_baseline):
+    for make in makers:
         torch.manual_seed(0)
-        contestants.append(make(device, device_type, dtype, compile))
+        contestants.append(make(device, device_type, dtype, compile, vocab_size))
     times = {c.name: [] for c in contestants}
+    first_ms = {}  # the first step compiles: its time is the compile time
+    peak = {c.name: 0 for c in contestants}
     for i in range(warmup + steps):
         x, y = loader.next_batch()
         x, y = x.to(device), y.to(device)
-        for c in contestants if i % 2 == 0 else contestants[::-1]:  # alternate who goes first
-            fb, opt = c.step(x, y)
+        for c in list(contestants if i % 2 == 0 else contestants[::-1]):  # alternate who goes first
+            if device_type == "cuda":  # this contestant's own peak: the others' memory subtracted
+                torch.cuda.reset_peak_memory_stats()
+                others = torch.cuda.memory_allocated() - c.resident_bytes()
+            try:
+                fb, opt = c.step(x, y)
+            except Exception as e:  # a lever this build lacks (say, an attention backend): report, drop
+                print(f"{c.name} failed, left out: {train_gpt2.first_line(e)[:200]}", flush=True)
+                contestants.remove(c)
+                continue
+            first_ms.setdefault(c.name, (fb + opt) * 1e3)
+            if device_type == "cuda":
+                peak[c.name] = max(peak[c.name], torch.cuda.max_memory_allocated() - others)
             if i >= warmup:
                 times[c.name].append((fb, opt))
     result = {}
@@ -139,9 +211,13 @@ def in_process(B, T, steps, warmup, device, device_type, dtype, compile):
         opt = statistics.median(t[1] for t in times[c.name])
         total = statistics.median(t[0] + t[1] for t in times[c.name])
         result[c.name] = dict(ms=total * 1e3, fb_ms=fb * 1e3, opt_ms=opt * 1e3, tok_s=B * T / total,
-                              gflops=model_flops_per_step(B, T) / total / 1e9)
+                              gflops=model_flops_per_step(B, T, vocab_size) / total / 1e9,
+                              peak_gib=peak[c.name] / 2**30 if device_type == "cuda" else float("nan"),
+                              first_s=first_ms[c.name] / 1e3)
     del contestants
     gc.collect()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
     return result
 
 
@@ -160,7 +236,8 @@ HF_SCRIPT = textwrap.dedent("""
     dtype = resolve_dtype("auto", device_type)
     torch.manual_seed(1337)
     torch.set_float32_matmul_precision("high")
-    model = GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(device)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size={vocab_size}, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     forward = torch.compile(model) if {compile} else model  # compiled when ours is (CUDA)
     loader = DataLoaderLite(B, T, {input!r})
@@ -195,7 +272,7 @@ WRAPPER = textwrap.dedent("""
 """)
 
 
-def run_program(args, tmp):
+def run_program(args, tmp, skip=1):
     wrapper = os.path.join(tmp, "wrapper.py")
     with open(wrapper, "w") as f:
         f.write(WRAPPER)
@@ -205,86 +282,109 @@ def run_program(args, tmp):
     if r.returncode:
         raise RuntimeError(f"{args} failed:\n{r.stderr[-2000:]}")
     peak = int(r.stdout.strip().splitlines()[-1].split()[1])
-    # each program prints its own step times: their median (step 0 aside) is a cross-check
-    printed = [float(m) for m in re.findall(r"\| ([\d.]+) ms", r.stdout)][1:]
+    # each program prints its own step times: their median (the first `skip` aside) is a cross-check
+    printed = [float(m) for m in re.findall(r"\| ([\d.]+) ms", r.stdout)][skip:]
     return elapsed, peak, statistics.median(printed) if printed else float("nan")
 
 
-def whole_programs(B, T, n_short, n_long, extra):
+def whole_programs(B, T, n_short, n_long, extra, vocab_size, skip=1):
+    """Each program run for n_long steps (and n_short, unless None). Per-step cost: from the two run
+    times, and the median of the step times the long run printed after its first `skip` steps."""
     results = {}
+    lengths = (n_long,) if n_short is None else (n_short, n_long)
     # out_dir in memory where possible: the checkpoint written at the end is not what we time
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         # the first Python to import torch reads it from disk; don't bill that to whoever runs first
         subprocess.run([sys.executable, "-c", "import torch, transformers, tiktoken"], check=True)
         runs = {}
-        for n in (n_short, n_long):
+        for n in lengths:
             hf_script = os.path.join(tmp, f"hf_{n}.py")
             with open(hf_script, "w") as f:
                 f.write(HF_SCRIPT.format(repo=REPO, B=B, T=T, steps=n, input=os.path.join(REPO, "input.txt"),
-                                        compile="--compile" in extra))
+                                        compile="--compile" in extra, vocab_size=vocab_size))
             ours_cmd = [os.path.join(REPO, "train_gpt2.py"), "--B", B, "--T", T, "--max_steps", n,
-                    "--input_file", os.path.join(REPO, "input.txt"), "--out_dir", os.path.join(tmp, f"out{n}"),
-                    "--num_samples", "0", "--eval_iters", "1", *extra]
+                        "--input_file", os.path.join(REPO, "input.txt"), "--out_dir", os.path.join(tmp, f"out{n}"),
+                        "--num_samples", "0", "--eval_iters", "1", "--vocab_size", vocab_size, *extra]
             # alternate the contestants here too
-            runs[("train_gpt2", n)] = run_program([str(a) for a in ours_cmd], tmp)
+            runs[("train_gpt2", n)] = run_program([str(a) for a in ours_cmd], tmp, skip)
             shutil.rmtree(os.path.join(tmp, f"out{n}"))  # its 1.5 GB checkpoint: free the memory
-            runs[("transformers", n)] = run_program([hf_script], tmp)
+            runs[("transformers", n)] = run_program([hf_script], tmp, skip)
         for name in ("train_gpt2", "transformers"):
-            per_step = (runs[(name, n_long)][0] - runs[(name, n_short)][0]) / (n_long - n_short)
-            results[name] = dict(ms=per_step * 1e3, tok_s=B * T / per_step,
-                                 peak_mb=max(runs[(name, n)][1] for n in (n_short, n_long)) / 2**20,
-                                 printed_ms=runs[(name, n_long)][2])
+            printed = runs[(name, n_long)][2] / 1e3
+            per_step = printed if n_short is None else \
+                (runs[(name, n_long)][0] - runs[(name, n_short)][0]) / (n_long - n_short)
+            results[name] = dict(ms=per_step * 1e3, tok_s=B * T / per_step, printed_ms=printed * 1e3,
+                                 peak_mb=max(runs[(name, n)][1] for n in lengths) / 2**20)
     return results
 
 
 # -----------------------------------------------------------------------------
+# what runs where: CPU steps take seconds, compiled GPU steps milliseconds
+
+
+def plan(device_type, quick, levers):
+    """Shapes, step counts and run lengths for this device."""
+    if device_type == "cuda":
+        # compiled steps recompile and autotune for the first few: time 20 after 3 warm-up steps.
+        # 50304 rows: the reproduction pads the vocabulary to a multiple of 128, for both contestants
+        in_process_runs = [(16, 1024, 20, 3, levers), (64, 1024, 20, 3, False)]
+        # one run of each program: a second, shorter one would mostly time compilation again
+        program_runs = [(64, 1024, None, 24, 3)]  # (B, T, short run, long run, steps skipped in printed ms)
+        return dict(vocab_size=50304, compile=True, in_process=in_process_runs[:1] if quick else in_process_runs,
+                    programs=[] if quick else program_runs)
+    if quick:
+        return dict(vocab_size=50257, compile=False, in_process=[(4, 32, 4, 2, levers)],
+                    programs=[(4, 32, 2, 12, 1)])
+    # on CPU, compiling costs more than it saves in a 50-step run
+    return dict(vocab_size=50257, compile=False, in_process=[(4, 32, 6, 2, levers), (8, 256, 3, 1, False)],
+                programs=[(4, 32, 4, 20, 1), (8, 256, 1, 4, 1)])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps, seed shape only")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, one shape")
+    parser.add_argument("--levers", action="store_true",
+                        help="also time ours with each alternative we considered (attention backend, loss, GELU)")
     args = parser.parse_args()
     device, device_type = resolve_device("auto")
     dtype = resolve_dtype("auto", device_type)
     torch.set_float32_matmul_precision("high")  # as train_gpt2 sets it: TF32 on GPUs that have it
     if device_type == "cpu":
         train_gpt2.keep_freed_memory()  # process-wide: applies to both contestants alike
-    compile = device_type == "cuda"  # on CPU, compiling costs more than it saves in a 50-step run
-    shapes = [(16, 1024)] if device_type == "cuda" else [(4, 32)] if args.quick else [(4, 32), (8, 256)]
-    print(f"device {device} | dtype {str(dtype).replace('torch.', '')} | compile {compile} | torch "
-          f"{torch.__version__} | threads {torch.get_num_threads()} | cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    p = plan(device_type, args.quick, args.levers)
+    name = torch.cuda.get_device_name() if device_type == "cuda" else torch.backends.cpu.get_cpu_capability()
+    print(f"device {device} ({name}) | dtype {str(dtype).replace('torch.', '')} | compile {p['compile']} | "
+          f"vocab {p['vocab_size']} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     peaks = {d: matmul_peak(device, device_type, d) for d in (torch.float32, torch.bfloat16)}
     print(f"matmul peak, measured now: float32 {peaks[torch.float32]:,.0f} GFLOP/s | "
           f"bfloat16 {peaks[torch.bfloat16]:,.0f} GFLOP/s")
     peak = peaks[dtype] if dtype in peaks else peaks[torch.float32]
 
-    print("\nin-process training steps (medians, contestants alternating step by step)")
-    print(f"{'shape':<12}{'model':<14}{'ms/step':>9}{'tok/s':>9}{'ratio':>7}{'fwd+bwd ms':>12}"
-          f"{'optim ms':>10}{'GFLOP/s':>9}{'% peak':>8}")
-    for B, T in shapes:
-        steps, warmup = (4, 2) if args.quick or B * T <= 512 else (3, 1)
-        if B * T <= 512 and not args.quick:
-            steps = 6
-        r = in_process(B, T, steps, warmup, device, device_type, dtype, compile)
+    print("\nin-process training steps (medians, contestants alternating step by step; "
+          "peak GiB: the contestant's own, CUDA only; first s: the first step, compile included)")
+    print(f"{'shape':<12}{'model':<14}{'ms/step':>9}{'tok/s':>10}{'ratio':>7}{'fwd+bwd ms':>12}"
+          f"{'optim ms':>10}{'GFLOP/s':>9}{'% peak':>8}{'peak GiB':>10}{'first s':>9}")
+    for B, T, steps, warmup, levers in p["in_process"]:
+        makers = [ours, *(LEVERS[device_type] if levers else ()), transformers_baseline]
+        r = in_process(B, T, steps, warmup, makers, p["vocab_size"], device, device_type, dtype, p["compile"])
         base = r["transformers"]["ms"]
         for name, m in r.items():
-            print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>9,.0f}{base / m['ms']:>6.2f}x"
-                  f"{m['fb_ms']:>12.1f}{m['opt_ms']:>10.1f}{m['gflops']:>9,.0f}{100 * m['gflops'] / peak:>7.0f}%")
+            print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>10,.0f}{base / m['ms']:>6.2f}x"
+                  f"{m['fb_ms']:>12.1f}{m['opt_ms']:>10.1f}{m['gflops']:>9,.0f}{100 * m['gflops'] / peak:>7.0f}%"
+                  f"{m['peak_gib']:>10.1f}{m['first_s']:>9.1f}", flush=True)
 
-    print("\nwhole programs: per-step time from two run lengths (start-up excluded), peak memory")
-    print(f"{'shape':<12}{'program':<14}{'ms/step':>9}{'tok/s':>9}{'ratio':>7}{'peak MB':>9}"
-          f"{'printed ms':>12}")
-    for B, T in shapes:
-        n_short, n_long = (4, 20) if B * T <= 512 else (1, 4)
-        if args.quick:
-            n_short, n_long = 2, 12
-        extra = ["--compile"] if compile else []
-        r = whole_programs(B, T, n_short, n_long, extra)
+    print("\nwhole programs: per-step time from two run lengths (start-up excluded), the median step time "
+          "each printed, peak memory")
+    print(f"{'shape':<12}{'program':<14}{'ms/step':>9}{'tok/s':>10}{'ratio':>7}{'peak MB':>9}"
+          f"{'printed ms':>12}{'printed tok/s':>15}")
+    for B, T, n_short, n_long, skip in p["programs"]:
+        extra = ["--compile"] if p["compile"] else []
+        r = whole_programs(B, T, n_short, n_long, extra, p["vocab_size"], skip)
         base = r["transformers"]["ms"]
         for name, m in r.items():
-            print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>9,.0f}{base / m['ms']:>6.2f}x"
-                  f"{m['peak_mb']:>9,.0f}{m['printed_ms']:>12.1f}")
+            print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>10,.0f}{base / m['ms']:>6.2f}x"
+                  f"{m['peak_mb']:>9,.0f}{m['printed_ms']:>12.1f}{B * T / m['printed_ms'] * 1e3:>15,.0f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# A model small enough to train in a fraction of a second per step.
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64"]
+# A model small enough to train in a fraction of a second per step, on the CPU: the tests mean the CPU,
+# and say so, so that they run the same on a machine with a GPU.
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--device", "cpu"]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -37,10 +38,11 @@ def text_file(tmp_path):
     return path
 
 
-def run_script(*args, cwd, timeout=300, env_extra=None, runner=None):
-    """Run train_gpt2.py as a user would; returns the CompletedProcess with text output."""
+def run_script(*args, cwd, timeout=300, env_extra=None, runner=None, script="train_gpt2.py"):
+    """Run a script as a user would, on the CPU unless `args` name another --device (a later flag
+    wins); returns the CompletedProcess with text output."""
     env = {**os.environ, **OFFLINE_ENV, **(env_extra or {})}
-    cmd = (runner or [sys.executable]) + [str(REPO / "train_gpt2.py"), *map(str, args)]
+    cmd = (runner or [sys.executable]) + [str(REPO / script), "--device", "cpu", *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

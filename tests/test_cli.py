@@ -145,3 +145,23 @@ def test_readme_documents_every_option():
     table = [line for line in readme.splitlines() if line.startswith("| `")]
     for f in fields(TrainConfig):
         assert any(f"`{f.name}`" in line.split("|")[1] for line in table), f.name
+
+
+def test_more_torchrun_processes_than_gpus_is_one_line_from_every_rank(tmp_path):
+    """torchrun --nproc_per_node=2 on a one-GPU node (faked: a sitecustomize makes torch report CUDA
+    with one device): the ranks print the line naming both counts and exit, none hangs waiting for the
+    others, and no rank prints a traceback (torchrun's own failure report is its business). torchrun
+    stops the other workers as soon as one fails, so a slower rank may be stopped before it prints:
+    test_training checks in-process that rank 0, whose GPU exists, stops with the same line."""
+    fake = tmp_path / "fake_one_gpu"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 1\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_script(*TINY, "--device", "cuda", cwd=tmp_path, runner=torchrun, timeout=120,
+                   env_extra={"PYTHONPATH": str(fake), "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    line = ("error: torchrun started 2 processes on a node with 1 GPU(s): one process per GPU, "
+            "so pass --nproc_per_node=1 (or --device cpu)")
+    assert r.stderr.count(line) >= 1, r.stderr
+    assert 'train_gpt2.py", line' not in r.stderr  # no traceback through our code

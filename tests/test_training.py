@@ -212,3 +212,25 @@ def test_text_too_short_for_validation_trains_without_it(tmp_path, capsys):
     assert code == 0 and len(log) == 2
     assert "no validation: the val split" in out and "val loss" not in out
     assert all("val_loss" not in r for r in log)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_more_processes_than_gpus_stops_every_rank_before_it_touches_a_gpu(tmp_path, text_file, monkeypatch,
+                                                                           capsys, rank):
+    """Two processes on a node with one GPU (faked): rank 1 has no GPU, and rank 0, whose GPU exists,
+    must stop too, or it would wait forever in init_process_group for a rank 1 that never comes."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("called after the check should have stopped the run")
+
+    monkeypatch.setattr(torch.cuda, "set_device", forbidden)
+    monkeypatch.setattr(train_gpt2.dist, "init_process_group", forbidden)
+    for name, value in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2).items():
+        monkeypatch.setenv(name, str(value))
+    code, _ = run_main(tmp_path, text_file, "--device", "cuda")
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("error: torchrun started 2 processes on a node with 1 GPU(s)")
+    assert "--nproc_per_node=1" in err and "--device cpu" in err
