@@ -381,51 +381,123 @@ def _tokenize_file(path, mtime_ns, size):
     return np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
 
 
-class DataLoaderLite:
-    """Serves (x, y) batches of shape (B, T) from one text file, in order; y is x shifted by one.
+MANIFEST = "manifest.json"  # prepare.py's index of a folder of token shards; its format is described there
 
-    split: None uses the whole file; "train" the first 90% of its tokens, "val" the last 10%.
-    With several processes, each rank reads its own B*T slice of every num_processes*B*T window."""
+
+def read_manifest(data_dir):
+    """prepare.py's manifest for data_dir, with each shard's size and dtype checked against its file."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise ValueError(f"{data_dir!r} has no {MANIFEST}: prepare it with  python prepare.py SOURCE --out_dir {data_dir}")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        shards = [(s["file"], s["split"], int(s["tokens"])) for s in manifest["shards"]]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path!r} is not a manifest written by prepare.py") from None
+    if not manifest.get("complete"):
+        raise ValueError(f"{data_dir!r} is not fully prepared: run its prepare.py command again to finish it")
+    for file, split, tokens in shards:
+        shard = os.path.join(data_dir, file)
+        try:
+            array = np.load(shard, mmap_mode="r")  # reads the header; a short file fails to map
+        except FileNotFoundError:
+            raise ValueError(f"shard {shard!r} listed in the manifest is missing") from None
+        except ValueError as e:
+            raise ValueError(f"shard {shard!r} is truncated or not a .npy file: {first_line(e)}") from None
+        if array.dtype != np.uint16 or array.shape != (tokens,):
+            raise ValueError(f"shard {shard!r} holds {array.dtype} {array.shape}, the manifest says uint16 ({tokens},)")
+    return manifest
+
+
+class DataLoaderLite:
+    """Serves (x, y) batches of shape (B, T) in order; y is x shifted by one.
+
+    Two sources, one way of reading them:
+    - a text file (input_file): tokenized in memory; split None uses all of it, "train" the first 90%
+      of its tokens, "val" the last 10%.
+    - a folder prepared by prepare.py (data_dir): the split's shards, memory-mapped one at a time, so
+      memory stays flat however large the corpus. Training visits the shards in a new order each epoch
+      (seeded by seed and the epoch) unless shuffle is False; validation always in manifest order.
+
+    Batches are contiguous windows of W = B*T*num_processes tokens; rank r reads x = window[r*B*T :
+    (r+1)*B*T] and y the same shifted by one. A shard of L tokens serves the window at p = 0, W, 2W, ...
+    exactly when p + W + 1 <= L (the +1: the last target), then the next shard begins."""
 
     def __init__(self, B, T, input_file="input.txt", split=None, process_rank=0, num_processes=1,
-                 val_fraction=0.1):
+                 val_fraction=0.1, data_dir=None, shuffle=True, seed=1337):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
-        tokens = tokenize_file(input_file)
-        n_train = int(len(tokens) * (1 - val_fraction))
-        if split == "train":
-            tokens = tokens[:n_train]
-        elif split == "val":
-            tokens = tokens[n_train:]
-        elif split is not None:
-            raise ValueError(f"unknown split {split!r}: use 'train', 'val' or None")
-        self.tokens = tokens
-        needed = B * T * num_processes + 1  # +1: the last target is the token after the window
-        if len(tokens) < needed:
+        self.seed = seed
+        window = B * T * num_processes + 1
+        if data_dir is not None:
+            if split not in ("train", "val"):
+                raise ValueError(f"unknown split {split!r}: a data_dir has 'train' and 'val'")
+            shards = [(os.path.join(data_dir, s["file"]), s["tokens"])
+                      for s in read_manifest(data_dir)["shards"] if s["split"] == split]
+            self.shards = [path for path, tokens in shards if tokens >= window]  # shorter ones serve no batch
+            self.n_tokens = sum(tokens for _, tokens in shards)
+            self.shuffle = shuffle and split == "train"
+            what = f"the {split} shards of {data_dir!r}"
+        else:
+            tokens = tokenize_file(input_file)
+            n_train = int(len(tokens) * (1 - val_fraction))
+            if split == "train":
+                tokens = tokens[:n_train]
+            elif split == "val":
+                tokens = tokens[n_train:]
+            elif split is not None:
+                raise ValueError(f"unknown split {split!r}: use 'train', 'val' or None")
+            self.tokens = tokens
+            self.shards = [tokens] if len(tokens) >= window else []
+            self.n_tokens, self.shuffle = len(tokens), False
             what = f"the {split} split of {input_file!r}" if split else repr(input_file)
-            raise ValueError(f"{what} has {len(tokens)} tokens, fewer than the {needed} one batch needs "
-                             f"(B={B}, T={T}); use more text or lower --B/--T")
-        self.position = 0  # start of the current window, shared by all ranks
+        if not self.shards:
+            needs = f"the {window} one batch needs (B={B}, T={T}); use more data or lower --B/--T"
+            if self.n_tokens < window:
+                raise ValueError(f"{what} has {self.n_tokens} tokens, fewer than {needs}")
+            raise ValueError(f"no shard among {what} holds {needs}")
+        self.reset()
+
+    def shard_order(self, epoch):
+        """Indices of the shards in the order this epoch reads them."""
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        # one fixed file order would make the loss oscillate with a period of one shard
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
+
+    def load_shard(self):
+        shard = self.shards[self.order[self.shard]]
+        self.current = shard if isinstance(shard, np.ndarray) else np.load(shard, mmap_mode="r")
 
     def next_batch(self):
         B, T = self.B, self.T
         start = self.position + self.process_rank * B * T
-        buf = torch.from_numpy(self.tokens[start: start + B * T + 1].astype(np.int64))
+        buf = torch.from_numpy(self.current[start: start + B * T + 1].astype(np.int64))  # copies one batch
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: the next token at every position
         self.position += B * T * self.num_processes
-        if self.position + B * T * self.num_processes + 1 > len(self.tokens):
-            self.position = 0  # the next window would run past the end: start over
+        if self.position + B * T * self.num_processes + 1 > len(self.current):
+            self.advance_shard()  # the next window would run past the end
         return x, y
 
+    def advance_shard(self):
+        self.position, self.shard = 0, self.shard + 1
+        if self.shard == len(self.shards):  # a new epoch, in a new order
+            self.epoch, self.shard = self.epoch + 1, 0
+            self.order = self.shard_order(self.epoch)
+        self.load_shard()
+
     def reset(self):
-        self.position = 0
+        self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
 
     def state_dict(self):
-        return {"position": self.position}
+        return {"epoch": self.epoch, "shard": self.shard, "position": self.position}
 
     def load_state_dict(self, state):
-        self.position = int(state["position"])
+        self.epoch, self.shard, self.position = (int(state.get(k, 0)) for k in ("epoch", "shard", "position"))
+        self.order = self.shard_order(self.epoch)
+        self.load_shard()
 
 
 # -----------------------------------------------------------------------------
@@ -596,6 +668,8 @@ def opt(default, help, **kwargs):
 class TrainConfig:
     # data and model
     input_file: str = opt("input.txt", "UTF-8 text file to train on (last 10% of its tokens: validation)")
+    data_dir: str = opt("", "a folder of token shards written by prepare.py (takes precedence over input_file)")
+    shuffle: bool = opt(True, "with data_dir, read the train shards in a new seeded order each epoch")
     init_from: str = opt("scratch", "scratch, a GPT-2 name (gpt2 ... gpt2-xl) or a save_pretrained directory")
     n_layer: int = opt(12, "transformer blocks (scratch models)")
     n_head: int = opt(12, "attention heads (scratch models)")
@@ -791,56 +865,20 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
     # float16's narrow range underflows small gradients: scale the loss up, gradients back down
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
+    total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
 
-    # ---- batch arithmetic
-    tokens_per_micro_step = cfg.B * cfg.T * world_size
-    total_batch_size = cfg.total_batch_size or tokens_per_micro_step
-    if total_batch_size % tokens_per_micro_step:
-        raise ValueError(f"--total_batch_size {total_batch_size} is not a multiple of B*T*processes "
-                         f"= {cfg.B}*{cfg.T}*{world_size} = {tokens_per_micro_step}")
-    grad_accum_steps = total_batch_size // tokens_per_micro_step
-
-    # ---- model: fresh, pretrained, or from the checkpoint
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        saved = ckpt["train_config"]
-        if saved.get("init_from") != cfg.init_from:
-            raise ValueError(f"checkpoint {ckpt_path!r} was trained from --init_from {saved.get('init_from')!r}, "
-                             f"not {cfg.init_from!r}")
-        if cfg.init_from == "scratch":
-            for k, v in asdict(model_config_of(cfg)).items():
-                if k != "sdpa" and ckpt["model_config"].get(k) != v:
-                    raise ValueError(f"checkpoint {ckpt_path!r} has {k}={ckpt['model_config'].get(k)}, "
-                                     f"the command line says {v}")
-        try:
-            model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))
-            model.load_state_dict(ckpt["model"])
-        except (TypeError, KeyError, RuntimeError) as e:  # the right keys, but not what we saved
-            raise ValueError(f"{ckpt_path!r} is not a usable train_gpt2 checkpoint: {first_line(e)}") from None
-    elif cfg.init_from == "scratch":
-        model = GPT(model_config_of(cfg))
-    else:
-        model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
-    if cfg.T > model.config.block_size:
-        raise ValueError(f"T={cfg.T} exceeds block_size={model.config.block_size}; lower --T")
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())  # the tied matrix counts once
-    c = model.config
-    print0(f"model {cfg.init_from} | {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, "
-           f"vocab {c.vocab_size}, block {c.block_size} | {n_params:,} parameters")
-
+    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
+    # `raw_model` stays the plain module: evaluation, sampling and checkpoints use it, never the
+    # compiled or DDP-wrapped `model` below (the classic script broke both by going through compile)
+    raw_model = make_model(cfg, ckpt, ckpt_path).to(device)
+    print0(describe_model(raw_model, cfg))
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # its own stream, one per rank
     start_step = 0
     if ckpt is not None:
         start_step = ckpt["step"]
         set_rng_state(ckpt["rng"], sample_generator)
         print0(f"resumed from {ckpt_path} at step {start_step}")
-
-    # `raw_model` stays the plain module: evaluation, sampling and checkpoints use it, never the
-    # compiled or DDP-wrapped `model` below (the classic script broke both by going through compile)
-    raw_model = model
 
     def print_samples():
         for text in sample(raw_model, cfg, device, autocast, sample_generator):
@@ -857,22 +895,10 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
         finish()
         return
 
-    # ---- data
-    train_loader = DataLoaderLite(cfg.B, cfg.T, cfg.input_file, "train", rank, world_size)
-    try:
-        val_loader = DataLoaderLite(cfg.B, cfg.T, cfg.input_file, "val", rank, world_size)
-    except ValueError as e:
-        val_loader = None
-        print0(f"no validation: {e}")
-    print0(f"data {cfg.input_file} | {len(train_loader.tokens):,} train tokens | "
-           f"{total_batch_size:,} tokens per step = {cfg.B} x {cfg.T} x {world_size} processes "
+    train_loader, val_loader, data_summary = make_loaders(cfg, rank, world_size, print0)
+    print0(f"{data_summary} | {total_batch_size:,} tokens per step = {cfg.B} x {cfg.T} x {world_size} processes "
            f"x {grad_accum_steps} accumulation steps")
-
-    # ---- optimizer
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)
-    for name, group in zip(("decayed", "not decayed"), optimizer.param_groups):
-        print0(f"optimizer {name}: {len(group['params'])} tensors, "
-               f"{sum(p.numel() for p in group['params']):,} parameters")
+    optimizer = make_optimizer(raw_model, cfg, device_type, print0)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
@@ -881,25 +907,11 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
         del ckpt  # free the CPU copy
     elif os.path.exists(ckpt_path):
         print0(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own")
-
-    # ---- compile, then wrap for data parallelism
-    if cfg.compile:
-        model = compile_model(model, cfg, device, autocast, print0)
-    if ddp:
+    model = compile_model(raw_model, cfg, device, autocast, print0) if cfg.compile else raw_model
+    if ddp:  # DDP averages gradients across processes during backward
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-
+    log = open_log(cfg.out_dir, cfg.resume, start_step) if master else None
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
-    if master:
-        # one JSON object per step: pandas.read_json("out/log.jsonl", lines=True) reads it back.
-        # A resume keeps the records before its checkpoint and redoes the rest.
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        log_path = os.path.join(cfg.out_dir, "log.jsonl")
-        kept = []
-        if cfg.resume and os.path.exists(log_path):
-            with open(log_path) as f:
-                kept = [r for r in map(parse_log_line, f) if r is not None and r["step"] < start_step]
-        log = open(log_path, "w")
-        log.writelines(json.dumps(r) + "\n" for r in kept)
 
     def checkpoint(step):
         state = {
@@ -918,20 +930,7 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
             t0 = time.perf_counter()
             last_step = step == cfg.max_steps - 1
             optimizer.zero_grad(set_to_none=True)
-            loss_accum = torch.zeros((), device=device)
-            for micro_step in range(grad_accum_steps):
-                x, y = train_loader.next_batch()
-                x, y = x.to(device), y.to(device)
-                # DDP averages gradients across processes in backward. Only the last micro-batch
-                # needs that; no_sync covers forward too, since DDP decides in forward whether to sync.
-                syncing = not ddp or micro_step == grad_accum_steps - 1
-                with contextlib.nullcontext() if syncing else model.no_sync():
-                    with autocast:
-                        _, loss = model(x, y)
-                    # gradients add up over micro-batches; dividing makes their sum the big batch's mean
-                    loss = loss / grad_accum_steps
-                    loss_accum += loss.detach()
-                    scaler.scale(loss).backward()
+            loss = forward_backward(model, train_loader, grad_accum_steps, autocast, scaler, device, ddp)
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             lr = get_lr(step, cfg.lr, min_lr, cfg.warmup_steps, cfg.max_steps)
@@ -939,12 +938,7 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
                 group["lr"] = lr
             scaler.step(optimizer)
             scaler.update()
-            # one collective per step: the loss summed over ranks, and whether anyone pressed Ctrl-C
-            flags = torch.stack([loss_accum.float(), torch.tensor(float(stop.requested), device=device)])
-            if ddp:
-                dist.all_reduce(flags, op=dist.ReduceOp.SUM)  # SUM then divide: gloo lacked AVG
-            loss_value = flags[0].item() / world_size  # .item() waits for the device: once per step
-            stop_now = flags[1].item() > 0
+            loss_value, stop_now = loss_and_stop_over_ranks(loss, stop.requested, device, ddp, world_size)
             synchronize(device_type)
             dt = time.perf_counter() - t0
             if not math.isfinite(loss_value):
@@ -954,17 +948,11 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
             record = dict(step=step, loss=loss_value, lr=lr, norm=norm.item(), ms=dt * 1000,
                           tok_per_s=total_batch_size / dt)
             step_times.append(dt)
-            typical = np.median(step_times[1:] if len(step_times) > 1 else step_times)
-            eta = format_seconds(typical * (cfg.max_steps - step - 1))
-            print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.1e} | norm {record['norm']:.2f} | "
-                   f"{dt * 1000:.1f} ms | {record['tok_per_s']:,.0f} tok/s | eta {eta}")
-
-            if val_loader is not None and ((step + 1) % cfg.eval_interval == 0 or last_step):
-                val_loss = evaluate(raw_model, val_loader, cfg.eval_iters, device, autocast)
-                if ddp:
-                    dist.all_reduce(val_loss, op=dist.ReduceOp.SUM)
-                record["val_loss"] = val_loss.item() / world_size
-                print0(f"step {step:5d} | val loss {record['val_loss']:.4f}")
+            print0(step_line(record, step_times, cfg.max_steps))
+            if (step + 1) % cfg.eval_interval == 0 or last_step:
+                record.update(evaluate_all(raw_model, val_loader, cfg, device, autocast, ddp, world_size))
+                print0(f"step {step:5d} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items()
+                                                        if k in EVAL_KEYS))
             if master:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -986,6 +974,144 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
     finish()
     if ddp:
         dist.barrier()  # a process that leaves while rank 0 still works can abort the process group
+
+
+# Setup and per-step helpers of _train, in the order it calls them
+
+
+def batch_arithmetic(cfg, world_size):
+    """(tokens per optimizer step, micro-steps per optimizer step)."""
+    tokens_per_micro_step = cfg.B * cfg.T * world_size
+    total_batch_size = cfg.total_batch_size or tokens_per_micro_step
+    if total_batch_size % tokens_per_micro_step:
+        raise ValueError(f"--total_batch_size {total_batch_size} is not a multiple of B*T*processes "
+                         f"= {cfg.B}*{cfg.T}*{world_size} = {tokens_per_micro_step}")
+    return total_batch_size, total_batch_size // tokens_per_micro_step
+
+
+def make_model(cfg, ckpt, ckpt_path):
+    """The model to train: from the checkpoint when resuming, else fresh or pretrained."""
+    if ckpt is None:
+        if cfg.init_from == "scratch":
+            model = GPT(model_config_of(cfg))
+        else:
+            model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
+    else:
+        saved = ckpt["train_config"]
+        if saved.get("init_from") != cfg.init_from:
+            raise ValueError(f"checkpoint {ckpt_path!r} was trained from --init_from {saved.get('init_from')!r}, "
+                             f"not {cfg.init_from!r}")
+        if cfg.init_from == "scratch":
+            for k, v in asdict(model_config_of(cfg)).items():
+                if k != "sdpa" and ckpt["model_config"].get(k) != v:
+                    raise ValueError(f"checkpoint {ckpt_path!r} has {k}={ckpt['model_config'].get(k)}, "
+                                     f"the command line says {v}")
+        try:
+            model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, KeyError, RuntimeError) as e:  # the right keys, but not what we saved
+            raise ValueError(f"{ckpt_path!r} is not a usable train_gpt2 checkpoint: {first_line(e)}") from None
+    if cfg.T > model.config.block_size:
+        raise ValueError(f"T={cfg.T} exceeds block_size={model.config.block_size}; lower --T")
+    return model
+
+
+def describe_model(model, cfg):
+    n_params = sum(p.numel() for p in model.parameters())  # the tied matrix counts once
+    c = model.config
+    return (f"model {cfg.init_from} | {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, "
+            f"vocab {c.vocab_size}, block {c.block_size} | {n_params:,} parameters")
+
+
+def make_loaders(cfg, rank, world_size, print0):
+    """Training and validation loaders (validation None when the data has too little for one batch), and
+    a line that describes the data."""
+    source = dict(data_dir=cfg.data_dir, shuffle=cfg.shuffle, seed=cfg.seed) if cfg.data_dir else \
+        dict(input_file=cfg.input_file)
+    train_loader = DataLoaderLite(cfg.B, cfg.T, split="train", process_rank=rank, num_processes=world_size, **source)
+    try:
+        val_loader = DataLoaderLite(cfg.B, cfg.T, split="val", process_rank=rank, num_processes=world_size,
+                                    **source)
+    except ValueError as e:
+        val_loader = None
+        print0(f"no validation: {e}")
+    if not cfg.data_dir:
+        return train_loader, val_loader, f"data {cfg.input_file} | {train_loader.n_tokens:,} train tokens"
+    n_val = len(val_loader.shards) if val_loader else 0
+    return train_loader, val_loader, (
+        f"data {cfg.data_dir} | {len(train_loader.shards)} train shards, {train_loader.n_tokens:,} tokens | "
+        f"{n_val} val shards, {val_loader.n_tokens if val_loader else 0:,} tokens | "
+        f"shuffle {'on' if train_loader.shuffle else 'off'}")
+
+
+def make_optimizer(model, cfg, device_type, print0):
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)
+    for name, group in zip(("decayed", "not decayed"), optimizer.param_groups):
+        print0(f"optimizer {name}: {len(group['params'])} tensors, "
+               f"{sum(p.numel() for p in group['params']):,} parameters")
+    return optimizer
+
+
+def open_log(out_dir, resume, start_step):
+    """out_dir/log.jsonl, one JSON object per step: pandas.read_json(path, lines=True) reads it back.
+    A resume keeps the records before its checkpoint and redoes the rest."""
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    kept = []
+    if resume and os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [r for r in map(parse_log_line, f) if r is not None and r["step"] < start_step]
+    log = open(log_path, "w")
+    log.writelines(json.dumps(r) + "\n" for r in kept)
+    return log
+
+
+def forward_backward(model, loader, grad_accum_steps, autocast, scaler, device, ddp):
+    """One optimizer step's gradients, accumulated over micro-batches; returns the mean loss."""
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        # DDP averages gradients across processes in backward. Only the last micro-batch needs that;
+        # no_sync covers forward too, since DDP decides in forward whether to sync.
+        syncing = not ddp or micro_step == grad_accum_steps - 1
+        with contextlib.nullcontext() if syncing else model.no_sync():
+            with autocast:
+                _, loss = model(x, y)
+            # gradients add up over micro-batches; dividing makes their sum the big batch's mean
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            scaler.scale(loss).backward()
+    return loss_accum
+
+
+def loss_and_stop_over_ranks(loss, stop_requested, device, ddp, world_size):
+    """The loss averaged over ranks, and whether any rank was asked to stop: one collective per step."""
+    flags = torch.stack([loss.float(), torch.tensor(float(stop_requested), device=device)])
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)  # SUM then divide: gloo lacked AVG
+    return flags[0].item() / world_size, flags[1].item() > 0  # .item() waits for the device: once per step
+
+
+def step_line(record, step_times, max_steps):
+    typical = np.median(step_times[1:] if len(step_times) > 1 else step_times)  # step 0 warms up
+    eta = format_seconds(typical * (max_steps - record["step"] - 1))
+    return (f"step {record['step']:5d} | loss {record['loss']:.6f} | lr {record['lr']:.1e} | "
+            f"norm {record['norm']:.2f} | {record['ms']:.1f} ms | {record['tok_per_s']:,.0f} tok/s | eta {eta}")
+
+
+EVAL_KEYS = ("val_loss",)  # what evaluate_all may add to a step's record, printed in this order
+
+
+def evaluate_all(raw_model, val_loader, cfg, device, autocast, ddp, world_size):
+    """The evaluations due at this step, averaged over ranks: {"val_loss": ...}."""
+    results = {}
+    if val_loader is not None:
+        val_loss = evaluate(raw_model, val_loader, cfg.eval_iters, device, autocast)
+        if ddp:
+            dist.all_reduce(val_loss, op=dist.ReduceOp.SUM)
+        results["val_loss"] = val_loss.item() / world_size
+    return results
 
 
 def compile_model(model, cfg, device, autocast, print0):

@@ -42,7 +42,8 @@ def run_script(*args, cwd, timeout=300, env_extra=None, runner=None, script="tra
     """Run a script as a user would, on the CPU unless `args` name another --device (a later flag
     wins); returns the CompletedProcess with text output."""
     env = {**os.environ, **OFFLINE_ENV, **(env_extra or {})}
-    cmd = (runner or [sys.executable]) + [str(REPO / script), "--device", "cpu", *map(str, args)]
+    cpu = [] if script == "prepare.py" else ["--device", "cpu"]  # prepare.py has no device
+    cmd = (runner or [sys.executable]) + [str(REPO / script), *cpu, *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -71,3 +72,37 @@ def hf_gpt2_dir(tmp_path_factory):
         return path, model.eval()
 
     return make
+
+
+WORDS = ("the king queen castle night sword river crown ghost storm letter poison friend honest "
+         "tomorrow, speak! why? 'tis 1603 Ünïcödé naïve — «quoted» 日本 <|endoftext|> \t tabs\nnew lines").split(" ")
+
+
+def make_documents(n, seed=0, max_words=120):
+    """n documents of random words (punctuation, digits, non-ASCII, a literal <|endoftext|>), some empty."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(0, max_words))) for _ in range(n)]
+
+
+@pytest.fixture
+def corpus_folder(tmp_path):
+    """A folder with every kind of source file prepare.py reads, and the documents in reading order:
+    a.txt (one document), b.jsonl (one per line), c.parquet (one per row), sub/d.txt."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    docs = make_documents(160, seed=1)
+    (folder / "a.txt").write_text(docs[0], encoding="utf-8")
+    with open(folder / "b.jsonl", "w", encoding="utf-8") as f:
+        for d in docs[1:80]:
+            f.write(json.dumps({"id": len(d), "text": d}) + "\n")
+    pq.write_table(pa.table({"text": docs[80:159], "n": list(range(79))}), folder / "c.parquet")
+    (folder / "sub" / "d.txt").write_text(docs[159], encoding="utf-8")
+    (folder / "ignored.csv").write_text("not,a,source\n")
+    return folder, docs

@@ -31,14 +31,14 @@ def test_data_is_held_compactly_and_split_90_10(text_file):
     assert np.array_equal(val.tokens, tokens[n_train:])  # validation is never trained on
 
 
-def test_batches_are_shifted_contiguous_and_wrap(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_text(" a" * 100)  # " a" is one token: a file of exactly 100 tokens
-    tokens = torch.from_numpy(tokenize_file(path).astype(np.int64))
-    assert len(tokens) == 100
-    loader = DataLoaderLite(B=3, T=10, input_file=path)
-    tokens = torch.arange(100)  # make positions visible: replace the (identical) ids by their index
-    loader.tokens = tokens.numpy().astype(np.uint16)
+def counting_tokens(monkeypatch, n):
+    """Make every text file read as the tokens 0, 1, ..., n-1, so positions are visible in batches."""
+    monkeypatch.setattr(train_gpt2, "tokenize_file", lambda path: np.arange(n, dtype=np.uint16))
+
+
+def test_batches_are_shifted_contiguous_and_wrap(tmp_path, monkeypatch):
+    counting_tokens(monkeypatch, 100)
+    loader = DataLoaderLite(B=3, T=10, input_file=tmp_path / "any.txt")
     seen = []
     for _ in range(4):
         x, y = loader.next_batch()
@@ -51,12 +51,9 @@ def test_batches_are_shifted_contiguous_and_wrap(tmp_path):
     assert torch.equal(seen[3], torch.arange(0, 30))  # so it wraps to the start
 
 
-def test_processes_read_interleaved_slices(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_text(" a" * 100)
-    loaders = [DataLoaderLite(2, 5, path, process_rank=r, num_processes=2) for r in range(2)]
-    for loader in loaders:
-        loader.tokens = np.arange(100, dtype=np.uint16)
+def test_processes_read_interleaved_slices(tmp_path, monkeypatch):
+    counting_tokens(monkeypatch, 100)
+    loaders = [DataLoaderLite(2, 5, tmp_path / "any.txt", process_rank=r, num_processes=2) for r in range(2)]
     x0, _ = loaders[0].next_batch()
     x1, _ = loaders[1].next_batch()
     assert torch.equal(torch.cat([x0.flatten(), x1.flatten()]), torch.arange(0, 20))
