@@ -696,6 +696,7 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = opt(250, "steps between validation losses (and at the last step)")
     eval_iters: int = opt(20, "validation batches per evaluation")
+    hellaswag: str = opt("", "HellaSwag at every evaluation: a local jsonl file, or auto (downloaded once, cached)")
     sample_interval: int = opt(0, "steps between printed samples (0: only at the end)")
     checkpoint_interval: int = opt(0, "steps between checkpoints (0: only at the end)")
     out_dir: str = opt("out", "where the run writes its log and checkpoint")
@@ -898,6 +899,7 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
     train_loader, val_loader, data_summary = make_loaders(cfg, rank, world_size, print0)
     print0(f"{data_summary} | {total_batch_size:,} tokens per step = {cfg.B} x {cfg.T} x {world_size} processes "
            f"x {grad_accum_steps} accumulation steps")
+    hellaswag_items = load_hellaswag(cfg.hellaswag, master, ddp, print0) if cfg.hellaswag else None
     optimizer = make_optimizer(raw_model, cfg, device_type, print0)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -946,22 +948,28 @@ def _train(cfg, rank, world_size, master, device, device_type, ddp, print0):
                                        f"The checkpoint in {cfg.out_dir!r}, if any, is left untouched")
 
             record = dict(step=step, loss=loss_value, lr=lr, norm=norm.item(), ms=dt * 1000,
-                          tok_per_s=total_batch_size / dt)
+                          tok_per_s=total_batch_size / dt, tokens=(step + 1) * total_batch_size)
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
-            if (step + 1) % cfg.eval_interval == 0 or last_step:
-                record.update(evaluate_all(raw_model, val_loader, cfg, device, autocast, ddp, world_size))
-                print0(f"step {step:5d} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items()
-                                                        if k in EVAL_KEYS))
+            evaluating = (step + 1) % cfg.eval_interval == 0 or last_step
+            if evaluating:
+                evaluations = evaluate_all(raw_model, val_loader, hellaswag_items, cfg, device, autocast, ddp,
+                                           rank, world_size)
+                print_evaluations(step, evaluations, print0)
+                record.update(evaluations)
             if master:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if master and evaluating:  # a picture of the run so far, redrawn from the log
+                draw_progress(cfg.out_dir, print0)
             if master and cfg.sample_interval and (step + 1) % cfg.sample_interval == 0 and not last_step:
                 print_samples()
             if master and (last_step or stop_now or
                            (cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0)):
                 checkpoint(step + 1)
             if stop_now:
+                if master:
+                    draw_progress(cfg.out_dir, print0)
                 print0(f"interrupted: saved step {step + 1} to {ckpt_path}; continue with --resume")
                 if ddp:
                     dist.barrier()  # the others wait for rank 0's checkpoint, so all exit together
@@ -1100,18 +1108,100 @@ def step_line(record, step_times, max_steps):
             f"norm {record['norm']:.2f} | {record['ms']:.1f} ms | {record['tok_per_s']:,.0f} tok/s | eta {eta}")
 
 
-EVAL_KEYS = ("val_loss",)  # what evaluate_all may add to a step's record, printed in this order
+def load_hellaswag(source, master, ddp, print0):
+    """HellaSwag items from a jsonl file, or "auto": the cached validation split, which rank 0 fetches
+    while the others wait."""
+    import hellaswag  # imports this file too: only runs that ask for HellaSwag pay for it
+
+    if source == "auto" and ddp:
+        if master and not os.path.isfile(hellaswag.cache_path()):
+            hellaswag.load_items("auto")
+        dist.barrier()
+    items = hellaswag.load_items(source)
+    print0(f"hellaswag {source} | {len(items):,} items at every evaluation")
+    return items
 
 
-def evaluate_all(raw_model, val_loader, cfg, device, autocast, ddp, world_size):
-    """The evaluations due at this step, averaged over ranks: {"val_loss": ...}."""
+def evaluate_all(raw_model, val_loader, hellaswag_items, cfg, device, autocast, ddp, rank, world_size):
+    """The evaluations due at this step, over all ranks: {"val_loss": ..., "hellaswag_acc": ...}.
+    Every rank takes part in each collective, whatever its share of the work."""
     results = {}
     if val_loader is not None:
         val_loss = evaluate(raw_model, val_loader, cfg.eval_iters, device, autocast)
         if ddp:
             dist.all_reduce(val_loss, op=dist.ReduceOp.SUM)
         results["val_loss"] = val_loss.item() / world_size
+    if hellaswag_items is not None:
+        import hellaswag
+
+        # rank r scores items r, r + world_size, ...: the counts add up to the whole set
+        counts = torch.tensor(hellaswag.evaluate(raw_model, hellaswag_items[rank::world_size], device, autocast),
+                              dtype=torch.long, device=device)
+        if ddp:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        correct, correct_norm, n = counts.tolist()
+        results["hellaswag_acc"], results["hellaswag_acc_norm"] = correct / n, correct_norm / n
     return results
+
+
+def print_evaluations(step, results, print0):
+    if "val_loss" in results:
+        print0(f"step {step:5d} | val loss {results['val_loss']:.4f}")
+    if "hellaswag_acc_norm" in results:
+        print0(f"step {step:5d} | hellaswag acc_norm {results['hellaswag_acc_norm']:.4f}")
+
+
+def draw_progress(out_dir, print0):
+    """out_dir/progress.png from out_dir/log.jsonl; a failure to draw never stops training."""
+    try:
+        plot_log(os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "progress.png"))
+    except Exception as e:  # no matplotlib, a full disk, ...: say so, train on
+        print0(f"could not draw progress.png: {first_line(e)}")
+
+
+def plot_log(log_path, png_path):
+    """Draw a run from its log.jsonl alone (a finished run, or one still going): training loss per step,
+    raw and smoothed, validation loss, and HellaSwag acc_norm with GPT-2 124M's as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    from hellaswag import REFERENCE
+
+    with open(log_path) as f:
+        records = [r for r in map(parse_log_line, f) if r is not None]  # a half-written last line is skipped
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    smoothed, ema = [], None
+    for loss in losses:  # exponential moving average: the trend under the batch-to-batch noise
+        ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+        smoothed.append(ema)
+    fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax_loss.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss")
+    ax_loss.plot(steps, smoothed, color="tab:blue", label="train loss (smoothed)")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax_loss.plot(*zip(*val), "o-", color="tab:orange", label="val loss")
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_loss.legend()
+    hs = [(r["step"], r["hellaswag_acc_norm"]) for r in records if "hellaswag_acc_norm" in r]
+    if hs:
+        ax_hs.plot(*zip(*hs), "o-", color="tab:green", label="this run")
+    ax_hs.axhline(REFERENCE["gpt2"][1], color="gray", linestyle="--", label="GPT-2 124M (OpenAI)")
+    ax_hs.axhline(0.25, color="lightgray", linestyle=":", label="chance")
+    ax_hs.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    ax_hs.legend()
+    if records and "tokens" in records[-1]:  # tokens seen, on a second axis above each panel
+        per_step = records[-1]["tokens"] / (records[-1]["step"] + 1)
+        for ax in (ax_loss, ax_hs):
+            top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+            top.set_xlabel("tokens")
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"  # a viewer never sees half a picture
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
 
 
 def compile_model(model, cfg, device, autocast, print0):

@@ -76,8 +76,13 @@ def test_a_corpus_within_one_shard_still_gets_both_splits(tmp_path):
     assert np.array_equal(np.concatenate(arrays), stream_of(docs[:1]))  # disjoint, and nothing lost
 
 
-def test_same_bytes_with_one_or_two_worker_processes(tmp_path, corpus_folder):
-    """Two spawned workers (the start method of macOS and Windows) write what one process writes."""
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_same_bytes_with_one_or_two_worker_processes(tmp_path, corpus_folder, monkeypatch, start_method):
+    """Two workers write what one process writes, also when they are spawned (the start method of
+    macOS and Windows: each worker imports prepare.py afresh)."""
+    import multiprocessing
+
+    monkeypatch.setattr(prepare.multiprocessing, "Pool", multiprocessing.get_context(start_method).Pool)
     folder, _ = corpus_folder
     for num_proc in (1, 2):
         prepare.prepare(str(folder), str(tmp_path / f"out{num_proc}"), shard_size=1000, num_proc=num_proc,

@@ -1,0 +1,235 @@
+"""hellaswag.py and --hellaswag: scores checked against an independent computation with transformers'
+GPT2LMHeadModel, one ending at a time; the picture of a run (plot_log)."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import hellaswag
+import train_gpt2
+from conftest import TINY, run_script
+from train_gpt2 import GPT, main, plot_log
+
+# Handmade items in the official format (extra fields as in the released jsonl; label an int)
+CONTEXTS = [
+    ("A man is sitting on a roof. He", ["starts pulling up roofing on a roof.", "is using wrap to wrap a pair of skis.",
+                                        "is ripping level tiles off.", "is holding a rubik's cube."], 0),
+    ("A woman pours water into a glass. She", ["drinks it slowly.", "paints the fence blue with a brush.",
+                                               "drives the car to the moon and back again.", "sings."], 0),
+    ("The chef slices an onion. Then he", ["puts the pieces in a pan.", "climbs a tree.",
+                                           "reads a long novel about the sea and its many sailors.", "sleeps."], 0),
+    ("Kids are playing football in a park. One of them", ["kicks the ball into the goal.", "flies.",
+                                                          "becomes a teapot.", "writes a symphony for strings."], 1),
+    ("A dog runs across the beach. It", ["chases a frisbee into the waves.", "files its taxes.",
+                                         "opens a bank account at noon.", "barks."], 3),
+    ("Two people are rowing a boat. They", ["row toward the shore.", "eat the oars.",
+                                            "turn into birds.", "play chess on the water surface."], 2),
+    ("A girl is brushing her hair. She", ["ties it into a ponytail.", "plants it.",
+                                          "mails it to Paris in a small box.", "smiles."], 0),
+]
+
+
+def official(ctx, endings, label, i):
+    return {"ind": i, "activity_label": "Test", "ctx_a": ctx, "ctx_b": "", "ctx": ctx, "split": "val",
+            "split_type": "indomain", "label": label, "endings": endings, "source_id": f"test~{i}"}
+
+
+@pytest.fixture
+def items_file(tmp_path):
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps(official(c, e, l, i)) + "\n" for i, (c, e, l) in enumerate(CONTEXTS)))
+    return path
+
+
+@pytest.fixture
+def random_gpt2(hf_gpt2_dir):
+    """Our model and transformers' with the same random weights (through save_pretrained)."""
+    path, hf_model = hf_gpt2_dir(n_layer=2, n_head=2, n_embd=32, n_positions=128, seed=3)
+    ours = GPT.from_pretrained(str(path)).eval()
+    return path, ours, hf_model.float()
+
+
+def reference_losses(hf_model, item):
+    """transformers' GPT-2, one ending at a time, no padding: (sum, mean) of the ending's token losses."""
+    enc = train_gpt2.get_tokenizer()
+    ctx = enc.encode_ordinary(item["ctx"])
+    totals, means = [], []
+    for ending in item["endings"]:
+        end = enc.encode_ordinary(" " + ending)
+        ids = torch.tensor([ctx + end])
+        with torch.no_grad():
+            logits = hf_model(ids).logits[0].double()  # (L, V)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        losses = [-logprobs[len(ctx) + j - 1, t].item() for j, t in enumerate(end)]
+        totals.append(sum(losses))
+        means.append(sum(losses) / len(losses))
+    return totals, means
+
+
+def test_scores_and_accuracies_match_transformers_ending_by_ending(items_file, random_gpt2):
+    _, ours, hf_model = random_gpt2
+    items = hellaswag.read_items(str(items_file))
+    total, mean = hellaswag.ending_losses(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    ref = [reference_losses(hf_model, item) for item in items]
+    # float32 batched against float64 one by one: losses of ~10.8 nats agree to 1e-4 relative
+    torch.testing.assert_close(total, torch.tensor([r[0] for r in ref], dtype=torch.float32), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean, torch.tensor([r[1] for r in ref], dtype=torch.float32), rtol=1e-4, atol=1e-4)
+    by_total, by_mean = hellaswag.predict(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    assert by_total == [min(range(4), key=r[0].__getitem__) for r in ref]
+    assert by_mean == [min(range(4), key=r[1].__getitem__) for r in ref]
+    labels = [item["label"] for item in items]
+    correct, correct_norm, n = hellaswag.evaluate(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    assert n == len(CONTEXTS)
+    assert correct == sum(p == y for p, y in zip(by_total, labels))
+    assert correct_norm == sum(p == y for p, y in zip(by_mean, labels))
+    assert by_total != by_mean or correct == correct_norm  # the two criteria are computed separately
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 7])
+def test_batched_scoring_equals_unbatched(items_file, random_gpt2, batch_size):
+    _, ours, _ = random_gpt2
+    items = hellaswag.read_items(str(items_file))
+    fp32 = torch.autocast("cpu", enabled=False)
+    one = [hellaswag.ending_losses(ours, [item], "cpu", fp32) for item in items]
+    batched = [hellaswag.ending_losses(ours, items[i: i + batch_size], "cpu", fp32)
+               for i in range(0, len(items), batch_size)]
+    for k in (0, 1):  # padding the shorter rows changes nothing but rounding
+        torch.testing.assert_close(torch.cat([b[k] for b in batched]), torch.cat([o[k] for o in one]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_cli_prints_both_accuracies_with_counts_and_honours_limit(tmp_path, items_file, random_gpt2):
+    path, ours, _ = random_gpt2
+    r = run_script("--init_from", path, "--data", items_file, "--dtype", "float32", cwd=tmp_path, script="hellaswag.py")
+    assert r.returncode == 0, r.stderr
+    items = hellaswag.read_items(str(items_file))
+    correct, correct_norm, n = hellaswag.evaluate(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    assert f"hellaswag acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} ({n} items)" in r.stdout
+    limited = run_script("--init_from", path, "--data", items_file, "--limit", "3", cwd=tmp_path,
+                         script="hellaswag.py")
+    assert limited.returncode == 0 and "(3 items)" in limited.stdout
+
+
+def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_file):
+    assert main([*TINY, "--input_file", str(text_file), "--B", "2", "--T", "16", "--max_steps", "2",
+                 "--num_samples", "0", "--out_dir", str(tmp_path / "run")]) == 0
+    r = run_script("--out_dir", tmp_path / "run", "--data", items_file, cwd=tmp_path, script="hellaswag.py")
+    assert r.returncode == 0, r.stderr
+    assert f"({len(CONTEXTS)} items) | {tmp_path / 'run'}" in r.stdout
+
+
+BAD = [  # (file content or None for a missing file, what the one line says)
+    (None, "not found"),
+    ("", "is empty"),
+    ('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n', ":1 is not a HellaSwag item"),
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 7}\n', ":1 is not a HellaSwag item"),
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1}\nnot json\n', ":2 is not JSON"),
+]
+
+
+@pytest.mark.parametrize("content,message", BAD, ids=[m for _, m in BAD])
+def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message):
+    path, _, _ = random_gpt2
+    data = tmp_path / "items.jsonl"
+    if content is not None:
+        data.write_text(content)
+    r = run_script("--init_from", path, "--data", data, cwd=tmp_path, script="hellaswag.py")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+
+
+def test_auto_download_failure_is_one_line_and_leaves_no_cache(tmp_path, random_gpt2):
+    path, _, _ = random_gpt2
+    r = run_script("--init_from", path, cwd=tmp_path, script="hellaswag.py",
+                   env_extra={"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: downloading HellaSwag (Rowan/hellaswag) failed"), r.stderr
+    assert not (tmp_path / "cache" / "train_gpt2" / "hellaswag_val.jsonl").exists()
+
+
+def test_auto_download_converts_string_labels_and_caches(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{**official(c, e, l, i), "label": str(l)} for i, (c, e, l) in enumerate(CONTEXTS)]
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or rows)
+    monkeypatch.setattr(hellaswag, "N_VALIDATION", len(rows))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    items = hellaswag.load_items("auto")
+    assert calls == [(("Rowan/hellaswag",), {"split": "validation"})]
+    assert [item["label"] for item in items] == [l for _, _, l in CONTEXTS]
+    assert hellaswag.load_items("auto") == items and len(calls) == 1  # cached: fetched once
+    monkeypatch.setattr(hellaswag, "N_VALIDATION", 10_042)
+    (tmp_path / "train_gpt2" / "hellaswag_val.jsonl").unlink()
+    with pytest.raises(ValueError, match="downloaded 7 HellaSwag items, expected 10042"):
+        hellaswag.load_items("auto")  # an incomplete download is refused and never cached
+    assert not (tmp_path / "train_gpt2" / "hellaswag_val.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- in training
+
+RUN = [*TINY, "--B", "2", "--T", "16", "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "2",
+       "--num_samples", "0", "--dtype", "float32"]
+
+
+def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, items_file, capsys):
+    assert main([*RUN, "--input_file", str(text_file), "--hellaswag", str(items_file),
+                 "--out_dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evaluated = [r for r in log if "hellaswag_acc_norm" in r]
+    assert [r["step"] for r in evaluated] == [1, 3]  # every eval_interval, and the last step
+    for r in evaluated:
+        assert f"step {r['step']:5d} | hellaswag acc_norm {r['hellaswag_acc_norm']:.4f}" in out
+        assert 0 <= r["hellaswag_acc"] <= 1 and r["hellaswag_acc"] * len(CONTEXTS) == round(r["hellaswag_acc"] * len(CONTEXTS))
+    assert (tmp_path / "run" / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torchrun_splits_the_items_and_sums_the_counts(tmp_path, text_file, items_file):
+    """7 items over 2 processes (4 and 3): the same accuracies as one process."""
+    common = [*RUN, "--input_file", text_file, "--hellaswag", items_file, "--T", "16", "--total_batch_size", "64"]
+    single = run_script(*common, "--B", "2", "--out_dir", "single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = run_script(*common, "--B", "1", "--out_dir", "ddp", cwd=tmp_path, runner=torchrun,
+                     env_extra={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr
+    a = [json.loads(l) for l in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    hs = [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in a if "hellaswag_acc" in r]
+    assert hs and hs == [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in b if "hellaswag_acc" in r]
+
+
+# ----------------------------------------------------------------------------- the picture
+
+
+def is_png(path):
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(path) as image:
+        image.verify()
+        return image.format == "PNG" and image.size[0] > 100
+
+
+def test_plot_log_draws_a_tiny_runs_log(tmp_path, text_file, items_file):
+    assert main([*RUN, "--input_file", str(text_file), "--hellaswag", str(items_file),
+                 "--out_dir", str(tmp_path / "run")]) == 0
+    plot_log(str(tmp_path / "run" / "log.jsonl"), str(tmp_path / "again.png"))
+    assert is_png(tmp_path / "again.png")
+
+
+def test_plot_log_without_evaluations_and_with_a_half_written_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(dict(step=s, loss=10 - s / 10, lr=3e-4, norm=1.0, ms=10.0, tok_per_s=1e4,
+                                           tokens=(s + 1) * 128)) + "\n" for s in range(30))
+                   + '{"step": 30, "loss": 7.')  # a run still going, killed mid-record
+    plot_log(str(log), str(tmp_path / "p.png"))
+    assert is_png(tmp_path / "p.png")
+    old = tmp_path / "old.jsonl"  # a log from before the "tokens" field
+    old.write_text("".join(json.dumps(dict(step=s, loss=5.0)) + "\n" for s in range(3)))
+    plot_log(str(old), str(tmp_path / "old.png"))
+    assert is_png(tmp_path / "old.png")

@@ -1,0 +1,231 @@
+"""Training on prepared shards: DataLoaderLite(data_dir=...) and train_gpt2.py --data_dir. Batches are
+checked against the concatenated token stream sliced by hand; runs against the text-file path's
+promises (exact resume, torchrun equals one process)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+import train_gpt2
+from conftest import TINY, make_documents, run_script, step_losses
+from train_gpt2 import DataLoaderLite, main
+
+
+def write_shards(folder, lengths, splits=None):
+    """A data_dir by hand: shard i holds the tokens 1000*i, 1000*i + 1, ... (so every batch shows where
+    it came from), with a manifest as prepare.py writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = splits or ["train"] * len(lengths)
+    shards = []
+    for i, (n, split) in enumerate(zip(lengths, splits)):
+        file = f"{split}_{i:06d}.npy"
+        np.save(folder / file, (1000 * i + np.arange(n)).astype(np.uint16))
+        shards.append(dict(file=file, split=split, tokens=n, sha256="", next_document=0, next_offset=0))
+    manifest = dict(tokenizer="gpt2", dtype="uint16", source="hand", shard_size=max(lengths), shards=shards,
+                    documents=0, tokens=sum(lengths), complete=True)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def windows_by_hand(shard_tokens, B, T, processes, rank):
+    """The x of every batch one epoch serves to `rank`, in order, following the rule in the words of
+    the docstring: window p = 0, W, 2W, ... of a shard is used exactly when p + W + 1 <= len(shard)."""
+    W = B * T * processes
+    out = []
+    for tokens in shard_tokens:
+        p = 0
+        while p + W + 1 <= len(tokens):
+            out.append(tokens[p + rank * B * T: p + (rank + 1) * B * T])
+            p += W
+    return out
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_batches_are_the_token_stream_sliced_by_hand(tmp_path, processes):
+    lengths = [101, 60, 7, 250]  # a shard too short for one window (7) is passed over
+    data = write_shards(tmp_path / "d", lengths)
+    shard_tokens = [1000 * i + np.arange(n) for i, n in enumerate(lengths)]
+    B, T = 2, 5
+    for rank in range(processes):
+        loader = DataLoaderLite(B, T, data_dir=data, split="train", process_rank=rank, num_processes=processes,
+                                shuffle=False)
+        expected = windows_by_hand(shard_tokens, B, T, processes, rank)
+        for _ in range(2):  # two epochs, in manifest order
+            for want in expected:
+                x, y = loader.next_batch()
+                assert torch.equal(x.flatten(), torch.from_numpy(want.astype(np.int64)))
+                assert torch.equal(y.flatten(), x.flatten() + 1)  # the next token, within the shard
+
+
+def test_no_window_is_skipped_at_a_shard_boundary(tmp_path):
+    """A shard of exactly k*W + 1 tokens serves all k windows (the classic loader lost the last one)."""
+    B, T, processes = 2, 4, 2
+    W = B * T * processes
+    data = write_shards(tmp_path / "d", [3 * W + 1, 2 * W + 1])
+    loaders = [DataLoaderLite(B, T, data_dir=data, split="train", process_rank=r, num_processes=processes,
+                              shuffle=False) for r in range(processes)]
+    starts = []
+    for _ in range(5):
+        first = loaders[0].next_batch()[0]
+        loaders[1].next_batch()
+        starts.append(int(first[0, 0]))
+    assert starts == [0, W, 2 * W, 1000, 1000 + W]
+    assert int(loaders[0].next_batch()[0][0, 0]) == 0  # then a new epoch
+
+
+def test_each_epoch_reads_every_shard_once_in_a_seeded_order(tmp_path):
+    n_shards, B, T = 8, 1, 4
+    data = write_shards(tmp_path / "d", [B * T + 1] * n_shards)  # one batch per shard
+
+    def orders(seed, epochs=3, shuffle=True):
+        loader = DataLoaderLite(B, T, data_dir=data, split="train", seed=seed, shuffle=shuffle)
+        return [[int(loader.next_batch()[0][0, 0]) // 1000 for _ in range(n_shards)] for _ in range(epochs)]
+
+    a = orders(seed=1)
+    assert all(sorted(epoch) == list(range(n_shards)) for epoch in a)  # every shard once per epoch
+    assert len({tuple(epoch) for epoch in a}) == 3  # a new order each epoch
+    assert orders(seed=1) == a  # seeded: the same orders again
+    assert orders(seed=2) != a
+    assert orders(seed=1, shuffle=False) == [list(range(n_shards))] * 3  # --no-shuffle: manifest order
+
+
+def test_validation_reads_the_val_shards_from_their_start_in_order(tmp_path):
+    data = write_shards(tmp_path / "d", [20, 300, 40, 300], ["val", "train", "val", "train"])
+    val = DataLoaderLite(2, 4, data_dir=data, split="val", shuffle=True)  # validation never shuffles
+    assert [os.path.basename(s) for s in val.shards] == ["val_000000.npy", "val_000002.npy"]
+    first = [val.next_batch()[0] for _ in range(5)]
+    val.reset()
+    assert all(torch.equal(a, val.next_batch()[0]) for a in first)  # the same batches every time
+    assert [int(x[0, 0]) for x in first] == [0, 8, 2000, 2008, 2016]  # shard 0's windows, then shard 2's
+
+
+def test_loader_state_round_trips_across_shards_and_epochs(tmp_path):
+    data = write_shards(tmp_path / "d", [41, 57, 33, 90])
+    a = DataLoaderLite(2, 4, data_dir=data, split="train", seed=5)
+    for _ in range(30):  # 27 windows per epoch: into the second
+        a.next_batch()
+    state = a.state_dict()
+    assert state["epoch"] == 1
+    b = DataLoaderLite(2, 4, data_dir=data, split="train", seed=5)
+    b.load_state_dict(state)
+    for _ in range(20):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+
+
+def test_the_loader_never_loads_a_whole_shard(tmp_path, monkeypatch):
+    """Shards are memory-mapped: np.load is only ever called with mmap_mode="r"."""
+    data = write_shards(tmp_path / "d", [400, 400])
+    modes = []
+    load = np.load
+    monkeypatch.setattr(train_gpt2.np, "load", lambda *a, **k: modes.append(k.get("mmap_mode")) or load(*a, **k))
+    loader = DataLoaderLite(2, 8, data_dir=data, split="train")
+    for _ in range(50):
+        loader.next_batch()
+    assert modes and set(modes) == {"r"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A small corpus prepared with prepare.py: 1 val shard and several train shards of 3000 tokens."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    (tmp / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=7)))
+    prepare.prepare(str(tmp / "docs.jsonl"), str(tmp / "data"), shard_size=3000, show_progress=False)
+    return tmp / "data"
+
+
+def test_training_on_shards_prints_the_data_and_learns(tmp_path, prepared):
+    r = run_script(*TINY, "--data_dir", prepared, "--input_file", "does-not-matter.txt", "--B", "2", "--T", "32",
+                   "--max_steps", "30", "--lr", "3e-3", "--eval_interval", "10", "--num_samples", "1",
+                   "--max_new_tokens", "4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    n_train = sum(s["split"] == "train" for s in manifest["shards"])
+    train_tokens = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+    line = next(l for l in r.stdout.splitlines() if l.startswith("data "))
+    assert line.startswith(f"data {prepared} | {n_train} train shards, {train_tokens:,} tokens | 1 val shards")
+    assert "shuffle on" in line
+    losses = step_losses(r.stdout)
+    assert float(losses[29]) < float(losses[0]) - 1.0
+    assert r.stdout.count("val loss") == 3
+
+
+def test_resume_on_shards_continues_exactly(tmp_path):
+    """Stopped at step 7 (after the checkpoint of step 5) and resumed: the same losses as one run,
+    across shard boundaries and into a second, reshuffled epoch (4 shards of 2 windows each)."""
+    data = write_shards(tmp_path / "d", [600, 700, 700, 700, 700], ["val", "train", "train", "train", "train"])
+    args = [*TINY, "--data_dir", str(data), "--B", "4", "--T", "64", "--max_steps", "12", "--lr", "3e-3",
+            "--eval_interval", "4", "--eval_iters", "2", "--num_samples", "0", "--checkpoint_interval", "5"]
+    assert main([*args, "--out_dir", str(tmp_path / "ref")]) == 0
+    step_line = train_gpt2.step_line
+
+    def stop_at_7(record, *a):
+        if record["step"] == 7:
+            raise KeyboardInterrupt  # killed: the last checkpoint is step 5's
+        return step_line(record, *a)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train_gpt2, "step_line", stop_at_7)
+        assert main([*args, "--out_dir", str(tmp_path / "run")]) == 130
+    assert main([*args, "--out_dir", str(tmp_path / "run"), "--resume"]) == 0
+
+    def log(name):
+        return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, (tmp_path / name / "log.jsonl").open())]
+
+    assert log("run") == log("ref")
+    state = train_gpt2.load_checkpoint(str(tmp_path / "ref" / "ckpt.pt"))["train_loader"]
+    assert state["epoch"] >= 1  # the run did cross into a second epoch
+
+
+def test_torchrun_two_processes_on_shards_equal_one(tmp_path, prepared):
+    common = [*TINY, "--data_dir", prepared, "--T", "16", "--total_batch_size", "64", "--dtype", "float32",
+              "--max_steps", "4", "--eval_interval", "2", "--num_samples", "0"]
+    single = run_script(*common, "--B", "2", "--out_dir", "single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = run_script(*common, "--B", "1", "--out_dir", "ddp", cwd=tmp_path, runner=torchrun,
+                     env_extra={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr
+    a = [json.loads(l) for l in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 4
+    for r, s in zip(a, b):
+        assert abs(r["loss"] - s["loss"]) <= 1e-5
+        assert abs(r.get("val_loss", 0) - s.get("val_loss", 0)) <= 1e-5
+
+
+def damage(data, how):
+    manifest = json.loads((data / "manifest.json").read_text())
+    shard = data / manifest["shards"][1]["file"]
+    if how == "missing":
+        shard.unlink()
+    elif how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif how == "dtype":
+        np.save(shard, np.zeros(manifest["shards"][1]["tokens"], dtype=np.int32))
+    elif how == "no manifest":
+        (data / "manifest.json").unlink()
+    elif how == "incomplete":
+        (data / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    return shard
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing", "listed in the manifest is missing"),
+    ("truncated", "is truncated or not a .npy file"),
+    ("dtype", "holds int32"),
+    ("no manifest", "has no manifest.json: prepare it with  python prepare.py"),
+    ("incomplete", "is not fully prepared"),
+])
+def test_bad_data_dir_is_one_clear_line(tmp_path, how, message):
+    data = write_shards(tmp_path / "d", [300, 300, 300], ["val", "train", "train"])
+    damage(data, how)
+    r = run_script(*TINY, "--data_dir", data, "--B", "2", "--T", "16", "--max_steps", "1", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
