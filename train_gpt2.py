@@ -5,12 +5,16 @@ Train GPT-2 from scratch, or fine-tune / sample OpenAI's GPT-2 weights, in one r
     CPU/GPU/MPS: python train_gpt2.py                       (GPT-2 124M, 50 steps on input.txt)
     tiny model:  python train_gpt2.py --n_layer 4 --n_head 4 --n_embd 128 --max_steps 200
     sample:      python train_gpt2.py --init_from gpt2 --max_steps 0 --prompt "Hello, I'm a"
+    shards:      python prepare.py fineweb-edu && python train_gpt2.py --data_dir data/fineweb-edu ...
     8 GPUs:      torchrun --standalone --nproc_per_node=8 train_gpt2.py --B 64 --T 1024 ...
+    HellaSwag:   the same command plus --hellaswag auto (or a local jsonl file)
     resume:      the same command plus --resume
+    redraw:      python -c "from train_gpt2 import plot_log; plot_log('out/log.jsonl', 'run.png')"
     options:     python train_gpt2.py --help
 
 Reading order: the model (GPTConfig, CausalSelfAttention, MLP, Block, GPT), the data (tokenizer,
-DataLoaderLite), training helpers (device, precision, learning rate, checkpoints), then main().
+DataLoaderLite for a text file or prepare.py's shards), training helpers (device, precision, learning
+rate, checkpoints), then the run: train(), its setup helpers and the loop, plot_log(), main().
 Shapes in comments: B batch, T time (sequence length), C channels (n_embd), nh heads, hs head size,
 V vocabulary size.
 """
@@ -518,6 +522,22 @@ def resolve_device(name="auto"):
     return name, device_type
 
 
+def attention_kernels(device_type):
+    """A context in which F.scaled_dot_product_attention prefers the fastest kernel for this device.
+
+    PyTorch tries flash attention first and cuDNN's fused attention last. On Hopper GPUs (compute
+    capability 9) cuDNN's made a compiled GPT-2 124M bf16 step faster on an H200: 35.6 vs 37.0 ms at
+    B=16, 122 vs 132 ms at B=64 (T=1024), with the same loss to bf16 precision. There it goes first,
+    the others after it, for what it cannot run (float32, say); elsewhere PyTorch's order stands."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if (device_type != "cuda" or torch.cuda.get_device_capability()[0] != 9
+            or "set_priority" not in inspect.signature(sdpa_kernel).parameters):  # torch < 2.6: no ordering
+        return contextlib.nullcontext()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def cpu_has_native_bf16():
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Linux lists the feature
     flags in /proc/cpuinfo; elsewhere we assume not."""
@@ -850,7 +870,8 @@ def train(cfg: TrainConfig):
     if ddp:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     try:
-        _train(cfg, rank, world_size, master, device, device_type, ddp, print0)
+        with attention_kernels(device_type):  # for the whole run: torch.compile sees it while it traces
+            _train(cfg, rank, world_size, master, device, device_type, ddp, print0)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -1173,24 +1194,25 @@ def plot_log(log_path, png_path):
         records = [r for r in map(parse_log_line, f) if r is not None]  # a half-written last line is skipped
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
-    smoothed, ema = [], None
-    for loss in losses:  # exponential moving average: the trend under the batch-to-batch noise
-        ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-        smoothed.append(ema)
+    # the trend under the batch-to-batch noise: a centred moving average (no lag behind the raw curve)
+    half = len(losses) // 50
+    smoothed = [np.mean(losses[max(0, i - half): i + half + 1]) for i in range(len(losses))]
     fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(12, 4.5))
     ax_loss.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss")
     ax_loss.plot(steps, smoothed, color="tab:blue", label="train loss (smoothed)")
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if val:
         ax_loss.plot(*zip(*val), "o-", color="tab:orange", label="val loss")
-    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_loss.set(xlabel="step", ylabel="loss")
     ax_loss.legend()
     hs = [(r["step"], r["hellaswag_acc_norm"]) for r in records if "hellaswag_acc_norm" in r]
     if hs:
         ax_hs.plot(*zip(*hs), "o-", color="tab:green", label="this run")
+    else:
+        ax_hs.text(0.5, 0.6, "not evaluated in this run (--hellaswag)", ha="center", transform=ax_hs.transAxes)
     ax_hs.axhline(REFERENCE["gpt2"][1], color="gray", linestyle="--", label="GPT-2 124M (OpenAI)")
     ax_hs.axhline(0.25, color="lightgray", linestyle=":", label="chance")
-    ax_hs.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    ax_hs.set(xlabel="step", ylabel="HellaSwag acc_norm", xlim=ax_loss.get_xlim())
     ax_hs.legend()
     if records and "tokens" in records[-1]:  # tokens seen, on a second axis above each panel
         per_step = records[-1]["tokens"] / (records[-1]["step"] + 1)

@@ -233,3 +233,12 @@ def test_plot_log_without_evaluations_and_with_a_half_written_line(tmp_path):
     old.write_text("".join(json.dumps(dict(step=s, loss=5.0)) + "\n" for s in range(3)))
     plot_log(str(old), str(tmp_path / "old.png"))
     assert is_png(tmp_path / "old.png")
+
+
+def test_importing_hellaswag_does_nothing_visible():
+    import subprocess
+
+    from conftest import REPO
+
+    r = subprocess.run([sys.executable, "-c", "import hellaswag"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""

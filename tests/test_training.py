@@ -234,3 +234,20 @@ def test_more_processes_than_gpus_stops_every_rank_before_it_touches_a_gpu(tmp_p
     assert code == 1 and err.count("\n") == 1
     assert err.startswith("error: torchrun started 2 processes on a node with 1 GPU(s)")
     assert "--nproc_per_node=1" in err and "--device cpu" in err
+
+
+def test_attention_prefers_cudnn_on_hopper_only(monkeypatch):
+    """PyTorch's default order tries cuDNN's attention last; on compute capability 9 (H100, H200) the
+    script puts it first, the other kernels after it, and restores the order afterwards."""
+    from torch.nn.attention import SDPBackend
+
+    default = torch._C._get_sdp_priority_order()
+    assert isinstance(train_gpt2.attention_kernels("cpu"), type(train_gpt2.contextlib.nullcontext()))
+    for capability, first in (((8, 0), default[0]), ((9, 0), int(SDPBackend.CUDNN_ATTENTION))):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        with train_gpt2.attention_kernels("cuda"):
+            order = torch._C._get_sdp_priority_order()
+            assert order[0] == first
+            q = torch.randn(1, 2, 8, 4)  # and attention still runs (here on the CPU: math)
+            assert torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).shape == q.shape
+        assert torch._C._get_sdp_priority_order() == default
