@@ -185,9 +185,11 @@ def load_model(args):
 def main(argv=None):
     parser = ArgumentParser(description="HellaSwag accuracy of a GPT-2 model.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--init_from", default="gpt2", help="a GPT-2 name (gpt2 ... gpt2-xl) or a save_pretrained directory")
+    parser.add_argument("--init_from", default="gpt2",
+                        help="a GPT-2 name (gpt2 ... gpt2-xl) or a save_pretrained directory")
     parser.add_argument("--out_dir", default="", help="evaluate the checkpoint a training run left here instead")
-    parser.add_argument("--data", default="auto", help="a local HellaSwag jsonl file; auto: the cached validation split")
+    parser.add_argument("--data", default="auto",
+                        help="a local HellaSwag jsonl file; auto: the cached validation split")
     parser.add_argument("--limit", type=int, default=0, help="only the first N items (0: all)")
     parser.add_argument("--batch_size", type=int, default=8, help="items per forward pass (4 endings each)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -392,7 +392,8 @@ def read_manifest(data_dir):
     """prepare.py's manifest for data_dir, with each shard's size and dtype checked against its file."""
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise ValueError(f"{data_dir!r} has no {MANIFEST}: prepare it with  python prepare.py SOURCE --out_dir {data_dir}")
+        raise ValueError(f"{data_dir!r} has no {MANIFEST}: prepare it with  "
+                         f"python prepare.py SOURCE --out_dir {data_dir}")
     try:
         with open(path) as f:
             manifest = json.load(f)

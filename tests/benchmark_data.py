@@ -122,7 +122,8 @@ def main():
             t0 = time.perf_counter()
             loader.next_batch()
             times.append(time.perf_counter() - t0)
-        print(f"\nloader: B={B} T={T} batch from memory-mapped shards: median {statistics.median(times) * 1e6:,.0f} us, "
+        print(f"\nloader: B={B} T={T} batch from memory-mapped shards: "
+              f"median {statistics.median(times) * 1e6:,.0f} us, "
               f"max {max(times) * 1e6:,.0f} us over {len(times)} batches")
 
 

@@ -74,8 +74,8 @@ def hf_gpt2_dir(tmp_path_factory):
     return make
 
 
-WORDS = ("the king queen castle night sword river crown ghost storm letter poison friend honest "
-         "tomorrow, speak! why? 'tis 1603 Ünïcödé naïve — «quoted» 日本 <|endoftext|> \t tabs\nnew lines").split(" ")
+WORDS = ("the king queen castle night sword river crown ghost storm letter poison friend honest tomorrow, "
+         "speak! why? 'tis 1603 Ünïcödé naïve — «quoted» 日本 <|endoftext|> \t tabs\nnew lines").split(" ")
 
 
 def make_documents(n, seed=0, max_words=120):

@@ -185,7 +185,8 @@ def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, items_
     assert [r["step"] for r in evaluated] == [1, 3]  # every eval_interval, and the last step
     for r in evaluated:
         assert f"step {r['step']:5d} | hellaswag acc_norm {r['hellaswag_acc_norm']:.4f}" in out
-        assert 0 <= r["hellaswag_acc"] <= 1 and r["hellaswag_acc"] * len(CONTEXTS) == round(r["hellaswag_acc"] * len(CONTEXTS))
+        correct = r["hellaswag_acc"] * len(CONTEXTS)
+        assert 0 <= r["hellaswag_acc"] <= 1 and correct == pytest.approx(round(correct))  # a count over 7 items
     assert (tmp_path / "run" / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

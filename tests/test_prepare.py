@@ -60,7 +60,8 @@ def test_shard_sizes_splits_and_hashes(tmp_path, corpus_folder):
     for s, a in zip(shards, arrays):
         assert len(a) == s["tokens"]
         assert hashlib.sha256((tmp_path / "out" / s["file"]).read_bytes()).hexdigest() == s["sha256"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["manifest.json", *(s["file"] for s in shards)])
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(["manifest.json", *(s["file"] for s in shards)])  # nothing else, no leftovers
 
 
 def test_a_corpus_within_one_shard_still_gets_both_splits(tmp_path):

@@ -174,7 +174,8 @@ def test_resume_on_shards_continues_exactly(tmp_path):
     assert main([*args, "--out_dir", str(tmp_path / "run"), "--resume"]) == 0
 
     def log(name):
-        return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, (tmp_path / name / "log.jsonl").open())]
+        records = map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"], r.get("val_loss")) for r in records]
 
     assert log("run") == log("ref")
     state = train_gpt2.load_checkpoint(str(tmp_path / "ref" / "ckpt.pt"))["train_loader"]
