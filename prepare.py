@@ -363,7 +363,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the complete shards are kept; run the same command to continue", file=sys.stderr)
+        print("\ninterrupted: the complete shards are kept; run the same command to continue", file=sys.stderr)
         return 130
     splits = [s["split"] for s in manifest["shards"]]
     print(f"{out_dir}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "

@@ -47,6 +47,23 @@ def run_script(*args, cwd, timeout=300, env_extra=None, runner=None, script="tra
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def one_process_and_two(tmp_path, *args):
+    """The same run twice: one process with B=2, and torchrun's two CPU processes (gloo) with B=1 each,
+    so the same total batch (args must fix it with --total_batch_size). Returns torchrun's stdout and
+    both logs, as lists of records."""
+    import json
+
+    single = run_script(*args, "--B", "2", "--out_dir", "single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = run_script(*args, "--B", "1", "--out_dir", "ddp", cwd=tmp_path, runner=torchrun,
+                     env_extra={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr
+    logs = [[json.loads(l) for l in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("single", "ddp")]
+    return ddp.stdout, *logs
+
+
 def step_losses(stdout):
     """{step: loss string} from the per-step lines."""
     out = {}

@@ -1,6 +1,5 @@
 """The script as users run it: a subprocess, flags, output, and one clear line for every bad input."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -9,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_script, step_losses
+from conftest import REPO, TINY, one_process_and_two, run_script, step_losses
 
 SMALL = [*TINY, "--B", "2", "--T", "16", "--num_samples", "2", "--max_new_tokens", "8"]
 
@@ -121,16 +120,9 @@ def test_ddp_two_processes_match_one(tmp_path, text_file):
     total batch: 2 ranks x B=1 x 2 accumulation steps = 1 process x B=2 x 2 (float32, 1e-5)."""
     common = [*TINY, "--input_file", text_file, "--T", "16", "--total_batch_size", "64", "--dtype", "float32",
               "--max_steps", "4", "--eval_interval", "2", "--num_samples", "1", "--max_new_tokens", "2"]
-    single = run_script(*common, "--B", "2", "--out_dir", "single", cwd=tmp_path)
-    assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = run_script(*common, "--B", "1", "--out_dir", "ddp", cwd=tmp_path, runner=torchrun,
-                     env_extra={"OMP_NUM_THREADS": "1"})
-    assert ddp.returncode == 0, ddp.stderr
-    assert "processes 2" in ddp.stdout
-    assert ddp.stdout.count("| loss") == 4  # only rank 0 prints
-    a = [json.loads(l) for l in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
-    b = [json.loads(l) for l in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    ddp_stdout, a, b = one_process_and_two(tmp_path, *common)
+    assert "processes 2" in ddp_stdout
+    assert ddp_stdout.count("| loss") == 4  # only rank 0 prints
     assert len(a) == len(b) == 4
     for r, s in zip(a, b):
         assert abs(r["loss"] - s["loss"]) <= 1e-5

@@ -9,7 +9,7 @@ import torch
 
 import hellaswag
 import train_gpt2
-from conftest import TINY, run_script
+from conftest import TINY, one_process_and_two, run_script
 from train_gpt2 import GPT, main, plot_log
 
 # Handmade items in the official format (extra fields as in the released jsonl; label an int)
@@ -193,14 +193,7 @@ def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, items_
 def test_torchrun_splits_the_items_and_sums_the_counts(tmp_path, text_file, items_file):
     """7 items over 2 processes (4 and 3): the same accuracies as one process."""
     common = [*RUN, "--input_file", text_file, "--hellaswag", items_file, "--T", "16", "--total_batch_size", "64"]
-    single = run_script(*common, "--B", "2", "--out_dir", "single", cwd=tmp_path)
-    assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = run_script(*common, "--B", "1", "--out_dir", "ddp", cwd=tmp_path, runner=torchrun,
-                     env_extra={"OMP_NUM_THREADS": "1"})
-    assert ddp.returncode == 0, ddp.stderr
-    a = [json.loads(l) for l in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
-    b = [json.loads(l) for l in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    _, a, b = one_process_and_two(tmp_path, *common)
     hs = [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in a if "hellaswag_acc" in r]
     assert hs and hs == [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in b if "hellaswag_acc" in r]
 

@@ -314,3 +314,34 @@ def test_importing_prepare_does_nothing_visible():
 
     r = subprocess.run([sys.executable, "-c", "import prepare"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+
+
+def test_sigkill_mid_preparation_then_the_same_command_finishes_the_same_shards(tmp_path):
+    """A real kill (no chance to clean up), while shards are being written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    docs = make_documents(3000, seed=8, max_words=400)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) * 4)
+    args = ["docs.jsonl", "--shard_size", "20000", "--num_proc", "1"]
+    assert run_script(*args, "--out_dir", "ref", cwd=tmp_path, script="prepare.py").returncode == 0
+    proc = subprocess.Popen([sys.executable, str(REPO / "prepare.py"), *args, "--out_dir", "run"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # until a few shards are listed
+        try:
+            if len(json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"]) >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert not manifest["complete"]  # it really was cut off
+    assert run_script(*args, "--out_dir", "run", cwd=tmp_path, script="prepare.py").returncode == 0
+    assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")

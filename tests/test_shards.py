@@ -4,7 +4,6 @@ promises (exact resume, torchrun equals one process)."""
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 import prepare
 import train_gpt2
-from conftest import TINY, make_documents, run_script, step_losses
+from conftest import TINY, make_documents, one_process_and_two, run_script, step_losses
 from train_gpt2 import DataLoaderLite, main
 
 
@@ -185,14 +184,7 @@ def test_resume_on_shards_continues_exactly(tmp_path):
 def test_torchrun_two_processes_on_shards_equal_one(tmp_path, prepared):
     common = [*TINY, "--data_dir", prepared, "--T", "16", "--total_batch_size", "64", "--dtype", "float32",
               "--max_steps", "4", "--eval_interval", "2", "--num_samples", "0"]
-    single = run_script(*common, "--B", "2", "--out_dir", "single", cwd=tmp_path)
-    assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = run_script(*common, "--B", "1", "--out_dir", "ddp", cwd=tmp_path, runner=torchrun,
-                     env_extra={"OMP_NUM_THREADS": "1"})
-    assert ddp.returncode == 0, ddp.stderr
-    a = [json.loads(l) for l in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
-    b = [json.loads(l) for l in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    _, a, b = one_process_and_two(tmp_path, *common)
     assert len(a) == len(b) == 4
     for r, s in zip(a, b):
         assert abs(r["loss"] - s["loss"]) <= 1e-5
