@@ -175,7 +175,10 @@ def evaluate(model, items, device, autocast, batch_size=8, progress=False):
 def load_model(args):
     """The model of a run's checkpoint (--out_dir), or a GPT-2 name or save_pretrained directory."""
     if args.out_dir:
-        ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        if not os.path.isfile(path):
+            raise ValueError(f"no checkpoint in {args.out_dir!r} (looked for {path}); or evaluate --init_from")
+        ckpt = load_checkpoint(path)
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         return model, args.out_dir

@@ -241,6 +241,7 @@ class ShardWriter:
         while len(data):
             if self.filled == self.shard_size:  # full, and a token follows: write it
                 self.write_shard(self.buffer, "val" if not self.manifest["shards"] else "train", ends)
+                self.save_manifest()
                 self.filled = 0
             take = min(self.shard_size - self.filled, len(data))
             self.buffer[self.filled: self.filled + take] = data[:take]
@@ -251,7 +252,8 @@ class ShardWriter:
         self.stream_position = int(ends[-1])
 
     def finish(self):
-        """Write what is left, and mark the manifest complete."""
+        """Write what is left, and mark the manifest complete: in one manifest update, so a run killed
+        between the two shards of a small corpus redoes both."""
         if not self.manifest["shards"]:  # the corpus fits in one shard: its last 10% is validation
             n_val = max(1, int(self.filled * VAL_FRACTION))
             if self.filled - n_val < 2:
@@ -264,6 +266,7 @@ class ShardWriter:
         self.save_manifest()
 
     def write_shard(self, tokens, split, ends):
+        """Write one shard and add it to the manifest (in memory: save_manifest writes it out)."""
         index = len(self.manifest["shards"])
         file = f"{split}_{index:06d}.npy"
         path = os.path.join(self.out_dir, file)
@@ -280,7 +283,6 @@ class ShardWriter:
                                             next_document=next_document, next_offset=next_offset))
         self.manifest["tokens"] = end
         self.manifest["documents"] = next_document + (next_offset > 0)  # documents begun in the shards
-        self.save_manifest()
 
     def save_manifest(self):
         text = json.dumps(self.manifest, indent=1) + "\n"

@@ -141,6 +141,11 @@ def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
 
 
+def test_missing_checkpoint_is_one_clear_line(tmp_path, items_file):
+    r = run_script("--out_dir", tmp_path / "nothing", "--data", items_file, cwd=tmp_path, script="hellaswag.py")
+    assert r.returncode == 1 and r.stderr.startswith("error: no checkpoint in") and len(r.stderr.splitlines()) == 1
+
+
 def test_auto_download_failure_is_one_line_and_leaves_no_cache(tmp_path, random_gpt2):
     path, _, _ = random_gpt2
     r = run_script("--init_from", path, cwd=tmp_path, script="hellaswag.py",

@@ -128,6 +128,28 @@ def test_killed_then_repeated_gives_the_shards_of_an_uninterrupted_run(tmp_path,
     assert folder_bytes(out) == expected
 
 
+@pytest.mark.parametrize("kill_at", range(1, 5))
+def test_a_small_corpus_killed_at_any_write_finishes_the_same(tmp_path, monkeypatch, kill_at):
+    """Within one shard: the manifest, the train shard, the val shard, the final manifest."""
+    (tmp_path / "small.txt").write_text(" ".join(make_documents(30, seed=9)))
+    prepare.prepare(str(tmp_path / "small.txt"), str(tmp_path / "ref"), shard_size=10**6, show_progress=False)
+    write = prepare.write_atomically
+    writes = []
+
+    def dying_write(path, writer):
+        writes.append(path)
+        if len(writes) == kill_at:
+            raise KeyboardInterrupt
+        write(path, writer)
+
+    monkeypatch.setattr(prepare, "write_atomically", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(str(tmp_path / "small.txt"), str(tmp_path / "run"), shard_size=10**6, show_progress=False)
+    monkeypatch.setattr(prepare, "write_atomically", write)
+    prepare.prepare(str(tmp_path / "small.txt"), str(tmp_path / "run"), shard_size=10**6, show_progress=False)
+    assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
+
+
 def test_a_repeated_run_continues_after_the_complete_shards(tmp_path, reference, monkeypatch):
     """Shards listed as complete are kept, not recomputed: the repeat tokenizes only the rest."""
     folder, expected = reference
