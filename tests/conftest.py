@@ -30,12 +30,16 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    """About 60 kB of the shipped Shakespeare: ~15k tokens, enough for train and val splits."""
-    path = tmp_path / "text.txt"
+def shakespeare_sample(folder):
+    """About 60 kB of the shipped Shakespeare, as folder/text.txt: ~15k tokens, enough for train and val."""
+    path = folder / "text.txt"
     path.write_text((REPO / "input.txt").read_text()[:60_000])
     return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    return shakespeare_sample(tmp_path)
 
 
 def run_script(*args, cwd, timeout=300, env_extra=None, runner=None, script="train_gpt2.py"):
@@ -123,3 +127,37 @@ def corpus_folder(tmp_path):
     (folder / "sub" / "d.txt").write_text(docs[159], encoding="utf-8")
     (folder / "ignored.csv").write_text("not,a,source\n")
     return folder, docs
+
+
+# Handmade items in the official format (extra fields as in the released jsonl; label an int)
+CONTEXTS = [
+    ("A man is sitting on a roof. He", ["starts pulling up roofing on a roof.", "is using wrap to wrap a pair of skis.",
+                                        "is ripping level tiles off.", "is holding a rubik's cube."], 0),
+    ("A woman pours water into a glass. She", ["drinks it slowly.", "paints the fence blue with a brush.",
+                                               "drives the car to the moon and back again.", "sings."], 0),
+    ("The chef slices an onion. Then he", ["puts the pieces in a pan.", "climbs a tree.",
+                                           "reads a long novel about the sea and its many sailors.", "sleeps."], 0),
+    ("Kids are playing football in a park. One of them", ["kicks the ball into the goal.", "flies.",
+                                                          "becomes a teapot.", "writes a symphony for strings."], 1),
+    ("A dog runs across the beach. It", ["chases a frisbee into the waves.", "files its taxes.",
+                                         "opens a bank account at noon.", "barks."], 3),
+    ("Two people are rowing a boat. They", ["row toward the shore.", "eat the oars.",
+                                            "turn into birds.", "play chess on the water surface."], 2),
+    ("A girl is brushing her hair. She", ["ties it into a ponytail.", "plants it.",
+                                          "mails it to Paris in a small box.", "smiles."], 0),
+]
+
+
+def official(ctx, endings, label, i):
+    return {"ind": i, "activity_label": "Test", "ctx_a": ctx, "ctx_b": "", "ctx": ctx, "split": "val",
+            "split_type": "indomain", "label": label, "endings": endings, "source_id": f"test~{i}"}
+
+
+@pytest.fixture
+def items_file(tmp_path):
+    """A HellaSwag jsonl file of the handmade items."""
+    import json
+
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps(official(c, e, l, i)) + "\n" for i, (c, e, l) in enumerate(CONTEXTS)))
+    return path

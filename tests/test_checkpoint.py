@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import OFFLINE_ENV, REPO, TINY, run_script, step_losses
+from conftest import OFFLINE_ENV, REPO, TINY, run_script, shakespeare_sample, step_losses
 from train_gpt2 import load_checkpoint, main, save_checkpoint
 
 # warmup + cosine decay, periodic validation and sampling: every piece of state a resume must restore.
@@ -32,10 +33,12 @@ def read_log(out_dir):
     return [json.loads(l) for l in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def uninterrupted(tmp_path, text_file):
-    """The reference: 30 steps in one go."""
-    r = run_script(*RUN, "--input_file", text_file, "--max_steps", "30", "--out_dir", "ref", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: 30 steps in one go, on the same text as the text_file fixture (run once, shared)."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    r = run_script(*RUN, "--input_file", shakespeare_sample(tmp_path), "--max_steps", "30", "--out_dir", "ref",
+                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     return r.stdout, read_log(tmp_path / "ref")
 
@@ -163,11 +166,21 @@ class Exploit:
         return (open, ("PWNED", "w"))
 
 
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A run's out_dir after 4 steps (made once; each test damages its own copy)."""
+    tmp_path = tmp_path_factory.mktemp("four_steps")
+    r = run_script(*RUN, "--input_file", shakespeare_sample(tmp_path), "--max_steps", "4", "--out_dir", "run",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return tmp_path / "run"
+
+
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code",
                                   "wrong_weights"])
-def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, kind):
+def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, four_steps, kind):
+    shutil.copytree(four_steps, tmp_path / "run")
     args = (*RUN, "--input_file", text_file, "--max_steps", "4", "--out_dir", "run")
-    assert run_script(*args, cwd=tmp_path).returncode == 0
     ckpt = tmp_path / "run" / "ckpt.pt"
     if kind == "truncated":
         ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])

@@ -1,5 +1,6 @@
 """hellaswag.py and --hellaswag: scores checked against an independent computation with transformers'
-GPT2LMHeadModel, one ending at a time; the picture of a run (plot_log)."""
+GPT2LMHeadModel, one ending at a time; the picture of a run (plot_log). Under torchrun, HellaSwag is
+checked with the shards in test_shards.py (one pair of runs checks both)."""
 
 import json
 import sys
@@ -9,39 +10,8 @@ import torch
 
 import hellaswag
 import train_gpt2
-from conftest import TINY, one_process_and_two, run_script
+from conftest import CONTEXTS, TINY, official, run_script
 from train_gpt2 import GPT, main, plot_log
-
-# Handmade items in the official format (extra fields as in the released jsonl; label an int)
-CONTEXTS = [
-    ("A man is sitting on a roof. He", ["starts pulling up roofing on a roof.", "is using wrap to wrap a pair of skis.",
-                                        "is ripping level tiles off.", "is holding a rubik's cube."], 0),
-    ("A woman pours water into a glass. She", ["drinks it slowly.", "paints the fence blue with a brush.",
-                                               "drives the car to the moon and back again.", "sings."], 0),
-    ("The chef slices an onion. Then he", ["puts the pieces in a pan.", "climbs a tree.",
-                                           "reads a long novel about the sea and its many sailors.", "sleeps."], 0),
-    ("Kids are playing football in a park. One of them", ["kicks the ball into the goal.", "flies.",
-                                                          "becomes a teapot.", "writes a symphony for strings."], 1),
-    ("A dog runs across the beach. It", ["chases a frisbee into the waves.", "files its taxes.",
-                                         "opens a bank account at noon.", "barks."], 3),
-    ("Two people are rowing a boat. They", ["row toward the shore.", "eat the oars.",
-                                            "turn into birds.", "play chess on the water surface."], 2),
-    ("A girl is brushing her hair. She", ["ties it into a ponytail.", "plants it.",
-                                          "mails it to Paris in a small box.", "smiles."], 0),
-]
-
-
-def official(ctx, endings, label, i):
-    return {"ind": i, "activity_label": "Test", "ctx_a": ctx, "ctx_b": "", "ctx": ctx, "split": "val",
-            "split_type": "indomain", "label": label, "endings": endings, "source_id": f"test~{i}"}
-
-
-@pytest.fixture
-def items_file(tmp_path):
-    path = tmp_path / "hellaswag_val.jsonl"
-    path.write_text("".join(json.dumps(official(c, e, l, i)) + "\n" for i, (c, e, l) in enumerate(CONTEXTS)))
-    return path
-
 
 @pytest.fixture
 def random_gpt2(hf_gpt2_dir):
@@ -100,16 +70,15 @@ def test_batched_scoring_equals_unbatched(items_file, random_gpt2, batch_size):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_cli_prints_both_accuracies_with_counts_and_honours_limit(tmp_path, items_file, random_gpt2):
+def test_cli_prints_both_accuracies_with_counts_and_honours_limit(tmp_path, items_file, random_gpt2, capsys):
     path, ours, _ = random_gpt2
     r = run_script("--init_from", path, "--data", items_file, "--dtype", "float32", cwd=tmp_path, script="hellaswag.py")
     assert r.returncode == 0, r.stderr
     items = hellaswag.read_items(str(items_file))
     correct, correct_norm, n = hellaswag.evaluate(ours, items, "cpu", torch.autocast("cpu", enabled=False))
     assert f"hellaswag acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} ({n} items)" in r.stdout
-    limited = run_script("--init_from", path, "--data", items_file, "--limit", "3", cwd=tmp_path,
-                         script="hellaswag.py")
-    assert limited.returncode == 0 and "(3 items)" in limited.stdout
+    assert hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--limit", "3", "--device", "cpu"]) == 0
+    assert "(3 items)" in capsys.readouterr().out
 
 
 def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_file):
@@ -130,15 +99,15 @@ BAD = [  # (file content or None for a missing file, what the one line says)
 
 
 @pytest.mark.parametrize("content,message", BAD, ids=[m for _, m in BAD])
-def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message):
+def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message, capsys):
+    """hellaswag.py's main(), as the command runs it (the tests above run the real command)."""
     path, _, _ = random_gpt2
     data = tmp_path / "items.jsonl"
     if content is not None:
         data.write_text(content)
-    r = run_script("--init_from", path, "--data", data, cwd=tmp_path, script="hellaswag.py")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert hellaswag.main(["--init_from", str(path), "--data", str(data), "--device", "cpu"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path, items_file):
@@ -192,15 +161,9 @@ def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, items_
         assert f"step {r['step']:5d} | hellaswag acc_norm {r['hellaswag_acc_norm']:.4f}" in out
         correct = r["hellaswag_acc"] * len(CONTEXTS)
         assert 0 <= r["hellaswag_acc"] <= 1 and correct == pytest.approx(round(correct))  # a count over 7 items
-    assert (tmp_path / "run" / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_torchrun_splits_the_items_and_sums_the_counts(tmp_path, text_file, items_file):
-    """7 items over 2 processes (4 and 3): the same accuracies as one process."""
-    common = [*RUN, "--input_file", text_file, "--hellaswag", items_file, "--T", "16", "--total_batch_size", "64"]
-    _, a, b = one_process_and_two(tmp_path, *common)
-    hs = [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in a if "hellaswag_acc" in r]
-    assert hs and hs == [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in b if "hellaswag_acc" in r]
+    assert is_png(tmp_path / "run" / "progress.png")  # drawn by the run
+    plot_log(str(tmp_path / "run" / "log.jsonl"), str(tmp_path / "again.png"))  # and redrawn from its log
+    assert is_png(tmp_path / "again.png")
 
 
 # ----------------------------------------------------------------------------- the picture
@@ -212,13 +175,6 @@ def is_png(path):
     with Image.open(path) as image:
         image.verify()
         return image.format == "PNG" and image.size[0] > 100
-
-
-def test_plot_log_draws_a_tiny_runs_log(tmp_path, text_file, items_file):
-    assert main([*RUN, "--input_file", str(text_file), "--hellaswag", str(items_file),
-                 "--out_dir", str(tmp_path / "run")]) == 0
-    plot_log(str(tmp_path / "run" / "log.jsonl"), str(tmp_path / "again.png"))
-    assert is_png(tmp_path / "again.png")
 
 
 def test_plot_log_without_evaluations_and_with_a_half_written_line(tmp_path):

@@ -299,33 +299,35 @@ BAD_SOURCES = [  # (source, setup, what the one line must say)
 
 
 @pytest.mark.parametrize("source,setup,message", BAD_SOURCES, ids=[m for _, _, m in BAD_SOURCES])
-def test_bad_input_is_one_clear_line(tmp_path, source, setup, message):
+def test_bad_input_is_one_clear_line(tmp_path, source, setup, message, monkeypatch, capsys):
+    """prepare.py's main() as the command runs it (test_cli_prepares... runs the real command)."""
     if setup:
         setup(tmp_path)
-    r = run_script(source, "--out_dir", "out", "--num_proc", "1", cwd=tmp_path, script="prepare.py")
-    assert r.returncode == 1
-    assert "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]  # after the progress bar, if it started
-    assert last.startswith("error:") and message in last, r.stderr
+    monkeypatch.chdir(tmp_path)
+    assert prepare.main([source, "--out_dir", "out", "--num_proc", "1"]) == 1  # an exception would fail here
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bar, if it started
+    assert last.startswith("error:") and message in last, err
     assert not list((tmp_path / "out").glob("*.npy")) if (tmp_path / "out").exists() else True
 
 
-def test_an_out_dir_of_another_source_or_shard_size_is_refused_untouched(tmp_path):
+def test_an_out_dir_of_another_source_or_shard_size_is_refused_untouched(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "a.txt").write_text(" ".join(make_documents(20, seed=5)))
     (tmp_path / "b.txt").write_text(" ".join(make_documents(20, seed=6)))
-    assert run_script("a.txt", "--out_dir", "out", "--shard_size", "500", cwd=tmp_path,
-                      script="prepare.py").returncode == 0
+    assert prepare.main(["a.txt", "--out_dir", "out", "--shard_size", "500"]) == 0
     before = folder_bytes(tmp_path / "out")
+    capsys.readouterr()
     for args, message in ((["b.txt", "--shard_size", "500"], "holds shards of"),
                           (["a.txt", "--shard_size", "600"], "(shard size 500)")):
-        r = run_script(*args, "--out_dir", "out", cwd=tmp_path, script="prepare.py")
-        assert r.returncode == 1 and "Traceback" not in r.stderr
-        assert r.stderr.startswith("error:") and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert prepare.main([*args, "--out_dir", "out"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
         assert folder_bytes(tmp_path / "out") == before  # nothing already written is damaged
     (tmp_path / "loose").mkdir()
     np.save(tmp_path / "loose" / "mine.npy", np.arange(3))
-    r = run_script("a.txt", "--out_dir", "loose", cwd=tmp_path, script="prepare.py")
-    assert r.returncode == 1 and "no manifest.json" in r.stderr
+    assert prepare.main(["a.txt", "--out_dir", "loose"]) == 1
+    assert "no manifest.json" in capsys.readouterr().err
 
 
 def test_importing_prepare_does_nothing_visible():
@@ -350,7 +352,7 @@ def test_sigkill_mid_preparation_then_the_same_command_finishes_the_same_shards(
     docs = make_documents(3000, seed=8, max_words=400)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) * 4)
     args = ["docs.jsonl", "--shard_size", "20000", "--num_proc", "1"]
-    assert run_script(*args, "--out_dir", "ref", cwd=tmp_path, script="prepare.py").returncode == 0
+    prepare.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "ref"), shard_size=20000, show_progress=False)
     proc = subprocess.Popen([sys.executable, str(REPO / "prepare.py"), *args, "--out_dir", "run"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -181,14 +181,19 @@ def test_resume_on_shards_continues_exactly(tmp_path):
     assert state["epoch"] >= 1  # the run did cross into a second epoch
 
 
-def test_torchrun_two_processes_on_shards_equal_one(tmp_path, prepared):
+def test_torchrun_two_processes_on_shards_equal_one(tmp_path, prepared, items_file):
+    """The same losses, and the same HellaSwag accuracies: 7 items split over 2 ranks (4 and 3), the
+    correct counts summed."""
     common = [*TINY, "--data_dir", prepared, "--T", "16", "--total_batch_size", "64", "--dtype", "float32",
-              "--max_steps", "4", "--eval_interval", "2", "--num_samples", "0"]
+              "--max_steps", "4", "--eval_interval", "2", "--num_samples", "0", "--hellaswag", items_file]
     _, a, b = one_process_and_two(tmp_path, *common)
     assert len(a) == len(b) == 4
     for r, s in zip(a, b):
         assert abs(r["loss"] - s["loss"]) <= 1e-5
         assert abs(r.get("val_loss", 0) - s.get("val_loss", 0)) <= 1e-5
+    hs = [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in a if "hellaswag_acc" in r]
+    assert [r["step"] for r in a if "hellaswag_acc" in r] == [1, 3]
+    assert hs == [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in b if "hellaswag_acc" in r]
 
 
 def damage(data, how):
