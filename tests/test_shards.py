@@ -182,8 +182,8 @@ def test_resume_on_shards_continues_exactly(tmp_path):
 
 
 def test_torchrun_two_processes_on_shards_equal_one(tmp_path, prepared, items_file):
-    """The same losses, and the same HellaSwag accuracies: 7 items split over 2 ranks (4 and 3), the
-    correct counts summed."""
+    """Two CPU processes (TINY says --device cpu, so gloo) give the same losses as one, and the same
+    HellaSwag accuracies: 7 items split over 2 ranks (4 and 3), the correct counts summed."""
     common = [*TINY, "--data_dir", prepared, "--T", "16", "--total_batch_size", "64", "--dtype", "float32",
               "--max_steps", "4", "--eval_interval", "2", "--num_samples", "0", "--hellaswag", items_file]
     _, a, b = one_process_and_two(tmp_path, *common)
