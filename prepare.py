@@ -352,7 +352,7 @@ def main(argv=None):
     parser = ArgumentParser(description="Tokenize a corpus into GPT-2 token shards for train_gpt2.py --data_dir.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("source", help="a .txt file, a folder of .txt/.jsonl/.parquet files, or fineweb-edu")
-    parser.add_argument("--out_dir", default=None, help="where the shards go (default: data/<source name>)")
+    parser.add_argument("--out_dir", default="", help="where the shards go (empty: data/<source name>)")
     parser.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="tokens per shard")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
     args = parser.parse_args(argv)
