@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import pickle
 import shutil
 import signal
@@ -264,10 +265,49 @@ def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file
     assert "| loss" not in sampled.stdout
 
 
-def test_float16_run_saves_and_restores_the_grad_scaler(tmp_path, text_file):
-    args = [*RUN, "--input_file", str(text_file), "--out_dir", str(tmp_path / "o"), "--dtype", "float16"]
-    assert main([*args, "--max_steps", "2"]) == 0
-    ckpt = load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))
-    assert ckpt["scaler"]["scale"] > 0  # the loss scale float16 training had reached
-    assert main([*args, "--max_steps", "3", "--resume"]) == 0
-    assert load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["step"] == 3
+def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatch):
+    """float16 training scales the loss by a factor the GradScaler adapts: it doubles after every
+    growth_interval steps without overflow, and halves (skipping that step) on an overflow. A resumed
+    run carries on with the saved scaler: after every step the same scaler state, and the same losses
+    and norms, as a run that was never interrupted.
+
+    PyTorch's growth_interval is 2000 steps; the test sets 2 (in the GradScaler the script builds, which
+    also records its state after each step), so that 6 steps see the scale grow twice, overflow (inf
+    norm, step skipped) and back off. A resume with a fresh scaler would run step 3 at the initial scale
+    and step 4 without the overflow."""
+    states = []
+
+    class RecordingScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, growth_interval=2, **kwargs)
+
+        def update(self, new_scale=None):
+            super().update(new_scale)
+            states.append(self.state_dict())
+
+    monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
+    args = [*RUN, "--input_file", str(text_file), "--dtype", "float16", "--max_steps", "6", "--num_samples", "0",
+            "--checkpoint_interval", "3"]
+    assert main([*args, "--out_dir", str(tmp_path / "ref")]) == 0
+    ref_log, ref_states = read_log(tmp_path / "ref"), states[:]
+    # the premise: the scale grew, then an overflow made it back off
+    scales = [s["scale"] for s in ref_states]
+    assert scales[0] < scales[3] and any(math.isinf(r["norm"]) for r in ref_log[3:]), scales
+
+    step_line = train_gpt2.step_line
+
+    def stop_at_4(record, *a):
+        if record["step"] == 4:
+            raise KeyboardInterrupt  # killed: the last checkpoint is step 3's
+        return step_line(record, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_gpt2, "step_line", stop_at_4)
+        assert main([*args, "--out_dir", str(tmp_path / "run")]) == 130
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["scaler"] == ref_states[2]  # saved after step 2
+    states.clear()
+    assert main([*args, "--out_dir", str(tmp_path / "run"), "--resume"]) == 0
+    assert states == ref_states[3:]  # steps 3, 4 and 5
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["scaler"] == ref_states[-1]
+    log = read_log(tmp_path / "run")
+    assert [(r["step"], r["loss"], r["norm"]) for r in log] == [(r["step"], r["loss"], r["norm"]) for r in ref_log]
