@@ -54,7 +54,12 @@ def test_scores_and_accuracies_match_transformers_ending_by_ending(items_file, r
     assert n == len(CONTEXTS)
     assert correct == sum(p == y for p, y in zip(by_total, labels))
     assert correct_norm == sum(p == y for p, y in zip(by_mean, labels))
-    assert by_total != by_mean or correct == correct_norm  # the two criteria are computed separately
+    # These items tell the two criteria apart, so the checks above would see them swapped: at random
+    # weights every token costs about ln(50257) nats, so the lowest total loss is the shortest ending
+    # in tokens, while the mean loss per token picks other endings.
+    enc = train_gpt2.get_tokenizer()
+    shortest = [min(range(4), key=lambda j: len(enc.encode_ordinary(" " + item["endings"][j]))) for item in items]
+    assert by_total == shortest and by_mean != by_total and correct != correct_norm
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 7])
@@ -150,8 +155,34 @@ RUN = [*TINY, "--B", "2", "--T", "16", "--max_steps", "4", "--eval_interval", "2
        "--num_samples", "0", "--dtype", "float32"]
 
 
-def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, items_file, capsys):
-    assert main([*RUN, "--input_file", str(text_file), "--hellaswag", str(items_file),
+LONG_ENDINGS = [
+    "walks slowly along the river bank under a grey sky, thinking about what the king said to the queen last night",
+    "and then, with great care and a steady hand, writes a long letter to an old friend who lives far away",
+    "opens the heavy wooden door of the castle and looks out across the fields toward the dark forest beyond",
+]
+
+
+@pytest.fixture
+def lopsided_items_file(tmp_path):
+    """8 HellaSwag items whose right ending is one word (one token) and whose three wrong endings are
+    20-odd tokens each. At near-random weights every token costs about ln(50257) = 10.8 nats, so the
+    lowest total loss (acc) always picks the one-word ending: acc is 1. The lowest mean loss (acc_norm)
+    does not favour short endings and picks it only sometimes: the two accuracies differ."""
+    items = []
+    for i, word in enumerate(["sleeps", "smiles", "waits", "laughs", "sings", "leaves", "stops", "falls"]):
+        label = i % 4
+        endings = LONG_ENDINGS[:label] + [word] + LONG_ENDINGS[label:]
+        items.append(official(f"Scene {i}: a man stands by the window. He", endings, label, i))
+    path = tmp_path / "lopsided.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, lopsided_items_file, capsys):
+    """--hellaswag scores the items at every evaluation and logs hellaswag_acc (lowest total loss) and
+    hellaswag_acc_norm (lowest mean loss): the accuracies hellaswag.evaluate gives for the model of that
+    step. The lopsided items tell the two apart (acc is 1 there, acc_norm is not), so a swap shows."""
+    assert main([*RUN, "--input_file", str(text_file), "--hellaswag", str(lopsided_items_file),
                  "--out_dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -159,8 +190,14 @@ def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, items_
     assert [r["step"] for r in evaluated] == [1, 3]  # every eval_interval, and the last step
     for r in evaluated:
         assert f"step {r['step']:5d} | hellaswag acc_norm {r['hellaswag_acc_norm']:.4f}" in out
-        correct = r["hellaswag_acc"] * len(CONTEXTS)
-        assert 0 <= r["hellaswag_acc"] <= 1 and correct == pytest.approx(round(correct))  # a count over 7 items
+        assert r["hellaswag_acc"] == 1.0 and r["hellaswag_acc_norm"] < 1.0  # total loss picks the one word
+    # the last evaluation scored the model the run saved: hellaswag.evaluate on it gives the same counts
+    ckpt = train_gpt2.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    model = GPT(train_gpt2.GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    items = hellaswag.read_items(str(lopsided_items_file))
+    correct, correct_norm, n = hellaswag.evaluate(model, items, "cpu", torch.autocast("cpu", enabled=False))
+    assert (evaluated[-1]["hellaswag_acc"], evaluated[-1]["hellaswag_acc_norm"]) == (correct / n, correct_norm / n)
     assert is_png(tmp_path / "run" / "progress.png")  # drawn by the run
     plot_log(str(tmp_path / "run" / "log.jsonl"), str(tmp_path / "again.png"))  # and redrawn from its log
     assert is_png(tmp_path / "again.png")
