@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from train_gpt2 import GPT, GPT2_VOCAB_SIZE, PRETRAINED, GPTConfig
+from conftest import step_losses
+from train_gpt2 import GPT, GPT2_VOCAB_SIZE, PRETRAINED, GPTConfig, main, tokenize_file
 
 SHAPES = [  # (n_layer, n_head, n_embd, n_positions)
     (2, 2, 32, 64),
@@ -124,3 +125,27 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path, vocab_size):
     for (name, p), (name_back, p_back) in zip(ours.state_dict().items(), back.state_dict().items()):
         assert name == name_back
         torch.testing.assert_close(p[: p_back.shape[0]], p_back, rtol=0, atol=0)
+
+
+def test_fine_tuning_starts_from_the_weights_of_a_local_gpt2_directory(tmp_path, hf_gpt2_dir, text_file, capsys):
+    """--init_from DIR trains DIR's weights: step 0's loss (computed before the first update) is
+    transformers' loss of that model on the first batch, the first B*T+1 tokens of the training split
+    (x the first B*T, y the same shifted by one). float32: equal to 1e-5 nats (the losses are ~10.8)."""
+    import json
+
+    path, hf = hf_gpt2_dir(2, 2, 32, 64)
+    B, T = 2, 16
+    out = tmp_path / "out"
+    assert main(["--init_from", str(path), "--input_file", str(text_file), "--max_steps", "2", "--B", str(B),
+                 "--T", str(T), "--device", "cpu", "--dtype", "float32", "--num_samples", "1",
+                 "--max_new_tokens", "4", "--out_dir", str(out)]) == 0
+    assert list(step_losses(capsys.readouterr().out)) == [0, 1]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1]
+
+    first = torch.from_numpy(tokenize_file(text_file)[: B * T + 1].astype("int64"))  # the train split starts the file
+    x, y = first[:-1].view(B, T), first[1:].view(B, T)
+    with torch.no_grad():
+        logits = hf(x).logits  # (B, T, V)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+    assert abs(log[0]["loss"] - ref) <= 1e-5, (log[0]["loss"], ref)
