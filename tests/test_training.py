@@ -1,6 +1,7 @@
 """Training helpers: learning-rate schedule, optimizer groups, gradient accumulation, device and
 precision policy, and main() run in-process on a tiny model."""
 
+import contextlib
 import json
 import math
 
@@ -63,19 +64,27 @@ def test_fused_adamw_matches_the_default_loop():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
 
 
-def test_four_micro_batches_give_the_gradients_of_one_batch():
-    """Accumulating B=1 four times, each loss divided by 4, equals one B=4 step (fp32)."""
+def test_four_micro_batches_give_the_gradients_of_one_batch(text_file):
+    """forward_backward, the training loop's own accumulation, over 4 micro-batches of B=1 gives the
+    gradients and the mean loss of one B=4 batch of the same tokens (a loader of B=1 serves, in 4 calls,
+    the rows of a B=4 loader's first batch). float32: equal to rounding (rtol 1e-4, atol 1e-7)."""
+    from train_gpt2 import DataLoaderLite, forward_backward
+
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
-    x = torch.randint(0, 50257, (4, 16))
-    y = torch.randint(0, 50257, (4, 16))
-    model(x, y)[1].backward()
-    big = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    for i in range(4):
-        (model(x[i:i + 1], y[i:i + 1])[1] / 4).backward()
-    for g, p in zip(big, model.parameters()):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+    fp32, no_scaling = contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
+
+    def gradients(B, grad_accum_steps):
+        model.zero_grad(set_to_none=True)
+        loader = DataLoaderLite(B, 16, text_file, split="train")
+        loss = forward_backward(model, loader, grad_accum_steps, fp32, no_scaling, "cpu", ddp=False)
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    big_loss, big = gradients(4, 1)
+    acc_loss, acc = gradients(1, 4)
+    torch.testing.assert_close(acc_loss, big_loss, rtol=1e-5, atol=0)
+    for g, h in zip(acc, big):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
 
 
 def test_device_resolution():
@@ -135,10 +144,13 @@ def test_same_seed_same_losses_other_seed_other_losses(tmp_path, text_file):
 
 
 def test_accumulation_run_equals_big_batch_run(tmp_path, text_file):
-    """--B 1 with total_batch_size 4*T trains exactly like --B 4 (float32)."""
+    """--B 1 with total_batch_size 4*T trains exactly like --B 4 (float32): both runs finish their 4 steps
+    with the same losses and gradient norms."""
     args = ("--max_steps", "4", "--dtype", "float32", "--lr", "1e-3")
-    _, big = run_main(tmp_path / "big", text_file, *args, "--B", "4")
-    _, acc = run_main(tmp_path / "acc", text_file, *args, "--B", "1", "--total_batch_size", "64")
+    big_code, big = run_main(tmp_path / "big", text_file, *args, "--B", "4")
+    acc_code, acc = run_main(tmp_path / "acc", text_file, *args, "--B", "1", "--total_batch_size", "64")
+    assert big_code == acc_code == 0
+    assert [r["step"] for r in big] == [r["step"] for r in acc] == [0, 1, 2, 3]
     for r, s in zip(big, acc):
         assert r["loss"] == pytest.approx(s["loss"], abs=1e-5)
         assert r["norm"] == pytest.approx(s["norm"], rel=1e-4)
