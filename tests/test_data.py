@@ -51,6 +51,23 @@ def test_batches_are_shifted_contiguous_and_wrap(tmp_path, monkeypatch):
     assert torch.equal(seen[3], torch.arange(0, 30))  # so it wraps to the start
 
 
+@pytest.mark.parametrize("n_tokens,starts", [(91, [0, 30, 60]), (90, [0, 30]), (31, [0])])
+def test_a_window_is_served_exactly_when_its_last_target_fits(tmp_path, monkeypatch, n_tokens, starts):
+    """Windows of W = B*T = 30 tokens start at p = 0, 30, 60, ... and one is served when p + W + 1 <= L,
+    the +1 for its last target. L = 91: the window at 60 ends exactly there (its last target is token
+    90, the last one), then the loader wraps. L = 90: that window would need token 90, so the loader
+    wraps after the window at 30. L = 31, the shortest text that holds a batch: its one window, again."""
+    counting_tokens(monkeypatch, n_tokens)
+    loader = DataLoaderLite(B=3, T=10, input_file=tmp_path / "any.txt")
+    served = []
+    for _ in range(2 * len(starts)):  # the windows of the text, twice over
+        x, y = loader.next_batch()
+        p = int(x[0, 0])
+        assert torch.equal(x.flatten(), torch.arange(p, p + 30)) and torch.equal(y.flatten(), torch.arange(p + 1, p + 31))
+        served.append(p)
+    assert served == starts * 2
+
+
 def test_processes_read_interleaved_slices(tmp_path, monkeypatch):
     counting_tokens(monkeypatch, 100)
     loaders = [DataLoaderLite(2, 5, tmp_path / "any.txt", process_rank=r, num_processes=2) for r in range(2)]
