@@ -274,7 +274,10 @@ def test_cli_prepares_a_text_file_and_says_what_it_wrote(tmp_path):
                    cwd=tmp_path, script="prepare.py")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "data" / "book" / "manifest.json").read_text())
-    assert f"{manifest['tokens']:,} tokens" in r.stdout and "1 documents" in r.stdout
+    splits = [shard["split"] for shard in manifest["shards"]]
+    assert manifest["documents"] == 1  # a text file is one document
+    assert r.stdout == (f"data/book: 1 documents, {manifest['tokens']:,} tokens in {splits.count('train')} train "
+                        f"and {splits.count('val')} val shards\n")
     assert "tokens" in r.stderr  # the progress bar
     again = run_script("book.txt", "--out_dir", "data/book", "--shard_size", "1000", cwd=tmp_path,
                        script="prepare.py")
