@@ -23,7 +23,7 @@ def test_train_end_to_end(tmp_path, text_file):
     assert " ms |" in step_lines[0] and "tok/s" in step_lines[0]
     assert "val loss" in r.stdout
     assert "dtype" in r.stdout.splitlines()[0]  # the precision is printed at start
-    assert r.stdout.count("> ") >= 2  # samples at the end
+    assert r.stdout.count("> Hello, I'm a language model,") == 2  # --num_samples 2 samples at the end
     assert (tmp_path / "run" / "ckpt.pt").exists()  # everything the run writes goes under out_dir
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 5
 
