@@ -287,7 +287,7 @@ def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatc
 
     monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
     args = [*RUN, "--input_file", str(text_file), "--dtype", "float16", "--max_steps", "6", "--num_samples", "0",
-            "--checkpoint_interval", "3"]
+            "--checkpoint_interval", "3", "--eval_interval", "6", "--eval_iters", "2"]  # evaluated once, at the end
     assert main([*args, "--out_dir", str(tmp_path / "ref")]) == 0
     ref_log, ref_states = read_log(tmp_path / "ref"), states[:]
     # the premise: the scale grew, then an overflow made it back off
