@@ -18,21 +18,22 @@ train_gpt2.py --hellaswag calls evaluate() below during training.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
-from train_gpt2 import (DTYPES, GPT, ArgumentParser, GPTConfig, first_line, get_tokenizer, load_checkpoint,
-                        resolve_device, resolve_dtype)
+from machinery import (DTYPES, HELLASWAG_REFERENCE, ArgumentParser, first_line, get_tokenizer, load_checkpoint,
+                       print0, write_atomically)
+from train_gpt2 import GPT, make_precision, model_from_checkpoint, resolve_device
 
 DATASET = ("Rowan/hellaswag", "validation")  # on the Hugging Face hub; its labels are strings
 N_VALIDATION = 10_042  # items in the validation split: a download with fewer is incomplete
 # (acc, acc_norm) of OpenAI's checkpoints with this scoring, as published with the classic reproduction
-REFERENCE = {"gpt2": (0.2859, 0.2955), "gpt2-xl": (0.3842, 0.4893)}
+REFERENCE = HELLASWAG_REFERENCE
 
 
 def cache_path():
@@ -89,10 +90,8 @@ def download_items(path):
     if len(items) != N_VALIDATION:
         raise ValueError(f"downloaded {len(items)} HellaSwag items, expected {N_VALIDATION}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"  # a partial download never looks like data: rename once complete
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(item) + "\n" for item in items)
-    os.replace(tmp, path)
+    text = "".join(json.dumps(item) + "\n" for item in items)
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))  # a partial download never looks like data
 
 
 def load_items(data="auto"):
@@ -102,6 +101,17 @@ def load_items(data="auto"):
         if not os.path.isfile(data):
             download_items(data)
     return read_items(data)
+
+
+def load_items_across_ranks(source):
+    """load_items for a training run: under torchrun, rank 0 fetches the split while the others wait."""
+    if source == "auto" and dist.is_initialized():
+        if dist.get_rank() == 0 and not os.path.isfile(cache_path()):
+            load_items("auto")
+        dist.barrier()
+    items = load_items(source)
+    print0(f"hellaswag {source} | {len(items):,} items at every evaluation")
+    return items
 
 
 # -----------------------------------------------------------------------------
@@ -169,6 +179,17 @@ def evaluate(model, items, device, autocast, batch_size=8, progress=False):
     return (sum(p == y for p, y in zip(by_total, labels)), sum(p == y for p, y in zip(by_mean, labels)), len(items))
 
 
+def evaluate_across_ranks(model, items, device, autocast):
+    """{"hellaswag_acc": ..., "hellaswag_acc_norm": ...} over all items: rank r scores items r,
+    r + world_size, ..., and the counts add up to the whole set. Every rank must call it."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    counts = torch.tensor(evaluate(model, items[rank::world_size], device, autocast), dtype=torch.long, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    correct, correct_norm, n = counts.tolist()
+    return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -178,10 +199,7 @@ def load_model(args):
         path = os.path.join(args.out_dir, "ckpt.pt")
         if not os.path.isfile(path):
             raise ValueError(f"no checkpoint in {args.out_dir!r} (looked for {path}); or evaluate --init_from")
-        ckpt = load_checkpoint(path)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        return model, args.out_dir
+        return model_from_checkpoint(load_checkpoint(path), path), args.out_dir
     return GPT.from_pretrained(args.init_from), args.init_from
 
 
@@ -202,8 +220,7 @@ def main(argv=None):
         if args.limit < 0 or args.batch_size < 1:
             raise ValueError("--limit must not be negative and --batch_size must be positive")
         device, device_type = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device_type)
-        autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        _, autocast, _ = make_precision(args.dtype, device_type)
         items = load_items(args.data)[: args.limit or None]
         model, name = load_model(args)
         correct, correct_norm, n = evaluate(model.to(device), items, device, autocast, args.batch_size,

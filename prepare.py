@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from train_gpt2 import ArgumentParser, first_line, get_tokenizer
+from machinery import ArgumentParser, first_line, get_tokenizer
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16
 FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # ~10B GPT-2 tokens in ~9.7M documents

@@ -45,8 +45,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import train_gpt2  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, DataLoaderLite, resolve_device, resolve_dtype, synchronize  # noqa: E402
+import machinery  # noqa: E402
+from machinery import resolve_dtype  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, DataLoaderLite, resolve_device, synchronize  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # contestants: each exposes one training step, split into forward+backward and optimizer time
@@ -96,7 +97,7 @@ def ours(device, device_type, dtype, compile, vocab_size):
     model = GPT(GPTConfig(vocab_size=vocab_size)).to(device)
     optimizer = model.configure_optimizers(0.1, 3e-4, device_type)
     return Contestant("train_gpt2", model, optimizer, lambda m, x, y: m(x, y)[1], True,
-                      device_type, dtype, compile, context=lambda: train_gpt2.attention_kernels(device_type))
+                      device_type, dtype, compile, context=lambda: machinery.attention_kernels(device_type))
 
 
 def lever_flash_attention(device, device_type, dtype, compile, vocab_size):
@@ -123,7 +124,7 @@ def lever_chunked_loss(device, device_type, dtype, compile, vocab_size):
     vocab = c.model.config.vocab_size
 
     def chunked(m, x, y):
-        return train_gpt2.ChunkedCrossEntropy.apply(m(x)[0].view(-1, vocab), y.view(-1))
+        return machinery.ChunkedCrossEntropy.apply(m(x)[0].view(-1, vocab), y.view(-1))
 
     c.name, c.loss = "chunked loss", functools.partial(chunked, c.model)
     if compile:
@@ -207,7 +208,7 @@ def in_process(B, T, steps, warmup, makers, vocab_size, device, device_type, dty
             try:
                 fb, opt = c.step(x, y)
             except Exception as e:  # a lever this build lacks (say, an attention backend): report, drop
-                print(f"{c.name} failed, left out: {train_gpt2.first_line(e)[:200]}", flush=True)
+                print(f"{c.name} failed, left out: {machinery.first_line(e)[:200]}", flush=True)
                 contestants.remove(c)
                 continue
             first_ms.setdefault(c.name, (fb + opt) * 1e3)
@@ -360,7 +361,7 @@ def main():
     dtype = resolve_dtype("auto", device_type)
     torch.set_float32_matmul_precision("high")  # as train_gpt2 sets it: TF32 on GPUs that have it
     if device_type == "cpu":
-        train_gpt2.keep_freed_memory()  # process-wide: applies to both contestants alike
+        machinery.keep_freed_memory()  # process-wide: applies to both contestants alike
     p = plan(device_type, args.quick, args.levers)
     name = torch.cuda.get_device_name() if device_type == "cuda" else torch.backends.cpu.get_cpu_capability()
     print(f"device {device} ({name}) | dtype {str(dtype).replace('torch.', '')} | compile {p['compile']} | "

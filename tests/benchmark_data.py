@@ -28,7 +28,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from train_gpt2 import DataLoaderLite, get_tokenizer  # noqa: E402
+from machinery import get_tokenizer  # noqa: E402
+from train_gpt2 import DataLoaderLite  # noqa: E402
 
 
 def make_corpus(path, megabytes, doc_chars=5000):

@@ -13,9 +13,11 @@ import time
 import pytest
 import torch
 
+import machinery
 import train_gpt2
 from conftest import OFFLINE_ENV, REPO, TINY, run_script, shakespeare_sample, step_losses
-from train_gpt2 import load_checkpoint, main, save_checkpoint
+from machinery import load_checkpoint, save_checkpoint
+from train_gpt2 import main
 
 # warmup + cosine decay, periodic validation and sampling: every piece of state a resume must restore.
 # float32: runs in separate processes are compared to the last digit, and on a CPU with AMX one
@@ -130,7 +132,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
         f.write(b"PK\x03\x04 partial bytes of a checkpoint" * 1000)
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_gpt2.torch, "save", crash_half_way)
+    monkeypatch.setattr(machinery.torch, "save", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"step": 2, "w": torch.zeros(1000)}, str(path))
     assert digest(path) == before
@@ -146,10 +148,10 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint_intact(tmp_
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
-import train_gpt2
+import machinery
 state = {{"step": 2, "w": torch.zeros(200_000_000)}}  # 800 MB: takes a while to write
 print("writing", flush=True)
-train_gpt2.save_checkpoint(state, {str(path)!r})
+machinery.save_checkpoint(state, {str(path)!r})
 """], stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "writing"
     tmp = tmp_path / "ckpt.pt.tmp"
@@ -294,7 +296,7 @@ def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatc
     scales = [s["scale"] for s in ref_states]
     assert scales[0] < scales[3] and any(math.isinf(r["norm"]) for r in ref_log[3:]), scales
 
-    step_line = train_gpt2.step_line
+    step_line = machinery.step_line
 
     def stop_at_4(record, *a):
         if record["step"] == 4:

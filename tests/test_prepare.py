@@ -10,7 +10,7 @@ import pytest
 
 import prepare
 from conftest import make_documents, run_script
-from train_gpt2 import get_tokenizer
+from machinery import get_tokenizer
 
 EOT = 50256
 

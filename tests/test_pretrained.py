@@ -9,7 +9,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import step_losses
-from train_gpt2 import GPT, GPT2_VOCAB_SIZE, PRETRAINED, GPTConfig, main, tokenize_file
+from machinery import GPT2_VOCAB_SIZE, tokenize_file
+from train_gpt2 import GPT, PRETRAINED, GPTConfig, main
 
 SHAPES = [  # (n_layer, n_head, n_embd, n_positions)
     (2, 2, 32, 64),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import prepare
+import machinery
 import train_gpt2
 from conftest import TINY, make_documents, one_process_and_two, run_script, step_losses
 from train_gpt2 import DataLoaderLite, main
@@ -160,7 +161,7 @@ def test_resume_on_shards_continues_exactly(tmp_path):
     args = [*TINY, "--data_dir", str(data), "--B", "4", "--T", "64", "--max_steps", "12", "--lr", "3e-3",
             "--eval_interval", "4", "--eval_iters", "2", "--num_samples", "0", "--checkpoint_interval", "5"]
     assert main([*args, "--out_dir", str(tmp_path / "ref")]) == 0
-    step_line = train_gpt2.step_line
+    step_line = machinery.step_line
 
     def stop_at_7(record, *a):
         if record["step"] == 7:
@@ -177,7 +178,7 @@ def test_resume_on_shards_continues_exactly(tmp_path):
         return [(r["step"], r["loss"], r.get("val_loss")) for r in records]
 
     assert log("run") == log("ref")
-    state = train_gpt2.load_checkpoint(str(tmp_path / "ref" / "ckpt.pt"))["train_loader"]
+    state = machinery.load_checkpoint(str(tmp_path / "ref" / "ckpt.pt"))["train_loader"]
     assert state["epoch"] >= 1  # the run did cross into a second epoch
 
 

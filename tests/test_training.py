@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+import machinery
 import train_gpt2
 from conftest import TINY
-from train_gpt2 import GPT, GPTConfig, get_lr, main, resolve_device, resolve_dtype
+from machinery import resolve_dtype
+from train_gpt2 import GPT, GPTConfig, get_lr, main, resolve_device
 
 
 def test_lr_schedule_endpoints_and_shape():
@@ -105,9 +107,9 @@ def test_precision_policy(monkeypatch):
     assert resolve_dtype("auto", "cuda") is torch.bfloat16  # A100, H100: native bf16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     assert resolve_dtype("auto", "cuda") is torch.float16  # T4: bf16 only emulated; fp16 + GradScaler
-    monkeypatch.setattr(train_gpt2, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(machinery, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") is torch.bfloat16
-    monkeypatch.setattr(train_gpt2, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(machinery, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") is torch.float32
 
 
@@ -254,10 +256,10 @@ def test_attention_prefers_cudnn_on_hopper_only(monkeypatch):
     from torch.nn.attention import SDPBackend
 
     default = torch._C._get_sdp_priority_order()
-    assert isinstance(train_gpt2.attention_kernels("cpu"), type(train_gpt2.contextlib.nullcontext()))
+    assert isinstance(machinery.attention_kernels("cpu"), type(machinery.contextlib.nullcontext()))
     for capability, first in (((8, 0), default[0]), ((9, 0), int(SDPBackend.CUDNN_ATTENTION))):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
-        with train_gpt2.attention_kernels("cuda"):
+        with machinery.attention_kernels("cuda"):
             order = torch._C._get_sdp_priority_order()
             assert order[0] == first
             q = torch.randn(1, 2, 8, 4)  # and attention still runs (here on the CPU: math)
