@@ -9,8 +9,12 @@ What it writes in out_dir:
 - shards: `val_000000.npy`, `train_000001.npy`, ... each a 1-D uint16 array of `--shard_size` tokens
   (the last one the remainder); `np.load(path, mmap_mode="r")` reads one without loading it.
 - `manifest.json`: the tokenizer, the source, the shard size, one entry per shard in stream order
-  (`file`, `split`, `tokens`, `sha256`, and where the next shard starts in the document stream), and the
-  totals `documents` and `tokens`. The shards concatenated in manifest order are the corpus's tokens.
+  (`file`, `split`, `tokens`, `sha256`, and where the next shard starts in the document stream:
+  `next_document` its index, `next_offset` how many of its tokens this shard took), the totals
+  `documents` and `tokens`, and `complete`. The shards concatenated in manifest order are the corpus's
+  tokens. For fineweb-edu also `source_files`, the dataset's parquet files as listed by the first run
+  (hf:// paths pinned to that commit; later runs read the list from here), and in each shard entry
+  `next_file` and `next_row`: the file and row where `next_document` is.
 
 Every document is <|endoftext|> (50256) followed by its tokens, as GPT-2 was trained, and a document
 may run across two shards. The first shard is validation when the corpus fills more than one shard;
@@ -18,15 +22,25 @@ a smaller corpus is split into train (its first 90%) and val (its last 10%).
 
 Killed at any point, the same command continues: each shard is written under a temporary name and
 renamed when complete, the manifest lists only complete shards (checked against their SHA-256 when
-the command runs again), and it records where in the document stream the next shard begins.
+the command runs again), and it records where in the document stream the next shard begins. FineWeb-Edu
+continues from that file and row: a resumed run, or a retry after a network error, reads again at most
+one row group of one file (a few MB), not the gigabytes before it. A dropped connection, a timeout or a
+server error is retried (one line each, DOWNLOAD_RETRIES tries in a row); offline mode, a dataset or
+subset the hub does not know, or a refused permission end the run at once, in one line.
+
+Before writing, the free space in out_dir is checked against an estimate of what the shards need
+(2 bytes a token: about 20 GB for fineweb-edu, half the size of a local source); a disk that fills up
+during the run ends it in one line, and the same command continues once space is freed.
 """
 
 import argparse
+import errno
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 
@@ -36,11 +50,15 @@ from machinery import ArgumentParser, first_line, get_tokenizer
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16
 FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # ~10B GPT-2 tokens in ~9.7M documents
-FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA only
+FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only
 EOT = 50256  # <|endoftext|>: starts every document
 VAL_FRACTION = 0.1  # of a corpus that fits in one shard
 BATCH_CHARS = 1_000_000  # text handed to a worker at once: big enough to amortise the hand-over
-DOWNLOAD_RETRIES, RETRY_PAUSE_S = 5, 10.0  # hub streaming: tries before giving up, pause between them
+DOWNLOAD_RETRIES, RETRY_PAUSE_S = 5, 10.0  # hub streaming: tries in a row before giving up, pause between them
+STAND_IN_ENV = "PREPARE_FINEWEB_EDU_FOLDER"  # names a folder of parquet files read in place of the hub's (tests)
+TEXT_BYTES_PER_TOKEN = 4  # GPT-2 on English: ~4 bytes of UTF-8 a token; for the disk-space estimate only
+DISK_SLACK = 0.9  # refuse to start below 90% of the estimated space: it is an estimate, and a full disk is survivable
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, file too big, quota
 MANIFEST = "manifest.json"
 
 
@@ -49,7 +67,7 @@ class PrepareError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Documents: a stream of texts, from local files or the hub
+# Documents: a stream of texts from local files
 
 
 def local_files(source):
@@ -119,29 +137,172 @@ def local_documents(files, skip):
                 yield text, n_bytes
 
 
-def hub_documents(skip):
-    """FineWeb-Edu's documents streamed from the hub (nothing cached on disk), after the first `skip`.
-    A broken connection is retried from where the stream stopped."""
+# -----------------------------------------------------------------------------
+# FineWeb-Edu: its parquet files read one after another, from the position the manifest records
+
+
+def stand_in_files():
+    """The parquet files, sorted, of the folder STAND_IN_ENV names, which stand in for the hub's and are
+    read by the same code (the tests' FineWeb-Edu, offline); None when it is not set."""
+    folder = os.environ.get(STAND_IN_ENV)
+    if not folder:
+        return None
+    files = sorted(glob.glob(os.path.join(os.path.abspath(folder), "*.parquet")))
+    if not files:
+        raise PrepareError(f"{STAND_IN_ENV}={folder!r} names no folder of .parquet files")
+    return files
+
+
+def check_online():
+    """Offline mode (HF_HUB_OFFLINE) is one line at once: no retry can fix it, and datasets would only
+    say that it "couldn't reach" the hub."""
     try:
-        from datasets import load_dataset
+        import datasets
     except ImportError:
         raise PrepareError("fineweb-edu needs the datasets library: pip install -r requirements.txt") from None
+    if datasets.config.HF_HUB_OFFLINE:
+        raise PrepareError(f"fineweb-edu streams {FINEWEB_EDU[0]} from the Hugging Face Hub, but offline mode is on "
+                           "(HF_HUB_OFFLINE): unset it, or prepare a local copy with python prepare.py FOLDER")
+
+
+def hub_files():
+    """FineWeb-Edu's parquet files (hf:// paths, pinned to the commit they were listed at), in the order
+    `load_dataset(..., streaming=True)` reads them."""
+    import datasets
+
     name, subset = FINEWEB_EDU
-    done, failures = skip, 0
+    failures = 0
     while True:
-        try:
-            stream = load_dataset(name, name=subset, split="train", streaming=True)
-            for row in stream.skip(done) if done else stream:
-                done += 1
-                failures = 0
-                yield row["text"], len(row["text"])
-            return
-        except Exception as e:  # the hub's errors come from several libraries: retry any, report the last
+        try:  # one listing of the dataset's files (a few small requests): the dataset card says which are the subset's
+            return list(datasets.load_dataset_builder(name, subset).config.data_files["train"])
+        except Exception as e:  # the hub's errors come from several libraries: retry_or_raise sorts them
             failures += 1
-            if failures >= DOWNLOAD_RETRIES:
-                raise PrepareError(f"downloading {name} ({subset}) failed {failures} times: {first_line(e)}") from None
-            print(f"\ndownload error ({first_line(e)[:100]}); retrying in {RETRY_PAUSE_S:.0f} s", file=sys.stderr)
-            time.sleep(RETRY_PAUSE_S)
+            retry_or_raise(e, failures, f"listing the files of {name} ({subset})")
+
+
+class HubStream:
+    """The documents of a list of parquet files, read file by file from a (file, row) position.
+
+    A file is opened where the stream is, and only the row groups from the one holding that row are read
+    (the file's footer says how many rows each holds), so a resumed run, or a retry after a network
+    error, reads again at most one row group of one file, not the documents before it. `position` turns
+    a document's index in the stream back into the (file, row) to start from, for the manifest."""
+
+    def __init__(self, files, shards):
+        self.files = files
+        last = shards[-1] if shards else dict(next_document=0, next_file=files[0], next_row=0)
+        self.document = last["next_document"]  # index in the stream of the next document to deliver
+        if "next_file" in last:
+            self.file, self.row = files.index(last["next_file"]), last["next_row"]
+        else:  # a manifest of an older prepare.py: from the first file, whole files skipped by their footers
+            self.file, self.row = 0, self.document
+        self.starts = {}  # file index -> index in the stream of its row 0, for each file opened
+
+    def documents(self):
+        """(text, characters) for each document, retrying transient errors from where the stream stopped."""
+        failures = 0
+        while self.file < len(self.files):
+            try:
+                for text in self.read_file():
+                    failures = 0  # progress: the next error gets a full set of tries again
+                    yield text, len(text)
+            except PrepareError:
+                raise
+            except Exception as e:  # the hub's errors come from several libraries: retry_or_raise sorts them
+                failures += 1
+                where = f"reading {source_file_name(self.files[self.file])} at row {self.row:,}"
+                retry_or_raise(e, failures, where)
+
+    def read_file(self):
+        """The texts of the current file from the current row on; the position moves past each one
+        before it is handed out, and to the next file at the end."""
+        import fsspec  # comes with datasets; opens hf:// paths (huggingface_hub's file system) and local ones
+        import pyarrow.parquet as pq
+
+        path = self.files[self.file]
+        with fsspec.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            if "text" not in parquet.schema_arrow.names:
+                raise PrepareError(f"{path!r} has no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
+            self.starts[self.file] = self.document - self.row
+            for row, text in parquet_texts(parquet, self.row):
+                self.row, self.document = row + 1, self.document + 1
+                yield text
+            rows = parquet.metadata.num_rows
+        self.file, self.row = self.file + 1, max(0, self.row - rows)  # past the end only from an older manifest
+
+    def position(self, document):
+        """(file, row) of a document that has been read: the last file opened that starts at or before it."""
+        file = max(i for i, start in self.starts.items() if start <= document)
+        return self.files[file], document - self.starts[file]
+
+
+def parquet_texts(parquet, start_row):
+    """(row, text) for the rows of a parquet file from start_row on. The row groups before the one that
+    holds start_row are skipped unread; each group is read on its own, so memory stays one group."""
+    first = 0  # the current row group's first row
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if first + rows <= start_row:
+            first += rows
+            continue
+        for batch in parquet.iter_batches(batch_size=1024, row_groups=[group], columns=["text"]):
+            for text in batch.column(0).to_pylist():
+                if first >= start_row:
+                    yield first, text or ""
+                first += 1
+
+
+def source_file_name(path):
+    """A hub file's path in its dataset (sample/10BT/000_00000.parquet), or a local file's name."""
+    if path.startswith("hf://") and "@" in path:  # hf://datasets/NAME@COMMIT/PATH
+        return path.split("@", 1)[1].split("/", 1)[1]
+    return os.path.basename(path)
+
+
+def retry_or_raise(error, failures, what):
+    """After `failures` failures in a row of `what`: pause and return, with one line saying so, when
+    another try may help; else raise the one line that ends the run."""
+    name, subset = FINEWEB_EDU
+    if not is_transient(error):
+        raise PrepareError(f"{what}: {first_line(error)}") from None
+    if failures >= DOWNLOAD_RETRIES:
+        raise PrepareError(f"downloading {name} ({subset}) failed {failures} times: {first_line(error)}") from None
+    print(f"\n{what} failed ({type(error).__name__}: {first_line(error)[:100]}); "
+          f"retrying in {RETRY_PAUSE_S:.0f} s (try {failures + 1} of {DOWNLOAD_RETRIES})", file=sys.stderr)
+    time.sleep(RETRY_PAUSE_S)
+
+
+def is_transient(error):
+    """Whether trying again may help. The root cause decides (the deepest exception of the chain that
+    says anything): a dataset card that cannot be fetched is a "not found" caused by a dropped
+    connection, and a "couldn't reach the hub" can be caused by offline mode."""
+    verdict = False  # an error nothing recognises is not retried: the run continues from here when run again
+    chain = error
+    while chain is not None:
+        kind = error_kind(chain)
+        verdict = kind if kind is not None else verdict
+        chain = chain.__cause__ or (None if chain.__suppress_context__ else chain.__context__)
+    return verdict
+
+
+def error_kind(error):
+    """True: transient (a dropped connection, a timeout, a server error, too many requests); False: no
+    retry can fix it (offline mode, not found, no permission, a bad value); None: says nothing."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    status = getattr(getattr(error, "response", None), "status_code", None)  # an HTTP error's (hub, httpx, requests)
+    if isinstance(error, OfflineModeIsEnabled):
+        return False
+    if isinstance(status, int):
+        return status == 429 or status >= 500
+    if isinstance(error, (FileNotFoundError, PermissionError, ValueError)):  # datasets' not-found, an unknown subset
+        return False
+    if isinstance(error, OSError):  # connection errors, timeouts, broken reads; requests' errors are OSErrors too
+        return True
+    if any(c.__name__ == "TransportError" for c in type(error).__mro__):  # httpx's (huggingface_hub's client) errors
+        return True
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -218,10 +379,11 @@ class ShardWriter:
 
     Positions are counted in the whole corpus's token stream. A shard is written only once the token
     after it has arrived, so the writer knows whether the corpus fills more than one shard (then the
-    first shard is validation) or fits in one (then it is split 90/10 at the end)."""
+    first shard is validation) or fits in one (then it is split 90/10 at the end). `locate`, when given,
+    turns a document's index into the (file, row) where the source holds it (HubStream.position)."""
 
-    def __init__(self, out_dir, manifest):
-        self.out_dir, self.manifest = out_dir, manifest
+    def __init__(self, out_dir, manifest, locate=None):
+        self.out_dir, self.manifest, self.locate = out_dir, manifest, locate
         self.shard_size = manifest["shard_size"]
         self.buffer = np.empty(self.shard_size, dtype=np.uint16)  # the one shard held in memory
         self.filled = 0
@@ -270,7 +432,7 @@ class ShardWriter:
         index = len(self.manifest["shards"])
         file = f"{split}_{index:06d}.npy"
         path = os.path.join(self.out_dir, file)
-        write_atomically(path, lambda f: np.save(f, tokens))
+        self.write_file(path, lambda f: np.save(f, tokens))
         end = sum(s["tokens"] for s in self.manifest["shards"]) + len(tokens)  # stream position after it
         if ends is None:  # at the end of the stream
             next_document, next_offset = self.documents, 0
@@ -279,14 +441,30 @@ class ShardWriter:
             next_document = self.documents + inside
             start = self.stream_position if inside == 0 else int(ends[inside - 1])
             next_offset = end - start
-        self.manifest["shards"].append(dict(file=file, split=split, tokens=len(tokens), sha256=sha256_of(path),
-                                            next_document=next_document, next_offset=next_offset))
+        entry = dict(file=file, split=split, tokens=len(tokens), sha256=sha256_of(path),
+                     next_document=next_document, next_offset=next_offset)
+        if self.locate:
+            entry["next_file"], entry["next_row"] = self.locate(next_document)
+        self.manifest["shards"].append(entry)
         self.manifest["tokens"] = end
         self.manifest["documents"] = next_document + (next_offset > 0)  # documents begun in the shards
 
     def save_manifest(self):
         text = json.dumps(self.manifest, indent=1) + "\n"
-        write_atomically(os.path.join(self.out_dir, MANIFEST), lambda f: f.write(text.encode()))
+        self.write_file(os.path.join(self.out_dir, MANIFEST), lambda f: f.write(text.encode()))
+
+    def write_file(self, path, write):
+        """write_atomically, leaving no temporary file when it fails; a full disk is one line that says
+        what to do: the shards and manifest written so far are intact, and the same command continues."""
+        try:
+            write_atomically(path, write)
+        except OSError as e:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            if e.errno in DISK_FULL:
+                raise PrepareError(f"disk full: writing {path} failed ({os.strerror(e.errno)}); "
+                                   "free some space and run the same command to continue") from None
+            raise
 
 
 def start_manifest(out_dir, source_name, shard_size):
@@ -317,6 +495,41 @@ def start_manifest(out_dir, source_name, shard_size):
 
 
 # -----------------------------------------------------------------------------
+# Disk space
+
+
+def needed_bytes(files, manifest):
+    """About how many bytes the shards still need, at 2 a token: the source's tokens estimated from its
+    files' size (~4 bytes a token; parquet's compression makes that an underestimate, which is the safe
+    side), or FineWeb-Edu's ~10B tokens when its files are on the hub."""
+    if files is None:
+        tokens = FINEWEB_EDU_TOKENS
+    else:
+        tokens = sum(os.path.getsize(f) for f in files) // TEXT_BYTES_PER_TOKEN
+    return 2 * max(0, tokens - sum(s["tokens"] for s in manifest["shards"]))
+
+
+def check_disk_space(out_dir, needed):
+    """Refuse to start when the disk out_dir is on clearly lacks the space the shards need."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):  # out_dir is made later: the disk it will be on
+        path = os.path.dirname(path)
+    _, _, free = shutil.disk_usage(path)
+    if free < DISK_SLACK * needed:
+        raise PrepareError(f"not enough disk space: {out_dir!r} has {in_units(free)} free and the shards need about "
+                           f"{in_units(needed)} (2 bytes a token); free some space or choose another --out_dir")
+
+
+def in_units(n_bytes):
+    """20_000_000_000 -> '20.0 GB'."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n_bytes < 1000:
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:,.1f} TB"
+
+
+# -----------------------------------------------------------------------------
 
 
 def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=True):
@@ -324,18 +537,25 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     from tqdm import tqdm
 
     hub = source == "fineweb-edu"
-    files = None if hub else local_files(source)
+    files = stand_in_files() if hub else local_files(source)  # None: FineWeb-Edu's files, listed on the hub below
     source_name = f"{FINEWEB_EDU[0]}:{FINEWEB_EDU[1]}" if hub else os.path.abspath(source)
-    os.makedirs(out_dir, exist_ok=True)
     manifest = start_manifest(out_dir, source_name, shard_size)
     if manifest["complete"]:
         return manifest
+    check_disk_space(out_dir, needed_bytes(files, manifest))  # before anything is written
+    os.makedirs(out_dir, exist_ok=True)
     for leftover in glob.glob(os.path.join(out_dir, "*.tmp")):  # a write that a killed run left unfinished
         os.remove(leftover)
-    writer = ShardWriter(out_dir, manifest)
+    stream = None
+    if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
+        if files is None:
+            check_online()
+        manifest["source_files"] = manifest.get("source_files") or files or hub_files()
+        stream = HubStream(manifest["source_files"], manifest["shards"])
+    writer = ShardWriter(out_dir, manifest, stream.position if hub else None)
     writer.save_manifest()  # first of all: from now on the folder says whose shards it holds
     skip_documents, _ = writer.resume_point()
-    documents = hub_documents(skip_documents) if hub else local_documents(files, skip_documents)
+    documents = stream.documents() if hub else local_documents(files, skip_documents)
     total_bytes = 4 * FINEWEB_EDU_TOKENS if hub else sum(os.path.getsize(f) for f in files)  # ~4 bytes a token
     with tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not show_progress, smoothing=0.05,
               desc=f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}") as progress:

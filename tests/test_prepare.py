@@ -1,6 +1,7 @@
 """prepare.py: any corpus to token shards. What the shards hold is checked against an independent
 tokenization of the same documents; interruptions at every write against an uninterrupted run."""
 
+import errno
 import hashlib
 import json
 import os
@@ -189,80 +190,395 @@ def test_a_damaged_shard_is_redone_from_there(tmp_path, reference, capsys):
     assert folder_bytes(out) == expected
 
 
-# ----------------------------------------------------------------------------- FineWeb-Edu, faked
+# ----------------------------------------------------------------------------- FineWeb-Edu, from a stand-in folder
+
+ROWS, ROW_GROUP = 60, 20  # the stand-in's rows per file, and per row group
 
 
-class FakeStream:
-    """Stands in for datasets' streaming IterableDataset: rows with "text", optionally failing once."""
+def write_stand_in(folder, n_files=4, rows=ROWS, max_words=120):
+    """FineWeb-Edu offline: parquet files with its columns and small row groups, in a folder that
+    prepare.STAND_IN_ENV names in place of the hub's files. Each text starts with where it is,
+    "doc FILE.ROW", so a test can tell which rows were read. Returns the documents in stream order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    def __init__(self, docs, fail_after=None):
-        self.docs, self.fail_after, self.start = docs, fail_after, 0
-
-    def skip(self, n):
-        skipped = FakeStream(self.docs, self.fail_after)
-        skipped.start = n
-        return skipped
-
-    def __iter__(self):
-        for i in range(self.start, len(self.docs)):
-            if self.fail_after is not None and i == self.fail_after:
-                raise ConnectionError("connection reset by peer")
-            yield {"text": self.docs[i], "id": i}
+    folder.mkdir()
+    words = make_documents(n_files * rows, seed=7, max_words=max_words)
+    docs = []
+    for f in range(n_files):
+        texts = [f"doc {f}.{r} {words[f * rows + r]}" for r in range(rows)]
+        table = pa.table({"text": texts, "id": [f"<urn:{f}:{r}>" for r in range(rows)], "score": [3.0] * rows})
+        pq.write_table(table, folder / f"{f:03d}_00000.parquet", row_group_size=ROW_GROUP)
+        docs += texts
+    return docs
 
 
-def fake_hub(monkeypatch, streams):
-    """load_dataset returns the next of `streams` on each call, and records its arguments."""
-    import datasets
-
-    calls = []
-
-    def load_dataset(path, name=None, split=None, streaming=False):
-        calls.append((path, name, split, streaming))
-        stream = streams[min(len(calls), len(streams)) - 1]
-        if isinstance(stream, Exception):
-            raise stream
-        return stream
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """A stand-in of 4 files of 60 rows (~24k tokens), and an uninterrupted run's folder from it."""
+    folder = tmp_path / "hub"
+    docs = write_stand_in(folder)
+    monkeypatch.setenv(prepare.STAND_IN_ENV, str(folder))
     monkeypatch.setattr(prepare, "RETRY_PAUSE_S", 0.0)
-    return calls
+    prepare.prepare("fineweb-edu", str(tmp_path / "ref"), shard_size=1000, show_progress=False)
+    return docs, sorted(str(p) for p in folder.glob("*.parquet")), folder_bytes(tmp_path / "ref")
 
 
-def test_fineweb_edu_streams_and_resumes_after_a_dropped_connection(tmp_path, monkeypatch):
-    docs = make_documents(120, seed=3)
-    calls = fake_hub(monkeypatch, [FakeStream(docs, fail_after=50), FakeStream(docs)])
-    manifest = prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=2000, show_progress=False)
-    assert calls[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)  # streamed, not downloaded
-    assert len(calls) == 2  # one retry
+def label(text):
+    """(file, row) of a stand-in document."""
+    f, r = text.split(" ", 2)[1].split(".")
+    return int(f), int(r)
+
+
+def record_reads(monkeypatch, fail_at=(), error=ConnectionError("connection reset by peer")):
+    """Every (file, row) that parquet hands out from here on, in order (a list that grows as the run
+    reads). Reading a row in `fail_at` raises `error` instead, once for each."""
+    import pyarrow.parquet as pq
+
+    reads, pending = [], set(fail_at)
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def recording(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            rows = [label(t) for t in batch.column("text").to_pylist()]
+            failing = [i for i, row in enumerate(rows) if row in pending]
+            if failing:  # the rows before it arrive, then the connection drops
+                pending.discard(rows[failing[0]])
+                reads.extend(rows[: failing[0]])
+                yield batch.slice(0, failing[0])
+                raise error
+            reads.extend(rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
+    return reads
+
+
+def test_fineweb_edu_streams_its_files_and_records_where_each_shard_ends(tmp_path, stand_in):
+    docs, files, _ = stand_in
+    manifest = prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=1000, show_progress=False)
     _, arrays = read_shards(tmp_path / "fw")
-    assert np.array_equal(np.concatenate(arrays), stream_of(docs))  # no document lost or repeated
-    assert manifest["source"] == "HuggingFaceFW/fineweb-edu:sample-10BT"
+    assert np.array_equal(np.concatenate(arrays), stream_of(docs))  # every row of every file, in order
+    assert manifest["source"] == "HuggingFaceFW/fineweb-edu:sample-10BT" and manifest["source_files"] == files
+    for shard in manifest["shards"][:-1]:  # the next shard starts in the document at next_file, next_row
+        assert label(docs[shard["next_document"]]) == (files.index(shard["next_file"]), shard["next_row"])
+    assert len({s["next_file"] for s in manifest["shards"]}) == len(files)  # shards end in every file
 
 
-def test_fineweb_edu_download_failure_is_one_line(tmp_path, monkeypatch, capsys):
-    fake_hub(monkeypatch, [ConnectionError("Couldn't reach the Hugging Face Hub\nsecond line")])
-    with pytest.raises(prepare.PrepareError, match=r"downloading HuggingFaceFW/fineweb-edu \(sample-10BT\) "
-                                                   r"failed 5 times: Couldn't reach the Hugging Face Hub$"):
-        prepare.prepare("fineweb-edu", str(tmp_path / "fw"), show_progress=False)
+def test_fineweb_edu_resumes_in_the_file_it_stopped_in(tmp_path, stand_in, monkeypatch):
+    """Killed at a shard of the third file (a KeyboardInterrupt at the write: the SIGKILL test below
+    does it for real), the repeat reads nothing before that file, and from it no more than one row group."""
+    docs, files, expected = stand_in
+    write = prepare.write_atomically
+    out = tmp_path / "run"
+
+    def dying_write(path, writer):
+        shards = json.loads((out / "manifest.json").read_text())["shards"] if (out / "manifest.json").exists() else []
+        if shards and shards[-1]["next_file"] == files[2]:
+            raise KeyboardInterrupt
+        write(path, writer)
+
+    monkeypatch.setattr(prepare, "write_atomically", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare("fineweb-edu", str(out), shard_size=1000, show_progress=False)
+    monkeypatch.setattr(prepare, "write_atomically", write)
+    stop = json.loads((out / "manifest.json").read_text())["shards"][-1]
+    reads = record_reads(monkeypatch)
+    prepare.prepare("fineweb-edu", str(out), shard_size=1000, show_progress=False)
+    assert folder_bytes(out) == expected
+    assert reads[0] == (2, stop["next_row"] // ROW_GROUP * ROW_GROUP)  # the row group it stopped in
+    assert sorted(reads) == reads and len(set(reads)) == len(reads)  # no row twice
 
 
-def test_fineweb_edu_offline_is_one_line_in_the_default_out_dir(tmp_path):
-    """The real datasets library, offline (HF_HUB_OFFLINE): retried (pauses shortened), then one line."""
+def test_fineweb_edu_sigkilled_then_repeated_gives_the_same_shards_reading_only_from_where_it_stopped(
+        tmp_path, monkeypatch):
+    """A real kill (no chance to clean up) while the stream is past its first file; the same command
+    then reads no row of the files before the one it stopped in, and ends with the uninterrupted run's files."""
+    import signal
     import subprocess
     import sys
+    import time
 
     from conftest import OFFLINE_ENV, REPO
 
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import prepare; prepare.RETRY_PAUSE_S = 0; "
+    write_stand_in(tmp_path / "hub", n_files=4, rows=250, max_words=200)
+    files = sorted(str(p) for p in (tmp_path / "hub").glob("*.parquet"))
+    env = {**os.environ, **OFFLINE_ENV, prepare.STAND_IN_ENV: str(tmp_path / "hub")}
+    args = ["fineweb-edu", "--shard_size", "2000", "--num_proc", "1"]
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import prepare; "
+            "prepare.BATCH_CHARS = 5000; "  # small batches: reading and writing interleave, as on FineWeb-Edu
+            f"sys.exit(prepare.main({[*args, '--out_dir', 'run']!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # until the shards end in the second file
+        try:
+            if json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"][-1]["next_file"] != files[0]:
+                break
+        except (OSError, ValueError, LookupError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert not manifest["complete"]  # it really was cut off
+    stopped_in = files.index(manifest["shards"][-1]["next_file"])
+    assert stopped_in >= 1
+
+    monkeypatch.setenv(prepare.STAND_IN_ENV, str(tmp_path / "hub"))
+    prepare.prepare("fineweb-edu", str(tmp_path / "ref"), shard_size=2000, show_progress=False)
+    reads = record_reads(monkeypatch)  # the repeat, in this process, to count the rows it reads
+    prepare.prepare("fineweb-edu", str(tmp_path / "run"), shard_size=2000, show_progress=False)
+    assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
+    assert reads and min(reads)[0] == stopped_in  # no row of the files before
+    assert min(reads)[1] > manifest["shards"][-1]["next_row"] - ROW_GROUP  # nor more than a row group of its own
+
+
+def test_fineweb_edu_retries_a_dropped_connection_within_the_file(tmp_path, stand_in, monkeypatch, capsys):
+    """The connection drops in the middle of the third file: one line says so, the retry reads again
+    from the row group it was in, not from the first file, and no document is lost or repeated."""
+    docs, files, expected = stand_in
+    reads = record_reads(monkeypatch, fail_at=[(2, 45)])
+    prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=1000, show_progress=False)
+    assert folder_bytes(tmp_path / "fw") == expected
+    err = capsys.readouterr().err
+    assert err.count("retrying in") == 1 and "reading 002_00000.parquet at row 45 failed" in err, err
+    again = reads.index((2, 40), reads.index((2, 40)) + 1)  # the retry's first row: the start of its row group
+    assert reads[:again] + reads[again + 5:] == [label(d) for d in docs]  # rows 40..44 read twice, nothing else
+
+
+def test_fineweb_edu_gives_up_after_failing_retries_in_a_row(tmp_path, stand_in, monkeypatch, capsys):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", failing_iter_batches)
+    with pytest.raises(prepare.PrepareError, match=r"^downloading HuggingFaceFW/fineweb-edu \(sample-10BT\) "
+                                                   r"failed 5 times: Connection reset by peer$"):
+        prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=1000, show_progress=False)
+    assert capsys.readouterr().err.count("retrying in") == 4  # one line each
+
+
+def failing_iter_batches(self, *args, **kwargs):
+    raise ConnectionError("Connection reset by peer\nsecond line")
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), "403"], ids=["permission", "http_403"])
+def test_a_file_that_cannot_be_read_ends_the_run_at_once(tmp_path, stand_in, monkeypatch, capsys, error):
+    """Refused in the middle of the second file: the first failure ends the run, in one line."""
+    error = http_error(403) if error == "403" else error
+    reads = record_reads(monkeypatch, fail_at=[(1, 30)], error=error)
+    with pytest.raises(prepare.PrepareError, match=r"^reading 001_00000.parquet at row 30: "):
+        prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=1000, show_progress=False)
+    assert "retrying" not in capsys.readouterr().err and reads[-1] == (1, 29)
+
+
+def http_error(status):
+    """What huggingface_hub raises for an HTTP status."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import hf_raise_for_status
+
+    httpx = http_client()
+    response = httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/api/datasets/x"))
+    try:
+        hf_raise_for_status(response)
+    except HfHubHTTPError as e:
+        return e
+
+
+def chained(outer, inner):
+    """`outer` raised while handling `inner` (raise outer from inner)."""
+    outer.__cause__ = inner
+    return outer
+
+
+def http_client():
+    """huggingface_hub's HTTP library: httpx2 in this environment, httpx in others."""
+    try:
+        import httpx2
+        return httpx2
+    except ImportError:
+        import httpx
+        return httpx
+
+
+def transient_errors():
+    import requests
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    httpx = http_client()
+    request = httpx.Request("GET", "https://huggingface.co")
+    return [ConnectionResetError(104, "Connection reset by peer"), TimeoutError("timed out"),
+            httpx.ConnectError("[Errno -3] Temporary failure in name resolution", request=request),
+            httpx.ReadTimeout("The read operation timed out", request=request),
+            httpx.RemoteProtocolError("peer closed connection without sending complete message body", request=request),
+            requests.ConnectionError("Connection aborted"), http_error(500), http_error(503), http_error(429),
+            # datasets: the dataset card could not be fetched, because the connection failed
+            chained(ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)"),
+                    chained(LocalEntryNotFoundError("cannot find the requested files in the local cache"),
+                            httpx.ConnectError("Connection refused", request=request)))]
+
+
+def permanent_errors():
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return [chained(ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (OfflineModeIsEnabled)"),
+                    OfflineModeIsEnabled("offline mode is enabled")),
+            chained(DatasetNotFoundError("Dataset 'HuggingFaceFW/fineweb-edu' doesn't exist on the Hub or cannot be "
+                                         "accessed."), http_error(404)),  # RepositoryNotFoundError
+            chained(DatasetNotFoundError("Dataset 'HuggingFaceFW/fineweb-edu' is a gated dataset on the Hub."),
+                    http_error(401)),
+            http_error(403), http_error(404),
+            ValueError("BuilderConfig 'sample-10BT' not found. Available: ['default']"),
+            PermissionError(13, "Permission denied")]
+
+
+@pytest.mark.parametrize("transient", [True, False])
+def test_which_errors_are_retried(transient):
+    for error in transient_errors() if transient else permanent_errors():
+        assert prepare.is_transient(error) is transient, repr(error)
+
+
+def test_errors_no_retry_can_fix_end_at_once_in_one_line(tmp_path, monkeypatch, capsys, no_network):
+    """Listing the hub's files (the first thing that needs the network) fails: a dataset the hub does
+    not know ends the run at the first failure; a server error is retried, and the run goes on."""
+    import datasets
+
+    write_stand_in(tmp_path / "hub")
+    files = sorted(str(p) for p in (tmp_path / "hub").glob("*.parquet"))
+    monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)  # the hub's files, listed by (a fake) datasets
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(prepare, "RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(prepare, "FINEWEB_EDU_TOKENS", 10**6)  # for the disk-space estimate
+    for error, calls, message in ((permanent_errors()[1], 1, "doesn't exist on the Hub or cannot be accessed"),
+                                  (http_error(503), 2, None)):
+        builder = FakeBuilder([error], files)
+        monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+        out = tmp_path / f"out{calls}"
+        if message:
+            assert prepare.main(["fineweb-edu", "--out_dir", str(out), "--num_proc", "1"]) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith("error: listing the files of HuggingFaceFW/fineweb-edu "
+                                                           "(sample-10BT): ") and message in err, err
+            assert not list(out.glob("*"))
+        else:
+            prepare.prepare("fineweb-edu", str(out), shard_size=1000, show_progress=False)
+            assert capsys.readouterr().err.count("retrying in") == 1
+            assert json.loads((out / "manifest.json").read_text())["source_files"] == files
+        assert builder.calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT")] * calls
+
+
+class FakeBuilder:
+    """Stands in for datasets.load_dataset_builder: raises `errors` in turn, then lists `files`."""
+
+    def __init__(self, errors, files):
+        self.errors, self.files, self.calls = list(errors), files, []
+
+    def __call__(self, path, name=None):
+        from types import SimpleNamespace
+
+        self.calls.append((path, name))
+        if self.errors:
+            raise self.errors.pop(0)
+        return SimpleNamespace(config=SimpleNamespace(data_files={"train": self.files}))
+
+
+def test_fineweb_edu_offline_is_one_line_at_once(tmp_path):
+    """The real datasets library, offline (HF_HUB_OFFLINE), with the real pause between retries: no
+    retry, one line, nothing written."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import OFFLINE_ENV, REPO
+
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import prepare; "
+            "prepare.FINEWEB_EDU_TOKENS = 10**6; "  # the disk-space check passes on a small disk too
             "sys.exit(prepare.main(['fineweb-edu', '--num_proc', '1']))")
+    env = {k: v for k, v in os.environ.items() if k != prepare.STAND_IN_ENV}
+    start = time.time()
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **OFFLINE_ENV, "HF_DATASETS_OFFLINE": "1"})
+                       env={**env, **OFFLINE_ENV})
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: downloading HuggingFaceFW/fineweb-edu (sample-10BT) failed 5 times"), r.stderr
-    assert r.stderr.count("retrying in") == 4
+    assert r.stderr.startswith("error: fineweb-edu streams HuggingFaceFW/fineweb-edu from the Hugging Face Hub, "
+                               "but offline mode is on (HF_HUB_OFFLINE)") and r.stderr.count("\n") == 1, r.stderr
+    assert time.time() - start < prepare.RETRY_PAUSE_S  # not a single pause
     out = tmp_path / "data" / "fineweb-edu"  # the default out_dir
-    assert out.is_dir() and not list(out.glob("*.npy"))
+    assert out.is_dir() and not list(out.glob("*"))
+
+
+def test_an_older_manifest_without_positions_resumes_by_the_files_footers(tmp_path, stand_in, monkeypatch):
+    """A manifest written before shards recorded their file and row (only next_document): the repeat
+    skips whole files and row groups by what their footers say, and reads no row before its document."""
+    docs, files, expected = stand_in
+    out = tmp_path / "run"
+    prepare.prepare("fineweb-edu", str(out), shard_size=1000, show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["source_files"]
+    manifest["shards"], manifest["complete"] = manifest["shards"][:15], False
+    for shard in manifest["shards"]:
+        del shard["next_file"], shard["next_row"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    reads = record_reads(monkeypatch)
+    prepare.prepare("fineweb-edu", str(out), shard_size=1000, show_progress=False)
+    shards = {name: data for name, data in folder_bytes(out).items() if name.endswith(".npy")}
+    assert shards == {name: data for name, data in expected.items() if name.endswith(".npy")}
+    next_document = manifest["shards"][-1]["next_document"]
+    assert reads[0] == (next_document // ROWS, next_document % ROWS // ROW_GROUP * ROW_GROUP)
+
+
+# ----------------------------------------------------------------------------- disk space
+
+
+@pytest.mark.parametrize("source", ["book.txt", "fineweb-edu"])
+def test_too_little_disk_space_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, source):
+    """A text of ~70 kB needs ~35 kB of shards, FineWeb-Edu ~20 GB; the disk has 10 kB, or 10 GB, free."""
+    import shutil
+
+    (tmp_path / "book.txt").write_text(" ".join(make_documents(200, seed=4)))
+    free = 10_000 if source == "book.txt" else 10 * 10**9
+    usage = type(shutil.disk_usage(tmp_path))(10**12, 10**12 - free, free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert prepare.main([source, "--out_dir", "data/out", "--num_proc", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: not enough disk space: 'data/out' has ") and err.count("\n") == 1, err
+    assert ("20.0 GB" in err) == (source == "fineweb-edu")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("fail_at,code", [(1, errno.ENOSPC), (2, errno.ENOSPC), (5, errno.ENOSPC), (8, errno.EFBIG)],
+                         ids=["first_manifest", "first_shard", "manifest", "shard_too_big"])
+def test_a_disk_that_fills_up_ends_the_run_in_one_line_and_the_same_command_continues(
+        tmp_path, reference, monkeypatch, capsys, fail_at, code):
+    """The fail_at-th file write (a shard or the manifest) finds the disk full halfway through: one line
+    naming the file, no temporary file left, what was written before intact; after space is freed the
+    same command finishes with the uninterrupted run's files."""
+    folder, expected = reference
+    write = prepare.write_atomically
+    writes = []
+
+    def filling_write(path, writer):
+        writes.append(path)
+        return write(path, half_then_full if len(writes) == fail_at else writer)
+
+    def half_then_full(f):
+        f.write(b"\x93NUMPY half")
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(prepare, "write_atomically", filling_write)
+    args = [str(folder), "--out_dir", str(tmp_path / "run"), "--shard_size", "1000", "--num_proc", "1"]
+    assert prepare.main(args) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert last == f"error: disk full: writing {writes[-1]} failed ({os.strerror(code)}); free some space and run " \
+                   "the same command to continue"
+    written = folder_bytes(tmp_path / "run")
+    manifest = json.loads(written.get("manifest.json", '{"shards": []}'))
+    assert not [name for name in written if name.endswith(".tmp")]
+    assert all(written[s["file"]] == expected[s["file"]] for s in manifest["shards"])  # the uninterrupted run's
+    monkeypatch.setattr(prepare, "write_atomically", write)
+    assert prepare.main(args) == 0
+    assert folder_bytes(tmp_path / "run") == expected
 
 
 # ----------------------------------------------------------------------------- the command line
