@@ -530,15 +530,19 @@ def test_an_older_manifest_without_positions_resumes_by_the_files_footers(tmp_pa
 
 
 @pytest.mark.parametrize("source", ["book.txt", "fineweb-edu"])
-def test_too_little_disk_space_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, source):
+def test_too_little_disk_space_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, no_network,
+                                                                     source):
     """A text of ~70 kB needs ~35 kB of shards, FineWeb-Edu ~20 GB; the disk has 10 kB, or 10 GB, free."""
     import shutil
+
+    import datasets
 
     (tmp_path / "book.txt").write_text(" ".join(make_documents(200, seed=4)))
     free = 10_000 if source == "book.txt" else 10 * 10**9
     usage = type(shutil.disk_usage(tmp_path))(10**12, 10**12 - free, free)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
-    monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)
+    monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)  # FineWeb-Edu on the hub, refused before it is reached
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # (and if it were not: offline, at once)
     monkeypatch.chdir(tmp_path)
     assert prepare.main([source, "--out_dir", "data/out", "--num_proc", "1"]) == 1
     err = capsys.readouterr().err
