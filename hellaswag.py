@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from machinery import (DTYPES, HELLASWAG_REFERENCE, ArgumentParser, first_line, get_tokenizer, load_checkpoint,
-                       print0, write_atomically)
-from train_gpt2 import GPT, make_precision, model_from_checkpoint, resolve_device
+                       load_weights, print0, write_atomically)
+from train_gpt2 import GPT, GPTConfig, make_precision, resolve_device
 
 DATASET = ("Rowan/hellaswag", "validation")  # on the Hugging Face hub; its labels are strings
 N_VALIDATION = 10_042  # items in the validation split: a download with fewer is incomplete
@@ -199,7 +199,10 @@ def load_model(args):
         path = os.path.join(args.out_dir, "ckpt.pt")
         if not os.path.isfile(path):
             raise ValueError(f"no checkpoint in {args.out_dir!r} (looked for {path}); or evaluate --init_from")
-        return model_from_checkpoint(load_checkpoint(path), path), args.out_dir
+        ckpt = load_checkpoint(path)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        load_weights(model, ckpt, path)
+        return model, args.out_dir
     return GPT.from_pretrained(args.init_from), args.init_from
 
 

@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -46,7 +47,11 @@ def first_line(error):
     return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
 
 
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space left, file too large, quota exceeded
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, too large, quota
+
+
+class DiskFull(OSError):
+    """A write found the disk full (or the file too large for it); what was there before is intact."""
 
 
 def disk_full_error(error):
@@ -60,8 +65,8 @@ def disk_full_error(error):
 
 def write_atomically(path, write):
     """write(f) into a temporary file beside `path`, then rename it to `path`: a reader, or a run killed
-    half way, sees the old file or the new one, never half of one. A full disk is one clear OSError,
-    with the old file intact and no temporary file left."""
+    half way, sees the old file or the new one, never half of one. A full disk raises DiskFull, with
+    the old file intact and no temporary file left."""
     tmp = path + ".tmp"  # same folder, so os.replace is a rename on one filesystem
     try:
         with open(tmp, "wb") as f:
@@ -74,8 +79,7 @@ def write_atomically(path, write):
             os.remove(tmp)
         full = disk_full_error(e)
         if full is not None:
-            raise OSError(full.errno, f"could not write {path}: the disk is full ({os.strerror(full.errno)}); "
-                          "the previous file is intact: free some space and run the same command again") from None
+            raise DiskFull(f"disk full: writing {path} failed ({os.strerror(full.errno)})") from None
         raise
 
 
@@ -162,6 +166,7 @@ def _tokenize_file(path, mtime_ns, size):
 
 
 MANIFEST = "manifest.json"  # prepare.py's index of a folder of token shards; its format is described there
+FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # the reproduction's data: ~10B GPT-2 tokens
 
 
 def read_manifest(data_dir):
@@ -247,21 +252,30 @@ def check_config(cfg):
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if cfg.vocab_size < GPT2_VOCAB_SIZE and cfg.init_from == "scratch":
         raise ValueError(f"--vocab_size {cfg.vocab_size} is below the tokenizer's {GPT2_VOCAB_SIZE} ids")
+    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--wandb_project needs the wandb package, which is not installed: pip install wandb")
 
 
 def check_data(cfg):
     """The data a run will read is there (checked before a model is built for it)."""
-    if cfg.max_steps and cfg.data_dir:
+    reads_data = cfg.max_steps or cfg.eval_only
+    if reads_data and cfg.data_dir:
         read_manifest(cfg.data_dir)
-    elif cfg.max_steps and not os.path.isfile(cfg.input_file):
+    elif reads_data and not os.path.isfile(cfg.input_file):
         raise ValueError(f"input file {cfg.input_file!r} not found")
 
 
-def describe_model(model, init_from):
+def describe_model(model, cfg, ckpt, ckpt_path):
+    """The model's line, and a line on the checkpoint it resumes or that a fresh run will replace."""
     n_params = sum(p.numel() for p in model.parameters())  # the tied matrix counts once
     c = model.config
-    return (f"model {init_from} | {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, "
-            f"vocab {c.vocab_size}, block {c.block_size} | {n_params:,} parameters")
+    lines = [f"model {cfg.init_from} | {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, "
+             f"vocab {c.vocab_size}, block {c.block_size} | {n_params:,} parameters"]
+    if ckpt is not None:
+        lines.append(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    elif os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
+        lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own")
+    return "\n".join(lines)
 
 
 def describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps):
@@ -274,6 +288,15 @@ def describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, g
     return (f"data {cfg.data_dir} | {len(train_loader.shards)} train shards, {train_loader.n_tokens:,} tokens | "
             f"{n_val} val shards, {val_loader.n_tokens if val_loader else 0:,} tokens | "
             f"shuffle {'on' if train_loader.shuffle else 'off'} | {batch}")
+
+
+def describe_evaluation(step, results):
+    lines = []
+    if "val_loss" in results:
+        lines.append(f"step {step:5d} | val loss {results['val_loss']:.4f}")
+    if "hellaswag_acc_norm" in results:
+        lines.append(f"step {step:5d} | hellaswag acc_norm {results['hellaswag_acc_norm']:.4f}")
+    return "\n".join(lines)
 
 
 def describe_optimizer(optimizer):
@@ -428,6 +451,20 @@ def keep_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and keep the heap's free top instead of returning it
 
 
+def check_device(name, device_type):
+    if device_type not in ("cpu", "cuda", "mps") or (":" in name and not name.split(":")[1].isdigit()):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested but MPS is not available")
+
+
+def check_block_size(T, block_size):
+    if T > block_size:
+        raise ValueError(f"T={T} exceeds block_size={block_size}; lower --T")
+
+
 def check_one_process_per_gpu(world_size):
     """torchrun must start at most one process per GPU of the node. Every rank checks the node's
     process count, not only its own rank, so that all of them stop with the same line instead of some
@@ -477,6 +514,44 @@ def compile_model(model, B, T, device, autocast):
 
 
 # -----------------------------------------------------------------------------
+# How well the hardware is used: the model's FLOPs per second against the GPU's peak
+
+# Dense bfloat16 tensor-core peaks in TFLOP/s (without sparsity: NVIDIA quotes twice these "with
+# sparsity"), from NVIDIA's datasheets and architecture whitepapers, matched against
+# torch.cuda.get_device_name() in this order (the first match wins).
+BF16_PEAK_TFLOPS = (
+    (r"H100.*PCIe", 756.5),  # H100 PCIe datasheet: 1,513 with sparsity
+    (r"H100 NVL", 835.5),  # H100 NVL datasheet: 1,671 with sparsity
+    (r"H100", 989.5),  # H100 SXM5 datasheet ("NVIDIA H100 80GB HBM3"): 1,979 with sparsity
+    (r"H200 NVL", 835.5),  # H200 NVL datasheet: 1,671 with sparsity
+    (r"H200", 989.5),  # H200 SXM datasheet: 1,979 with sparsity
+    (r"A100", 312.0),  # A100 datasheet, SXM4 and PCIe, 40 and 80 GB: 624 with sparsity
+    (r"L40S", 362.05),  # L40S datasheet: 733 with sparsity
+    (r"\bL40\b", 181.05),  # L40 datasheet: 362.1 with sparsity
+    (r"\bL4\b", 121.0),  # L4 datasheet: 242 with sparsity
+    (r"\bA10\b", 125.0),  # A10 datasheet: 250 with sparsity (not the A10G, whose clocks differ)
+    (r"RTX A6000", 154.8),  # RTX A6000 datasheet: 309.7 with sparsity
+    (r"RTX 4090", 165.2),  # Ada (AD102) whitepaper, BF16 with FP32 accumulate: 330.4 with sparsity
+    (r"RTX 3090", 71.0),  # Ampere (GA102) whitepaper, BF16 with FP32 accumulate: 142 with sparsity
+)
+
+
+def bf16_peak_tflops(device_type):
+    """The dense bf16 peak of this process's GPU, or None where it is not known (CPUs, MPS, other GPUs)."""
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for pattern, peak in BF16_PEAK_TFLOPS if re.search(pattern, name)), None)
+
+
+def hardware_use(flops_per_token, tokens, seconds, peak_tflops):
+    """{"tflops": model TFLOP/s of one process, "mfu": percent of the bf16 peak, where it is known}.
+    Model FLOPs count the arithmetic the model needs, not what the kernels do (no recomputation)."""
+    tflops = flops_per_token * tokens / seconds / 1e12
+    return dict(tflops=tflops, **({"mfu": 100 * tflops / peak_tflops} if peak_tflops else {}))
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints and the random state they carry
 
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "train_loader", "rng")
@@ -514,9 +589,15 @@ def checkpoint_state(model, optimizer, scaler, step, train_config, train_loader,
     return state
 
 
+RESUME_HINT = "the last checkpoint is intact: free some space and continue with --resume"
+
+
 def save_checkpoint(state, path):
     """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was."""
-    write_atomically(path, lambda f: torch.save(state, f))
+    try:
+        write_atomically(path, lambda f: torch.save(state, f))
+    except DiskFull as e:
+        raise DiskFull(f"{e}; {RESUME_HINT}") from None
 
 
 def load_checkpoint(path):
@@ -610,14 +691,23 @@ class StopRequested:
         self.restore()
 
 
+def mean_over_ranks(tensor):
+    """The tensor averaged over all torchrun processes (itself in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)  # SUM then divide: gloo lacked AVG
+        tensor /= dist.get_world_size()
+    return tensor
+
+
 def loss_and_stop_over_ranks(loss, stop_requested, device):
     """The loss averaged over ranks, and whether any rank was asked to stop: one collective per step."""
-    flags = torch.stack([loss.float(), torch.tensor(float(stop_requested), device=device)])
-    world_size = 1
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.SUM)  # SUM then divide: gloo lacked AVG
-        world_size = dist.get_world_size()
-    return flags[0].item() / world_size, flags[1].item() > 0  # .item() waits for the device: once per step
+    flags = mean_over_ranks(torch.stack([loss.float(), torch.tensor(float(stop_requested), device=device)]))
+    return flags[0].item(), flags[1].item() > 0  # .item() waits for the device: once per step
+
+
+def checkpoint_due(step, checkpoint_interval):
+    """Whether --checkpoint_interval asks for a checkpoint after this step (the last step always saves)."""
+    return bool(checkpoint_interval) and (step + 1) % checkpoint_interval == 0
 
 
 def check_finite(loss, step, out_dir):
@@ -653,33 +743,76 @@ def step_line(record, step_times, max_steps):
     typical = np.median(step_times[1:] if len(step_times) > 1 else step_times)  # step 0 warms up
     eta = format_seconds(typical * (max_steps - record["step"] - 1))
     return (f"step {record['step']:5d} | loss {record['loss']:.6f} | lr {record['lr']:.1e} | "
-            f"norm {record['norm']:.2f} | {record['ms']:.1f} ms | {record['tok_per_s']:,.0f} tok/s | eta {eta}")
+            f"norm {record['norm']:.2f} | {record['ms']:.1f} ms | {record['tok_per_s']:,.0f} tok/s | "
+            f"{record['tflops']:.2f} TFLOP/s" + (f" | MFU {record['mfu']:.1f}%" if "mfu" in record else "") +
+            f" | eta {eta}")
+
+
+# The marks a GPT-2 (124M) reproduction is measured against, for the picture:
+# OpenAI's GPT-2 124M on the first 100M tokens of FineWeb-Edu sample-10BT in GPT-2 tokens (prepare.py's
+# val_000000.npy), as published with the classic reproduction (build-nanogpt), which used that same shard
+GPT2_FINEWEB_EDU_VAL_LOSS = 3.2924
+GPT3_SMALL_HELLASWAG = 0.337  # GPT-3 Small (125M), zero-shot HellaSwag in the GPT-3 paper: the next mark
+
+
+def gpt2_val_loss_on(data_dir):
+    """GPT-2 124M's published validation loss on data_dir's first shard, where it is known: FineWeb-Edu
+    sample-10BT prepared by prepare.py. None for other data (get it with --init_from gpt2 --eval_only)."""
+    if not data_dir:
+        return None
+    with open(os.path.join(data_dir, MANIFEST)) as f:
+        manifest = json.load(f)
+    fineweb = manifest.get("source") == ":".join(FINEWEB_EDU) and manifest.get("tokenizer") == "gpt2"
+    return GPT2_FINEWEB_EDU_VAL_LOSS if fineweb else None
+
+
+def start_wandb(cfg):
+    """A Weights & Biases run that receives the run's config and every log record. wandb is imported
+    only here: it is optional. WANDB_MODE=offline records it locally (wandb sync uploads it later)."""
+    import wandb
+
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=asdict(cfg))
+    except Exception as e:  # no login, no network in online mode, ...: wandb's own errors
+        raise ValueError(f"could not start wandb: {first_line(e)} (WANDB_MODE=offline logs without a network)") from None
 
 
 class RunLog:
     """out_dir/log.jsonl, one JSON object per step (pandas.read_json(path, lines=True) reads it back),
-    and out_dir/progress.png drawn from it. Only rank 0 writes; on the other ranks this does nothing.
-    A resume keeps the records before its checkpoint and redoes the rest."""
+    out_dir/progress.png drawn from it, and with --wandb_project the same records sent to Weights &
+    Biases. Only rank 0 writes; on the other ranks this does nothing. A resume keeps the records before
+    its checkpoint (sent to W&B again, so its run is whole) and redoes the rest."""
 
-    def __init__(self, out_dir, resume, start_step):
-        self.out_dir, self.file = out_dir, None
+    def __init__(self, cfg, start_step):
+        self.out_dir, self.file, self.tracker = cfg.out_dir, None, None
         if int(os.environ.get("RANK", 0)) != 0:
             return
-        os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "log.jsonl")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.gpt2_val_loss = gpt2_val_loss_on(cfg.data_dir)
         kept = []
-        if resume and os.path.exists(self.path):
+        if cfg.resume and os.path.exists(self.path):
             with open(self.path) as f:
                 kept = [r for r in map(parse_log_line, f) if r is not None and r["step"] < start_step]
-        self.file = open(self.path, "w")
-        self.file.writelines(json.dumps(r) + "\n" for r in kept)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        write_atomically(self.path, lambda f: f.write(text.encode()))  # a full disk loses no record
+        self.file = open(self.path, "a")
+        if cfg.wandb_project:
+            self.tracker = start_wandb(cfg)
+            for record in kept:
+                self.tracker.log(record, step=record["step"])
 
     def write(self, record, picture=False):
         """Append one record; with picture=True also redraw progress.png."""
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: one line, and the checkpoint from before is intact
+            raise DiskFull(f"disk full: writing {self.path} failed ({e.strerror}); {RESUME_HINT}") from None
+        if self.tracker is not None:
+            self.tracker.log(record, step=record["step"])
         if picture:
             self.draw()
 
@@ -688,13 +821,15 @@ class RunLog:
         if self.file is None:
             return
         try:
-            plot_log(self.path, os.path.join(self.out_dir, "progress.png"))
+            plot_log(self.path, os.path.join(self.out_dir, "progress.png"), self.gpt2_val_loss)
         except Exception as e:  # no matplotlib, a full disk, ...: say so, train on
             print0(f"could not draw progress.png: {first_line(e)}")
 
     def close(self):
         if self.file is not None:
             self.file.close()
+        if self.tracker is not None:
+            self.tracker.finish()
 
     def __enter__(self):
         return self
@@ -703,9 +838,11 @@ class RunLog:
         self.close()
 
 
-def plot_log(log_path, png_path):
-    """Draw a run from its log.jsonl alone (a finished run, or one still going): training loss per step,
-    raw and smoothed, validation loss, and HellaSwag acc_norm with GPT-2 124M's as a dashed line."""
+def plot_log(log_path, png_path, gpt2_val_loss=None):
+    """Draw a run from its log.jsonl (a finished run, or one still going): training loss per step, raw
+    and smoothed, validation loss, and HellaSwag acc_norm, with OpenAI's marks as dashed lines: GPT-2
+    124M's HellaSwag, GPT-3 Small's as the next one, and GPT-2's validation loss on this data where it
+    is known (gpt2_val_loss: 3.2924 on FineWeb-Edu shards from prepare.py; RunLog passes it)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -724,6 +861,8 @@ def plot_log(log_path, png_path):
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if val:
         ax_loss.plot(*zip(*val), "o-", color="tab:orange", label="val loss")
+    if gpt2_val_loss is not None:
+        ax_loss.axhline(gpt2_val_loss, color="gray", linestyle="--", label="GPT-2 124M val loss (OpenAI)")
     ax_loss.set(xlabel="step", ylabel="loss")
     ax_loss.legend()
     hs = [(r["step"], r["hellaswag_acc_norm"]) for r in records if "hellaswag_acc_norm" in r]
@@ -732,6 +871,7 @@ def plot_log(log_path, png_path):
     else:
         ax_hs.text(0.5, 0.6, "not evaluated in this run (--hellaswag)", ha="center", transform=ax_hs.transAxes)
     ax_hs.axhline(HELLASWAG_REFERENCE["gpt2"][1], color="gray", linestyle="--", label="GPT-2 124M (OpenAI)")
+    ax_hs.axhline(GPT3_SMALL_HELLASWAG, color="black", linestyle="--", label="GPT-3 Small 124M (paper)")
     ax_hs.axhline(0.25, color="lightgray", linestyle=":", label="chance")
     ax_hs.set(xlabel="step", ylabel="HellaSwag acc_norm", xlim=ax_loss.get_xlim())
     ax_hs.legend()

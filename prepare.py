@@ -36,7 +36,6 @@ during the run ends it in one line, and the same command continues once space is
 """
 
 import argparse
-import errno
 import glob
 import hashlib
 import json
@@ -48,10 +47,9 @@ import time
 
 import numpy as np
 
-from machinery import ArgumentParser, first_line, get_tokenizer
+from machinery import FINEWEB_EDU, MANIFEST, ArgumentParser, DiskFull, first_line, get_tokenizer, write_atomically
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16
-FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # ~10B GPT-2 tokens in ~9.7M documents
 FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only
 EOT = 50256  # <|endoftext|>: starts every document
 VAL_FRACTION = 0.1  # of a corpus that fits in one shard
@@ -60,8 +58,6 @@ DOWNLOAD_RETRIES, RETRY_PAUSE_S = 5, 10.0  # hub streaming: tries in a row befor
 STAND_IN_ENV = "PREPARE_FINEWEB_EDU_FOLDER"  # names a folder of parquet files read in place of the hub's (tests)
 TEXT_BYTES_PER_TOKEN = 4  # GPT-2 on English: ~4 bytes of UTF-8 a token; for the disk-space estimate only
 DISK_SLACK = 0.9  # refuse to start below 90% of the estimated space: it is an estimate, and a full disk is survivable
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, file too big, quota
-MANIFEST = "manifest.json"
 
 
 class PrepareError(Exception):
@@ -366,16 +362,6 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def write_atomically(path, write):
-    """write(file) to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Cuts the token stream into shards and keeps the manifest up to date after each one.
 
@@ -434,7 +420,7 @@ class ShardWriter:
         index = len(self.manifest["shards"])
         file = f"{split}_{index:06d}.npy"
         path = os.path.join(self.out_dir, file)
-        self.write_file(path, lambda f: np.save(f, tokens))
+        write_atomically(path, lambda f: np.save(f, tokens))
         end = sum(s["tokens"] for s in self.manifest["shards"]) + len(tokens)  # stream position after it
         if ends is None:  # at the end of the stream
             next_document, next_offset = self.documents, 0
@@ -453,20 +439,7 @@ class ShardWriter:
 
     def save_manifest(self):
         text = json.dumps(self.manifest, indent=1) + "\n"
-        self.write_file(os.path.join(self.out_dir, MANIFEST), lambda f: f.write(text.encode()))
-
-    def write_file(self, path, write):
-        """write_atomically, leaving no temporary file when it fails; a full disk is one line that says
-        what to do: the shards and manifest written so far are intact, and the same command continues."""
-        try:
-            write_atomically(path, write)
-        except OSError as e:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            if e.errno in DISK_FULL:
-                raise PrepareError(f"disk full: writing {path} failed ({os.strerror(e.errno)}); "
-                                   "free some space and run the same command to continue") from None
-            raise
+        write_atomically(os.path.join(self.out_dir, MANIFEST), lambda f: f.write(text.encode()))
 
 
 def start_manifest(out_dir, source_name, shard_size):
@@ -583,6 +556,9 @@ def main(argv=None):
         if args.shard_size < 2 or args.num_proc < 1:
             raise PrepareError("--shard_size must be at least 2 and --num_proc at least 1")
         manifest = prepare(args.source, out_dir, args.shard_size, args.num_proc)
+    except DiskFull as e:  # the shards and manifest written so far are intact
+        print(f"error: {e}; free some space and run the same command to continue", file=sys.stderr, flush=True)
+        return 1
     except (PrepareError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -3,22 +3,20 @@ Train GPT-2 from scratch, or fine-tune / sample OpenAI's GPT-2 weights: the stor
 
     setup:       pip install -r requirements.txt
     CPU/GPU/MPS: python train_gpt2.py                       (GPT-2 124M, 50 steps on input.txt)
-    tiny model:  python train_gpt2.py --n_layer 4 --n_head 4 --n_embd 128 --max_steps 200
+    tiny model:  python train_gpt2.py --n_layer 4 --n_head 4 --n_embd 256 --B 16 --T 128 --lr 2e-3 ...
     sample:      python train_gpt2.py --init_from gpt2 --max_steps 0 --prompt "Hello, I'm a"
     shards:      python prepare.py fineweb-edu && python train_gpt2.py --data_dir data/fineweb-edu ...
     8 GPUs:      torchrun --standalone --nproc_per_node=8 train_gpt2.py --B 64 --T 1024 ...
     HellaSwag:   the same command plus --hellaswag auto (or a local jsonl file)
+    GPT-2's bar: python train_gpt2.py --init_from gpt2 --data_dir data/fineweb-edu --eval_only
     resume:      the same command plus --resume
     redraw:      python -c "from train_gpt2 import plot_log; plot_log('out/log.jsonl', 'run.png')"
     options:     python train_gpt2.py --help
 
-Reading order: the model (GPTConfig, CausalSelfAttention, MLP, Block, GPT), the data (DataLoaderLite
-for a text file or prepare.py's shards), device, precision and seeding, the learning rate (get_lr),
-the settings (TrainConfig), then the run: its setup, one optimizer step's gradients, evaluation, and
-train() with the loop, then main(). What a first reading may skip (the command line, checkpoint files,
-the log and its picture, hardware quirks) lives in machinery.py, called by names that say what it does.
-Shapes in comments: B batch, T time (sequence length), C channels (n_embd), nh heads, hs head size,
-V vocabulary size.
+Reading order: the model, the data, device and precision, the learning rate, the settings, then the
+run: setup, gradients, evaluation, train() with the loop, main(). What a first reading may skip (the
+command line, checkpoint files, the log and its picture, hardware quirks) is in machinery.py, called by
+names that say what it does. Shapes: B batch, T time, C channels, nh heads, hs head size, V vocabulary.
 """
 
 import contextlib
@@ -39,12 +37,13 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from machinery import (DTYPES, GPT2_VOCAB_SIZE, ChunkedCrossEntropy, RunLog, StopRequested, TrainingDiverged,
-                       attention_kernels, check_config, check_data, check_finite, check_one_process_per_gpu, check_resume,
-                       checkpoint_state, compile_model, describe_data, describe_model, describe_optimizer,
-                       describe_outputs, export_to_transformers, flag, get_tokenizer, keep_freed_memory,
-                       load_checkpoint, load_transformers_gpt2, load_weights, loss_and_stop_over_ranks,
-                       parse_args, print0, resolve_dtype, restore_training_state, save_checkpoint, shard_files,
-                       step_line, text_file_split)
+                       attention_kernels, bf16_peak_tflops, check_block_size, check_config, check_data,
+                       check_device, check_finite, check_one_process_per_gpu, check_resume, checkpoint_due,
+                       checkpoint_state, compile_model, describe_data, describe_evaluation, describe_model,
+                       describe_optimizer, describe_outputs, export_to_transformers, flag, get_tokenizer,
+                       hardware_use, keep_freed_memory, load_checkpoint, load_transformers_gpt2, load_weights,
+                       loss_and_stop_over_ranks, mean_over_ranks, parse_args, print0, resolve_dtype,
+                       restore_training_state, save_checkpoint, shard_files, step_line, text_file_split)
 from machinery import plot_log  # noqa: F401 (importable from here: the README's redraw command)
 
 # -----------------------------------------------------------------------------
@@ -196,19 +195,24 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # The fused kernel updates all tensors in one pass: on CUDA and on CPU it beats the default
-        # per-tensor loop (on 2 CPU cores: ~45 ms vs ~200 ms for 124M parameters) with equal results.
+        # fused: all tensors in one pass; on CUDA and CPU faster than the loop (2 cores: 45 vs 200 ms)
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  **(dict(fused=True) if fused else {}))
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token at sequence length T (forward 2 and backward 4 per weight of a matmul):
+        6 N, N the parameters without the position table (a lookup, no matmul; the tied token matrix is
+        counted once, for lm_head), plus attention's own matmuls, q @ k^T and att @ v: 12 n_layer C T."""
+        n_params = sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+        return 6 * n_params + 12 * self.config.n_layer * self.config.n_embd * T
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None, sdpa=True):
         """GPT-2 weights from the Hugging Face hub by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
         or from a local directory written by save_pretrained (the offline path).
 
-        vocab_size pads the token table (e.g. to 50304); the extra rows keep their fresh init.
-        sdpa chooses the attention path, as in GPTConfig."""
+        vocab_size pads the token table (e.g. to 50304; the extra rows keep their fresh init)."""
         if name_or_path not in PRETRAINED and not os.path.isdir(name_or_path):
             raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
                              "or a directory written by save_pretrained")
@@ -271,24 +275,20 @@ class GPT(nn.Module):
 
 
 class DataLoaderLite:
-    """Serves (x, y) batches of shape (B, T) in order; y is x shifted by one.
-
-    Two sources, one way of reading them:
-    - a text file (input_file): tokenized in memory; split None uses all of it, "train" the first 90%
-      of its tokens, "val" the last 10%.
-    - a folder prepared by prepare.py (data_dir): the split's shards, memory-mapped one at a time, so
-      memory stays flat however large the corpus. Training visits the shards in a new order each epoch
-      (seeded by seed and the epoch) unless shuffle is False; validation always in manifest order.
-
-    Batches are contiguous windows of W = B*T*num_processes tokens; rank r reads x = window[r*B*T :
-    (r+1)*B*T] and y the same shifted by one. A shard of L tokens serves the window at p = 0, W, 2W, ...
-    exactly when p + W + 1 <= L (the +1: the last target), then the next shard begins."""
+    """Serves (x, y) batches of shape (B, T) in order; y is x shifted by one. Two sources:
+    - a text file (input_file), tokenized in memory: all of it (split None), the first 90% ("train")
+      or the last 10% ("val");
+    - a folder from prepare.py (data_dir): the split's shards, memory-mapped one at a time, so memory
+      stays flat however large the corpus; training reads them in a new seeded order each epoch
+      (unless shuffle is False), validation in manifest order.
+    Batches are windows of W = B*T*num_processes tokens; rank r reads x = window[r*B*T : (r+1)*B*T] and
+    y one token later. A shard of L tokens serves the windows at p = 0, W, 2W, ... while p + W + 1 <= L
+    (the +1: the last target), then the next shard begins."""
 
     def __init__(self, B, T, input_file="input.txt", split=None, process_rank=0, num_processes=1,
                  val_fraction=0.1, data_dir=None, shuffle=True, seed=1337):
-        self.B, self.T = B, T
+        self.B, self.T, self.seed = B, T, seed
         self.process_rank, self.num_processes = process_rank, num_processes
-        self.seed = seed
         # each shard holds at least one window: a batch for every process, plus the last target
         if data_dir is not None:  # shard files, memory-mapped one at a time by load_shard
             self.shards, self.n_tokens = shard_files(data_dir, split, B, T, num_processes)
@@ -349,17 +349,12 @@ def resolve_device(name="auto"):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = name.split(":")[0]
-    if device_type not in ("cpu", "cuda", "mps") or (":" in name and not name.split(":")[1].isdigit()):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} requested but MPS is not available")
+    check_device(name, device_type)  # a known name, and present on this machine
     return name, device_type
 
 
 def make_precision(dtype_name, device_type):
-    """The autocast context and the loss scaler for --dtype (resolve_dtype: what "auto" picks, and why)."""
+    """The dtype, autocast context and loss scaler for --dtype (resolve_dtype: what "auto" picks, and why)."""
     dtype = resolve_dtype(dtype_name, device_type)
     # autocast takes the device TYPE ("cuda", never "cuda:3"); float32 means full precision, no autocast
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -370,10 +365,8 @@ def make_precision(dtype_name, device_type):
 
 def synchronize(device_type):
     """Wait for queued GPU work, to read a clock. CPU work is synchronous: nothing to wait for."""
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    elif device_type == "mps":
-        torch.mps.synchronize()
+    if device_type in ("cuda", "mps"):
+        getattr(torch, device_type).synchronize()  # torch.cuda.synchronize(), torch.mps.synchronize()
 
 
 def seed_everything(seed):
@@ -432,12 +425,15 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = flag(250, "steps between validation losses (and at the last step)")
     eval_iters: int = flag(20, "validation batches per evaluation")
+    eval_only: bool = flag(False, "evaluate once as a last step would (--init_from or --resume), then exit")
     hellaswag: str = flag("", "HellaSwag at every evaluation: a local jsonl file, or auto (downloaded once, cached)")
     sample_interval: int = flag(0, "steps between printed samples (0: only at the end)")
     checkpoint_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
     out_dir: str = flag("out", "where the run writes its log and checkpoint")
     resume: bool = flag(False, "continue from the checkpoint in out_dir")
     export_dir: str = flag("", "at the end, write a transformers GPT-2 directory here")
+    wandb_project: str = flag("", "also send the log's records and the config to this Weights & Biases project")
+    wandb_run_name: str = flag("", "the W&B run's name (empty: W&B picks one)")
     # sampling
     prompt: str = flag("Hello, I'm a language model,", "text the samples continue")
     num_samples: int = flag(4, "samples to print")
@@ -477,31 +473,20 @@ def batch_arithmetic(cfg, world_size):
     return total_batch_size, total_batch_size // tokens_per_micro_step
 
 
-def model_from_checkpoint(ckpt, path, sdpa=True):
-    """The GPT a checkpoint holds (its shape from the checkpoint, the attention path from the caller)."""
-    model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": sdpa}))
-    load_weights(model, ckpt, path)
-    return model
-
-
 def make_model(cfg, ckpt, ckpt_path):
     """The model to train: the checkpoint's when resuming, else fresh (scratch) or OpenAI's weights."""
     config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                        n_head=cfg.n_head, n_embd=cfg.n_embd, sdpa=cfg.sdpa)
     if ckpt is not None:
         check_resume(ckpt, ckpt_path, cfg.init_from, config)
-        model = model_from_checkpoint(ckpt, ckpt_path, cfg.sdpa)
+        model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))  # the checkpoint's shape
+        load_weights(model, ckpt, ckpt_path)
     elif cfg.init_from == "scratch":
         model = GPT(config)
     else:
         model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
-    if cfg.T > model.config.block_size:
-        raise ValueError(f"T={cfg.T} exceeds block_size={model.config.block_size}; lower --T")
-    print0(describe_model(model, cfg.init_from))
-    if ckpt is not None:
-        print0(f"resumed from {ckpt_path} at step {ckpt['step']}")
-    elif os.path.exists(ckpt_path) and cfg.max_steps:
-        print0(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own")
+    check_block_size(cfg.T, model.config.block_size)
+    print0(describe_model(model, cfg, ckpt, ckpt_path))
     return model
 
 
@@ -511,17 +496,25 @@ def make_loaders(cfg, rank, world_size):
         dict(input_file=cfg.input_file)
     train_loader = DataLoaderLite(cfg.B, cfg.T, split="train", process_rank=rank, num_processes=world_size, **source)
     try:
-        val_loader = DataLoaderLite(cfg.B, cfg.T, split="val", process_rank=rank, num_processes=world_size,
-                                    **source)
-    except ValueError as e:
-        val_loader = None
+        return train_loader, DataLoaderLite(cfg.B, cfg.T, split="val", process_rank=rank, num_processes=world_size,
+                                            **source)
+    except ValueError as e:  # too little data for one validation batch: train without
         print0(f"no validation: {e}")
-    return train_loader, val_loader
+        return train_loader, None
+
+
+def evaluate_only(model, cfg, rank, world_size, device, autocast, step):
+    """--eval_only: the evaluation a run makes at its last step, once; nothing trained, nothing written."""
+    _, val_loader = make_loaders(cfg, rank, world_size)
+    hellaswag_items = load_hellaswag(cfg.hellaswag) if cfg.hellaswag else None
+    if val_loader is None and hellaswag_items is None:
+        raise ValueError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
+    evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast)
+    return 0
 
 
 def load_hellaswag(source):
     import hellaswag  # only runs that ask for HellaSwag import it
-
     return hellaswag.load_items_across_ranks(source)
 
 
@@ -550,8 +543,7 @@ def forward_backward(model, loader, grad_accum_steps, autocast, scaler, device, 
 
 @torch.no_grad()
 def estimate_val_loss(model, loader, eval_iters, device, autocast):
-    """Mean loss over eval_iters batches from the start of `loader` (the same batches every time),
-    averaged over all ranks."""
+    """Mean loss over eval_iters batches from the start of `loader` (the same every time), over all ranks."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=device)
@@ -561,10 +553,7 @@ def estimate_val_loss(model, loader, eval_iters, device, autocast):
             _, loss = model(x.to(device), y.to(device))
         total += loss.float()
     model.train()
-    if dist.is_initialized():
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)  # SUM then divide: gloo lacked AVG
-        total /= dist.get_world_size()
-    return total.item() / eval_iters
+    return mean_over_ranks(total / eval_iters).item()
 
 
 def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
@@ -573,12 +562,10 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     results = {}
     if val_loader is not None:
         results["val_loss"] = estimate_val_loss(model, val_loader, cfg.eval_iters, device, autocast)
-        print0(f"step {step:5d} | val loss {results['val_loss']:.4f}")
     if hellaswag_items is not None:
-        import hellaswag
-
+        import hellaswag  # only runs that ask for HellaSwag import it
         results.update(hellaswag.evaluate_across_ranks(model, hellaswag_items, device, autocast))
-        print0(f"step {step:5d} | hellaswag acc_norm {results['hellaswag_acc_norm']:.4f}")
+    print0(describe_evaluation(step, results))
     return results
 
 
@@ -605,36 +592,34 @@ def print_samples(model, cfg, device, autocast, generator):
 def train(cfg, ddp, rank, world_size, device, device_type):
     """Set up, then the training loop. Returns 0, or 130 when a signal stopped it (after saving)."""
     master = rank == 0  # rank 0 logs, samples and saves
-    seed_everything(cfg.seed)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    # `raw_model` stays the plain module: evaluation, sampling and checkpoints use it, never the
-    # compiled or DDP-wrapped `model` below (the classic script broke both by going through compile)
+    # evaluation, sampling and checkpoints use the plain module, never the compiled or DDP-wrapped one
     raw_model = make_model(cfg, ckpt, ckpt_path).to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # its own stream, one per rank
     start_step = ckpt["step"] if ckpt else 0
+    if cfg.eval_only:  # the step it prints: the last one trained, as the run's last evaluation printed it
+        return evaluate_only(raw_model, cfg, rank, world_size, device, autocast, max(start_step - 1, 0))
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
-        if master:
-            finish(raw_model, cfg, device, autocast, sample_generator, trained=False)
-        return 0
+        return finish(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
     train_loader, val_loader = make_loaders(cfg, rank, world_size)
     print0(describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps))
     hellaswag_items = load_hellaswag(cfg.hellaswag) if cfg.hellaswag else None
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)
     print0(describe_optimizer(optimizer))
-    if ckpt:
+    if ckpt:  # the optimizer's moments, the data's position and the random streams, as they were
         restore_training_state(ckpt, optimizer, scaler, train_loader, sample_generator)
-        del ckpt  # free the CPU copy
+    del ckpt  # free the CPU copy
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
     if ddp:  # DDP averages gradients across processes during backward
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
+    flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
     step_times, stop_now = [], False
-    with StopRequested() as stop, RunLog(cfg.out_dir, cfg.resume, start_step) as log:
+    with StopRequested() as stop, RunLog(cfg, start_step) as log:
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
             last_step = step == cfg.max_steps - 1
@@ -652,7 +637,8 @@ def train(cfg, ddp, rank, world_size, device, device_type):
             dt = time.perf_counter() - t0
             check_finite(loss, step, cfg.out_dir)
             record = dict(step=step, loss=loss, lr=lr, norm=norm.item(), ms=dt * 1000,
-                          tok_per_s=total_batch_size / dt, tokens=(step + 1) * total_batch_size)
+                          tok_per_s=total_batch_size / dt, tokens=(step + 1) * total_batch_size,
+                          **hardware_use(flops_per_token, total_batch_size / world_size, dt, peak_tflops))
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
             evaluating = (step + 1) % cfg.eval_interval == 0 or last_step
@@ -661,29 +647,30 @@ def train(cfg, ddp, rank, world_size, device, device_type):
             log.write(record, picture=evaluating)  # progress.png redrawn at every evaluation
             if master and cfg.sample_interval and (step + 1) % cfg.sample_interval == 0 and not last_step:
                 print_samples(raw_model, cfg, device, autocast, sample_generator)
-            if master and (last_step or stop_now or
-                           (cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0)):
+            if master and (last_step or stop_now or checkpoint_due(step, cfg.checkpoint_interval)):
                 save_checkpoint(checkpoint_state(raw_model, optimizer, scaler, step + 1, cfg, train_loader,
                                                  sample_generator), ckpt_path)
             if stop_now:
                 log.draw()
                 print0(f"interrupted: saved step {step + 1} to {ckpt_path}; continue with --resume")
                 break
-    if master and not stop_now:
-        finish(raw_model, cfg, device, autocast, sample_generator, trained=True)
+    if not stop_now:
+        finish(raw_model, cfg, device, autocast, sample_generator, master, trained=True)
     if ddp:
         dist.barrier()  # no rank leaves while rank 0 still samples or saves (that can abort the group)
     return 130 if stop_now else 0
 
 
-def finish(model, cfg, device, autocast, generator, trained):
-    """Every run ends with a few samples, the export if one was asked for, and what it wrote."""
-    print_samples(model, cfg, device, autocast, generator)
-    if cfg.export_dir:
-        model.save_pretrained(cfg.export_dir)
-        print0(f"exported to {cfg.export_dir}")
-    if trained:
-        print0(describe_outputs(cfg.out_dir))
+def finish(model, cfg, device, autocast, generator, master, trained):
+    """Every run ends with a few samples, the export if one was asked for, and what it wrote (rank 0)."""
+    if master:
+        print_samples(model, cfg, device, autocast, generator)
+        if cfg.export_dir:
+            model.save_pretrained(cfg.export_dir)
+            print0(f"exported to {cfg.export_dir}")
+        if trained:
+            print0(describe_outputs(cfg.out_dir))
+    return 0
 
 
 def main(argv=None):
@@ -692,6 +679,8 @@ def main(argv=None):
         check_config(cfg)
         ddp, rank, world_size, device, device_type = start_processes(cfg.device)
         check_data(cfg)  # before anything heavy
+        seed_everything(cfg.seed)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
         with attention_kernels(device_type):  # for the whole run: torch.compile sees it while it traces
             return train(cfg, ddp, rank, world_size, device, device_type)
     except (ValueError, OSError, TrainingDiverged) as e:

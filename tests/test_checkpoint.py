@@ -84,7 +84,8 @@ def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, unint
     assert min(after) == stopped_at
     combined = {**{s: l for s, l in before.items() if s < stopped_at}, **after}
     assert combined == step_losses(ref_stdout)  # the same losses, step for step, to the last digit
-    assert read_log(tmp_path / "run") == [{**r, "ms": s["ms"], "tok_per_s": s["tok_per_s"]}
+    timing = ("ms", "tok_per_s", "tflops")  # measured clocks differ between runs; everything else is equal
+    assert read_log(tmp_path / "run") == [{**r, **{k: s[k] for k in timing}}
                                           for r, s in zip(ref_log, read_log(tmp_path / "run"))]
     # and the samples printed at the end are the same text
     assert [l for l in resumed.stdout.splitlines() if l.startswith("> ")][-1] == \
