@@ -5,6 +5,8 @@ import errno
 import hashlib
 import json
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -30,6 +32,22 @@ def read_shards(out_dir):
 
 def folder_bytes(out_dir):
     return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
+
+
+def kill_when(proc, manifest_path, ready):
+    """SIGKILL `proc` as soon as the manifest it writes satisfies ready(manifest) (or it ends, or 120 s
+    pass): a real kill at an arbitrary point of the work. Returns the manifest it left."""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if ready(json.loads(manifest_path.read_text())):
+                break
+        except (OSError, ValueError, LookupError):  # not written yet, or no shard listed yet
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(manifest_path.read_text())
 
 
 def test_shards_hold_exactly_the_documents_token_stream(tmp_path, corpus_folder):
@@ -294,10 +312,8 @@ def test_fineweb_edu_sigkilled_then_repeated_gives_the_same_shards_reading_only_
         tmp_path, monkeypatch):
     """A real kill (no chance to clean up) while the stream is past its first file; the same command
     then reads no row of the files before the one it stopped in, and ends with the uninterrupted run's files."""
-    import signal
     import subprocess
     import sys
-    import time
 
     from conftest import OFFLINE_ENV, REPO
 
@@ -310,17 +326,8 @@ def test_fineweb_edu_sigkilled_then_repeated_gives_the_same_shards_reading_only_
             f"sys.exit(prepare.main({[*args, '--out_dir', 'run']!r}))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # until the shards end in the second file
-        try:
-            if json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"][-1]["next_file"] != files[0]:
-                break
-        except (OSError, ValueError, LookupError):
-            pass
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    # killed once the shards end in the second file
+    manifest = kill_when(proc, tmp_path / "run" / "manifest.json", lambda m: m["shards"][-1]["next_file"] != files[0])
     assert not manifest["complete"]  # it really was cut off
     stopped_in = files.index(manifest["shards"][-1]["next_file"])
     assert stopped_in >= 1
@@ -487,7 +494,6 @@ def test_fineweb_edu_offline_is_one_line_at_once(tmp_path):
     retry, one line, nothing written."""
     import subprocess
     import sys
-    import time
 
     from conftest import OFFLINE_ENV, REPO
 
@@ -665,10 +671,8 @@ def test_importing_prepare_does_nothing_visible():
 
 def test_sigkill_mid_preparation_then_the_same_command_finishes_the_same_shards(tmp_path):
     """A real kill (no chance to clean up), while shards are being written."""
-    import signal
     import subprocess
     import sys
-    import time
 
     from conftest import REPO
 
@@ -678,17 +682,7 @@ def test_sigkill_mid_preparation_then_the_same_command_finishes_the_same_shards(
     prepare.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "ref"), shard_size=20000, show_progress=False)
     proc = subprocess.Popen([sys.executable, str(REPO / "prepare.py"), *args, "--out_dir", "run"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # until a few shards are listed
-        try:
-            if len(json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"]) >= 3:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest = kill_when(proc, tmp_path / "run" / "manifest.json", lambda m: len(m["shards"]) >= 3)
     assert not manifest["complete"]  # it really was cut off
     assert run_script(*args, "--out_dir", "run", cwd=tmp_path, script="prepare.py").returncode == 0
     assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
