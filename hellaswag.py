@@ -14,7 +14,8 @@ Scoring, completion style (the one the classic GPT-2 reproduction reports): each
 the model's cross-entropy on the ending's tokens given the context, where the context is
 encode_ordinary(ctx) and the ending encode_ordinary(" " + ending). `acc` picks the ending with the
 lowest total loss; `acc_norm` the lowest mean loss per token, which does not favour short endings.
-train_gpt2.py --hellaswag calls evaluate() below during training.
+train_gpt2.py --hellaswag calls load_items_across_ranks() and evaluate_across_ranks() below during
+training: under torchrun, rank r scores items r, r + world_size, ... and the counts are added up.
 """
 
 import argparse
@@ -191,6 +192,7 @@ def evaluate_across_ranks(model, items, device, autocast):
 
 
 # -----------------------------------------------------------------------------
+# The command line: a model, the items, and the score
 
 
 def load_model(args):

@@ -3,9 +3,10 @@ The machinery of train_gpt2.py: everything a learner may skip on a first reading
 
 train_gpt2.py tells the story (the model, the data, the training loop) and calls what is here by names
 that say what happens: parse_args, save_checkpoint, RunLog, plot_log, ... Reading order: printing and
-files, the command line, the tokenizer's files and token shards, the model's helpers, hardware quirks,
-checkpoints, stopping, then the log and its picture. This module imports none of the scripts
-(train_gpt2.py, prepare.py, hellaswag.py): they import from it.
+files, the command line, the tokenizer's files and token shards, checking the settings and describing
+the run, the model's helpers, hardware quirks, the hardware's use (MFU), checkpoints, stopping, then the
+log, its picture and Weights & Biases. This module imports none of the scripts (train_gpt2.py,
+prepare.py, hellaswag.py): they import from it.
 """
 
 import argparse
@@ -210,8 +211,9 @@ def shard_files(data_dir, split, B, T, num_processes):
 
 
 def text_file_split(path, split, val_fraction, B, T, num_processes):
-    """A text file's tokens as a list of one array: all of them (split None), the first 90% ("train")
-    or the last 10% ("val"), and their count. It must hold one window of B*T*num_processes + 1."""
+    """A text file's tokens as a list of one array: all of them (split None), the first 1 - val_fraction
+    ("train") or the last val_fraction ("val"), and their count. It must hold one window of
+    B*T*num_processes + 1 tokens."""
     tokens = tokenize_file(path)
     n_train = int(len(tokens) * (1 - val_fraction))
     if split == "train":
@@ -236,7 +238,7 @@ def check_one_window(shards, n_tokens, what, B, T, num_processes):
 
 
 # -----------------------------------------------------------------------------
-# Checking the settings and the data before anything heavy
+# Checking the settings and the data before anything heavy, and the lines that describe a run
 
 
 def check_config(cfg):
@@ -432,15 +434,15 @@ def cpu_has_native_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def keep_freed_memory():
-    """Stop glibc from handing large freed blocks back to the OS (Linux CPU runs).
+def keep_freed_memory(device_type="cpu"):
+    """Stop glibc from handing large freed blocks back to the OS (CPU runs on Linux; elsewhere nothing).
 
     A training step frees and re-allocates gigabytes of activations and gradients. By default glibc
     serves each large block with a fresh mmap and unmaps it on free, so the next step page-faults the
     same memory back in, one 4 KB page at a time: at B=8, T=256 on a 2-core CPU that was a quarter of
     the step. Keeping freed blocks in the heap lets the next step reuse them (PyTorch's CPU allocator
     keeps no cache of its own)."""
-    if not sys.platform.startswith("linux"):
+    if device_type != "cpu" or not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")  # glibc; other C libraries (musl) lack these knobs
@@ -752,7 +754,7 @@ def step_line(record, step_times, max_steps):
 # OpenAI's GPT-2 124M on the first 100M tokens of FineWeb-Edu sample-10BT in GPT-2 tokens (prepare.py's
 # val_000000.npy), as published with the classic reproduction (build-nanogpt), which used that same shard
 GPT2_FINEWEB_EDU_VAL_LOSS = 3.2924
-GPT3_SMALL_HELLASWAG = 0.337  # GPT-3 Small (125M), zero-shot HellaSwag in the GPT-3 paper: the next mark
+GPT3_SMALL_HELLASWAG = 0.337  # GPT-3 Small (GPT-2 124M's size), zero-shot HellaSwag in the GPT-3 paper
 
 
 def gpt2_val_loss_on(data_dir):
@@ -871,7 +873,7 @@ def plot_log(log_path, png_path, gpt2_val_loss=None):
     else:
         ax_hs.text(0.5, 0.6, "not evaluated in this run (--hellaswag)", ha="center", transform=ax_hs.transAxes)
     ax_hs.axhline(HELLASWAG_REFERENCE["gpt2"][1], color="gray", linestyle="--", label="GPT-2 124M (OpenAI)")
-    ax_hs.axhline(GPT3_SMALL_HELLASWAG, color="black", linestyle="--", label="GPT-3 Small 124M (paper)")
+    ax_hs.axhline(GPT3_SMALL_HELLASWAG, color="black", linestyle="--", label="GPT-3 Small (paper)")
     ax_hs.axhline(0.25, color="lightgray", linestyle=":", label="chance")
     ax_hs.set(xlabel="step", ylabel="HellaSwag acc_norm", xlim=ax_loss.get_xlim())
     ax_hs.legend()

@@ -25,10 +25,9 @@ renamed when complete, the manifest lists only complete shards (checked against 
 the command runs again), and it records where in the document stream the next shard begins. For
 FineWeb-Edu that is also a source file and row, and a resumed run, or a retry after a network error,
 starts there: it reads again at most the row group it stopped in (at worst its one ~2 GB file), never
-the files before it. A dropped
-connection, a timeout or a server error is retried (one line each, DOWNLOAD_RETRIES tries in a row);
-offline mode, a dataset or subset the hub does not know, or a refused permission end the run at once,
-in one line.
+the files before it. A dropped connection, a timeout or a server error is retried (one line each,
+DOWNLOAD_RETRIES tries in a row); offline mode, a dataset or subset the hub does not know, or a refused
+permission end the run at once, in one line.
 
 Before writing, the free space in out_dir is checked against an estimate of what the shards need
 (2 bytes a token: about 20 GB for fineweb-edu, half the size of a local source); a disk that fills up
@@ -505,6 +504,7 @@ def in_units(n_bytes):
 
 
 # -----------------------------------------------------------------------------
+# The whole preparation, and its command line
 
 
 def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=True):

@@ -8,7 +8,7 @@ Train GPT-2 from scratch, or fine-tune / sample OpenAI's GPT-2 weights: the stor
     shards:      python prepare.py fineweb-edu && python train_gpt2.py --data_dir data/fineweb-edu ...
     8 GPUs:      torchrun --standalone --nproc_per_node=8 train_gpt2.py --B 64 --T 1024 ...
     HellaSwag:   the same command plus --hellaswag auto (or a local jsonl file)
-    GPT-2's bar: python train_gpt2.py --init_from gpt2 --data_dir data/fineweb-edu --eval_only
+    GPT-2's bar: python train_gpt2.py --init_from gpt2 --data_dir data/fineweb-edu --B 64 --T 1024 --eval_only
     resume:      the same command plus --resume
     redraw:      python -c "from train_gpt2 import plot_log; plot_log('out/log.jsonl', 'run.png')"
     options:     python train_gpt2.py --help
@@ -36,14 +36,16 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from machinery import (DTYPES, GPT2_VOCAB_SIZE, ChunkedCrossEntropy, RunLog, StopRequested, TrainingDiverged,
-                       attention_kernels, bf16_peak_tflops, check_block_size, check_config, check_data,
-                       check_device, check_finite, check_one_process_per_gpu, check_resume, checkpoint_due,
-                       checkpoint_state, compile_model, describe_data, describe_evaluation, describe_model,
-                       describe_optimizer, describe_outputs, export_to_transformers, flag, get_tokenizer,
-                       hardware_use, keep_freed_memory, load_checkpoint, load_transformers_gpt2, load_weights,
-                       loss_and_stop_over_ranks, mean_over_ranks, parse_args, print0, resolve_dtype,
-                       restore_training_state, save_checkpoint, shard_files, step_line, text_file_split)
+from machinery import DTYPES, GPT2_VOCAB_SIZE, flag, get_tokenizer, parse_args, print0, resolve_dtype
+from machinery import (check_block_size, check_config, check_data, check_device, check_finite,  # one-line errors
+                       check_one_process_per_gpu, check_resume)
+from machinery import describe_data, describe_evaluation, describe_model, describe_optimizer, describe_outputs
+from machinery import (checkpoint_due, checkpoint_state, export_to_transformers, load_checkpoint,  # model files
+                       load_transformers_gpt2, load_weights, restore_training_state, save_checkpoint)
+from machinery import RunLog, StopRequested, TrainingDiverged, step_line  # the log, its picture, stopping
+from machinery import loss_and_stop_over_ranks, mean_over_ranks, shard_files, text_file_split  # data, ranks
+from machinery import (ChunkedCrossEntropy, attention_kernels, bf16_peak_tflops, compile_model,  # hardware
+                       hardware_use, keep_freed_memory)
 from machinery import plot_log  # noqa: F401 (importable from here: the README's redraw command)
 
 # -----------------------------------------------------------------------------
@@ -60,7 +62,8 @@ class GPTConfig:
     sdpa: bool = True  # attention by F.scaled_dot_product_attention (fused); False: the explicit path
 
 
-# OpenAI's released checkpoints: name -> shape. All have vocab_size 50257 and block_size 1024.
+# OpenAI's released checkpoints, for reference: name -> shape (from_pretrained reads it from the files).
+# All have vocab_size 50257 and block_size 1024.
 PRETRAINED = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
@@ -78,8 +81,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
-        self.n_head = config.n_head
-        self.sdpa = config.sdpa
+        self.n_head, self.sdpa = config.n_head, config.sdpa
         # query, key and value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
@@ -97,7 +99,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.sdpa:
-            # the same arithmetic as below, fused: never materialises the (T, T) attention matrix
+            # the same arithmetic as below, fused (flash and cuDNN kernels never build the (T, T) matrix)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         else:
             # 1/sqrt(hs) keeps the scores' variance near 1, so softmax does not saturate at init
@@ -106,7 +108,7 @@ class CausalSelfAttention(nn.Module):
             att = F.softmax(att, dim=-1)
             y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
-        return self.c_proj(y)
+        return self.c_proj(y)  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -179,7 +181,7 @@ class GPT(nn.Module):
         if targets is not None:
             # mean negative log-likelihood of the next token, over all B*T positions
             logits_2d, targets_1d = logits.view(-1, logits.size(-1)), targets.view(-1)  # (B*T, V), (B*T,)
-            if logits.device.type == "cpu":  # memory runs out first: no float32 copy of the logits
+            if logits.device.type == "cpu":  # RAM runs out first: this loss keeps no float32 copy of the logits
                 loss = ChunkedCrossEntropy.apply(logits_2d, targets_1d)
             else:  # GPUs: torch.compile fuses F.cross_entropy with its neighbours (not a custom Function)
                 loss = F.cross_entropy(logits_2d, targets_1d)
@@ -289,9 +291,8 @@ class DataLoaderLite:
                  val_fraction=0.1, data_dir=None, shuffle=True, seed=1337):
         self.B, self.T, self.seed = B, T, seed
         self.process_rank, self.num_processes = process_rank, num_processes
-        # each shard holds at least one window: a batch for every process, plus the last target
         if data_dir is not None:  # shard files, memory-mapped one at a time by load_shard
-            self.shards, self.n_tokens = shard_files(data_dir, split, B, T, num_processes)
+            self.shards, self.n_tokens = shard_files(data_dir, split, B, T, num_processes)  # each >= 1 window
             self.shuffle = shuffle and split == "train"
         else:  # one array of tokens, in memory
             self.shards, self.n_tokens = text_file_split(input_file, split, val_fraction, B, T, num_processes)
@@ -312,7 +313,7 @@ class DataLoaderLite:
     def next_batch(self):
         B, T = self.B, self.T
         start = self.position + self.process_rank * B * T
-        buf = torch.from_numpy(self.current[start: start + B * T + 1].astype(np.int64))  # copies one batch
+        buf = torch.from_numpy(self.current[start: start + B * T + 1].astype(np.int64))  # (B*T+1,), a copy
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: the next token at every position
         self.position += B * T * self.num_processes
@@ -443,15 +444,14 @@ class TrainConfig:
 
 
 # -----------------------------------------------------------------------------
-# The run: setup (check_config and check_data, in machinery.py, have checked the settings and the data)
+# The run: setup
 
 
 def start_processes(device_name):
     """(ddp, rank, world_size, device, device_type). torchrun starts one process per GPU and sets RANK,
     LOCAL_RANK and WORLD_SIZE in each; a plain `python train_gpt2.py` is rank 0 of 1."""
     device, device_type = resolve_device(device_name)
-    if device_type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device_type)  # CPU runs on Linux: no page faults on every step's fresh memory
     if "RANK" not in os.environ:
         return False, 0, 1, device, device_type
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -503,21 +503,6 @@ def make_loaders(cfg, rank, world_size):
         return train_loader, None
 
 
-def evaluate_only(model, cfg, rank, world_size, device, autocast, step):
-    """--eval_only: the evaluation a run makes at its last step, once; nothing trained, nothing written."""
-    _, val_loader = make_loaders(cfg, rank, world_size)
-    hellaswag_items = load_hellaswag(cfg.hellaswag) if cfg.hellaswag else None
-    if val_loader is None and hellaswag_items is None:
-        raise ValueError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
-    evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast)
-    return 0
-
-
-def load_hellaswag(source):
-    import hellaswag  # only runs that ask for HellaSwag import it
-    return hellaswag.load_items_across_ranks(source)
-
-
 # -----------------------------------------------------------------------------
 # The run: one optimizer step's gradients, evaluation and samples
 
@@ -527,7 +512,7 @@ def forward_backward(model, loader, grad_accum_steps, autocast, scaler, device, 
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device), y.to(device)  # (B, T) each
         # DDP averages gradients across processes in backward. Only the last micro-batch needs that;
         # no_sync covers forward too, since DDP decides in forward whether to sync.
         syncing = not ddp or micro_step == grad_accum_steps - 1
@@ -569,6 +554,21 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     return results
 
 
+def evaluate_only(model, cfg, rank, world_size, device, autocast, step):
+    """--eval_only: the evaluation a run makes at its last step, once; nothing trained, nothing written."""
+    _, val_loader = make_loaders(cfg, rank, world_size)
+    hellaswag_items = load_hellaswag(cfg.hellaswag) if cfg.hellaswag else None
+    if val_loader is None and hellaswag_items is None:
+        raise ValueError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
+    evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast)
+    return 0
+
+
+def load_hellaswag(source):
+    import hellaswag  # only runs that ask for HellaSwag import it
+    return hellaswag.load_items_across_ranks(source)
+
+
 def print_samples(model, cfg, device, autocast, generator):
     """Print num_samples continuations of cfg.prompt."""
     if cfg.num_samples == 0:
@@ -599,9 +599,9 @@ def train(cfg, ddp, rank, world_size, device, device_type):
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     # evaluation, sampling and checkpoints use the plain module, never the compiled or DDP-wrapped one
     raw_model = make_model(cfg, ckpt, ckpt_path).to(device)
-    sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # its own stream, one per rank
+    sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
     start_step = ckpt["step"] if ckpt else 0
-    if cfg.eval_only:  # the step it prints: the last one trained, as the run's last evaluation printed it
+    if cfg.eval_only:  # a checkpoint holds start_step steps: its last evaluation was at step start_step - 1
         return evaluate_only(raw_model, cfg, rank, world_size, device, autocast, max(start_step - 1, 0))
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
         return finish(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
@@ -632,8 +632,8 @@ def train(cfg, ddp, rank, world_size, device, device_type):
                 group["lr"] = lr
             scaler.step(optimizer)  # optimizer.step(), skipped if float16 gradients overflowed
             scaler.update()
-            loss, stop_now = loss_and_stop_over_ranks(loss, stop.requested, device)
-            synchronize(device_type)  # the GPU runs ahead of Python: wait for it before reading the clock
+            loss, stop_now = loss_and_stop_over_ranks(loss, stop.requested, device)  # one collective a step
+            synchronize(device_type)  # the GPU runs ahead of Python: all its work is done before the clock
             dt = time.perf_counter() - t0
             check_finite(loss, step, cfg.out_dir)
             record = dict(step=step, loss=loss, lr=lr, norm=norm.item(), ms=dt * 1000,
@@ -646,7 +646,7 @@ def train(cfg, ddp, rank, world_size, device, device_type):
                 record.update(evaluate(raw_model, val_loader, hellaswag_items, step, cfg, device, autocast))
             log.write(record, picture=evaluating)  # progress.png redrawn at every evaluation
             if master and cfg.sample_interval and (step + 1) % cfg.sample_interval == 0 and not last_step:
-                print_samples(raw_model, cfg, device, autocast, sample_generator)
+                print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish() samples the last)
             if master and (last_step or stop_now or checkpoint_due(step, cfg.checkpoint_interval)):
                 save_checkpoint(checkpoint_state(raw_model, optimizer, scaler, step + 1, cfg, train_loader,
                                                  sample_generator), ckpt_path)
@@ -681,7 +681,7 @@ def main(argv=None):
         check_data(cfg)  # before anything heavy
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
-        with attention_kernels(device_type):  # for the whole run: torch.compile sees it while it traces
+        with attention_kernels(device_type):  # cuDNN's attention first on Hopper GPUs, for the whole run
             return train(cfg, ddp, rank, world_size, device, device_type)
     except (ValueError, OSError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
