@@ -24,7 +24,9 @@ they are printed, side by side, from one process. Two measurements:
 
 On CUDA both models are compiled, the vocabulary is padded to 50304 as in the reproduction, and each
 contestant times 20 steps after 3 warm-up steps (the first compiled steps still recompile and autotune).
-"% peak" is model FLOPs per second over the bf16 (or float32) matmul peak measured in the same run.
+"% peak" is model FLOPs per second over the bf16 (or float32) matmul peak measured in the same run;
+"MFU" is the same over the GPU's dense bf16 peak from its datasheet (machinery.BF16_PEAK_TFLOPS), the
+figure train_gpt2.py's step line shows, with the same FLOP count; "-" where the table has no peak (CPUs).
 """
 
 import argparse
@@ -181,12 +183,11 @@ def matmul_peak(device, device_type, dtype, repeats=10):
 
 
 def model_flops_per_step(B, T, vocab_size):
-    """Training FLOPs: 6 per parameter per token (forward 2, backward 4) for every matmul weight, plus
-    causal attention's score and value matmuls (6 * n_layer * T * n_embd per token, half of full)."""
-    config = GPTConfig(vocab_size=vocab_size)
-    C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    matmul_params = L * 12 * C * C + V * C  # attention 4C^2 + MLP 8C^2 per layer, plus lm_head
-    return B * T * (6 * matmul_params + 6 * L * T * C)
+    """Training FLOPs of one step of B x T tokens of GPT-2 124M, counted as train_gpt2.py counts them for
+    its step line (GPT.flops_per_token: 6 N + 12 n_layer n_embd T), so the two report the same figures."""
+    with torch.device("meta"):  # the shapes only: nothing allocated, nothing initialised
+        model = GPT(GPTConfig(vocab_size=vocab_size))
+    return B * T * model.flops_per_token(T)
 
 
 def in_process(B, T, steps, warmup, makers, vocab_size, device, device_type, dtype, compile):
@@ -370,19 +371,22 @@ def main():
     print(f"matmul peak, measured now: float32 {peaks[torch.float32]:,.0f} GFLOP/s | "
           f"bfloat16 {peaks[torch.bfloat16]:,.0f} GFLOP/s")
     peak = peaks[dtype] if dtype in peaks else peaks[torch.float32]
+    datasheet_peak = machinery.bf16_peak_tflops(device_type)  # TFLOP/s, or None
 
     print("\nin-process training steps (medians, contestants alternating step by step; "
           "peak GiB: the contestant's own, CUDA only; first s: the first step, compile included)")
     print(f"{'shape':<12}{'model':<14}{'ms/step':>9}{'tok/s':>10}{'ratio':>7}{'fwd+bwd ms':>12}"
-          f"{'optim ms':>10}{'GFLOP/s':>9}{'% peak':>8}{'peak GiB':>10}{'first s':>9}")
+          f"{'optim ms':>10}{'GFLOP/s':>9}{'% peak':>8}{'MFU':>7}{'peak GiB':>10}{'first s':>9}")
     for B, T, steps, warmup, levers in p["in_process"]:
         makers = [ours, *(LEVERS[device_type] if levers else ()), transformers_baseline]
         r = in_process(B, T, steps, warmup, makers, p["vocab_size"], device, device_type, dtype, p["compile"])
         base = r["transformers"]["ms"]
         for name, m in r.items():
+            mfu = 100 * m["gflops"] / 1e3 / datasheet_peak if datasheet_peak else float("nan")
             print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>10,.0f}{base / m['ms']:>6.2f}x"
                   f"{m['fb_ms']:>12.1f}{m['opt_ms']:>10.1f}{m['gflops']:>9,.0f}{100 * m['gflops'] / peak:>7.0f}%"
-                  f"{m['peak_gib']:>10.1f}{m['first_s']:>9.1f}".replace("nan", "  -"), flush=True)
+                  f"{mfu:>6.1f}%{m['peak_gib']:>10.1f}{m['first_s']:>9.1f}".replace("nan%", "   -")
+                  .replace("nan", "  -"), flush=True)
 
     print("\nwhole programs: per-step time from two run lengths (start-up excluded), the median step time "
           "each printed, peak memory")
