@@ -199,3 +199,60 @@ def test_model_loss_equals_f_cross_entropy_on_its_logits():
     logits, loss = model(idx, targets)
     ref = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
     assert abs(loss.item() - ref.item()) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- FLOPs, for MFU
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd,T", [(2, 2, 32, 16), (3, 4, 64, 64)])
+def test_flops_per_token_is_what_the_matmuls_of_a_training_step_do(n_layer, n_head, n_embd, T):
+    """GPT.flops_per_token(T) against torch's own FLOP counter over one forward and backward of the
+    explicit attention path (sdpa=False: on the CPU the counter does not see inside SDPA), per token.
+    The counter counts matmuls only; 6 N also counts the biases and LayerNorm parameters, 6 FLOPs each
+    per token, which no matmul does: with those taken out the two are equal, to the FLOP, and as they
+    are within 0.1% (those parameters' share of N, here and at 124M). The counter counts the full T x T
+    score matrix, as the 12 L C T term does (causal attention needs half of it; MFU counts it all)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    B = 3
+    model = GPT(GPTConfig(block_size=64, vocab_size=GPT2_VOCAB_SIZE, n_layer=n_layer, n_head=n_head,
+                          n_embd=n_embd, sdpa=False))
+    idx = torch.randint(0, 1000, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx)[1].backward()
+    counted = counter.get_total_flops() / (B * T)
+    not_matmul = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # biases, LayerNorms
+    assert model.flops_per_token(T) - 6 * not_matmul == counted
+    assert model.flops_per_token(T) == pytest.approx(counted, rel=1e-3)
+
+
+def test_flops_per_token_counted_from_the_shapes(gpt2_124m):
+    """6 per weight of every matmul (attention 4 C^2 and MLP 8 C^2 per layer, lm_head V C: the tied
+    token table once, the position table not at all), 6 per bias and LayerNorm parameter, plus
+    attention's q @ k^T and att @ v (4 T C per layer forward, twice that backward). GPT-2 124M at
+    T=1024: 855,166,464 FLOPs per token, as nanoGPT's estimate_mfu counts it (6 N + 12 L C T, N without
+    the position table)."""
+    L, C, V = 12, 768, 50257
+    matmul_weights = L * 12 * C * C + V * C
+    other = L * (3 * C + C + 4 * C + C + 4 * C) + 2 * C  # c_attn, attn.c_proj, c_fc, mlp.c_proj biases; ln_1/2, ln_f
+    for T in (1, 64, 1024):
+        assert gpt2_124m.flops_per_token(T) == 6 * (matmul_weights + other) + 12 * L * C * T
+    assert gpt2_124m.flops_per_token(1024) == 855_166_464
+
+
+def test_benchmark_counts_flops_as_the_training_script_does(gpt2_124m, capsys):
+    """tests/benchmark.py's GFLOP/s and MFU columns use GPT.flops_per_token, so its figures and the step
+    line's agree. Importing it runs nothing (pytest does not collect it; this imports it, again if an
+    earlier test did)."""
+    import importlib
+
+    import benchmark
+
+    importlib.reload(benchmark)
+    assert capsys.readouterr() == ("", "")
+    for B, T in ((4, 32), (16, 1024)):
+        assert benchmark.model_flops_per_step(B, T, 50257) == B * T * gpt2_124m.flops_per_token(T)
+    # the GPU runs' padded table (50304 rows) counts too: 47 more rows of lm_head, 6 FLOPs a weight
+    assert benchmark.model_flops_per_step(2, 8, 50304) - benchmark.model_flops_per_step(2, 8, 50257) == \
+        2 * 8 * 6 * 47 * 768
