@@ -812,6 +812,9 @@ class RunLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as e:  # a full disk: one line, and the checkpoint from before is intact
+            with contextlib.suppress(OSError):  # closing flushes the unwritten bytes, and fails again:
+                self.file.close()  # close now, so close() on the way out does not replace this error
+            self.file = None
             raise DiskFull(f"disk full: writing {self.path} failed ({e.strerror}); {RESUME_HINT}") from None
         if self.tracker is not None:
             self.tracker.log(record, step=record["step"])
