@@ -1,8 +1,10 @@
 """Training state that survives: atomic checkpoints, exact resume, safe loading, export."""
 
+import errno
 import hashlib
 import json
 import math
+import os
 import pickle
 import shutil
 import signal
@@ -314,3 +316,129 @@ def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatc
     assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["scaler"] == ref_states[-1]
     log = read_log(tmp_path / "run")
     assert [(r["step"], r["loss"], r["norm"]) for r in log] == [(r["step"], r["loss"], r["norm"]) for r in ref_log]
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def test_disk_full_at_a_checkpoint_is_one_line_and_the_same_command_continues(tmp_path, text_file, monkeypatch,
+                                                                             capsys):
+    """The disk fills while the second periodic checkpoint is written, the way torch's zip writer reports
+    it: an OSError (errno 27, EFBIG) and, while handling it, a RuntimeError ("unexpected pos"). The run
+    stops with one line that names the checkpoint; the first checkpoint is as it was, no temporary file
+    is left, and the same command with --resume continues from it to the end."""
+    out = tmp_path / "run"
+    args = [*RUN, "--input_file", str(text_file), "--out_dir", str(out), "--max_steps", "6", "--checkpoint_interval", "2"]
+    save, saved = torch.save, []
+
+    def full_at_the_second_checkpoint(obj, f):
+        if not saved:
+            saved.append(digest(out / "ckpt.pt") if (out / "ckpt.pt").exists() else None)
+            return save(obj, f)
+        saved.append(digest(out / "ckpt.pt"))
+        f.write(b"PK\x03\x04" + bytes(4096))  # what fitted
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
+
+    with monkeypatch.context() as m:
+        m.setattr(machinery.torch, "save", full_at_the_second_checkpoint)
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: disk full: writing {out / 'ckpt.pt'} failed (File too large)"), err
+    assert "--resume" in err
+    assert saved[0] is None and digest(out / "ckpt.pt") == saved[1]  # step 2's checkpoint, untouched
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no ckpt.pt.tmp
+
+    assert main([*args, "--resume"]) == 0  # space freed: the same command continues
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out)] == list(range(6))
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 6
+
+
+# A real limit on file size (what `ulimit -f` sets): a write past it fails with errno 27, EFBIG, as on a
+# full disk (Python ignores the SIGXFSZ signal that would otherwise kill the process)
+FILE_SIZE_LIMIT = """import os, resource, runpy, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv = sys.argv[2:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("fills", ["ckpt.pt", "log.jsonl"])
+def test_a_file_that_cannot_grow_is_one_line_and_the_checkpoint_stays(tmp_path, text_file, four_steps, monkeypatch,
+                                                                      fills):
+    """Not a stand-in: the process may not write files past a size limit, and torch.save or the log's
+    append meets the real error. A resume of four_steps' run to step 6 (its checkpoint: 20 MB; its
+    log: 4 records) under a limit of 4 MB, which the checkpoint cannot take, or of the log's size plus
+    50 bytes, which step 4's record cannot. One line naming the file, the checkpoint byte for byte as
+    it was, no temporary file; then, without the limit, the same command finishes the run."""
+    pytest.importorskip("resource")  # POSIX only
+    shutil.copytree(four_steps, tmp_path / "run")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    before = digest(ckpt)
+    limit = 4_000_000 if fills == "ckpt.pt" else (tmp_path / "run" / "log.jsonl").stat().st_size + 50
+    args = (*RUN, "--input_file", text_file, "--max_steps", "6", "--out_dir", "run", "--resume")
+    r = run_script(*args, cwd=tmp_path, runner=[sys.executable, "-c", FILE_SIZE_LIMIT, str(limit)])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: disk full: writing {os.path.join('run', fills)} failed (File too large)"), \
+        r.stderr
+    assert r.stderr.count("\n") == 1
+    assert digest(ckpt) == before
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.chdir(tmp_path)
+    assert main(list(map(str, args))) == 0  # the same command, in this process (its start-up is slow)
+    assert [r["step"] for r in read_log(tmp_path / "run")] == list(range(6))
+    assert load_checkpoint(str(ckpt))["step"] == 6
+
+
+def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_path, text_file, monkeypatch,
+                                                                          capsys):
+    """progress.png is only a picture of the log: when the disk cannot take it, each attempt (at every
+    evaluation) says so in one line, and the run finishes, its checkpoint and log written."""
+    import matplotlib.figure
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    out = tmp_path / "run"
+    assert main([*RUN, "--input_file", str(text_file), "--out_dir", str(out), "--max_steps", "4",
+                 "--eval_interval", "2"]) == 0
+    stdout = capsys.readouterr().out
+    line = f"could not draw progress.png: disk full: writing {out / 'progress.png'} failed (No space left on device)"
+    assert [l for l in stdout.splitlines() if "progress.png" in l] == [line, line]  # steps 1 and 3
+    assert stdout.splitlines()[-1] == f"wrote {out / 'ckpt.pt'} ({machinery.file_size(out / 'ckpt.pt')}), {out / 'log.jsonl'}"
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- evaluating a checkpoint
+
+
+def test_eval_only_of_a_checkpoint_prints_the_runs_last_evaluation_and_writes_nothing(tmp_path, text_file,
+                                                                                    four_steps, monkeypatch,
+                                                                                    capsys):
+    """--resume --eval_only loads the checkpoint a run saved after its last step and evaluates it as
+    that step did: the same `step 3 | val loss` line (the same batches, the same weights: the same
+    number, to the last bit, as the run logged), no training, no samples, and out_dir byte for byte
+    as it was (its files and their contents)."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    out = tmp_path / "run"
+    before = {p.name: digest(p) for p in out.iterdir()}
+    last = read_log(out)[-1]
+    assert last["step"] == 3 and "val_loss" in last  # the run evaluated at its last step
+    evaluate, results = train_gpt2.evaluate, []
+    monkeypatch.setattr(train_gpt2, "evaluate", lambda *a: results.append(evaluate(*a)) or results[-1])
+    assert main([*RUN, "--input_file", str(text_file), "--max_steps", "4", "--out_dir", str(out), "--resume",
+                 "--eval_only"]) == 0
+    stdout = capsys.readouterr().out
+    assert results == [{"val_loss": last["val_loss"]}]
+    assert f"step     3 | val loss {last['val_loss']:.4f}" in stdout.splitlines()
+    assert "| loss" not in stdout and "> " not in stdout  # nothing trained, nothing sampled
+    assert {p.name: digest(p) for p in out.iterdir()} == before
