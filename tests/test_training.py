@@ -265,3 +265,139 @@ def test_attention_prefers_cudnn_on_hopper_only(monkeypatch):
             q = torch.randn(1, 2, 8, 4)  # and attention still runs (here on the CPU: math)
             assert torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).shape == q.shape
         assert torch._C._get_sdp_priority_order() == default
+
+
+# ----------------------------------------------------------------------------- how well the hardware is used
+
+# torch.cuda.get_device_name() of the GPUs reproducers use -> dense bf16 TFLOP/s (datasheets; no sparsity)
+GPU_NAMES = [
+    ("NVIDIA H100 80GB HBM3", 989.5),  # H100 SXM
+    ("NVIDIA H100 PCIe", 756.5),
+    ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA H200", 989.5),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA L40S", 362.05),
+    ("NVIDIA L40", 181.05),
+    ("NVIDIA A10", 125.0),
+    ("NVIDIA A10G", None),  # AWS's variant: other clocks, not in the table
+    ("NVIDIA GeForce RTX 4090", 165.2),
+    ("NVIDIA GeForce RTX 3090", 71.0),
+    ("NVIDIA RTX A6000", 154.8),
+    ("Tesla T4", None),  # no bf16 tensor cores
+]
+
+
+@pytest.mark.parametrize("name,peak", GPU_NAMES, ids=[n for n, _ in GPU_NAMES])
+def test_bf16_peak_by_gpu_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert machinery.bf16_peak_tflops("cuda") == peak
+
+
+def test_no_peak_on_cpu_or_mps(monkeypatch):
+    def forbidden(*args):
+        raise AssertionError("asked a GPU's name off the GPU")
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", forbidden)
+    assert machinery.bf16_peak_tflops("cpu") is None and machinery.bf16_peak_tflops("mps") is None
+
+
+def step_lines(stdout):
+    return [l for l in stdout.splitlines() if l.startswith("step") and "| loss" in l]
+
+
+def tiny_flops_per_token():
+    """FLOPs a token of run_main's model at its T=16."""
+    return GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).flops_per_token(16)
+
+
+def test_step_line_and_log_show_model_tflops_and_no_mfu_on_a_cpu(tmp_path, text_file, capsys):
+    """On a CPU (no known peak) every step line and record carries the model's TFLOP/s, 6 N + 12 L C T
+    FLOPs a token times the tokens of the step, over its time; and no MFU."""
+    code, log = run_main(tmp_path, text_file, "--max_steps", "3")
+    lines = step_lines(capsys.readouterr().out)
+    assert code == 0 and len(lines) == len(log) == 3
+    flops_per_token = tiny_flops_per_token()
+    for r, line in zip(log, lines):
+        assert r["tflops"] == pytest.approx(flops_per_token * 2 * 16 / (r["ms"] / 1000) / 1e12, rel=1e-9)
+        assert f"| {r['tflops']:.2f} TFLOP/s |" in line
+        assert "mfu" not in r and "MFU" not in line
+
+
+def test_step_line_and_log_show_mfu_where_the_peak_is_known(tmp_path, text_file, monkeypatch, capsys):
+    """With a peak (faked: 1e-4 TFLOP/s, so that a tiny model on a CPU shows a large MFU), the record's
+    mfu is 100 tflops / peak and the step line shows it."""
+    peaks = []
+    monkeypatch.setattr(train_gpt2, "bf16_peak_tflops", lambda device_type: peaks.append(device_type) or 1e-4)
+    code, log = run_main(tmp_path, text_file, "--max_steps", "3")
+    lines = step_lines(capsys.readouterr().out)
+    assert code == 0 and peaks == ["cpu"] and len(lines) == 3
+    for r, line in zip(log, lines):
+        assert r["mfu"] == pytest.approx(100 * r["tflops"] / 1e-4, rel=1e-9)
+        assert f"| {r['tflops']:.2f} TFLOP/s | MFU {r['mfu']:.1f}% |" in line
+
+
+def test_tflops_are_per_process(tmp_path, text_file, monkeypatch):
+    """Under torchrun each process reports its own rate: its share of the step's tokens (total /
+    world_size) over the step's time. Here rank 0 of a world of 2, faked in this one process (no process
+    group: the loaders serve rank 0's share, averages over ranks are the rank's own): the step's tokens
+    are 2 x B x T, the rate counts B x T."""
+    monkeypatch.setattr(train_gpt2, "start_processes", lambda name: (False, 0, 2, "cpu", "cpu"))
+    code, log = run_main(tmp_path, text_file, "--max_steps", "2")
+    assert code == 0 and len(log) == 2
+    flops_per_token = tiny_flops_per_token()
+    for r in log:
+        assert r["tokens"] == (r["step"] + 1) * 2 * 2 * 16  # B=2, T=16, 2 processes
+        assert r["tflops"] == pytest.approx(flops_per_token * r["tok_per_s"] / 2 / 1e12, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- what a run says it wrote
+
+
+def human_size(n):
+    """Bytes for people, in powers of 1000: 340 B, 56.6 kB, 19.7 MB, 1.5 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def test_last_line_names_what_the_run_wrote_with_the_checkpoints_size(tmp_path, text_file, capsys):
+    code, _ = run_main(tmp_path, text_file, "--max_steps", "2")
+    out = tmp_path / "out"
+    size = human_size((out / "ckpt.pt").stat().st_size)
+    assert code == 0 and size.endswith(" MB")  # 1.6M parameters with their Adam moments: about 20 MB
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'} and {out / 'progress.png'}"
+
+
+@pytest.fixture
+def models_built(monkeypatch):
+    """How many GPT models were built (GPT.__init__ calls)."""
+    built, init = [], GPT.__init__
+    monkeypatch.setattr(GPT, "__init__", lambda self, config: built.append(config) or init(self, config))
+    return built
+
+
+@pytest.mark.parametrize("data", [["--input_file", "missing.txt"], ["--data_dir", "missing"]], ids=["file", "dir"])
+@pytest.mark.parametrize("eval_only", [[], ["--eval_only", "--max_steps", "0"]], ids=["train", "eval_only"])
+def test_missing_data_is_one_line_before_any_model_is_built(tmp_path, models_built, capsys, monkeypatch, data,
+                                                            eval_only):
+    monkeypatch.chdir(tmp_path)
+    assert main([*TINY, *data, *eval_only]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "missing" in err
+    assert ("not found" if data[0] == "--input_file" else "has no manifest.json") in err
+    assert models_built == [] and not (tmp_path / "out").exists()
+
+
+def test_eval_only_with_nothing_to_evaluate_is_one_line(tmp_path, capsys):
+    """1,000 tokens: too few for one validation batch of 2 x 64, and no --hellaswag."""
+    path = tmp_path / "small.txt"
+    path.write_text(" word" * 1000)
+    code, _ = run_main(tmp_path, path, "--T", "64", "--eval_only")
+    captured = capsys.readouterr()
+    assert code == 1 and captured.err == \
+        "error: nothing to evaluate: the data has no validation batch, and --hellaswag is not set\n"
+    assert "| loss" not in captured.out and not (tmp_path / "out").exists()
