@@ -2,8 +2,10 @@
 precision policy, and main() run in-process on a tiny model."""
 
 import contextlib
+import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -401,3 +403,97 @@ def test_eval_only_with_nothing_to_evaluate_is_one_line(tmp_path, capsys):
     assert code == 1 and captured.err == \
         "error: nothing to evaluate: the data has no validation batch, and --hellaswag is not set\n"
     assert "| loss" not in captured.out and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- Weights & Biases, by a stand-in
+
+STAND_IN_WANDB = '''"""A stand-in for wandb that records what a run sends it; it never touches a network."""
+import copy
+import os
+
+calls = []
+
+
+class Run:
+    def log(self, data, step=None):
+        calls.append(("log", copy.deepcopy(data), step))
+
+    def finish(self):
+        calls.append(("finish",))
+
+
+def init(project=None, name=None, config=None, **kwargs):
+    calls.append(("init", dict(project=project, name=name, config=copy.deepcopy(config), kwargs=kwargs,
+                               WANDB_MODE=os.environ.get("WANDB_MODE"))))
+    return Run()
+'''
+
+
+@pytest.fixture
+def stand_in_wandb(tmp_path, monkeypatch):
+    """An importable `wandb` package (the stand-in above) on sys.path; not imported yet. Yields its
+    folder; the test finds what the run sent in sys.modules["wandb"].calls."""
+    folder = tmp_path / "site-packages"
+    (folder / "wandb").mkdir(parents=True)
+    (folder / "wandb" / "__init__.py").write_text(STAND_IN_WANDB)
+    monkeypatch.syspath_prepend(str(folder))
+    assert "wandb" not in sys.modules
+    yield folder
+    sys.modules.pop("wandb", None)
+
+
+def test_wandb_gets_the_config_and_every_record_of_the_log(tmp_path, text_file, stand_in_wandb, monkeypatch):
+    """--wandb_project: wandb.init with the project, the run's name and its config (the TrainConfig as
+    a dict, as the checkpoint keeps it), every record of log.jsonl logged at its step (evaluations
+    included), finish at the end. WANDB_MODE=offline in the environment (clusters without internet)
+    reaches wandb as it was, and the run is the same run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    code, log = run_main(tmp_path, text_file, "--max_steps", "4", "--eval_interval", "2",
+                         "--wandb_project", "gpt2-repro", "--wandb_run_name", "tiny")
+    assert code == 0 and len(log) == 4 and "val_loss" in log[1]
+    calls = sys.modules["wandb"].calls
+    kind, init = calls[0]
+    assert kind == "init"
+    config = machinery.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["train_config"]
+    assert init == dict(project="gpt2-repro", name="tiny", config=config, kwargs={}, WANDB_MODE="offline")
+    assert config["wandb_project"] == "gpt2-repro" and config["max_steps"] == 4
+    assert calls[1:-1] == [("log", r, r["step"]) for r in log]
+    assert calls[-1] == ("finish",)
+    _, untracked = run_main(tmp_path / "untracked", text_file, "--max_steps", "4", "--eval_interval", "2")
+    timing = ("ms", "tok_per_s", "tflops")  # clocks differ from run to run; all else is the same
+    assert [{k: v for k, v in r.items() if k not in timing} for r in log] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in untracked]
+
+
+def test_without_a_project_wandb_is_never_imported(tmp_path, text_file, stand_in_wandb):
+    code, log = run_main(tmp_path, text_file, "--max_steps", "2")
+    assert code == 0 and len(log) == 2
+    assert "wandb" not in sys.modules  # importable (the stand-in), and not imported
+
+
+def test_wandb_not_installed_is_one_line_before_anything_runs(tmp_path, text_file, monkeypatch, models_built,
+                                                             capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    code, _ = run_main(tmp_path, text_file, "--wandb_project", "x")
+    captured = capsys.readouterr()
+    assert code == 1 and captured.err.count("\n") == 1 and "pip install wandb" in captured.err
+    assert captured.err.startswith("error: --wandb_project needs the wandb package")
+    assert captured.out == "" and models_built == [] and not (tmp_path / "out").exists()
+
+
+def test_only_rank_0_logs_and_tracks(tmp_path, stand_in_wandb, monkeypatch):
+    """Under torchrun every process opens a RunLog; only RANK 0's writes the log and talks to wandb."""
+    from train_gpt2 import TrainConfig
+
+    cfg = machinery.parse_args(TrainConfig, ["--out_dir", str(tmp_path / "out"), "--wandb_project", "p"])
+    record = dict(step=0, loss=10.0, lr=3e-4, norm=1.0, ms=10.0, tok_per_s=100.0, tokens=64, tflops=1e-3)
+    monkeypatch.setenv("RANK", "1")
+    with machinery.RunLog(cfg, 0) as log:
+        log.write(record, picture=True)
+    assert not (tmp_path / "out").exists() and "wandb" not in sys.modules
+    monkeypatch.setenv("RANK", "0")
+    with machinery.RunLog(cfg, 0) as log:
+        log.write(record)
+    assert (tmp_path / "out" / "log.jsonl").read_text() == json.dumps(record) + "\n"
+    assert [c[0] for c in sys.modules["wandb"].calls] == ["init", "log", "finish"]
