@@ -328,7 +328,8 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_the_same_command_continues(tm
     stops with one line that names the checkpoint; the first checkpoint is as it was, no temporary file
     is left, and the same command with --resume continues from it to the end."""
     out = tmp_path / "run"
-    args = [*RUN, "--input_file", str(text_file), "--out_dir", str(out), "--max_steps", "6", "--checkpoint_interval", "2"]
+    args = [*RUN, "--input_file", str(text_file), "--out_dir", str(out), "--max_steps", "6",
+            "--checkpoint_interval", "2"]
     save, saved = torch.save, []
 
     def full_at_the_second_checkpoint(obj, f):
@@ -413,7 +414,8 @@ def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_pa
     stdout = capsys.readouterr().out
     line = f"could not draw progress.png: disk full: writing {out / 'progress.png'} failed (No space left on device)"
     assert [l for l in stdout.splitlines() if "progress.png" in l] == [line, line]  # steps 1 and 3
-    assert stdout.splitlines()[-1] == f"wrote {out / 'ckpt.pt'} ({machinery.file_size(out / 'ckpt.pt')}), {out / 'log.jsonl'}"
+    size = machinery.file_size(out / "ckpt.pt")
+    assert stdout.splitlines()[-1] == f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'}"  # no picture
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]
     assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]
 

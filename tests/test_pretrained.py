@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+import train_gpt2
 from conftest import step_losses
 from machinery import GPT2_VOCAB_SIZE, tokenize_file
 from train_gpt2 import GPT, PRETRAINED, GPTConfig, main
@@ -150,3 +151,53 @@ def test_fine_tuning_starts_from_the_weights_of_a_local_gpt2_directory(tmp_path,
         logits = hf(x).logits  # (B, T, V)
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
     assert abs(log[0]["loss"] - ref) <= 1e-5, (log[0]["loss"], ref)
+
+
+def test_eval_only_gives_the_validation_loss_transformers_gives(tmp_path, hf_gpt2_dir, text_file, capsys, monkeypatch):
+    """--init_from DIR --eval_only: the loss a run would report for DIR's model before training, without
+    training or writing anything. Its validation batches are the last 10% of the file's tokens, read
+    from the start in windows of B*T (+1 for the last target); transformers' mean loss over the same
+    eval_iters batches, float32: equal to 1e-5 nats (losses of ~10.8, averaged over 3 batches)."""
+    path, hf = hf_gpt2_dir(2, 2, 32, 64)
+    B, T, eval_iters = 2, 16, 3
+    monkeypatch.chdir(tmp_path)  # out_dir is the default, out/, here
+    evaluate, results = train_gpt2.evaluate, []  # what it printed, unrounded
+    monkeypatch.setattr(train_gpt2, "evaluate", lambda *a: results.append(evaluate(*a)) or results[-1])
+    assert main(["--init_from", str(path), "--input_file", str(text_file), "--eval_only", "--B", str(B),
+                 "--T", str(T), "--eval_iters", str(eval_iters), "--device", "cpu", "--dtype", "float32"]) == 0
+    stdout = capsys.readouterr().out
+    lines = [l for l in stdout.splitlines() if l.startswith("step")]
+    assert lines == [f"step     0 | val loss {results[0]['val_loss']:.4f}"]
+
+    tokens = tokenize_file(text_file)
+    val = torch.from_numpy(tokens[int(len(tokens) * 0.9):].astype("int64"))
+    losses = []
+    for i in range(eval_iters):
+        window = val[i * B * T: (i + 1) * B * T + 1]
+        x, y = window[:-1].view(B, T), window[1:].view(B, T)
+        with torch.no_grad():
+            logits = hf(x).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
+    ref = sum(losses) / eval_iters
+    assert results == [{"val_loss": pytest.approx(ref, abs=1e-5)}]
+    assert "| loss" not in stdout and not (tmp_path / "out").exists()
+
+
+def test_transformers_that_cannot_load_pytorch_models_is_one_line(tmp_path, hf_gpt2_dir, capsys, monkeypatch):
+    """transformers disables its PyTorch models when it finds a torch older than it supports, and says
+    so in a long ImportError when one is loaded: one line, with both versions and what to do."""
+    import transformers
+
+    path, _ = hf_gpt2_dir(2, 2, 32, 64)
+
+    def disabled(*args, **kwargs):
+        raise ImportError("\nGPT2LMHeadModel requires PyTorch >= 2.6, but PyTorch was not found or an older "
+                          "version is installed.\nPlease check out the instructions on the installation page ...")
+
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", disabled)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--init_from", str(path), "--max_steps", "0", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: transformers "), err
+    assert f"transformers {transformers.__version__}" in err and f"torch {torch.__version__}" in err
+    assert "requires PyTorch >= 2.6" in err and "pip install -r requirements.txt" in err
