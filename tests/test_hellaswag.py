@@ -10,6 +10,7 @@ import torch
 
 import hellaswag
 import machinery
+import train_gpt2
 from conftest import CONTEXTS, TINY, official, run_script
 from machinery import plot_log
 from train_gpt2 import GPT, GPTConfig, main
@@ -204,6 +205,28 @@ def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, lopsid
     assert is_png(tmp_path / "again.png")
 
 
+def test_eval_only_scores_hellaswag_as_a_run_would(tmp_path, random_gpt2, lopsided_items_file, monkeypatch,
+                                                  capsys):
+    """--init_from DIR --eval_only --hellaswag FILE scores the items as hellaswag.evaluate does on DIR's
+    model, and prints the line a run prints. The text here is too short for a validation batch: HellaSwag
+    is the whole evaluation, and that is enough (the lopsided items tell acc from acc_norm)."""
+    path, ours, _ = random_gpt2
+    text = tmp_path / "small.txt"
+    text.write_text(" word" * 1000)  # 900 train tokens, 100 val: fewer than one batch of 2 x 64 + 1
+    evaluate, results = train_gpt2.evaluate, []
+    monkeypatch.setattr(train_gpt2, "evaluate", lambda *a: results.append(evaluate(*a)) or results[-1])
+    monkeypatch.chdir(tmp_path)
+    assert main(["--init_from", str(path), "--input_file", str(text), "--B", "2", "--T", "64", "--eval_only",
+                 "--hellaswag", str(lopsided_items_file), "--device", "cpu", "--dtype", "float32"]) == 0
+    stdout = capsys.readouterr().out
+    items = hellaswag.read_items(str(lopsided_items_file))
+    correct, correct_norm, n = hellaswag.evaluate(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    assert results == [{"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}]
+    assert [l for l in stdout.splitlines() if l.startswith("step")] == \
+        [f"step     0 | hellaswag acc_norm {correct_norm / n:.4f}"]
+    assert "no validation" in stdout and not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- the picture
 
 
@@ -213,6 +236,48 @@ def is_png(path):
     with Image.open(path) as image:
         image.verify()
         return image.format == "PNG" and image.size[0] > 100
+
+
+@pytest.fixture
+def horizontal_lines(monkeypatch):
+    """Every Axes.axhline a picture draws, as (panel, y, linestyle, label); the panel is "hellaswag" or
+    "loss", read from the axes' y label once the picture is drawn."""
+    import matplotlib.axes
+
+    calls, axhline = [], matplotlib.axes.Axes.axhline
+
+    def spy(self, y=0, *args, **kwargs):
+        calls.append((self, y, kwargs.get("linestyle"), kwargs.get("label", "")))
+        return axhline(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", spy)
+
+    def drawn():
+        lines = [("hellaswag" if "hellaswag" in ax.get_ylabel().lower() else "loss", y, style, label)
+                 for ax, y, style, label in calls]
+        calls.clear()
+        return lines
+
+    return drawn
+
+
+def test_the_picture_marks_gpt2_and_the_next_mark_gpt3_small(tmp_path, horizontal_lines):
+    """Dashed lines where OpenAI's models stand: on the HellaSwag panel GPT-2 124M (0.2955) and GPT-3
+    Small (0.337, the next mark to reach); on the loss panel GPT-2 124M's validation loss on this data,
+    where the caller knows it (3.2924 on FineWeb-Edu), and no such line where it does not."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(dict(step=s, loss=10 - s / 10, tokens=(s + 1) * 128,
+                                           **(dict(val_loss=9.9 - s / 10, hellaswag_acc_norm=0.25 + s / 100)
+                                              if s % 10 == 9 else {}))) + "\n" for s in range(30)))
+    plot_log(str(log), str(tmp_path / "a.png"), gpt2_val_loss=3.2924)
+    dashed = {(panel, y): label for panel, y, style, label in horizontal_lines() if style == "--"}
+    assert set(dashed) == {("loss", 3.2924), ("hellaswag", 0.2955), ("hellaswag", 0.337)}
+    assert "GPT-2" in dashed[("loss", 3.2924)] and "GPT-2" in dashed[("hellaswag", 0.2955)]
+    assert "GPT-3" in dashed[("hellaswag", 0.337)]
+    assert is_png(tmp_path / "a.png")
+    plot_log(str(log), str(tmp_path / "b.png"))  # the loss of GPT-2 on this data is not known
+    assert {(panel, y) for panel, y, style, _ in horizontal_lines() if style == "--"} == \
+        {("hellaswag", 0.2955), ("hellaswag", 0.337)}
 
 
 def test_plot_log_without_evaluations_and_with_a_half_written_line(tmp_path):
