@@ -228,3 +228,30 @@ def test_bad_data_dir_is_one_clear_line(tmp_path, how, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_picture_marks_gpt2s_val_loss_only_on_fineweb_edu(tmp_path, prepared, text_file, monkeypatch):
+    """GPT-2 124M's validation loss on FineWeb-Edu (3.2924, on prepare.py's first val shard) is a line on
+    the picture of a run on shards whose manifest says they are FineWeb-Edu sample-10BT (a copy of the
+    prepared corpus, its source edited to what prepare.py fineweb-edu records); on other shards, and on
+    a text file, GPT-2's loss is not known: no line."""
+    import shutil
+
+    fineweb = tmp_path / "fineweb-edu"
+    shutil.copytree(prepared, fineweb)
+    manifest = json.loads((fineweb / "manifest.json").read_text())
+    (fineweb / "manifest.json").write_text(json.dumps({**manifest, "source": ":".join(machinery.FINEWEB_EDU)}))
+    assert machinery.FINEWEB_EDU == ("HuggingFaceFW/fineweb-edu", "sample-10BT")
+    plot_log, drawn = machinery.plot_log, []
+
+    def spy(log_path, png_path, gpt2_val_loss=None):
+        drawn.append(gpt2_val_loss)
+        return plot_log(log_path, png_path, gpt2_val_loss)
+
+    monkeypatch.setattr(machinery, "plot_log", spy)
+    for name, data in (("fineweb", ["--data_dir", str(fineweb)]), ("other", ["--data_dir", str(prepared)]),
+                       ("text", ["--input_file", str(text_file)])):
+        assert main([*TINY, *data, "--B", "2", "--T", "16", "--max_steps", "1", "--eval_iters", "1",
+                     "--num_samples", "0", "--out_dir", str(tmp_path / name)]) == 0
+        assert (tmp_path / name / "progress.png").exists()
+    assert drawn == [3.2924, None, None]
