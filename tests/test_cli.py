@@ -159,3 +159,30 @@ def test_more_torchrun_processes_than_gpus_is_one_line_from_every_rank(tmp_path)
             "so pass --nproc_per_node=1 (or --device cpu)")
     assert r.stderr.count(line) >= 1, r.stderr
     assert 'train_gpt2.py", line' not in r.stderr  # no traceback through our code
+
+
+def test_eval_only_under_torchrun_splits_the_evaluation_across_ranks(tmp_path, text_file, items_file):
+    """A run's checkpoint evaluated by torchrun's two CPU processes with B=1 (each rank its half of every
+    validation batch, and its share of the HellaSwag items, the results gathered) gives what the run
+    itself, one process with B=2, gave at its last step: the val loss to float32 rounding (1e-5; it is
+    printed to 4 decimals), the HellaSwag accuracy exactly. Rank 0 alone prints; nothing is written."""
+    import hashlib
+    import json
+
+    from train_gpt2 import main
+
+    common = [*TINY, "--input_file", str(text_file), "--T", "16", "--dtype", "float32", "--eval_iters", "3",
+              "--hellaswag", str(items_file), "--num_samples", "0", "--out_dir", str(tmp_path / "run")]
+    assert main([*common, "--B", "2", "--max_steps", "2"]) == 0
+    last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "run").iterdir()}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_script(*common, "--B", "1", "--max_steps", "2", "--resume", "--eval_only", cwd=tmp_path, runner=torchrun,
+                   env_extra={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "processes 2" in r.stdout
+    val = [l for l in r.stdout.splitlines() if l.startswith("step     1 | val loss ")]
+    assert len(val) == 1 and abs(float(val[0].split()[-1]) - last["val_loss"]) <= 0.5e-4 + 1e-5, (val, last)
+    assert r.stdout.splitlines().count(f"step     1 | hellaswag acc_norm {last['hellaswag_acc_norm']:.4f}") == 1
+    assert "| loss" not in r.stdout
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "run").iterdir()} == files
