@@ -424,23 +424,23 @@ def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_pa
 
 
 def test_eval_only_of_a_checkpoint_prints_the_runs_last_evaluation_and_writes_nothing(tmp_path, text_file,
-                                                                                    four_steps, monkeypatch,
-                                                                                    capsys):
+                                                                                    monkeypatch, capsys):
     """--resume --eval_only loads the checkpoint a run saved after its last step and evaluates it as
     that step did: the same `step 3 | val loss` line (the same batches, the same weights: the same
-    number, to the last bit, as the run logged), no training, no samples, and out_dir byte for byte
-    as it was (its files and their contents)."""
-    shutil.copytree(four_steps, tmp_path / "run")
+    number, to the last bit, as the run logged; both in this process, so on the same kernels), no
+    training, no samples, and out_dir byte for byte as it was (its files and their contents)."""
     out = tmp_path / "run"
-    before = {p.name: digest(p) for p in out.iterdir()}
+    args = [*RUN, "--input_file", str(text_file), "--max_steps", "4", "--num_samples", "0", "--out_dir", str(out)]
+    assert main(args) == 0
+    run_lines = [l for l in capsys.readouterr().out.splitlines() if "val loss" in l]
     last = read_log(out)[-1]
-    assert last["step"] == 3 and "val_loss" in last  # the run evaluated at its last step
+    assert last["step"] == 3 and run_lines == [f"step     3 | val loss {last['val_loss']:.4f}"]  # at its last step
+    before = {p.name: digest(p) for p in out.iterdir()}
     evaluate, results = train_gpt2.evaluate, []
     monkeypatch.setattr(train_gpt2, "evaluate", lambda *a: results.append(evaluate(*a)) or results[-1])
-    assert main([*RUN, "--input_file", str(text_file), "--max_steps", "4", "--out_dir", str(out), "--resume",
-                 "--eval_only"]) == 0
+    assert main([*args, "--num_samples", "1", "--resume", "--eval_only"]) == 0
     stdout = capsys.readouterr().out
     assert results == [{"val_loss": last["val_loss"]}]
-    assert f"step     3 | val loss {last['val_loss']:.4f}" in stdout.splitlines()
+    assert [l for l in stdout.splitlines() if "val loss" in l] == run_lines
     assert "| loss" not in stdout and "> " not in stdout  # nothing trained, nothing sampled
     assert {p.name: digest(p) for p in out.iterdir()} == before
