@@ -746,7 +746,7 @@ def step_line(record, step_times, max_steps):
     eta = format_seconds(typical * (max_steps - record["step"] - 1))
     return (f"step {record['step']:5d} | loss {record['loss']:.6f} | lr {record['lr']:.1e} | "
             f"norm {record['norm']:.2f} | {record['ms']:.1f} ms | {record['tok_per_s']:,.0f} tok/s | "
-            f"{record['tflops']:.2f} TFLOP/s" + (f" | MFU {record['mfu']:.1f}%" if "mfu" in record else "") +
+            f"{record['tflops']:.3g} TFLOP/s" + (f" | MFU {record['mfu']:.1f}%" if "mfu" in record else "") +
             f" | eta {eta}")
 
 
@@ -811,11 +811,13 @@ class RunLog:
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        except OSError as e:  # a full disk: one line, and the checkpoint from before is intact
+        except OSError as e:  # a full disk, say: one line, and the checkpoint from before is intact
             with contextlib.suppress(OSError):  # closing flushes the unwritten bytes, and fails again:
                 self.file.close()  # close now, so close() on the way out does not replace this error
             self.file = None
-            raise DiskFull(f"disk full: writing {self.path} failed ({e.strerror}); {RESUME_HINT}") from None
+            error = DiskFull if e.errno in DISK_FULL else OSError
+            what = "disk full: writing" if e.errno in DISK_FULL else "writing"
+            raise error(f"{what} {self.path} failed ({e.strerror}); {RESUME_HINT}") from None
         if self.tracker is not None:
             self.tracker.log(record, step=record["step"])
         if picture:

@@ -16,6 +16,10 @@ sys.path.insert(0, str(REPO))
 # and say so, so that they run the same on a machine with a GPU.
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--device", "cpu"]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# Scripts run by the tests use one thread. With two, a busy CPU sometimes sums a float32 reduction in
+# another order: here one fresh process in ten printed step 0's loss 2e-6 off (10.811058 for 10.811056),
+# and the tests compare separate runs to the last digit. One thread made 30 of 30 runs agree.
+SCRIPT_ENV = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
@@ -45,7 +49,7 @@ def text_file(tmp_path):
 def run_script(*args, cwd, timeout=300, env_extra=None, runner=None, script="train_gpt2.py"):
     """Run a script as a user would, on the CPU unless `args` name another --device (a later flag
     wins); returns the CompletedProcess with text output."""
-    env = {**os.environ, **OFFLINE_ENV, **(env_extra or {})}
+    env = {**os.environ, **SCRIPT_ENV, **(env_extra or {})}
     cpu = [] if script == "prepare.py" else ["--device", "cpu"]  # prepare.py has no device
     cmd = (runner or [sys.executable]) + [str(REPO / script), *cpu, *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -17,7 +17,7 @@ import torch
 
 import machinery
 import train_gpt2
-from conftest import OFFLINE_ENV, REPO, TINY, run_script, shakespeare_sample, step_losses
+from conftest import REPO, SCRIPT_ENV, TINY, run_script, shakespeare_sample, step_losses
 from machinery import load_checkpoint, save_checkpoint
 from train_gpt2 import main
 
@@ -51,7 +51,7 @@ def uninterrupted(tmp_path_factory):
 def start(tmp_path, *args):
     cmd = [sys.executable, str(REPO / "train_gpt2.py"), *map(str, args)]
     import os
-    return subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **SCRIPT_ENV}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
