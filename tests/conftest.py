@@ -22,6 +22,21 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 SCRIPT_ENV = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """In-process runs use one thread too, for the reason SCRIPT_ENV gives (restored after each test);
+    a test marked all_threads keeps them (compiling is slower on one)."""
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("all_threads") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "all_threads: the test runs with torch's default thread count")
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a connection fails, as on an air-gapped machine."""

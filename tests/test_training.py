@@ -208,6 +208,7 @@ def test_compile_failure_falls_back_to_eager_with_one_line(tmp_path, text_file, 
     assert "long details" not in out
 
 
+@pytest.mark.all_threads
 def test_compiled_training_follows_eager(tmp_path, text_file, capsys):
     """--compile trains the same model (float32: equal to 1e-4); evaluation and sampling still work."""
     args = ("--max_steps", "3", "--dtype", "float32", "--eval_interval", "2")
