@@ -38,14 +38,20 @@ def read_log(out_dir):
     return [json.loads(l) for l in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The reference: 30 steps in one go, on the same text as the text_file fixture (run once, shared)."""
-    tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    r = run_script(*RUN, "--input_file", shakespeare_sample(tmp_path), "--max_steps", "30", "--out_dir", "ref",
+def finished_run(tmp_path_factory, name, max_steps):
+    """A run of RUN for max_steps on the same text as the text_file fixture: (its stdout, its out_dir)."""
+    tmp_path = tmp_path_factory.mktemp(name)
+    r = run_script(*RUN, "--input_file", shakespeare_sample(tmp_path), "--max_steps", max_steps, "--out_dir", "run",
                    cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    return r.stdout, read_log(tmp_path / "ref")
+    return r.stdout, tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: 30 steps in one go (run once, shared)."""
+    stdout, out_dir = finished_run(tmp_path_factory, "uninterrupted", 30)
+    return stdout, read_log(out_dir)
 
 
 def start(tmp_path, *args):
@@ -175,11 +181,7 @@ class Exploit:
 @pytest.fixture(scope="module")
 def four_steps(tmp_path_factory):
     """A run's out_dir after 4 steps (made once; each test damages its own copy)."""
-    tmp_path = tmp_path_factory.mktemp("four_steps")
-    r = run_script(*RUN, "--input_file", shakespeare_sample(tmp_path), "--max_steps", "4", "--out_dir", "run",
-                   cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    return tmp_path / "run"
+    return finished_run(tmp_path_factory, "four_steps", 4)[1]
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code",
