@@ -324,7 +324,7 @@ def test_step_line_and_log_show_model_tflops_and_no_mfu_on_a_cpu(tmp_path, text_
     flops_per_token = tiny_flops_per_token()
     for r, line in zip(log, lines):
         assert r["tflops"] == pytest.approx(flops_per_token * 2 * 16 / (r["ms"] / 1000) / 1e12, rel=1e-9)
-        assert f"| {r['tflops']:.3g} TFLOP/s |" in line
+        assert f"| {r['tflops']:.3f} TFLOP/s |" in line  # 3 decimals below 10, 1 above
         assert "mfu" not in r and "MFU" not in line
 
 
@@ -338,7 +338,7 @@ def test_step_line_and_log_show_mfu_where_the_peak_is_known(tmp_path, text_file,
     assert code == 0 and peaks == ["cpu"] and len(lines) == 3
     for r, line in zip(log, lines):
         assert r["mfu"] == pytest.approx(100 * r["tflops"] / 1e-4, rel=1e-9)
-        assert f"| {r['tflops']:.3g} TFLOP/s | MFU {r['mfu']:.1f}% |" in line
+        assert f"| {r['tflops']:.3f} TFLOP/s | MFU {r['mfu']:.1f}% |" in line
 
 
 def test_tflops_are_per_process(tmp_path, text_file, monkeypatch):
