@@ -550,7 +550,8 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     if hellaswag_items is not None:
         import hellaswag  # only runs that ask for HellaSwag import it
         results.update(hellaswag.evaluate_across_ranks(model, hellaswag_items, device, autocast))
-    print0(describe_evaluation(step, results))
+    if results:  # (a run without validation data or HellaSwag has nothing to say)
+        print0(describe_evaluation(step, results))
     return results
 
 

@@ -229,6 +229,8 @@ def test_text_too_short_for_validation_trains_without_it(tmp_path, capsys):
     assert code == 0 and len(log) == 2
     assert "no validation: the val split" in out and "val loss" not in out
     assert all("val_loss" not in r for r in log)
+    steps_and_after = out[out.index("step     0"):out.index("> ")]
+    assert "\n\n" not in steps_and_after  # the evaluation step prints no empty line in place of results
 
 
 @pytest.mark.parametrize("rank", [0, 1])
