@@ -1,5 +1,7 @@
 """
 HellaSwag, the benchmark a GPT-2 reproduction is judged by: which of four endings continues a context.
+A sibling of train_gpt2.py: it imports the model from there and the rest from machinery.py, and
+train_gpt2.py imports it only in runs with --hellaswag.
 
     python hellaswag.py --init_from gpt2                 # OpenAI's GPT-2 124M
     python hellaswag.py --init_from my-gpt2-dir --data hellaswag_val.jsonl

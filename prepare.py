@@ -1,5 +1,6 @@
 """
-Tokenize a corpus into shards of GPT-2 tokens, for `python train_gpt2.py --data_dir DIR`.
+Tokenize a corpus into shards of GPT-2 tokens, for `python train_gpt2.py --data_dir DIR`. A sibling of
+train_gpt2.py (the story) that needs only machinery.py (the tokenizer, the manifest's name, file writes).
 
     python prepare.py fineweb-edu                      # HuggingFaceFW/fineweb-edu, sample-10BT -> data/fineweb-edu
     python prepare.py my_texts/ --out_dir data/mine    # every *.txt, *.jsonl, *.parquet in a folder

@@ -70,6 +70,21 @@ def run_script(*args, cwd, timeout=300, env_extra=None, runner=None, script="tra
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(*args, cwd, monkeypatch, capsys):
+    """train_gpt2.main as `python train_gpt2.py --device cpu ARGS` run in `cwd` would run it, without
+    starting a process (a second or two less): (exit code, stdout, stderr). A flag argparse refuses exits
+    through SystemExit with its code; any other exception that escapes main fails the test."""
+    from train_gpt2 import main
+
+    monkeypatch.chdir(cwd)
+    try:
+        code = main(["--device", "cpu", *map(str, args)])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def one_process_and_two(tmp_path, *args):
     """The same run twice: one process with B=2, and torchrun's two CPU processes (gloo) with B=1 each,
     so the same total batch (args must fix it with --total_batch_size). Returns torchrun's stdout and

@@ -17,7 +17,7 @@ import torch
 
 import machinery
 import train_gpt2
-from conftest import REPO, SCRIPT_ENV, TINY, run_script, shakespeare_sample, step_losses
+from conftest import REPO, SCRIPT_ENV, TINY, run_in_process, run_script, shakespeare_sample, step_losses
 from machinery import load_checkpoint, save_checkpoint
 from train_gpt2 import main
 
@@ -186,7 +186,8 @@ def four_steps(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code",
                                   "wrong_weights"])
-def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, four_steps, kind):
+def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, four_steps, kind, monkeypatch,
+                                                                capsys):
     shutil.copytree(four_steps, tmp_path / "run")
     args = (*RUN, "--input_file", text_file, "--max_steps", "4", "--out_dir", "run")
     ckpt = tmp_path / "run" / "ckpt.pt"
@@ -203,9 +204,10 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
     else:
         ckpt.write_bytes(pickle.dumps(Exploit()))
     before, log_before = digest(ckpt), digest(tmp_path / "run" / "log.jsonl")
-    r = run_script(*args, "--resume", "--max_steps", "8", cwd=tmp_path)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "ckpt.pt" in r.stderr
+    code, _, err = run_in_process(*args, "--resume", "--max_steps", "8", cwd=tmp_path, monkeypatch=monkeypatch,
+                                  capsys=capsys)
+    assert code == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "ckpt.pt" in err
     assert digest(ckpt) == before and digest(tmp_path / "run" / "log.jsonl") == log_before
     assert not (tmp_path / "PWNED").exists()  # loading never runs code from the file
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, one_process_and_two, run_script, step_losses
+from conftest import REPO, TINY, one_process_and_two, run_in_process, run_script, step_losses
 
 SMALL = [*TINY, "--B", "2", "--T", "16", "--num_samples", "2", "--max_new_tokens", "8"]
 
@@ -58,16 +58,18 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message):
+def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeypatch, capsys):
+    """In-process: an exception that escaped main (a traceback, from the command line) fails the test."""
     shutil.copy(text_file, tmp_path / "input.txt")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "short.txt").write_text("Too short.")
-    r = run_script(*SMALL, "--max_steps", "1", *args, cwd=tmp_path)
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    code, out, err = run_in_process(*SMALL, "--max_steps", "1", *args, cwd=tmp_path, monkeypatch=monkeypatch,
+                                    capsys=capsys)
+    assert code != 0
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert message in lines[0]
     assert not (tmp_path / "out").exists()  # a failed start writes nothing
 

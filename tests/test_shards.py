@@ -12,7 +12,7 @@ import torch
 import prepare
 import machinery
 import train_gpt2
-from conftest import TINY, make_documents, one_process_and_two, run_script, step_losses
+from conftest import TINY, make_documents, one_process_and_two, run_in_process, run_script, step_losses
 from train_gpt2 import DataLoaderLite, main
 
 
@@ -220,13 +220,14 @@ def damage(data, how):
     ("no manifest", "has no manifest.json: prepare it with  python prepare.py"),
     ("incomplete", "is not fully prepared"),
 ])
-def test_bad_data_dir_is_one_clear_line(tmp_path, how, message):
+def test_bad_data_dir_is_one_clear_line(tmp_path, how, message, monkeypatch, capsys):
     data = write_shards(tmp_path / "d", [300, 300, 300], ["val", "train", "train"])
     damage(data, how)
-    r = run_script(*TINY, "--data_dir", data, "--B", "2", "--T", "16", "--max_steps", "1", cwd=tmp_path)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    code, _, err = run_in_process(*TINY, "--data_dir", data, "--B", "2", "--T", "16", "--max_steps", "1",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert not (tmp_path / "out").exists()
 
 
