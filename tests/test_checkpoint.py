@@ -212,17 +212,18 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
     assert not (tmp_path / "PWNED").exists()  # loading never runs code from the file
 
 
-def test_resume_with_a_different_model_is_a_clear_error(tmp_path, text_file):
+def test_resume_with_a_different_model_is_a_clear_error(tmp_path, text_file, monkeypatch, capsys):
     args = (*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run")
-    assert run_script(*args, cwd=tmp_path).returncode == 0
-    r = run_script(*args, "--resume", "--n_layer", "3", cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.strip() == \
-        "error: checkpoint 'run/ckpt.pt' has n_layer=2, the command line says 3"
+    assert run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)[0] == 0
+    code, _, err = run_in_process(*args, "--resume", "--n_layer", "3", cwd=tmp_path, monkeypatch=monkeypatch,
+                                  capsys=capsys)
+    assert code == 1 and err.strip() == "error: checkpoint 'run/ckpt.pt' has n_layer=2, the command line says 3"
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, text_file):
-    r = run_script(*RUN, "--input_file", text_file, "--resume", cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.strip() == "error: no checkpoint to resume from at 'out/ckpt.pt'"
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, text_file, monkeypatch, capsys):
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--resume", cwd=tmp_path, monkeypatch=monkeypatch,
+                                  capsys=capsys)
+    assert code == 1 and err.strip() == "error: no checkpoint to resume from at 'out/ckpt.pt'"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys):
