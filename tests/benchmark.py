@@ -268,8 +268,9 @@ HF_SCRIPT = textwrap.dedent("""
 
 # Runs a program and reports its own peak memory on its last line.
 WRAPPER = textwrap.dedent("""
-    import runpy, sys, torch
+    import os, runpy, sys, torch
     script, sys.argv = sys.argv[1], sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` does: its siblings import
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
