@@ -33,7 +33,7 @@ fi
 if want default; then
   t "default run"
   timeout 90 $TS python3 train_gpt2.py --out_dir /tmp/odefault > "$LOG/default.log" 2>&1; echo "rc=$?"
-  grep -E "^device|^step +(0|1|48|49) |error|Traceback" "$LOG/default.log" | head
+  grep -E "^device|^step +(0|1|48|49) |error|Traceback" "$LOG/default.log" | head  # step lines end in MFU on known GPUs
 fi
 
 if want bench; then
@@ -73,6 +73,9 @@ PY
   timeout 60 $TS python3 hellaswag.py --init_from /tmp/w/hf --data /tmp/w/hs.jsonl 2>/dev/null
   timeout 60 $TS python3 hellaswag.py --init_from /tmp/w/hf --data /tmp/w/hs.jsonl --dtype float32 --batch_size 3 2>/dev/null
   timeout 60 $TS python3 hellaswag.py --out_dir /tmp/w/run --data /tmp/w/hs.jsonl --limit 10 2>/dev/null
+  # --eval_only on the run's checkpoint: the same val loss and HellaSwag lines as its step 39, nothing written
+  timeout 60 $TS python3 train_gpt2.py --data_dir /tmp/w/data --hellaswag /tmp/w/hs.jsonl --n_layer 4 --n_head 4 \
+    --n_embd 256 --B 8 --T 256 --vocab_size 50304 --out_dir /tmp/w/run --resume --eval_only 2>&1 | grep -E "^step|error"
   cp /tmp/w/run/progress.png "$LOG/" 2>/dev/null
 fi
 
