@@ -55,13 +55,16 @@ class DiskFull(OSError):
     """A write found the disk full (or the file too large for it); what was there before is intact."""
 
 
+def exception_chain(error):
+    """`error`, then the exceptions it was raised from or while handling, as a traceback lists them."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
 def disk_full_error(error):
     """The OSError for a full disk behind `error` (torch's zip writer wraps it in a RuntimeError), or None."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in DISK_FULL:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+    return next((e for e in exception_chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL), None)
 
 
 def write_atomically(path, write):
@@ -310,7 +313,7 @@ def describe_optimizer(optimizer):
 def describe_outputs(out_dir):
     """The run's last line: what it left in out_dir."""
     ckpt, log, picture = (os.path.join(out_dir, name) for name in ("ckpt.pt", "log.jsonl", "progress.png"))
-    return (f"wrote {ckpt} ({file_size(ckpt)}), {log}" + (f" and {picture}" if os.path.isfile(picture) else "")
+    return (f"wrote {ckpt} ({in_units(os.path.getsize(ckpt))}), {log}" + (f" and {picture}" if os.path.isfile(picture) else "")
             if os.path.isfile(ckpt) else f"wrote {log}")
 
 
@@ -651,13 +654,13 @@ def restore_training_state(ckpt, optimizer, scaler, train_loader, sample_generat
     set_rng_state(ckpt["rng"], sample_generator)
 
 
-def file_size(path):
-    """A file's size for people: 1.5 GB, 340 kB."""
-    size = os.path.getsize(path)
+def in_units(n_bytes):
+    """Bytes for people, in powers of 1000: 340 B, 19.7 MB, 1.5 GB, 20.0 GB."""
     for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
+        if n_bytes < 1000:
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:,.1f} TB"
 
 
 # -----------------------------------------------------------------------------

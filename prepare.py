@@ -47,7 +47,8 @@ import time
 
 import numpy as np
 
-from machinery import FINEWEB_EDU, MANIFEST, ArgumentParser, DiskFull, first_line, get_tokenizer, write_atomically
+from machinery import (FINEWEB_EDU, MANIFEST, ArgumentParser, DiskFull, exception_chain, first_line, get_tokenizer,
+                       in_units, write_atomically)
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16
 FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only
@@ -276,11 +277,9 @@ def is_transient(error):
     says anything): a dataset card that cannot be fetched is a "not found" caused by a dropped
     connection, and a "couldn't reach the hub" can be caused by offline mode."""
     verdict = False  # an error nothing recognises is not retried: the run continues from here when run again
-    chain = error
-    while chain is not None:
-        kind = error_kind(chain)
+    for cause in exception_chain(error):
+        kind = error_kind(cause)
         verdict = kind if kind is not None else verdict
-        chain = chain.__cause__ or (None if chain.__suppress_context__ else chain.__context__)
     return verdict
 
 
@@ -493,15 +492,6 @@ def check_disk_space(out_dir, needed):
     if free < DISK_SLACK * needed:
         raise PrepareError(f"not enough disk space: {out_dir!r} has {in_units(free)} free and the shards need about "
                            f"{in_units(needed)} (2 bytes a token); free some space or choose another --out_dir")
-
-
-def in_units(n_bytes):
-    """20_000_000_000 -> '20.0 GB'."""
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if n_bytes < 1000:
-            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    return f"{n_bytes:,.1f} TB"
 
 
 # -----------------------------------------------------------------------------

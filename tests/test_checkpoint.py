@@ -56,7 +56,6 @@ def uninterrupted(tmp_path_factory):
 
 def start(tmp_path, *args):
     cmd = [sys.executable, str(REPO / "train_gpt2.py"), *map(str, args)]
-    import os
     return subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **SCRIPT_ENV}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -419,7 +418,7 @@ def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_pa
     stdout = capsys.readouterr().out
     line = f"could not draw progress.png: disk full: writing {out / 'progress.png'} failed (No space left on device)"
     assert [l for l in stdout.splitlines() if "progress.png" in l] == [line, line]  # steps 1 and 3
-    size = machinery.file_size(out / "ckpt.pt")
+    size = machinery.in_units(os.path.getsize(out / "ckpt.pt"))
     assert stdout.splitlines()[-1] == f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'}"  # no picture
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]
     assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]
