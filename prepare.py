@@ -1,10 +1,11 @@
 """
 Tokenize a corpus into shards of GPT-2 tokens, for `python train_gpt2.py --data_dir DIR`. A sibling of
-train_gpt2.py (the story) that needs only machinery.py (the tokenizer, the manifest's name, file writes).
+train_gpt2.py (the story) that needs only the package machinery/ (the tokenizer, the manifest's name,
+file writes).
 
     python prepare.py fineweb-edu                      # HuggingFaceFW/fineweb-edu, sample-10BT -> data/fineweb-edu
     python prepare.py my_texts/ --out_dir data/mine    # every *.txt, *.jsonl, *.parquet in a folder
-    python prepare.py book.txt --out_dir data/book --shard_size 1000000
+    python prepare.py input.txt --out_dir data/shakespeare --shard_size 100000
 
 What it writes in out_dir:
 - shards: `val_000000.npy`, `train_000001.npy`, ... each a 1-D uint16 array of `--shard_size` tokens
@@ -47,8 +48,9 @@ import time
 
 import numpy as np
 
-from machinery import (FINEWEB_EDU, MANIFEST, ArgumentParser, DiskFull, exception_chain, first_line, get_tokenizer,
-                       in_units, write_atomically)
+from machinery.command_line import ArgumentParser
+from machinery.files import DiskFull, exception_chain, first_line, in_units, write_atomically
+from machinery.tokens import FINEWEB_EDU, MANIFEST, get_tokenizer
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16
 FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only

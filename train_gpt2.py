@@ -3,20 +3,21 @@ Train GPT-2 from scratch, or fine-tune / sample OpenAI's GPT-2 weights: the stor
 
     setup:       pip install -r requirements.txt
     CPU/GPU/MPS: python train_gpt2.py                       (GPT-2 124M, 50 steps on input.txt)
-    tiny model:  python train_gpt2.py --n_layer 4 --n_head 4 --n_embd 256 --B 16 --T 128 --lr 2e-3 ...
+    learn:       python train_gpt2.py @configs/learner.args     (a small model writes verse, minutes on a CPU)
     sample:      python train_gpt2.py --init_from gpt2 --max_steps 0 --prompt "Hello, I'm a"
-    shards:      python prepare.py fineweb-edu && python train_gpt2.py --data_dir data/fineweb-edu ...
-    8 GPUs:      torchrun --standalone --nproc_per_node=8 train_gpt2.py --B 64 --T 1024 ...
-    HellaSwag:   the same command plus --hellaswag auto (or a local jsonl file)
-    GPT-2's bar: python train_gpt2.py --init_from gpt2 --data_dir data/fineweb-edu --B 64 --T 1024 --eval_only
+    your model:  python train_gpt2.py --init_from out/verse/ckpt.pt --max_steps 0 --prompt "ROMEO:"
+    fine-tune:   python train_gpt2.py @configs/finetune_gpt2.args
+    reproduce:   python prepare.py fineweb-edu
+                 torchrun --standalone --nproc_per_node=8 train_gpt2.py @configs/gpt2_124m.args
+    GPT-2's bar: python train_gpt2.py @configs/eval_gpt2.args
     resume:      the same command plus --resume
-    redraw:      python -c "from train_gpt2 import plot_log; plot_log('out/log.jsonl', 'run.png')"
-    options:     python train_gpt2.py --help
+    options:     python train_gpt2.py --help      (recipes: configs/, one flag per line; later flags override)
 
 Reading order: the model, the data, device and precision, the learning rate, the settings, then the
-run: setup, gradients, evaluation, train() with the loop, main(). What a first reading may skip (the
-command line, checkpoint files, the log and its picture, hardware quirks) is in machinery.py, called by
-names that say what it does. Shapes: B batch, T time, C channels, nh heads, hs head size, V vocabulary.
+run: setup, gradients, evaluation, checkpoints, train() with the loop, main(). What a first reading may
+skip (the command line, checkpoint files, the log and its picture, hardware quirks) is in the package
+machinery/, one module per topic, called by names that say what they do.
+Shapes: B batch, T time, C channels, nh heads, hs head size, V vocabulary.
 """
 
 import contextlib
@@ -26,7 +27,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -36,17 +37,19 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from machinery import DTYPES, GPT2_VOCAB_SIZE, flag, get_tokenizer, parse_args, print0, resolve_dtype
-from machinery import (check_block_size, check_config, check_data, check_device, check_finite,  # one-line errors
-                       check_one_process_per_gpu, check_resume)
-from machinery import describe_data, describe_evaluation, describe_model, describe_optimizer, describe_outputs
-from machinery import (checkpoint_due, checkpoint_state, export_to_transformers, load_checkpoint,  # model files
-                       load_transformers_gpt2, load_weights, restore_training_state, save_checkpoint)
-from machinery import RunLog, StopRequested, TrainingDiverged, step_line  # the log, its picture, stopping
-from machinery import loss_and_stop_over_ranks, mean_over_ranks, shard_files, text_file_split  # data, ranks
-from machinery import (ChunkedCrossEntropy, attention_kernels, bf16_peak_tflops, compile_model,  # hardware
-                       hardware_use, keep_freed_memory)
-from machinery import plot_log  # noqa: F401 (importable from here: the README's redraw command)
+from machinery.checkpoints import (checkpoint_due, get_rng_state, load_checkpoint, load_weights,
+                                   restore_training_state, save_checkpoint, settings_from_checkpoint)
+from machinery.command_line import check_block_size, check_config, flag, parse_args
+from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
+                               describe_outputs, describe_plan, print0, step_line)
+from machinery.hardware import (DTYPES, ChunkedCrossEntropy, attention_kernels, check_device,
+                                check_one_process_per_gpu, compile_model, keep_freed_memory, resolve_dtype)
+from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
+from machinery.pretrained import export_to_transformers, load_transformers_gpt2
+from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log: importable from here, to redraw a run)
+from machinery.speed import bf16_peak_tflops, hardware_use
+from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere
+from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, shard_files, text_file_split
 
 # -----------------------------------------------------------------------------
 # The model
@@ -180,11 +183,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # mean negative log-likelihood of the next token, over all B*T positions
-            logits_2d, targets_1d = logits.view(-1, logits.size(-1)), targets.view(-1)  # (B*T, V), (B*T,)
-            if logits.device.type == "cpu":  # RAM runs out first: this loss keeps no float32 copy of the logits
-                loss = ChunkedCrossEntropy.apply(logits_2d, targets_1d)
-            else:  # GPUs: torch.compile fuses F.cross_entropy with its neighbours (not a custom Function)
-                loss = F.cross_entropy(logits_2d, targets_1d)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))  # (B*T, V), (B*T,)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type):
@@ -197,7 +196,7 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # fused: all tensors in one pass; on CUDA and CPU faster than the loop (2 cores: 45 vs 200 ms)
+        # fused: all tensors in one pass, faster than a loop over them on CUDA and CPUs (docs/performance.md)
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  **(dict(fused=True) if fused else {}))
@@ -273,7 +272,7 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The data: GPT-2's tokenizer (get_tokenizer, built offline in machinery.py), and batches
+# The data: GPT-2's tokenizer (get_tokenizer, built offline in machinery/tokens.py), and batches
 
 
 class DataLoaderLite:
@@ -447,20 +446,18 @@ class TrainConfig:
 # The run: setup
 
 
-def start_processes(device_name):
-    """(ddp, rank, world_size, device, device_type). torchrun starts one process per GPU and sets RANK,
-    LOCAL_RANK and WORLD_SIZE in each; a plain `python train_gpt2.py` is rank 0 of 1."""
-    device, device_type = resolve_device(device_name)
-    keep_freed_memory(device_type)  # CPU runs on Linux: no page faults on every step's fresh memory
+def join_process_group(device, device_type):
+    """(ddp, rank, world_size, device). torchrun starts one process per GPU and sets RANK, LOCAL_RANK
+    and WORLD_SIZE in each; here a process joins the others. A plain `python train_gpt2.py` is rank 0 of 1."""
     if "RANK" not in os.environ:
-        return False, 0, 1, device, device_type
+        return False, 0, 1, device
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device_type == "cuda":
         check_one_process_per_gpu(world_size)
-        device = f"cuda:{local_rank}"  # one GPU per process
+        device = f"cuda:{local_rank}"  # one GPU per process: the local rank numbers them on each machine
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return True, rank, world_size, device, device_type
+    return True, rank, world_size, device
 
 
 def batch_arithmetic(cfg, world_size):
@@ -474,19 +471,17 @@ def batch_arithmetic(cfg, world_size):
 
 
 def make_model(cfg, ckpt, ckpt_path):
-    """The model to train: the checkpoint's when resuming, else fresh (scratch) or OpenAI's weights."""
-    config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                       n_head=cfg.n_head, n_embd=cfg.n_embd, sdpa=cfg.sdpa)
+    """The model to train: a checkpoint's (resuming, or --init_from a ckpt.pt), else fresh (scratch)
+    or OpenAI's weights. cfg already has the checkpoint's shape (settings_from_checkpoint)."""
     if ckpt is not None:
-        check_resume(ckpt, ckpt_path, cfg.init_from, config)
-        model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))  # the checkpoint's shape
+        model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))
         load_weights(model, ckpt, ckpt_path)
     elif cfg.init_from == "scratch":
-        model = GPT(config)
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, sdpa=cfg.sdpa))
     else:
         model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
     check_block_size(cfg.T, model.config.block_size)
-    print0(describe_model(model, cfg, ckpt, ckpt_path))
     return model
 
 
@@ -504,7 +499,18 @@ def make_loaders(cfg, rank, world_size):
 
 
 # -----------------------------------------------------------------------------
-# The run: one optimizer step's gradients, evaluation and samples
+# The run: the loss, one optimizer step's gradients, evaluation and samples
+
+
+def next_token_loss(model, x, y, device_type):
+    """The mean cross-entropy of the next token, the model's loss. CPUs compute the same mean another
+    way: there RAM runs out first, and F.cross_entropy keeps float32 copies of the (B*T, V) logits, the
+    largest tensors of a step (1.2 GB at B=8, T=256), where ChunkedCrossEntropy keeps none. GPUs keep the
+    model's F.cross_entropy, which torch.compile fuses with its neighbours."""
+    if device_type != "cpu":
+        return model(x, y)[1]
+    logits, _ = model(x)  # (B, T, V)
+    return ChunkedCrossEntropy.apply(logits.view(-1, logits.size(-1)), y.view(-1))
 
 
 def forward_backward(model, loader, grad_accum_steps, autocast, scaler, device, ddp):
@@ -518,7 +524,7 @@ def forward_backward(model, loader, grad_accum_steps, autocast, scaler, device, 
         syncing = not ddp or micro_step == grad_accum_steps - 1
         with contextlib.nullcontext() if syncing else model.no_sync():
             with autocast:
-                _, loss = model(x, y)
+                loss = next_token_loss(model, x, y, device.split(":")[0])
             # gradients add up over micro-batches; dividing makes their sum the big batch's mean
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
@@ -535,10 +541,12 @@ def estimate_val_loss(model, loader, eval_iters, device, autocast):
     for _ in range(eval_iters):
         x, y = loader.next_batch()
         with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.float()
+            total += next_token_loss(model, x.to(device), y.to(device), device.split(":")[0]).float()
     model.train()
-    return mean_over_ranks(total / eval_iters).item()
+    val_loss = total / eval_iters
+    if dist.is_initialized():
+        dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)  # each rank read its own part of the batches
+    return val_loss.item()
 
 
 def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
@@ -548,26 +556,20 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     if val_loader is not None:
         results["val_loss"] = estimate_val_loss(model, val_loader, cfg.eval_iters, device, autocast)
     if hellaswag_items is not None:
-        import hellaswag  # only runs that ask for HellaSwag import it
-        results.update(hellaswag.evaluate_across_ranks(model, hellaswag_items, device, autocast))
+        results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast))
     if results:  # (a run without validation data or HellaSwag has nothing to say)
         print0(describe_evaluation(step, results))
     return results
 
 
 def evaluate_only(model, cfg, rank, world_size, device, autocast, step):
-    """--eval_only: the evaluation a run makes at its last step, once; nothing trained, nothing written."""
+    """--eval_only: the evaluation a run makes of its last model, once; nothing trained, nothing written."""
     _, val_loader = make_loaders(cfg, rank, world_size)
-    hellaswag_items = load_hellaswag(cfg.hellaswag) if cfg.hellaswag else None
+    hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
     if val_loader is None and hellaswag_items is None:
         raise ValueError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
     evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast)
     return 0
-
-
-def load_hellaswag(source):
-    import hellaswag  # only runs that ask for HellaSwag import it
-    return hellaswag.load_items_across_ranks(source)
 
 
 def print_samples(model, cfg, device, autocast, generator):
@@ -587,31 +589,67 @@ def print_samples(model, cfg, device, autocast, generator):
 
 
 # -----------------------------------------------------------------------------
+# The run: checkpoints
+
+
+def checkpoint_contents(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator):
+    """What a checkpoint holds: everything an exact resume needs. Not the weights alone: AdamW's two
+    moments per weight (the optimizer's state), how far the run got, where the data loader is, every
+    random stream (sampling, and the seeds of anything random), the float16 loss scale, and the
+    settings, so a resumed run is the same run and a checkpoint says what it is."""
+    return {
+        "model": model.state_dict(),  # the plain module's: no "module." or "_orig_mod." in the names
+        "optimizer": optimizer.state_dict(),  # AdamW's exp_avg and exp_avg_sq for every parameter
+        "steps_done": steps_done,  # the next step to run
+        "model_config": asdict(model.config),  # the shape: a checkpoint rebuilds its own model
+        "train_config": asdict(cfg),
+        "train_loader": train_loader.state_dict(),  # epoch, shard and position
+        "rng": get_rng_state(sample_generator),  # Python, NumPy, torch (CUDA) and sampling streams
+        "scaler": scaler.state_dict(),  # float16's loss scale (empty for bf16 and float32)
+    }
+
+
+def starting_checkpoint(cfg, given):
+    """(the checkpoint a run starts from, its path, cfg with its model shape): the run's own with
+    --resume, a ckpt.pt named by --init_from (weights only), else none."""
+    if cfg.resume:
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+    elif cfg.init_from.endswith(".pt"):
+        path = cfg.init_from
+    else:
+        return None, None, cfg
+    ckpt = load_checkpoint(path)
+    return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, resume=cfg.resume)
+
+
+# -----------------------------------------------------------------------------
 # The run: train() and main()
 
 
-def train(cfg, ddp, rank, world_size, device, device_type):
+def train(cfg, given, ddp, rank, world_size, device, device_type):
     """Set up, then the training loop. Returns 0, or 130 when a signal stopped it (after saving)."""
     master = rank == 0  # rank 0 logs, samples and saves
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
+    ckpt, start_path, cfg = starting_checkpoint(cfg, given)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")  # where this run saves
     # evaluation, sampling and checkpoints use the plain module, never the compiled or DDP-wrapped one
-    raw_model = make_model(cfg, ckpt, ckpt_path).to(device)
+    raw_model = make_model(cfg, ckpt, start_path).to(device)
+    start_step = ckpt["steps_done"] if cfg.resume else 0
+    print0(describe_model(raw_model, cfg, start_step))
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
-    start_step = ckpt["step"] if ckpt else 0
-    if cfg.eval_only:  # a checkpoint holds start_step steps: its last evaluation was at step start_step - 1
-        return evaluate_only(raw_model, cfg, rank, world_size, device, autocast, max(start_step - 1, 0))
+    if cfg.eval_only:
+        return evaluate_only(raw_model, cfg, rank, world_size, device, autocast, start_step)
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
         return finish(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
     train_loader, val_loader = make_loaders(cfg, rank, world_size)
     print0(describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps))
-    hellaswag_items = load_hellaswag(cfg.hellaswag) if cfg.hellaswag else None
+    hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)
     print0(describe_optimizer(optimizer))
-    if ckpt:  # the optimizer's moments, the data's position and the random streams, as they were
+    print0(describe_plan(cfg, raw_model))  # what the run will write, and how big
+    if cfg.resume:  # the optimizer's moments, the data's position and the random streams, as they were
         restore_training_state(ckpt, optimizer, scaler, train_loader, sample_generator)
     del ckpt  # free the CPU copy
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
@@ -621,11 +659,26 @@ def train(cfg, ddp, rank, world_size, device, device_type):
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
     step_times, stop_now = [], False
     with StopRequested() as stop, RunLog(cfg, start_step) as log:
-        for step in range(start_step, cfg.max_steps):
+        # a record at step s describes the model after s optimizer steps; the last, s = max_steps, the
+        # trained model, evaluated and saved
+        for step in range(start_step, cfg.max_steps + 1):
+            last_step = step == cfg.max_steps
+            record = {"step": step}
+            if step % cfg.eval_interval == 0 or last_step:  # step 0 too: an untrained model, about ln(V) = 10.8
+                record.update(evaluate(raw_model, val_loader, hellaswag_items, step, cfg, device, autocast))
+            if master and (last_step or checkpoint_due(step, start_step, cfg.checkpoint_interval)):
+                save_checkpoint(checkpoint_contents(raw_model, optimizer, scaler, step, cfg, train_loader,
+                                                    sample_generator), ckpt_path)
+            if last_step:
+                log.write(record, picture=True) if len(record) > 1 else log.draw()  # (nothing evaluated: no record)
+                break
+            if master and cfg.sample_interval and step > start_step and step % cfg.sample_interval == 0:
+                print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish() samples the last)
             t0 = time.perf_counter()
-            last_step = step == cfg.max_steps - 1
             optimizer.zero_grad(set_to_none=True)
             loss = forward_backward(model, train_loader, grad_accum_steps, autocast, scaler, device, ddp)
+            if ddp:  # each process saw its own part of the batch: the batch's loss is their mean
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             lr = get_lr(step, cfg.lr, min_lr, cfg.warmup_steps, cfg.max_steps)
@@ -633,25 +686,21 @@ def train(cfg, ddp, rank, world_size, device, device_type):
                 group["lr"] = lr
             scaler.step(optimizer)  # optimizer.step(), skipped if float16 gradients overflowed
             scaler.update()
-            loss, stop_now = loss_and_stop_over_ranks(loss, stop.requested, device)  # one collective a step
+            stop_now = stop_requested_anywhere(stop.requested, device)  # every process stops after the same step
             synchronize(device_type)  # the GPU runs ahead of Python: all its work is done before the clock
             dt = time.perf_counter() - t0
+            loss = loss.item()
             check_finite(loss, step, cfg.out_dir)
-            record = dict(step=step, loss=loss, lr=lr, norm=norm.item(), ms=dt * 1000,
-                          tok_per_s=total_batch_size / dt, tokens=(step + 1) * total_batch_size,
+            record.update(loss=loss, lr=lr, norm=norm.item(), ms=dt * 1000, tok_per_s=total_batch_size / dt,
+                          tokens=(step + 1) * total_batch_size,
                           **hardware_use(flops_per_token, total_batch_size / world_size, dt, peak_tflops))
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
-            evaluating = (step + 1) % cfg.eval_interval == 0 or last_step
-            if evaluating:
-                record.update(evaluate(raw_model, val_loader, hellaswag_items, step, cfg, device, autocast))
-            log.write(record, picture=evaluating)  # progress.png redrawn at every evaluation
-            if master and cfg.sample_interval and (step + 1) % cfg.sample_interval == 0 and not last_step:
-                print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish() samples the last)
-            if master and (last_step or stop_now or checkpoint_due(step, cfg.checkpoint_interval)):
-                save_checkpoint(checkpoint_state(raw_model, optimizer, scaler, step + 1, cfg, train_loader,
-                                                 sample_generator), ckpt_path)
+            log.write(record, picture="val_loss" in record)  # progress.png redrawn at every evaluation
             if stop_now:
+                if master:
+                    save_checkpoint(checkpoint_contents(raw_model, optimizer, scaler, step + 1, cfg, train_loader,
+                                                        sample_generator), ckpt_path)
                 log.draw()
                 print0(f"interrupted: saved step {step + 1} to {ckpt_path}; continue with --resume")
                 break
@@ -675,15 +724,17 @@ def finish(model, cfg, device, autocast, generator, master, trained):
 
 
 def main(argv=None):
-    cfg = parse_args(TrainConfig, argv)
+    cfg, given = parse_args(TrainConfig, argv)
     try:
         check_config(cfg)
-        ddp, rank, world_size, device, device_type = start_processes(cfg.device)
+        device, device_type = resolve_device(cfg.device)
+        keep_freed_memory(device_type)  # CPU runs on Linux: no page faults on every step's fresh memory
+        ddp, rank, world_size, device = join_process_group(device, device_type)
         check_data(cfg)  # before anything heavy
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
         with attention_kernels(device_type):  # cuDNN's attention first on Hopper GPUs, for the whole run
-            return train(cfg, ddp, rank, world_size, device, device_type)
+            return train(cfg, given, ddp, rank, world_size, device, device_type)
     except (ValueError, OSError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -25,7 +25,7 @@ they are printed, side by side, from one process. Two measurements:
 On CUDA both models are compiled, the vocabulary is padded to 50304 as in the reproduction, and each
 contestant times 20 steps after 3 warm-up steps (the first compiled steps still recompile and autotune).
 "% peak" is model FLOPs per second over the bf16 (or float32) matmul peak measured in the same run;
-"MFU" is the same over the GPU's dense bf16 peak from its datasheet (machinery.BF16_PEAK_TFLOPS), the
+"MFU" is the same over the GPU's dense bf16 peak from its datasheet (machinery.speed.BF16_PEAK_TFLOPS), the
 figure train_gpt2.py's step line shows, with the same FLOP count; "-" where the table has no peak (CPUs).
 """
 
@@ -47,8 +47,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import machinery  # noqa: E402
-from machinery import resolve_dtype  # noqa: E402
+import machinery.files  # noqa: E402
+import machinery.hardware  # noqa: E402
+import machinery.speed  # noqa: E402
+from machinery.hardware import resolve_dtype  # noqa: E402
 from train_gpt2 import GPT, GPTConfig, DataLoaderLite, resolve_device, synchronize  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -99,7 +101,7 @@ def ours(device, device_type, dtype, compile, vocab_size):
     model = GPT(GPTConfig(vocab_size=vocab_size)).to(device)
     optimizer = model.configure_optimizers(0.1, 3e-4, device_type)
     return Contestant("train_gpt2", model, optimizer, lambda m, x, y: m(x, y)[1], True,
-                      device_type, dtype, compile, context=lambda: machinery.attention_kernels(device_type))
+                      device_type, dtype, compile, context=lambda: machinery.hardware.attention_kernels(device_type))
 
 
 def lever_flash_attention(device, device_type, dtype, compile, vocab_size):
@@ -126,7 +128,7 @@ def lever_chunked_loss(device, device_type, dtype, compile, vocab_size):
     vocab = c.model.config.vocab_size
 
     def chunked(m, x, y):
-        return machinery.ChunkedCrossEntropy.apply(m(x)[0].view(-1, vocab), y.view(-1))
+        return machinery.hardware.ChunkedCrossEntropy.apply(m(x)[0].view(-1, vocab), y.view(-1))
 
     c.name, c.loss = "chunked loss", functools.partial(chunked, c.model)
     if compile:
@@ -209,7 +211,7 @@ def in_process(B, T, steps, warmup, makers, vocab_size, device, device_type, dty
             try:
                 fb, opt = c.step(x, y)
             except Exception as e:  # a lever this build lacks (say, an attention backend): report, drop
-                print(f"{c.name} failed, left out: {machinery.first_line(e)[:200]}", flush=True)
+                print(f"{c.name} failed, left out: {machinery.files.first_line(e)[:200]}", flush=True)
                 contestants.remove(c)
                 continue
             first_ms.setdefault(c.name, (fb + opt) * 1e3)
@@ -363,7 +365,7 @@ def main():
     dtype = resolve_dtype("auto", device_type)
     torch.set_float32_matmul_precision("high")  # as train_gpt2 sets it: TF32 on GPUs that have it
     if device_type == "cpu":
-        machinery.keep_freed_memory()  # process-wide: applies to both contestants alike
+        machinery.hardware.keep_freed_memory()  # process-wide: applies to both contestants alike
     p = plan(device_type, args.quick, args.levers)
     name = torch.cuda.get_device_name() if device_type == "cuda" else torch.backends.cpu.get_cpu_capability()
     print(f"device {device} ({name}) | dtype {str(dtype).replace('torch.', '')} | compile {p['compile']} | "
@@ -372,7 +374,7 @@ def main():
     print(f"matmul peak, measured now: float32 {peaks[torch.float32]:,.0f} GFLOP/s | "
           f"bfloat16 {peaks[torch.bfloat16]:,.0f} GFLOP/s")
     peak = peaks[dtype] if dtype in peaks else peaks[torch.float32]
-    datasheet_peak = machinery.bf16_peak_tflops(device_type)  # TFLOP/s, or None
+    datasheet_peak = machinery.speed.bf16_peak_tflops(device_type)  # TFLOP/s, or None
 
     print("\nin-process training steps (medians, contestants alternating step by step; "
           "peak GiB: the contestant's own, CUDA only; first s: the first step, compile included)")

@@ -28,7 +28,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from machinery import get_tokenizer  # noqa: E402
+from machinery.tokens import get_tokenizer  # noqa: E402
 from train_gpt2 import DataLoaderLite  # noqa: E402
 
 

@@ -15,10 +15,12 @@ import time
 import pytest
 import torch
 
-import machinery
+import machinery.checkpoints
+import machinery.console
+import machinery.files
 import train_gpt2
 from conftest import REPO, SCRIPT_ENV, TINY, run_in_process, run_script, shakespeare_sample, step_losses
-from machinery import load_checkpoint, save_checkpoint
+from machinery.checkpoints import load_checkpoint, save_checkpoint
 from train_gpt2 import main
 
 # warmup + cosine decay, periodic validation and sampling: every piece of state a resume must restore.
@@ -140,7 +142,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
         f.write(b"PK\x03\x04 partial bytes of a checkpoint" * 1000)
         raise OSError("disk full")
 
-    monkeypatch.setattr(machinery.torch, "save", crash_half_way)
+    monkeypatch.setattr(machinery.checkpoints.torch, "save", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"step": 2, "w": torch.zeros(1000)}, str(path))
     assert digest(path) == before
@@ -159,7 +161,7 @@ sys.path.insert(0, {str(REPO)!r})
 import machinery
 state = {{"step": 2, "w": torch.zeros(200_000_000)}}  # 800 MB: takes a while to write
 print("writing", flush=True)
-machinery.save_checkpoint(state, {str(path)!r})
+machinery.checkpoints.save_checkpoint(state, {str(path)!r})
 """], stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "writing"
     tmp = tmp_path / "ckpt.pt.tmp"
@@ -303,7 +305,7 @@ def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatc
     scales = [s["scale"] for s in ref_states]
     assert scales[0] < scales[3] and any(math.isinf(r["norm"]) for r in ref_log[3:]), scales
 
-    step_line = machinery.step_line
+    step_line = machinery.console.step_line
 
     def stop_at_4(record, *a):
         if record["step"] == 4:
@@ -348,7 +350,7 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_the_same_command_continues(tm
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
 
     with monkeypatch.context() as m:
-        m.setattr(machinery.torch, "save", full_at_the_second_checkpoint)
+        m.setattr(machinery.checkpoints.torch, "save", full_at_the_second_checkpoint)
         assert main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -418,7 +420,7 @@ def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_pa
     stdout = capsys.readouterr().out
     line = f"could not draw progress.png: disk full: writing {out / 'progress.png'} failed (No space left on device)"
     assert [l for l in stdout.splitlines() if "progress.png" in l] == [line, line]  # steps 1 and 3
-    size = machinery.in_units(os.path.getsize(out / "ckpt.pt"))
+    size = machinery.files.in_units(os.path.getsize(out / "ckpt.pt"))
     assert stdout.splitlines()[-1] == f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'}"  # no picture
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]
     assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-import machinery
-from machinery import get_tokenizer, tokenize_file
+import machinery.tokens
+from machinery.tokens import get_tokenizer, tokenize_file
 from train_gpt2 import DataLoaderLite
 
 
@@ -34,7 +34,7 @@ def test_data_is_held_compactly_and_split_90_10(text_file):
 
 def counting_tokens(monkeypatch, n):
     """Make every text file read as the tokens 0, 1, ..., n-1, so positions are visible in batches."""
-    monkeypatch.setattr(machinery, "tokenize_file", lambda path: np.arange(n, dtype=np.uint16))
+    monkeypatch.setattr(machinery.tokens, "tokenize_file", lambda path: np.arange(n, dtype=np.uint16))
 
 
 def test_batches_are_shifted_contiguous_and_wrap(tmp_path, monkeypatch):
@@ -113,8 +113,8 @@ def test_file_is_tokenized_once_and_rereads_after_a_change(tmp_path, monkeypatch
     path = tmp_path / "t.txt"
     path.write_text(" a" * 50)
     calls = []
-    encode = machinery.tiktoken.Encoding.encode_ordinary
-    monkeypatch.setattr(machinery.tiktoken.Encoding, "encode_ordinary",
+    encode = machinery.tokens.tiktoken.Encoding.encode_ordinary
+    monkeypatch.setattr(machinery.tokens.tiktoken.Encoding, "encode_ordinary",
                         lambda self, text: calls.append(1) or encode(self, text))
     DataLoaderLite(1, 4, path, split="train")
     DataLoaderLite(1, 4, path, split="val")

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import hellaswag
-import machinery
+import machinery.checkpoints
+import machinery.tokens
 import train_gpt2
 from conftest import CONTEXTS, TINY, official, run_script
-from machinery import plot_log
+from machinery.run_log import plot_log
 from train_gpt2 import GPT, GPTConfig, main
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def random_gpt2(hf_gpt2_dir):
 
 def reference_losses(hf_model, item):
     """transformers' GPT-2, one ending at a time, no padding: (sum, mean) of the ending's token losses."""
-    enc = machinery.get_tokenizer()
+    enc = machinery.tokens.get_tokenizer()
     ctx = enc.encode_ordinary(item["ctx"])
     totals, means = [], []
     for ending in item["endings"]:
@@ -59,7 +60,7 @@ def test_scores_and_accuracies_match_transformers_ending_by_ending(items_file, r
     # These items tell the two criteria apart, so the checks above would see them swapped: at random
     # weights every token costs about ln(50257) nats, so the lowest total loss is the shortest ending
     # in tokens, while the mean loss per token picks other endings.
-    enc = machinery.get_tokenizer()
+    enc = machinery.tokens.get_tokenizer()
     shortest = [min(range(4), key=lambda j: len(enc.encode_ordinary(" " + item["endings"][j]))) for item in items]
     assert by_total == shortest and by_mean != by_total and correct != correct_norm
 
@@ -194,7 +195,7 @@ def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, lopsid
         assert f"step {r['step']:5d} | hellaswag acc_norm {r['hellaswag_acc_norm']:.4f}" in out
         assert r["hellaswag_acc"] == 1.0 and r["hellaswag_acc_norm"] < 1.0  # total loss picks the one word
     # the last evaluation scored the model the run saved: hellaswag.evaluate on it gives the same counts
-    ckpt = machinery.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    ckpt = machinery.checkpoints.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     items = hellaswag.read_items(str(lopsided_items_file))

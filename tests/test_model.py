@@ -7,7 +7,8 @@ import torch
 
 import torch.nn.functional as F
 
-from machinery import GPT2_VOCAB_SIZE, ChunkedCrossEntropy
+from machinery.hardware import ChunkedCrossEntropy
+from machinery.tokens import GPT2_VOCAB_SIZE
 from train_gpt2 import GPT, CausalSelfAttention, GPTConfig
 
 TINY = GPTConfig(block_size=64, vocab_size=GPT2_VOCAB_SIZE, n_layer=2, n_head=2, n_embd=32)

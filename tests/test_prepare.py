@@ -13,7 +13,7 @@ import pytest
 
 import prepare
 from conftest import make_documents, run_script
-from machinery import get_tokenizer
+from machinery.tokens import get_tokenizer
 
 EOT = 50256
 

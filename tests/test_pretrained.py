@@ -10,7 +10,7 @@ from transformers import GPT2LMHeadModel
 
 import train_gpt2
 from conftest import step_losses
-from machinery import GPT2_VOCAB_SIZE, tokenize_file
+from machinery.tokens import GPT2_VOCAB_SIZE, tokenize_file
 from train_gpt2 import GPT, PRETRAINED, GPTConfig, main
 
 SHAPES = [  # (n_layer, n_head, n_embd, n_positions)

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import prepare
-import machinery
+import machinery.checkpoints
+import machinery.console
+import machinery.run_log
+import machinery.tokens
 import train_gpt2
 from conftest import TINY, make_documents, one_process_and_two, run_in_process, run_script, step_losses
 from train_gpt2 import DataLoaderLite, main
@@ -161,7 +164,7 @@ def test_resume_on_shards_continues_exactly(tmp_path):
     args = [*TINY, "--data_dir", str(data), "--B", "4", "--T", "64", "--max_steps", "12", "--lr", "3e-3",
             "--eval_interval", "4", "--eval_iters", "2", "--num_samples", "0", "--checkpoint_interval", "5"]
     assert main([*args, "--out_dir", str(tmp_path / "ref")]) == 0
-    step_line = machinery.step_line
+    step_line = machinery.console.step_line
 
     def stop_at_7(record, *a):
         if record["step"] == 7:
@@ -178,7 +181,7 @@ def test_resume_on_shards_continues_exactly(tmp_path):
         return [(r["step"], r["loss"], r.get("val_loss")) for r in records]
 
     assert log("run") == log("ref")
-    state = machinery.load_checkpoint(str(tmp_path / "ref" / "ckpt.pt"))["train_loader"]
+    state = machinery.checkpoints.load_checkpoint(str(tmp_path / "ref" / "ckpt.pt"))["train_loader"]
     assert state["epoch"] >= 1  # the run did cross into a second epoch
 
 
@@ -241,15 +244,15 @@ def test_the_picture_marks_gpt2s_val_loss_only_on_fineweb_edu(tmp_path, prepared
     fineweb = tmp_path / "fineweb-edu"
     shutil.copytree(prepared, fineweb)
     manifest = json.loads((fineweb / "manifest.json").read_text())
-    (fineweb / "manifest.json").write_text(json.dumps({**manifest, "source": ":".join(machinery.FINEWEB_EDU)}))
-    assert machinery.FINEWEB_EDU == ("HuggingFaceFW/fineweb-edu", "sample-10BT")
-    plot_log, drawn = machinery.plot_log, []
+    (fineweb / "manifest.json").write_text(json.dumps({**manifest, "source": ":".join(machinery.tokens.FINEWEB_EDU)}))
+    assert machinery.tokens.FINEWEB_EDU == ("HuggingFaceFW/fineweb-edu", "sample-10BT")
+    plot_log, drawn = machinery.run_log.plot_log, []
 
     def spy(log_path, png_path, gpt2_val_loss=None):
         drawn.append(gpt2_val_loss)
         return plot_log(log_path, png_path, gpt2_val_loss)
 
-    monkeypatch.setattr(machinery, "plot_log", spy)
+    monkeypatch.setattr(machinery.run_log, "plot_log", spy)
     for name, data in (("fineweb", ["--data_dir", str(fineweb)]), ("other", ["--data_dir", str(prepared)]),
                        ("text", ["--input_file", str(text_file)])):
         assert main([*TINY, *data, "--B", "2", "--T", "16", "--max_steps", "1", "--eval_iters", "1",

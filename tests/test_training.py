@@ -10,10 +10,14 @@ import sys
 import pytest
 import torch
 
-import machinery
+import machinery.checkpoints
+import machinery.command_line
+import machinery.hardware
+import machinery.run_log
+import machinery.speed
 import train_gpt2
 from conftest import TINY
-from machinery import resolve_dtype
+from machinery.hardware import resolve_dtype
 from train_gpt2 import GPT, GPTConfig, get_lr, main, resolve_device
 
 
@@ -109,9 +113,9 @@ def test_precision_policy(monkeypatch):
     assert resolve_dtype("auto", "cuda") is torch.bfloat16  # A100, H100: native bf16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     assert resolve_dtype("auto", "cuda") is torch.float16  # T4: bf16 only emulated; fp16 + GradScaler
-    monkeypatch.setattr(machinery, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(machinery.hardware, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") is torch.bfloat16
-    monkeypatch.setattr(machinery, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(machinery.hardware, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") is torch.float32
 
 
@@ -261,10 +265,10 @@ def test_attention_prefers_cudnn_on_hopper_only(monkeypatch):
     from torch.nn.attention import SDPBackend
 
     default = torch._C._get_sdp_priority_order()
-    assert isinstance(machinery.attention_kernels("cpu"), type(machinery.contextlib.nullcontext()))
+    assert isinstance(machinery.hardware.attention_kernels("cpu"), type(machinery.hardware.contextlib.nullcontext()))
     for capability, first in (((8, 0), default[0]), ((9, 0), int(SDPBackend.CUDNN_ATTENTION))):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
-        with machinery.attention_kernels("cuda"):
+        with machinery.hardware.attention_kernels("cuda"):
             order = torch._C._get_sdp_priority_order()
             assert order[0] == first
             q = torch.randn(1, 2, 8, 4)  # and attention still runs (here on the CPU: math)
@@ -297,7 +301,7 @@ GPU_NAMES = [
 @pytest.mark.parametrize("name,peak", GPU_NAMES, ids=[n for n, _ in GPU_NAMES])
 def test_bf16_peak_by_gpu_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
-    assert machinery.bf16_peak_tflops("cuda") == peak
+    assert machinery.speed.bf16_peak_tflops("cuda") == peak
 
 
 def test_no_peak_on_cpu_or_mps(monkeypatch):
@@ -305,7 +309,7 @@ def test_no_peak_on_cpu_or_mps(monkeypatch):
         raise AssertionError("asked a GPU's name off the GPU")
 
     monkeypatch.setattr(torch.cuda, "get_device_name", forbidden)
-    assert machinery.bf16_peak_tflops("cpu") is None and machinery.bf16_peak_tflops("mps") is None
+    assert machinery.speed.bf16_peak_tflops("cpu") is None and machinery.speed.bf16_peak_tflops("mps") is None
 
 
 def step_lines(stdout):
@@ -457,7 +461,7 @@ def test_wandb_gets_the_config_and_every_record_of_the_log(tmp_path, text_file, 
     calls = sys.modules["wandb"].calls
     kind, init = calls[0]
     assert kind == "init"
-    config = machinery.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["train_config"]
+    config = machinery.checkpoints.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["train_config"]
     assert init == dict(project="gpt2-repro", name="tiny", config=config, kwargs={}, WANDB_MODE="offline")
     assert config["wandb_project"] == "gpt2-repro" and config["max_steps"] == 4
     assert calls[1:-1] == [("log", r, r["step"]) for r in log]
@@ -489,14 +493,14 @@ def test_only_rank_0_logs_and_tracks(tmp_path, stand_in_wandb, monkeypatch):
     """Under torchrun every process opens a RunLog; only RANK 0's writes the log and talks to wandb."""
     from train_gpt2 import TrainConfig
 
-    cfg = machinery.parse_args(TrainConfig, ["--out_dir", str(tmp_path / "out"), "--wandb_project", "p"])
+    cfg = machinery.command_line.parse_args(TrainConfig, ["--out_dir", str(tmp_path / "out"), "--wandb_project", "p"])
     record = dict(step=0, loss=10.0, lr=3e-4, norm=1.0, ms=10.0, tok_per_s=100.0, tokens=64, tflops=1e-3)
     monkeypatch.setenv("RANK", "1")
-    with machinery.RunLog(cfg, 0) as log:
+    with machinery.run_log.RunLog(cfg, 0) as log:
         log.write(record, picture=True)
     assert not (tmp_path / "out").exists() and "wandb" not in sys.modules
     monkeypatch.setenv("RANK", "0")
-    with machinery.RunLog(cfg, 0) as log:
+    with machinery.run_log.RunLog(cfg, 0) as log:
         log.write(record)
     assert (tmp_path / "out" / "log.jsonl").read_text() == json.dumps(record) + "\n"
     assert [c[0] for c in sys.modules["wandb"].calls] == ["init", "log", "finish"]

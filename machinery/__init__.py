@@ -1,0 +1,17 @@
+"""
+The machinery of train_gpt2.py: what a learner may skip on a first reading, one module per topic.
+train_gpt2.py tells the story (the model, the data, the training loop) and calls these by names that
+say what happens; prepare.py and hellaswag.py use them too. Nothing here imports a script.
+
+    files.py           one-line errors, atomic writes, a full disk said as such, sizes for people
+    console.py         print0 and the lines a run prints (the step line, the model, the data, ...)
+    command_line.py    the flags from TrainConfig, recipes (@configs/NAME.args), settings checks
+    tokens.py          GPT-2's tokenizer offline, a text file's tokens, token shards and their manifest
+    pretrained.py      OpenAI's GPT-2 through transformers, and our model exported back to it
+    hardware.py        device, precision and each device's quirks (memory, kernels, compile)
+    speed.py           model FLOPs per second and MFU against the GPUs' bf16 peaks
+    checkpoints.py     checkpoint files: written atomically, read safely, checked; random streams
+    stopping.py        stop signals in every process at once, and a diverged loss
+    run_log.py         log.jsonl, progress.png and Weights & Biases
+    hellaswag_eval.py  HellaSwag: the items, their scoring, the reference accuracies
+"""

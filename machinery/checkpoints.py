@@ -1,0 +1,109 @@
+"""
+Checkpoint files: written atomically, read safely (tensors and plain data only) with one-line errors,
+checked against the command line, and the random streams they carry. What a checkpoint holds is said
+in train_gpt2.py (checkpoint_contents); this module writes, reads and checks the file.
+"""
+
+import os
+import random
+import warnings
+from dataclasses import fields, replace
+
+import numpy as np
+import torch
+
+from machinery.files import DiskFull, first_line, write_atomically
+
+# the keys every checkpoint has (train_gpt2.checkpoint_contents); "steps_done" was "step" before 2026-12
+CHECKPOINT_KEYS = ("model", "optimizer", "steps_done", "model_config", "train_config", "train_loader", "rng")
+# the settings a checkpoint decides: its model's shape, and for a resume what the model started from
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+
+
+def get_rng_state(sample_generator):
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "sample": sample_generator.get_state()}
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = (kind, key.tolist(), pos, has_gauss, gauss)  # plain types: weights_only loads them
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, sample_generator):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    sample_generator.set_state(state["sample"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+RESUME_HINT = "the last checkpoint is intact: free some space and continue with --resume"
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was."""
+    try:
+        write_atomically(path, lambda f: torch.save(state, f))
+    except DiskFull as e:
+        raise DiskFull(f"{e}; {RESUME_HINT}") from None
+
+
+def load_checkpoint(path):
+    """Load a checkpoint on the CPU (a resume never holds two copies in GPU memory). weights_only:
+    tensors and plain containers only, so loading a file can never run code from it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint to resume from at {path!r}")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle also gets a multi-line warning: we say it once
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if str(e).startswith("Weights only load failed"):
+            raise ValueError(f"{path!r} is not a train_gpt2 checkpoint: not tensors and plain data "
+                             "(a pickle of anything else is refused: loading it could run code)") from None
+        raise ValueError(f"{path!r} is not a readable checkpoint (truncated or corrupt?): {first_line(e)}") from None
+    if isinstance(ckpt, dict) and "step" in ckpt and "steps_done" not in ckpt:
+        ckpt["steps_done"] = ckpt.pop("step")  # the key's name before 2026-12
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise ValueError(f"{path!r} is not a train_gpt2 checkpoint")
+    return ckpt
+
+
+def settings_from_checkpoint(cfg, given, ckpt, path, resume):
+    """cfg with the model's shape (and, resuming, its init_from) taken from the checkpoint. A flag the
+    user gave (`given`) that contradicts the checkpoint is an error, all of them named in one line."""
+    saved = {**ckpt["train_config"], **ckpt["model_config"]}
+    names = SHAPE + (("init_from",) if resume else ())
+    clashes = [name for name in names if name in given and getattr(cfg, name) != saved.get(name)]
+    if clashes:
+        has = ", ".join(f"{name}={saved.get(name)!r}" for name in clashes)
+        says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
+        raise ValueError(f"checkpoint {path!r} has {has}; the command line says {says} "
+                         "(leave these flags out: the checkpoint decides them)")
+    known = {f.name for f in fields(cfg)}
+    return replace(cfg, **{name: saved[name] for name in names if name in saved and name in known})
+
+
+def load_weights(model, ckpt, path):
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, KeyError, RuntimeError) as e:  # the right keys, but not what we saved
+        raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(e)}") from None
+
+
+def restore_training_state(ckpt, optimizer, scaler, train_loader, sample_generator):
+    """Put the optimizer, loss scaler, data position and random streams back as the checkpoint saved them."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    train_loader.load_state_dict(ckpt["train_loader"])
+    set_rng_state(ckpt["rng"], sample_generator)
+
+
+def checkpoint_due(step, start_step, checkpoint_interval):
+    """Whether --checkpoint_interval asks for a checkpoint of the model after `step` steps (the loop
+    also saves the last step, and on a stop signal)."""
+    return bool(checkpoint_interval) and step > start_step and step % checkpoint_interval == 0

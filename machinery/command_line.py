@@ -1,0 +1,94 @@
+"""
+The command line, built from a dataclass of settings (train_gpt2.py's TrainConfig): every field is a
+flag with its help text; a recipe is a file of flags read with @configs/NAME.args; a misspelled flag
+is answered with the flag meant; settings that cannot work stop the run in one line before anything
+heavy. The sibling scripts use ArgumentParser for the same one-line errors.
+"""
+
+import argparse
+import difflib
+import importlib.util
+from dataclasses import field, fields
+from typing import get_args
+
+from machinery.tokens import GPT2_VOCAB_SIZE
+
+
+def flag(default, help, **kwargs):
+    """A settings field with its --help text (and argparse extras such as choices)."""
+    return field(default=default, metadata=dict(help=help, **kwargs))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors, and recipes: `@configs/NAME.args` stands for the flags in that file,
+    one per line (`--lr 6e-4`, `--prompt Once upon a time`, `--compile`); lines starting with # are
+    comments. Flags after it override it, as a later flag overrides an earlier one."""
+
+    def __init__(self, **kwargs):
+        super().__init__(fromfile_prefix_chars="@", allow_abbrev=False, **kwargs)
+
+    def convert_arg_line_to_args(self, line):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            return []
+        return line.split(maxsplit=1)  # the flag, and its value with any spaces in it
+
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"error: {message}{self.did_you_mean(message)} (see --help)\n")
+
+    def did_you_mean(self, message):
+        """'; did you mean --max_steps?' when an unknown flag is close to a known one."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [option for action in self._actions for option in action.option_strings]
+        typed = [word.split("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("-")]
+        meant = [close for word in typed for close in difflib.get_close_matches(word, known, n=1, cutoff=0.7)]
+        return f"; did you mean {' '.join(meant)}?" if meant else ""
+
+
+def settings_parser(config_class, description, defaults=True):
+    """A parser with a flag for every field of the dataclass: --name value or --name=value; booleans are
+    --name / --no-name. Without defaults, a parse returns only the flags that were given."""
+    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            argument_default=None if defaults else argparse.SUPPRESS)
+    for f in fields(config_class):
+        kind = (get_args(f.type) or (f.type,))[0]  # Optional[float] -> float
+        default = f.default if defaults else argparse.SUPPRESS
+        help = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=help,
+                                choices=f.metadata.get("choices"),
+                                metavar=None if "choices" in f.metadata else kind.__name__.upper())
+    return parser
+
+
+def parse_args(config_class, argv=None, description="Train or sample GPT-2."):
+    """(the settings, the names of the flags that were given): a run started from a checkpoint takes
+    the model's shape from it, and only a shape flag the user gave can contradict it."""
+    settings = settings_parser(config_class, description).parse_args(argv)
+    given = settings_parser(config_class, description, defaults=False).parse_args(argv)
+    return config_class(**vars(settings)), set(vars(given))
+
+
+def check_config(cfg):
+    """Bad settings stop the run before anything heavy, each with a line that names the flag."""
+    for name in ("B", "T", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "eval_iters"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("max_steps", "warmup_steps", "total_batch_size", "eval_interval", "sample_interval",
+                 "checkpoint_interval", "num_samples", "max_new_tokens", "top_k"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
+    if cfg.vocab_size < GPT2_VOCAB_SIZE and cfg.init_from == "scratch":
+        raise ValueError(f"--vocab_size {cfg.vocab_size} is below the tokenizer's {GPT2_VOCAB_SIZE} ids")
+    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--wandb_project needs the wandb package, which is not installed: pip install wandb")
+
+
+def check_block_size(T, block_size):
+    if T > block_size:
+        raise ValueError(f"T={T} exceeds block_size={block_size}; lower --T")

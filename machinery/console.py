@@ -1,0 +1,94 @@
+"""
+The lines a run prints: print0 (rank 0 speaks), one line per step, and the lines that describe the
+model, the data, the optimizer, an evaluation and what the run wrote. train_gpt2.py prints them.
+"""
+
+import os
+
+import numpy as np
+
+from machinery.files import in_units
+
+
+def print0(*args, **kwargs):
+    """print(), from one process only: torchrun gives each process it starts a RANK, and rank 0 speaks."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def format_seconds(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def step_line(record, step_times, max_steps):
+    """The line printed for each step, with the time left estimated from the typical step."""
+    typical = np.median(step_times[1:] if len(step_times) > 1 else step_times)  # step 0 warms up
+    eta = format_seconds(typical * (max_steps - record["step"] - 1))
+    return (f"step {record['step']:5d} | loss {record['loss']:.6f} | lr {record['lr']:.1e} | "
+            f"norm {record['norm']:.2f} | {record['ms']:.1f} ms | {record['tok_per_s']:,.0f} tok/s | "
+            f"{record['tflops']:.{1 if record['tflops'] >= 10 else 3}f} TFLOP/s" +
+            (f" | MFU {record['mfu']:.1f}%" if "mfu" in record else "") +
+            f" | eta {eta}")
+
+
+def describe_model(model, cfg, start_step):
+    """The model's line, and a line on the checkpoint it resumes or that a fresh run will replace."""
+    n_params = sum(p.numel() for p in model.parameters())  # the tied matrix counts once
+    c = model.config
+    lines = [f"model {cfg.init_from} | {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, "
+             f"vocab {c.vocab_size}, block {c.block_size} | {n_params:,} parameters"]
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        lines.append(f"resumed from {ckpt_path} at step {start_step}")
+    elif os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
+        lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own")
+    return "\n".join(lines)
+
+
+def checkpoint_bytes(model):
+    """A checkpoint's size, from the parameter count: float32 weights and AdamW's two moments, 12 bytes
+    a parameter (the tied matrix once; the rest of a checkpoint is a few kB)."""
+    return 12 * sum(p.numel() for p in model.parameters())
+
+
+def describe_plan(cfg, model):
+    """Said before the first step: what the run will write, and how big the checkpoint will be."""
+    when = f"every {cfg.checkpoint_interval} steps and at the end" if cfg.checkpoint_interval else "at the end"
+    return (f"writes {os.path.join(cfg.out_dir, 'ckpt.pt')} {when} (about {in_units(checkpoint_bytes(model))}: "
+            f"weights and AdamW moments), {os.path.join(cfg.out_dir, 'log.jsonl')} and "
+            f"{os.path.join(cfg.out_dir, 'progress.png')}")
+
+
+def describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps):
+    """The line that says what a run trains on, and how many tokens make one optimizer step."""
+    batch = (f"{total_batch_size:,} tokens per step = {cfg.B} x {cfg.T} x {world_size} processes "
+             f"x {grad_accum_steps} accumulation steps")
+    if not cfg.data_dir:
+        return f"data {cfg.input_file} | {train_loader.n_tokens:,} train tokens | {batch}"
+    n_val = len(val_loader.shards) if val_loader else 0
+    return (f"data {cfg.data_dir} | {len(train_loader.shards)} train shards, {train_loader.n_tokens:,} tokens | "
+            f"{n_val} val shards, {val_loader.n_tokens if val_loader else 0:,} tokens | "
+            f"shuffle {'on' if train_loader.shuffle else 'off'} | {batch}")
+
+
+def describe_evaluation(step, results):
+    lines = []
+    if "val_loss" in results:
+        lines.append(f"step {step:5d} | val loss {results['val_loss']:.4f}")
+    if "hellaswag_acc_norm" in results:
+        lines.append(f"step {step:5d} | hellaswag acc_norm {results['hellaswag_acc_norm']:.4f}")
+    return "\n".join(lines)
+
+
+def describe_optimizer(optimizer):
+    return "\n".join(f"optimizer {name}: {len(group['params'])} tensors, "
+                     f"{sum(p.numel() for p in group['params']):,} parameters"
+                     for name, group in zip(("decayed", "not decayed"), optimizer.param_groups))
+
+
+def describe_outputs(out_dir):
+    """The run's last line: what it left in out_dir."""
+    ckpt, log, picture = (os.path.join(out_dir, name) for name in ("ckpt.pt", "log.jsonl", "progress.png"))
+    return (f"wrote {ckpt} ({in_units(os.path.getsize(ckpt))}), {log}" + (f" and {picture}" if os.path.isfile(picture) else "")
+            if os.path.isfile(ckpt) else f"wrote {log}")

@@ -1,0 +1,76 @@
+"""
+Files and errors: one-line error messages, atomic writes, a full disk said as such, sizes for people.
+
+Every script writes through write_atomically (checkpoints, the log, the picture, shards, the manifest,
+the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file. Used by all
+the modules here and by the scripts.
+"""
+
+import contextlib
+import errno
+import os
+import re
+
+
+# a period that ends an abbreviation, not a sentence
+ABBREVIATIONS = ("e.g", "i.e", "etc", "vs", "cf")
+
+
+def first_line(error):
+    """The first sentence of an exception's message: enough for a one-line error."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    for end in re.finditer(r"\. ", line):  # the first ". " that is not "e.g. "
+        if not line[:end.start()].lower().endswith(ABBREVIATIONS):
+            return line[:end.start()]
+    return line
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, too large, quota
+
+
+class DiskFull(OSError):
+    """A write found the disk full (or the file too large for it); what was there before is intact."""
+
+
+def exception_chain(error):
+    """`error`, then the exceptions it was raised from or while handling, as a traceback lists them."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+def disk_full_error(error):
+    """The OSError for a full disk behind `error` (torch's zip writer wraps it in a RuntimeError), or None."""
+    return next((e for e in exception_chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL), None)
+
+
+def write_atomically(path, write):
+    """write(f) into a temporary file beside `path`, then rename it to `path`: a reader, or a run killed
+    half way, sees the old file or the new one, never half of one. A full disk raises DiskFull, with
+    the old file intact and no temporary file left."""
+    tmp = path + ".tmp"  # same folder, so os.replace is a rename on one filesystem
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = disk_full_error(e)
+        if full is not None:
+            raise DiskFull(f"disk full: writing {path} failed ({os.strerror(full.errno)})") from None
+        raise
+
+
+def in_units(n_bytes):
+    """Bytes for people, in powers of 1000: 340 B, 19.7 MB, 1.5 GB, 20.0 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n_bytes < 1000:
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:,.1f} TB"

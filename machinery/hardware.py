@@ -1,0 +1,157 @@
+"""
+Hardware: which device and precision a run gets and why, and the quirks of each device: glibc's
+memory on CPUs, a cross-entropy that fits a CPU's RAM, cuDNN's attention on Hopper GPUs, torch.compile
+with a fallback, one process per GPU. train_gpt2.py calls these while it sets up. Measurements behind
+the choices: docs/performance.md.
+"""
+
+import contextlib
+import ctypes
+import inspect
+import os
+import sys
+import time
+
+import torch
+
+from machinery.console import print0
+from machinery.files import first_line
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name, device_type):
+    """The autocast dtype for `--dtype name` (float32 means no autocast). Decided from what the
+    hardware reports, never by timing, so the same command always runs the same arithmetic."""
+    if name != "auto":
+        return DTYPES[name]
+    if device_type == "cuda":
+        # bf16 needs no loss scaling but is only native from Ampere (compute capability 8.0) on;
+        # is_bf16_supported() also says yes on a T4, where bf16 is emulated and slow
+        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    if device_type == "mps":
+        # half-precision SDPA with is_causal=True has leaked future tokens on MPS in some releases
+        return torch.float32
+    # CPUs: bf16 is faster than float32 where the CPU multiplies it natively, and much slower where
+    # oneDNN emulates it (docs/performance.md, "CPU"). So bf16 only where the CPU has it natively.
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Linux lists the feature
+    flags in /proc/cpuinfo; elsewhere we assume not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_device(name, device_type):
+    if device_type not in ("cpu", "cuda", "mps") or (":" in name and not name.split(":")[1].isdigit()):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested but MPS is not available")
+
+
+def check_one_process_per_gpu(world_size):
+    """torchrun must start at most one process per GPU of the node. Every rank checks the node's
+    process count, not only its own rank, so that all of them stop with the same line instead of some
+    waiting forever for the ones that could not start."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if processes_here > torch.cuda.device_count():
+        raise ValueError(f"torchrun started {processes_here} processes on a node with "
+                         f"{torch.cuda.device_count()} GPU(s): one process per GPU, so pass "
+                         f"--nproc_per_node={torch.cuda.device_count()} (or --device cpu)")
+
+
+def keep_freed_memory(device_type="cpu"):
+    """Stop glibc from handing large freed blocks back to the OS (CPU runs on Linux; elsewhere nothing).
+
+    A training step frees and re-allocates gigabytes of activations and gradients. By default glibc
+    serves each large block with a fresh mmap and unmaps it on free, so the next step page-faults the
+    same memory back in, one 4 KB page at a time (a quarter of a step, measured: docs/performance.md).
+    Keeping freed blocks in the heap lets the next step reuse them (PyTorch's CPU allocator
+    keeps no cache of its own)."""
+    if device_type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")  # glibc; other C libraries (musl) lack these knobs
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)  # serve large blocks from the heap, not from fresh mmaps
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and keep the heap's free top instead of returning it
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(logits, targets) for (N, V) logits, in float32 a slice of rows at a time.
+
+    Under bf16 autocast the logits are bf16, and at V = 50257 they are the largest tensor of the step.
+    F.cross_entropy would make float32 copies of full size (the upcast logits, the log-probabilities
+    it saves for backward, their gradient): 1.2 GB more at B=8, T=256. Here only the bf16 logits and
+    one float per row are kept; each slice is upcast, used and dropped. Backward needs no autograd
+    graph, because the gradient of the mean loss is known in closed form: (softmax - one_hot) / N."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, n_chunks=8):
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # at least float32
+        # log of the softmax denominator, per row: (N,)
+        lse = torch.cat([torch.logsumexp(chunk.to(dtype), dim=-1) for chunk in logits.chunk(n_chunks)])
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1).to(dtype)  # (N,)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.n_chunks = n_chunks
+        return (lse - target_logits).mean()  # -log softmax(logits)[target], averaged
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = grad_loss / logits.size(0)
+        pieces = (t.chunk(ctx.n_chunks) for t in (grad, logits, targets, lse))
+        for grad_rows, logit_rows, target_rows, lse_rows in zip(*pieces):
+            probs = torch.exp(logit_rows.to(lse.dtype) - lse_rows[:, None])  # softmax of these rows
+            probs[torch.arange(len(target_rows)), target_rows] -= 1.0  # minus one-hot
+            grad_rows.copy_(probs.mul_(scale))
+        return grad, None, None
+
+
+def attention_kernels(device_type):
+    """A context in which F.scaled_dot_product_attention prefers the fastest kernel for this device.
+
+    PyTorch tries flash attention first and cuDNN's fused attention last. On Hopper GPUs (compute
+    capability 9) cuDNN's made a compiled GPT-2 124M bf16 step faster on an H200, with the same loss to
+    bf16 precision (docs/performance.md, "CUDA"). There it goes first,
+    the others after it, for what it cannot run (float32, say); elsewhere PyTorch's order stands."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if (device_type != "cuda" or torch.cuda.get_device_capability()[0] != 9
+            or "set_priority" not in inspect.signature(sdpa_kernel).parameters):  # torch < 2.6: no ordering
+        return contextlib.nullcontext()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def compile_model(model, B, T, device, autocast):
+    """torch.compile `model` and compile it now, with one forward and backward on a dummy (B, T) batch,
+    so a missing compiler shows up here (and its time is not billed to step 0). Falls back to the
+    eager model, with one line saying why."""
+    t0 = time.perf_counter()
+    try:
+        compiled = torch.compile(model)
+        # two distinct tensors, like real batches (the compiler specialises on inputs that alias)
+        x, y = (torch.zeros((B, T), dtype=torch.long, device=device) for _ in range(2))
+        with autocast:
+            _, loss = compiled(x, y)
+        loss.backward()
+    except Exception as e:  # no C compiler, an unsupported platform or Python, ...
+        print0(f"compile failed, running eagerly: {first_line(e)[:200]}")
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    print0(f"compiled in {time.perf_counter() - t0:.1f} s")
+    return compiled

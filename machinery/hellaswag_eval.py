@@ -1,0 +1,188 @@
+"""
+HellaSwag, the benchmark a GPT-2 reproduction is judged by: which of four endings continues a context.
+The items (a local jsonl file, or the validation split fetched once and cached), their scoring, and
+the reference accuracies. It needs only a model that maps (B, T) tokens to (B, T, V) logits and has
+config.block_size: train_gpt2.py scores its model during training (--hellaswag), hellaswag.py any
+GPT-2 from its command line.
+
+Data: the official jsonl format, one item per line with `ctx`, `endings` (four strings) and `label`
+(0-3); the validation split has 10,042 items. Scoring, completion style (the one the classic GPT-2
+reproduction reports): each ending is scored by the model's cross-entropy on the ending's tokens given
+the context, where the context is encode_ordinary(ctx) and the ending encode_ordinary(" " + ending).
+`acc` picks the ending with the lowest total loss; `acc_norm` the lowest mean loss per token, which
+does not favour short endings. Under torchrun, rank r scores items r, r + world_size, ... and the
+counts are added up.
+"""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from machinery.console import print0
+from machinery.files import first_line, write_atomically
+from machinery.tokens import get_tokenizer
+
+DATASET = ("Rowan/hellaswag", "validation")  # on the Hugging Face hub; its labels are strings
+N_VALIDATION = 10_042  # items in the validation split: a download with fewer is incomplete
+# (acc, acc_norm) of OpenAI's checkpoints with this scoring, as published with the classic GPT-2
+# reproduction (build-nanogpt); hellaswag.py prints them beside a full evaluation
+REFERENCE = {"gpt2": (0.2859, 0.2955), "gpt2-xl": (0.3842, 0.4893)}
+GPT3_SMALL_HELLASWAG = 0.337  # GPT-3 Small (GPT-2 124M's size), zero-shot HellaSwag in the GPT-3 paper
+
+
+def cache_path():
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "train_gpt2", "hellaswag_val.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# Items
+
+
+def check_item(item, where):
+    """An item in the official format, with label an int, or a ValueError naming where it came from."""
+    ok = (isinstance(item, dict) and isinstance(item.get("ctx"), str) and isinstance(item.get("endings"), list)
+          and len(item["endings"]) == 4 and all(isinstance(e, str) for e in item["endings"])
+          and str(item.get("label")).strip() in ("0", "1", "2", "3"))
+    if not ok:
+        raise ValueError(f"{where} is not a HellaSwag item (ctx, four endings, label 0-3)")
+    return {"ctx": item["ctx"], "endings": item["endings"], "label": int(str(item["label"]).strip())}
+
+
+def read_items(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"HellaSwag file {path!r} not found")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{path}:{line_number} is not JSON: HellaSwag files are jsonl") from None
+            items.append(check_item(record, f"{path}:{line_number}"))
+    if not items:
+        raise ValueError(f"HellaSwag file {path!r} is empty")
+    return items
+
+
+def download_items(path):
+    """The validation split through `datasets`, written to `path` only once it is complete."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise ValueError("downloading HellaSwag needs the datasets library: pip install -r requirements.txt") from None
+    try:
+        rows = load_dataset(DATASET[0], split=DATASET[1])
+        items = [check_item(row, f"{DATASET[0]} row {i}") for i, row in enumerate(rows)]
+    except ValueError:
+        raise
+    except Exception as e:  # the hub's errors come from several libraries
+        raise ValueError(f"downloading HellaSwag ({DATASET[0]}) failed: {first_line(e)}; "
+                         "or pass a local file with --data") from None
+    if len(items) != N_VALIDATION:
+        raise ValueError(f"downloaded {len(items)} HellaSwag items, expected {N_VALIDATION}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    text = "".join(json.dumps(item) + "\n" for item in items)
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))  # a partial download never looks like data
+
+
+def load_items(data="auto"):
+    """The items of a local jsonl file, or with "auto" the cached validation split (fetched if missing)."""
+    if data == "auto":
+        data = cache_path()
+        if not os.path.isfile(data):
+            download_items(data)
+    return read_items(data)
+
+
+def load_items_across_ranks(source):
+    """load_items for a training run: under torchrun, rank 0 fetches the split while the others wait."""
+    if source == "auto" and dist.is_initialized():
+        if dist.get_rank() == 0 and not os.path.isfile(cache_path()):
+            load_items("auto")
+        dist.barrier()
+    items = load_items(source)
+    print0(f"hellaswag {source} | {len(items):,} items at every evaluation")
+    return items
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def render(item, enc):
+    """Four rows of tokens (context then ending) and where each ending starts."""
+    ctx = enc.encode_ordinary(item["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in item["endings"]]
+    return [ctx + e for e in endings], len(ctx)
+
+
+@torch.no_grad()
+def ending_losses(model, items, device, autocast):
+    """(sum, mean) of each ending's token losses: two (len(items), 4) float32 tensors, from one forward
+    pass over all the items' endings, right-padded (causal attention never looks at the padding, and
+    the padding is masked out of the loss)."""
+    enc = get_tokenizer()
+    rows, starts = [], []
+    for item in items:
+        item_rows, n_ctx = render(item, enc)
+        rows += item_rows
+        starts += [n_ctx] * 4
+    longest = max(len(r) for r in rows)
+    if longest > model.config.block_size:
+        raise ValueError(f"a HellaSwag item has {longest} tokens, more than block_size={model.config.block_size}")
+    tokens = torch.zeros((len(rows), longest), dtype=torch.long)  # (4N, L)
+    mask = torch.zeros((len(rows), longest), dtype=torch.bool)  # True where a token of the ending is
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, start:len(row)] = True
+    tokens, mask = tokens.to(device), mask.to(device)
+    with autocast:
+        logits, _ = model(tokens)  # (4N, L, V)
+    # position t predicts token t+1: losses of tokens 1..L-1, in float32
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")  # (4N, L-1)
+    losses = losses * mask[:, 1:]
+    total = losses.sum(dim=1)
+    mean = total / mask[:, 1:].sum(dim=1)
+    return total.view(-1, 4), mean.view(-1, 4)
+
+
+def predict(model, items, device, autocast, batch_size=8, progress=False):
+    """Per item, the ending chosen by total loss and by mean loss: two lists of ints."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    by_total, by_mean = [], []
+    with tqdm(total=len(items), unit="item", disable=not progress, desc="hellaswag") as bar:
+        for i in range(0, len(items), batch_size):
+            total, mean = ending_losses(model, items[i: i + batch_size], device, autocast)
+            by_total += total.argmin(dim=1).tolist()
+            by_mean += mean.argmin(dim=1).tolist()
+            bar.update(len(items[i: i + batch_size]))
+    model.train(was_training)
+    return by_total, by_mean
+
+
+def count_correct(model, items, device, autocast, batch_size=8, progress=False):
+    """(correct by acc, correct by acc_norm, items): counts, so ranks can add theirs up."""
+    by_total, by_mean = predict(model, items, device, autocast, batch_size, progress)
+    labels = [item["label"] for item in items]
+    return (sum(p == y for p, y in zip(by_total, labels)), sum(p == y for p, y in zip(by_mean, labels)), len(items))
+
+
+def accuracy_across_ranks(model, items, device, autocast):
+    """{"hellaswag_acc": ..., "hellaswag_acc_norm": ...} over all items: rank r scores items r,
+    r + world_size, ..., and the counts add up to the whole set. Every rank must call it."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    counts = count_correct(model, items[rank::world_size], device, autocast)
+    counts = torch.tensor(counts, dtype=torch.long, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    correct, correct_norm, n = counts.tolist()
+    return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}

@@ -1,0 +1,60 @@
+"""
+OpenAI's GPT-2 through transformers: its weights loaded quietly, with every failure in one line, and
+our model written back as a transformers GPT-2 directory. Used by GPT.from_pretrained and
+GPT.save_pretrained in train_gpt2.py.
+"""
+
+import os
+
+import torch
+
+from machinery.files import first_line
+from machinery.tokens import GPT2_VOCAB_SIZE
+
+
+def load_transformers_gpt2(name_or_path, known_names):
+    """transformers' GPT2LMHeadModel from the hub (a name) or a save_pretrained directory, with the
+    hub's retries kept quiet and every failure said in one line."""
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+        from transformers import GPT2LMHeadModel, __version__
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:
+        raise ValueError(f"loading GPT-2 weights needs transformers: {first_line(e)}; "
+                         "pip install -r requirements.txt") from None
+    hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()  # offline, the hub logs every retry: we say it once, below
+    try:
+        return GPT2LMHeadModel.from_pretrained(name_or_path)
+    except ImportError as e:  # transformers found a torch too old for it and disabled its PyTorch models
+        raise ValueError(f"transformers {__version__} cannot load PyTorch models with torch {torch.__version__} "
+                         f"({first_line(e)[:120]}): install versions that fit, pip install -r requirements.txt") from None
+    except (OSError, ValueError) as e:  # offline, or not a GPT-2 directory
+        hint = " (offline? load from a save_pretrained directory instead)" if name_or_path in known_names else ""
+        raise ValueError(f"could not load GPT-2 weights from {name_or_path!r}: {first_line(e)}{hint}") from None
+
+
+def export_to_transformers(model, directory, conv1d_weights):
+    """Write `model` as a transformers GPT-2 directory (config.json + model.safetensors) that
+    GPT2LMHeadModel.from_pretrained and GPT.from_pretrained both read. conv1d_weights: the keys that
+    OpenAI's layout stores transposed."""
+    from safetensors.torch import save_file
+    from transformers import GPT2Config
+
+    c = model.config
+    vocab = min(c.vocab_size, GPT2_VOCAB_SIZE)  # trim a padded table back to real tokens
+    os.makedirs(directory, exist_ok=True)
+    GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+               n_head=c.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0, tie_word_embeddings=True).save_pretrained(directory)
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied to wte: transformers re-ties it on load
+        v = v.detach().float().cpu()
+        if k.endswith(conv1d_weights):
+            v = v.t()
+        if k == "transformer.wte.weight":
+            v = v[:vocab]
+        tensors[k] = v.contiguous()
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,180 @@
+"""
+The run's log and its picture: out_dir/log.jsonl (one JSON object per step), out_dir/progress.png
+drawn from it with OpenAI's marks, and, when asked for, the same records sent to Weights & Biases.
+train_gpt2.py writes through RunLog; plot_log redraws any run's picture from its log.
+"""
+
+import contextlib
+import functools
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+
+from machinery.console import print0
+from machinery.files import DISK_FULL, DiskFull, first_line, write_atomically
+from machinery.checkpoints import RESUME_HINT
+from machinery.hellaswag_eval import GPT3_SMALL_HELLASWAG, REFERENCE
+from machinery.tokens import FINEWEB_EDU, MANIFEST
+
+
+def parse_log_line(line):
+    """One log record, or None for a line a killed run left half-written."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
+# The marks a GPT-2 (124M) reproduction is measured against, for the picture:
+# OpenAI's GPT-2 124M on the first 100M tokens of FineWeb-Edu sample-10BT in GPT-2 tokens (prepare.py's
+# val_000000.npy), as published with the classic reproduction (build-nanogpt), which used that same shard
+GPT2_FINEWEB_EDU_VAL_LOSS = 3.2924
+
+
+def gpt2_val_loss_on(data_dir):
+    """GPT-2 124M's published validation loss on data_dir's first shard, where it is known: FineWeb-Edu
+    sample-10BT prepared by prepare.py. None for other data (get it with --init_from gpt2 --eval_only)."""
+    if not data_dir:
+        return None
+    with open(os.path.join(data_dir, MANIFEST)) as f:
+        manifest = json.load(f)
+    fineweb = manifest.get("source") == ":".join(FINEWEB_EDU) and manifest.get("tokenizer") == "gpt2"
+    return GPT2_FINEWEB_EDU_VAL_LOSS if fineweb else None
+
+
+def start_wandb(cfg):
+    """A Weights & Biases run that receives the run's config and every log record. wandb is imported
+    only here: it is optional. WANDB_MODE=offline records it locally (wandb sync uploads it later)."""
+    import wandb
+
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=asdict(cfg))
+    except Exception as e:  # no login, no network in online mode, ...: wandb's own errors
+        raise ValueError(f"could not start wandb: {first_line(e)} (WANDB_MODE=offline logs without a network)") from None
+
+
+class RunLog:
+    """out_dir/log.jsonl, one JSON object per step (pandas.read_json(path, lines=True) reads it back),
+    out_dir/progress.png drawn from it, and with --wandb_project the same records sent to Weights &
+    Biases. Only rank 0 writes; on the other ranks this does nothing. A resume keeps the records before
+    its checkpoint (sent to W&B again, so its run is whole) and redoes the rest."""
+
+    def __init__(self, cfg, start_step):
+        self.out_dir, self.file, self.tracker = cfg.out_dir, None, None
+        if int(os.environ.get("RANK", 0)) != 0:
+            return
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.gpt2_val_loss = gpt2_val_loss_on(cfg.data_dir)
+        kept = []
+        if cfg.resume and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [r for r in map(parse_log_line, f) if r is not None and r["step"] < start_step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        write_atomically(self.path, lambda f: f.write(text.encode()))  # a full disk loses no record
+        self.file = open(self.path, "a")
+        if cfg.wandb_project:
+            self.tracker = start_wandb(cfg)
+            for record in kept:
+                self.tracker.log(record, step=record["step"])
+
+    def write(self, record, picture=False):
+        """Append one record; with picture=True also redraw progress.png."""
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk, say: one line, and the checkpoint from before is intact
+            with contextlib.suppress(OSError):  # closing flushes the unwritten bytes, and fails again:
+                self.file.close()  # close now, so close() on the way out does not replace this error
+            self.file = None
+            error = DiskFull if e.errno in DISK_FULL else OSError
+            what = "disk full: writing" if e.errno in DISK_FULL else "writing"
+            raise error(f"{what} {self.path} failed ({e.strerror}); {RESUME_HINT}") from None
+        if self.tracker is not None:
+            self.tracker.log(record, step=record["step"])
+        if picture:
+            self.draw()
+
+    def draw(self):
+        """out_dir/progress.png from the log; a failure to draw never stops training."""
+        if self.file is None:
+            return
+        try:
+            plot_log(self.path, os.path.join(self.out_dir, "progress.png"), self.gpt2_val_loss)
+        except Exception as e:  # no matplotlib, a full disk, ...: say so, train on
+            print0(f"could not draw progress.png: {first_line(e)}")
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        if self.tracker is not None:
+            self.tracker.finish()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def plot_log(log_path, png_path, gpt2_val_loss=None):
+    """Draw a run from its log.jsonl (a finished run, or one still going): training loss per step, raw
+    and smoothed, and validation loss; a second panel with HellaSwag acc_norm when the run evaluated
+    it. OpenAI's marks are dashed lines: GPT-2 124M's HellaSwag and GPT-3 Small's as the next one, and
+    GPT-2's validation loss on this data where it is known (gpt2_val_loss: 3.2924 on FineWeb-Edu shards
+    from prepare.py; RunLog passes it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    with open(log_path) as f:
+        records = [r for r in map(parse_log_line, f) if r is not None]  # a half-written last line is skipped
+    hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in records if "hellaswag_acc_norm" in r]
+    fig, axes = plt.subplots(1, 2 if hellaswag else 1, figsize=(12, 4.5) if hellaswag else (7, 4.5), squeeze=False)
+    draw_losses(axes[0][0], records, gpt2_val_loss)
+    if hellaswag:
+        draw_hellaswag(axes[0][1], hellaswag, xlim=axes[0][0].get_xlim())
+    trained = [r for r in records if "tokens" in r]
+    if trained:  # tokens seen, on a second axis above each panel
+        per_step = trained[-1]["tokens"] / (trained[-1]["step"] + 1)
+        for ax in axes[0]:
+            top = ax.secondary_xaxis("top", functions=(functools.partial(np.multiply, per_step),  # steps -> tokens
+                                                       functools.partial(np.multiply, 1 / per_step)))  # and back
+            top.set_xlabel("tokens")
+    fig.tight_layout()
+    try:
+        write_atomically(png_path, functools.partial(fig.savefig, format="png", dpi=100))  # never half a picture
+    finally:
+        plt.close(fig)
+
+
+def draw_losses(ax, records, gpt2_val_loss):
+    trained = [r for r in records if "loss" in r]  # (the last record of a run may hold an evaluation only)
+    steps, losses = [r["step"] for r in trained], [r["loss"] for r in trained]
+    # the trend under the batch-to-batch noise: a centred moving average (no lag behind the raw curve)
+    half = len(losses) // 50
+    smoothed = [np.mean(losses[max(0, i - half): i + half + 1]) for i in range(len(losses))]
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss")
+    ax.plot(steps, smoothed, color="tab:blue", label="train loss (smoothed)")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:orange", label="val loss")
+    if gpt2_val_loss is not None:
+        ax.axhline(gpt2_val_loss, color="gray", linestyle="--", label="GPT-2 124M val loss (OpenAI)")
+    ax.set(xlabel="step", ylabel="loss")
+    ax.legend()
+
+
+def draw_hellaswag(ax, points, xlim):
+    ax.plot(*zip(*points), "o-", color="tab:green", label="this run")
+    ax.axhline(REFERENCE["gpt2"][1], color="gray", linestyle="--", label="GPT-2 124M (OpenAI)")
+    ax.axhline(GPT3_SMALL_HELLASWAG, color="black", linestyle="--", label="GPT-3 Small (paper)")
+    ax.axhline(0.25, color="lightgray", linestyle=":", label="chance")
+    ax.set(xlabel="step", ylabel="HellaSwag acc_norm", xlim=xlim)
+    ax.legend()

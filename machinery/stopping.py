@@ -1,0 +1,56 @@
+"""
+Stopping: by a signal (Ctrl-C, or the SIGTERM that torchrun and cluster schedulers send), in every
+process at the same step, or because the loss diverged. train_gpt2.py's loop asks these after each step.
+"""
+
+import signal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class TrainingDiverged(Exception):
+    """The loss became inf or nan: nothing from this point on is worth saving."""
+
+
+class StopRequested:
+    """Ctrl-C (SIGINT) or SIGTERM during training asks to stop after the current step, so the
+    checkpoint written on the way out is a consistent step. SIGTERM is what torchrun sends its
+    workers on Ctrl-C, and what cluster schedulers send before preempting a job. A second signal
+    interrupts at once. Use as `with StopRequested() as stop:`, then read stop.requested."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.restore()
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+def stop_requested_anywhere(requested, device):
+    """Whether any process was asked to stop. A signal reaches one process (or all, at slightly
+    different steps): every process must stop after the same step, or the others wait forever in
+    the next step's collectives. One tiny all-reduce a step (a fraction of a millisecond, see
+    docs/performance.md); also the point where the CPU waits for the device's queued work."""
+    flag = torch.tensor(float(requested), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def check_finite(loss, step, out_dir):
+    if not np.isfinite(loss):
+        raise TrainingDiverged(f"loss is {loss} at step {step}; stopping. "
+                               f"The checkpoint in {out_dir!r}, if any, is left untouched")

