@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from machinery.checkpoints import (checkpoint_due, get_rng_state, load_checkpoint, load_weights,
                                    restore_training_state, save_checkpoint, settings_from_checkpoint)
@@ -43,10 +44,13 @@ from machinery.command_line import check_block_size, check_config, flag, parse_a
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
                                describe_outputs, describe_plan, print0, step_line)
 from machinery.hardware import (DTYPES, ChunkedCrossEntropy, attention_kernels, check_device,
-                                check_one_process_per_gpu, compile_model, keep_freed_memory, resolve_dtype)
+                                check_one_process_per_gpu, compile_model, cpu_allocator_for, resolve_dtype)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
+from machinery.memory import describe_memory, describe_out_of_memory
 from machinery.pretrained import export_to_transformers, load_transformers_gpt2
 from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log: importable from here, to redraw a run)
+from machinery.sharding import (check_fsdp, full_model_state, full_optimizer_state, set_gradient_sync,
+                                shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, shard_files, text_file_split
@@ -153,6 +157,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.activation_checkpointing = False  # --activation_checkpointing: see forward
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -177,7 +182,11 @@ class GPT(nn.Module):
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # keep only the block's input; backward runs the block again for the activations it needs
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
@@ -240,9 +249,10 @@ class GPT(nn.Module):
                 target.copy_(w)
         return model
 
-    def save_pretrained(self, directory):
-        """Write a transformers GPT-2 directory that GPT2LMHeadModel.from_pretrained and ours both read."""
-        export_to_transformers(self, directory, CONV1D_WEIGHTS)
+    def save_pretrained(self, directory, state_dict=None):
+        """Write a transformers GPT-2 directory that GPT2LMHeadModel.from_pretrained and ours both read
+        (state_dict: the weights to write, if not this module's own, e.g. gathered from FSDP's shards)."""
+        export_to_transformers(self.config, state_dict or self.state_dict(), directory, CONV1D_WEIGHTS)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, seed=42):
@@ -399,7 +409,7 @@ class TrainConfig:
     input_file: str = flag("input.txt", "UTF-8 text file to train on (last 10% of its tokens: validation)")
     data_dir: str = flag("", "a folder of token shards written by prepare.py (takes precedence over input_file)")
     shuffle: bool = flag(True, "with data_dir, read the train shards in a new seeded order each epoch")
-    init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2 ... gpt2-xl) or a save_pretrained directory")
+    init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2 ... gpt2-xl), a save_pretrained directory or a ckpt.pt")
     n_layer: int = flag(12, "transformer blocks (scratch models)")
     n_head: int = flag(12, "attention heads (scratch models)")
     n_embd: int = flag(768, "channels (scratch models)")
@@ -421,11 +431,13 @@ class TrainConfig:
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = flag("auto", "autocast precision", choices=("auto", *DTYPES))
     compile: bool = flag(False, "torch.compile the model (falls back to eager if the compiler fails)")
+    fsdp: bool = flag(False, "under torchrun, shard weights, gradients and AdamW moments across processes (FSDP2)")
+    activation_checkpointing: bool = flag(False, "recompute each block's activations in backward: less memory")
     seed: int = flag(1337, "random seed")
     # evaluation, logging, checkpoints
-    eval_interval: int = flag(250, "steps between validation losses (and at the last step)")
+    eval_interval: int = flag(250, "steps between evaluations (also at step 0 and of the trained model)")
     eval_iters: int = flag(20, "validation batches per evaluation")
-    eval_only: bool = flag(False, "evaluate once as a last step would (--init_from or --resume), then exit")
+    eval_only: bool = flag(False, "evaluate once as the end of a run would (--init_from or --resume), then exit")
     hellaswag: str = flag("", "HellaSwag at every evaluation: a local jsonl file, or auto (downloaded once, cached)")
     sample_interval: int = flag(0, "steps between printed samples (0: only at the end)")
     checkpoint_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
@@ -447,7 +459,7 @@ class TrainConfig:
 
 
 def join_process_group(device, device_type):
-    """(ddp, rank, world_size, device). torchrun starts one process per GPU and sets RANK, LOCAL_RANK
+    """(distributed, rank, world_size, device). torchrun starts one process per GPU and sets RANK, LOCAL_RANK
     and WORLD_SIZE in each; here a process joins the others. A plain `python train_gpt2.py` is rank 0 of 1."""
     if "RANK" not in os.environ:
         return False, 0, 1, device
@@ -513,16 +525,17 @@ def next_token_loss(model, x, y, device_type):
     return ChunkedCrossEntropy.apply(logits.view(-1, logits.size(-1)), y.view(-1))
 
 
-def forward_backward(model, loader, grad_accum_steps, autocast, scaler, device, ddp):
+def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scaler, device):
     """One optimizer step's gradients, accumulated over micro-batches; returns the mean loss."""
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
         x, y = x.to(device), y.to(device)  # (B, T) each
-        # DDP averages gradients across processes in backward. Only the last micro-batch needs that;
-        # no_sync covers forward too, since DDP decides in forward whether to sync.
-        syncing = not ddp or micro_step == grad_accum_steps - 1
-        with contextlib.nullcontext() if syncing else model.no_sync():
+        # DDP and FSDP average gradients across processes in backward. Only the last micro-batch needs
+        # that: DDP's no_sync (over forward too, where DDP decides) and FSDP's switch skip the others.
+        syncing = micro_step == grad_accum_steps - 1
+        set_gradient_sync(raw_model, syncing)  # (FSDP only)
+        with model.no_sync() if isinstance(model, DDP) and not syncing else contextlib.nullcontext():
             with autocast:
                 loss = next_token_loss(model, x, y, device.split(":")[0])
             # gradients add up over micro-batches; dividing makes their sum the big batch's mean
@@ -598,8 +611,10 @@ def checkpoint_contents(model, optimizer, scaler, steps_done, cfg, train_loader,
     random stream (sampling, and the seeds of anything random), the float16 loss scale, and the
     settings, so a resumed run is the same run and a checkpoint says what it is."""
     return {
-        "model": model.state_dict(),  # the plain module's: no "module." or "_orig_mod." in the names
-        "optimizer": optimizer.state_dict(),  # AdamW's exp_avg and exp_avg_sq for every parameter
+        # whole tensors, gathered from the processes' shards under FSDP (so every process calls this), with
+        # the plain module's names (no "module." or "_orig_mod."): the same file in every mode
+        "model": full_model_state(model),
+        "optimizer": full_optimizer_state(model, optimizer),  # AdamW's exp_avg and exp_avg_sq of every weight
         "steps_done": steps_done,  # the next step to run
         "model_config": asdict(model.config),  # the shape: a checkpoint rebuilds its own model
         "train_config": asdict(cfg),
@@ -626,18 +641,21 @@ def starting_checkpoint(cfg, given):
 # The run: train() and main()
 
 
-def train(cfg, given, ddp, rank, world_size, device, device_type):
+def train(cfg, given, distributed, rank, world_size, device, device_type):
     """Set up, then the training loop. Returns 0, or 130 when a signal stopped it (after saving)."""
-    master = rank == 0  # rank 0 logs, samples and saves
+    master = rank == 0  # rank 0 prints, logs and saves
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
     ckpt, start_path, cfg = starting_checkpoint(cfg, given)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")  # where this run saves
-    # evaluation, sampling and checkpoints use the plain module, never the compiled or DDP-wrapped one
+    # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
     raw_model = make_model(cfg, ckpt, start_path).to(device)
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step))
+    print0(describe_memory(raw_model, cfg.fsdp, world_size, device))  # before it runs out, not after
+    if cfg.fsdp:  # each process keeps 1/N of every weight, gradient and AdamW moment (in place)
+        shard_model(raw_model, raw_model.transformer.h)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
     if cfg.eval_only:
         return evaluate_only(raw_model, cfg, rank, world_size, device, autocast, start_step)
@@ -650,37 +668,36 @@ def train(cfg, given, ddp, rank, world_size, device, device_type):
     print0(describe_optimizer(optimizer))
     print0(describe_plan(cfg, raw_model))  # what the run will write, and how big
     if cfg.resume:  # the optimizer's moments, the data's position and the random streams, as they were
-        restore_training_state(ckpt, optimizer, scaler, train_loader, sample_generator)
+        restore_training_state(ckpt, raw_model, optimizer, scaler, train_loader, sample_generator)
     del ckpt  # free the CPU copy
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
-    if ddp:  # DDP averages gradients across processes during backward
+    if distributed and not cfg.fsdp:  # DDP averages gradients across processes during backward
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
-    step_times, stop_now = [], False
+    step_times = []
     with StopRequested() as stop, RunLog(cfg, start_step) as log:
-        # a record at step s describes the model after s optimizer steps; the last, s = max_steps, the
-        # trained model, evaluated and saved
+        # a record at step s describes the model after s optimizer steps; the last, s = max_steps, is
+        # the trained model, evaluated and saved
         for step in range(start_step, cfg.max_steps + 1):
             last_step = step == cfg.max_steps
             record = {"step": step}
             if step % cfg.eval_interval == 0 or last_step:  # step 0 too: an untrained model, about ln(V) = 10.8
                 record.update(evaluate(raw_model, val_loader, hellaswag_items, step, cfg, device, autocast))
-            if master and (last_step or checkpoint_due(step, start_step, cfg.checkpoint_interval)):
-                save_checkpoint(checkpoint_contents(raw_model, optimizer, scaler, step, cfg, train_loader,
-                                                    sample_generator), ckpt_path)
+            if last_step or checkpoint_due(step, start_step, cfg.checkpoint_interval):
+                save(raw_model, optimizer, scaler, step, cfg, train_loader, sample_generator, master)
             if last_step:
                 log.write(record, picture=True) if len(record) > 1 else log.draw()  # (nothing evaluated: no record)
                 break
-            if master and cfg.sample_interval and step > start_step and step % cfg.sample_interval == 0:
+            if cfg.sample_interval and step > start_step and step % cfg.sample_interval == 0:
                 print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish() samples the last)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss = forward_backward(model, train_loader, grad_accum_steps, autocast, scaler, device, ddp)
-            if ddp:  # each process saw its own part of the batch: the batch's loss is their mean
+            loss = forward_backward(model, raw_model, train_loader, grad_accum_steps, autocast, scaler, device)
+            if distributed:  # each process saw its own part of the batch: the batch's loss is their mean
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)  # of all processes' gradients
             lr = get_lr(step, cfg.lr, min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -697,29 +714,37 @@ def train(cfg, given, ddp, rank, world_size, device, device_type):
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
             log.write(record, picture="val_loss" in record)  # progress.png redrawn at every evaluation
-            if stop_now:
-                if master:
-                    save_checkpoint(checkpoint_contents(raw_model, optimizer, scaler, step + 1, cfg, train_loader,
-                                                        sample_generator), ckpt_path)
+            if stop_now and step + 1 < cfg.max_steps:  # (at the last step: evaluate and save as planned)
+                save(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
                 log.draw()
-                print0(f"interrupted: saved step {step + 1} to {ckpt_path}; continue with --resume")
+                print0(f"interrupted: saved step {step + 1} to {cfg.out_dir}/ckpt.pt; continue with --resume")
                 break
-    if not stop_now:
+    interrupted = step < cfg.max_steps  # the loop was left before the trained model's iteration
+    if not interrupted:
         finish(raw_model, cfg, device, autocast, sample_generator, master, trained=True)
-    if ddp:
+    if distributed:
         dist.barrier()  # no rank leaves while rank 0 still samples or saves (that can abort the group)
-    return 130 if stop_now else 0
+    return 130 if interrupted else 0
+
+
+def save(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master):
+    """Rank 0 writes out_dir/ckpt.pt. Under FSDP every process takes part: the state is gathered from all."""
+    state = checkpoint_contents(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator) \
+        if master or cfg.fsdp else None
+    if master:
+        save_checkpoint(state, os.path.join(cfg.out_dir, "ckpt.pt"))
 
 
 def finish(model, cfg, device, autocast, generator, master, trained):
-    """Every run ends with a few samples, the export if one was asked for, and what it wrote (rank 0)."""
-    if master:
-        print_samples(model, cfg, device, autocast, generator)
-        if cfg.export_dir:
-            model.save_pretrained(cfg.export_dir)
-            print0(f"exported to {cfg.export_dir}")
-        if trained:
-            print0(describe_outputs(cfg.out_dir))
+    """Every run ends with a few samples (every process takes part: under FSDP each forward needs all),
+    the export if one was asked for, and what it wrote."""
+    print_samples(model, cfg, device, autocast, generator)
+    state = full_model_state(model) if cfg.export_dir else None  # (under FSDP: gathered from every process)
+    if master and cfg.export_dir:
+        model.save_pretrained(cfg.export_dir, state)
+        print0(f"exported to {cfg.export_dir}")
+    if master and trained:
+        print0(describe_outputs(cfg.out_dir))
     return 0
 
 
@@ -728,15 +753,20 @@ def main(argv=None):
     try:
         check_config(cfg)
         device, device_type = resolve_device(cfg.device)
-        keep_freed_memory(device_type)  # CPU runs on Linux: no page faults on every step's fresh memory
-        ddp, rank, world_size, device = join_process_group(device, device_type)
+        cpu_allocator_for(device_type, cfg.fsdp)  # glibc's freed memory: kept for the next step, or given back
+        distributed, rank, world_size, device = join_process_group(device, device_type)
+        if cfg.fsdp:
+            check_fsdp(world_size, device_type)
         check_data(cfg)  # before anything heavy
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
         with attention_kernels(device_type):  # cuDNN's attention first on Hopper GPUs, for the whole run
-            return train(cfg, given, ddp, rank, world_size, device, device_type)
+            return train(cfg, given, distributed, rank, world_size, device, device_type)
     except (ValueError, OSError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except torch.OutOfMemoryError as e:  # what ran out, and what to change
+        print(f"error: {describe_out_of_memory(e, cfg, device)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without saving
         return 130

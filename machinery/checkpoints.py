@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from machinery.files import DiskFull, first_line, write_atomically
+from machinery.sharding import load_optimizer_state
 
 # the keys every checkpoint has (train_gpt2.checkpoint_contents); "steps_done" was "step" before 2026-12
 CHECKPOINT_KEYS = ("model", "optimizer", "steps_done", "model_config", "train_config", "train_loader", "rng")
@@ -94,10 +95,10 @@ def load_weights(model, ckpt, path):
         raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(e)}") from None
 
 
-def restore_training_state(ckpt, optimizer, scaler, train_loader, sample_generator):
+def restore_training_state(ckpt, model, optimizer, scaler, train_loader, sample_generator):
     """Put the optimizer, loss scaler, data position and random streams back as the checkpoint saved them."""
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if "scaler" in ckpt:
+    load_optimizer_state(model, optimizer, ckpt["optimizer"])
+    if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["train_loader"])
     set_rng_state(ckpt["rng"], sample_generator)

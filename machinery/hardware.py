@@ -69,23 +69,50 @@ def check_one_process_per_gpu(world_size):
                          f"--nproc_per_node={torch.cuda.device_count()} (or --device cpu)")
 
 
-def keep_freed_memory(device_type="cpu"):
-    """Stop glibc from handing large freed blocks back to the OS (CPU runs on Linux; elsewhere nothing).
+def cpu_allocator_for(device_type, fsdp):
+    """glibc's handling of large freed blocks, set for how a CPU run uses memory (Linux; elsewhere nothing).
+    One process, or DDP: keep them (keep_freed_memory). FSDP: give them back (release_freed_memory)."""
+    if device_type == "cpu" and fsdp:
+        release_freed_memory()
+    elif device_type == "cpu":
+        keep_freed_memory()
+
+
+def glibc():
+    """The C library's handle, where it is glibc on Linux (other C libraries, musl, lack these knobs)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+
+
+def keep_freed_memory():
+    """Stop glibc from handing large freed blocks back to the OS.
 
     A training step frees and re-allocates gigabytes of activations and gradients. By default glibc
     serves each large block with a fresh mmap and unmaps it on free, so the next step page-faults the
     same memory back in, one 4 KB page at a time (a quarter of a step, measured: docs/performance.md).
-    Keeping freed blocks in the heap lets the next step reuse them (PyTorch's CPU allocator
-    keeps no cache of its own)."""
-    if device_type != "cpu" or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")  # glibc; other C libraries (musl) lack these knobs
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt(M_MMAP_MAX, 0)  # serve large blocks from the heap, not from fresh mmaps
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and keep the heap's free top instead of returning it
+    Keeping freed blocks in the heap lets the next step reuse them (PyTorch's CPU allocator keeps no
+    cache of its own)."""
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_MAX, 0)  # serve large blocks from the heap, not from fresh mmaps
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and keep the heap's free top instead of returning it
+
+
+def release_freed_memory():
+    """Make glibc hand every block of 1 MB or more back to the OS when it is freed. FSDP gathers a
+    block's weights, uses them and frees them, block after block: kept in the heap (as keep_freed_memory
+    does, and as glibc's default threshold, which grows with the blocks freed, ends up doing) they would
+    add up to the whole model again, and a process would peak as high as under DDP (docs/memory.md)."""
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 2**20)  # fixed: glibc's own threshold would climb to 32 MB
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

@@ -180,8 +180,12 @@ def accuracy_across_ranks(model, items, device, autocast):
     """{"hellaswag_acc": ..., "hellaswag_acc_norm": ...} over all items: rank r scores items r,
     r + world_size, ..., and the counts add up to the whole set. Every rank must call it."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    counts = count_correct(model, items[rank::world_size], device, autocast)
-    counts = torch.tensor(counts, dtype=torch.long, device=device)
+    mine, batch_size = items[rank::world_size], 8
+    counts = torch.tensor(count_correct(model, mine, device, autocast, batch_size), dtype=torch.long, device=device)
+    # Under FSDP every forward pass needs every process: one with a batch less scores one more, uncounted,
+    # so that all make the same number of passes
+    if -(-len(mine) // batch_size) < -(-len(items[0::world_size]) // batch_size):
+        count_correct(model, items[:1], device, autocast, batch_size)
     if dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     correct, correct_norm, n = counts.tolist()

@@ -34,21 +34,21 @@ def load_transformers_gpt2(name_or_path, known_names):
         raise ValueError(f"could not load GPT-2 weights from {name_or_path!r}: {first_line(e)}{hint}") from None
 
 
-def export_to_transformers(model, directory, conv1d_weights):
-    """Write `model` as a transformers GPT-2 directory (config.json + model.safetensors) that
-    GPT2LMHeadModel.from_pretrained and GPT.from_pretrained both read. conv1d_weights: the keys that
-    OpenAI's layout stores transposed."""
+def export_to_transformers(config, state_dict, directory, conv1d_weights):
+    """Write a model of this GPTConfig and state_dict as a transformers GPT-2 directory (config.json +
+    model.safetensors) that GPT2LMHeadModel.from_pretrained and GPT.from_pretrained both read.
+    conv1d_weights: the keys that OpenAI's layout stores transposed."""
     from safetensors.torch import save_file
     from transformers import GPT2Config
 
-    c = model.config
+    c = config
     vocab = min(c.vocab_size, GPT2_VOCAB_SIZE)  # trim a padded table back to real tokens
     os.makedirs(directory, exist_ok=True)
     GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                n_head=c.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
                attn_pdrop=0.0, tie_word_embeddings=True).save_pretrained(directory)
     tensors = {}
-    for k, v in model.state_dict().items():
+    for k, v in state_dict.items():
         if k == "lm_head.weight":
             continue  # tied to wte: transformers re-ties it on load
         v = v.detach().float().cpu()

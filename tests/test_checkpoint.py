@@ -27,9 +27,10 @@ from train_gpt2 import main
 # float32: runs in separate processes are compared to the last digit, and on a CPU with AMX one
 # process's bfloat16 step 0 once differed from another's in the 7th digit (the kernel oneDNN picks is
 # a per-process decision); what is tested here is the resume, not that.
-RUN = [*TINY, "--dtype", "float32", "--B", "2", "--T", "16", "--lr", "3e-3", "--warmup_steps", "4",
-       "--min_lr", "3e-4",
-       "--eval_interval", "5", "--sample_interval", "7", "--num_samples", "1", "--max_new_tokens", "4"]
+# TRAINING is RUN without the model's shape (TINY's flags): a resume takes the shape from the checkpoint.
+TRAINING = ["--dtype", "float32", "--B", "2", "--T", "16", "--lr", "3e-3", "--warmup_steps", "4", "--min_lr", "3e-4",
+            "--eval_interval", "5", "--sample_interval", "7", "--num_samples", "1", "--max_new_tokens", "4"]
+RUN = [*TINY, *TRAINING]
 
 
 def digest(path):
@@ -81,20 +82,23 @@ def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, unint
     rest, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert "interrupted: saved step" in rest
-    stopped_at = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"]
-    assert 3 < stopped_at < 30
+    # the step running when the signal came (4 or later) is finished: its model is the one saved
+    stopped_at = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"]
+    assert 4 < stopped_at < 30
+    assert f"interrupted: saved step {stopped_at} to {os.path.join('run', 'ckpt.pt')}; continue with --resume" in rest
 
     resumed = run_script(*args, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from" in resumed.stdout
     before = step_losses("".join(first) + rest)
     after = step_losses(resumed.stdout)
-    assert min(after) == stopped_at
+    assert min(after) == stopped_at  # the first step not done before is the first step done now
     combined = {**{s: l for s, l in before.items() if s < stopped_at}, **after}
     assert combined == step_losses(ref_stdout)  # the same losses, step for step, to the last digit
     timing = ("ms", "tok_per_s", "tflops")  # measured clocks differ between runs; everything else is equal
-    assert read_log(tmp_path / "run") == [{**r, **{k: s[k] for k in timing}}
+    # (the last record, the final evaluation at step 30, trained nothing and has no clocks)
+    assert [r["step"] for r in ref_log] == list(range(31)) and "loss" not in ref_log[-1]
+    assert read_log(tmp_path / "run") == [{**r, **{k: s[k] for k in timing if k in s}}
                                           for r, s in zip(ref_log, read_log(tmp_path / "run"))]
     # and the samples printed at the end are the same text
     assert [l for l in resumed.stdout.splitlines() if l.startswith("> ")][-1] == \
@@ -108,15 +112,16 @@ def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, text_fil
     wait_for_step(proc, 12)
     proc.kill()  # no chance to save anything
     proc.communicate()
-    saved = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"]
+    saved = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"]
     assert saved % 5 == 0 and saved >= 10
     with open(tmp_path / "run" / "log.jsonl", "a") as f:
         f.write('{"step": 13, "loss": 2.5')  # as if killed in the middle of writing a record
     resumed = run_script(*args, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     log = read_log(tmp_path / "run")
-    assert [r["step"] for r in log] == list(range(30))  # the redone steps replaced, not duplicated
-    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
+    # steps 0-29 trained, then the final evaluation at step 30; the redone steps replaced, not duplicated
+    assert [r["step"] for r in log] == list(range(31))
+    assert [r.get("loss") for r in log] == [r.get("loss") for r in ref_log]
     assert [r.get("val_loss") for r in log] == [r.get("val_loss") for r in ref_log]
 
 
@@ -124,13 +129,16 @@ def test_checkpoint_contents_are_plain_and_unwrapped(tmp_path, text_file):
     code = main([*RUN, "--input_file", str(text_file), "--max_steps", "3", "--out_dir", str(tmp_path / "o")])
     assert code == 0
     ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)  # no pickled code needed
-    assert ckpt["step"] == 3
+    assert set(ckpt) == {"model", "optimizer", "steps_done", "model_config", "train_config", "train_loader", "rng",
+                         "scaler"}
+    assert ckpt["steps_done"] == 3  # the model after 3 optimizer steps: a resume runs step 3 next
     assert all(not k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 50257, "n_layer": 2, "n_head": 2,
                                     "n_embd": 32, "sdpa": True}
     assert isinstance(ckpt["train_config"], dict) and ckpt["train_config"]["max_steps"] == 3
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "sample"}
     assert ckpt["optimizer"]["state"] and ckpt["train_loader"]["position"] == 3 * 2 * 16
+    assert ckpt["scaler"] == {}  # float32: no loss scaling, an empty GradScaler state
 
 
 def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -214,11 +222,28 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
 
 
 def test_resume_with_a_different_model_is_a_clear_error(tmp_path, text_file, monkeypatch, capsys):
+    """A resume's model is the checkpoint's: a shape flag typed on the command line that contradicts it
+    is an error naming every contradiction in one line, and nothing is written; the same command
+    without the shape flags resumes, with the checkpoint's shape (not the flags' defaults, 12 layers
+    of 768 channels, block 1024)."""
     args = (*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run")
     assert run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)[0] == 0
-    code, _, err = run_in_process(*args, "--resume", "--n_layer", "3", cwd=tmp_path, monkeypatch=monkeypatch,
-                                  capsys=capsys)
-    assert code == 1 and err.strip() == "error: checkpoint 'run/ckpt.pt' has n_layer=2, the command line says 3"
+    before = digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")
+    # (the same values as the checkpoint's, TINY's n_head and n_embd, are no contradiction)
+    code, _, err = run_in_process(*args, "--resume", "--max_steps", "3", "--n_layer", "3", "--block_size", "1024",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.strip() == ("error: checkpoint 'run/ckpt.pt' has n_layer=2, block_size=64; the command "
+                                         "line says n_layer=3, block_size=1024 (leave these flags out: the "
+                                         "checkpoint decides them)")
+    assert (digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")) == before
+
+    code, out, err = run_in_process(*TRAINING, "--input_file", text_file, "--max_steps", "3", "--out_dir", "run",
+                                    "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "2 layers, 2 heads, 32 channels, vocab 50257, block 64" in out and "resumed from run/ckpt.pt at step 2" in out
+    assert list(step_losses(out)) == [2]
+    ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["steps_done"] == 3 and ckpt["model_config"]["n_layer"] == 2 and ckpt["model_config"]["block_size"] == 64
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, text_file, monkeypatch, capsys):
@@ -234,27 +259,30 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text
     before = digest(out / "ckpt.pt")
     capsys.readouterr()
 
-    forward, calls = train_gpt2.GPT.forward, []
+    loss_of, trained = train_gpt2.next_token_loss, []
 
-    def diverging(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
-        calls.append(1)
-        if targets is not None and len(calls) > 3:
-            loss = loss * float("nan")
-        return logits, loss
+    def diverging(model, x, y, device_type):
+        loss = loss_of(model, x, y, device_type)
+        if model.training:  # a training batch (evaluation puts the model in eval mode): one per step here
+            trained.append(1)
+            if len(trained) > 3:
+                loss = loss * float("nan")
+        return loss
 
-    monkeypatch.setattr(train_gpt2.GPT, "forward", diverging)
+    monkeypatch.setattr(train_gpt2, "next_token_loss", diverging)
     # a fresh run into the same out_dir: it says it will replace the checkpoint, then diverges at step 3
     code = main([*args, "--max_steps", "10", "--checkpoint_interval", "1"])
     captured = capsys.readouterr()
     assert code == 1
     assert "replaces it when it saves its own" in captured.out
     assert "loss is nan at step 3" in captured.err
-    # steps 0-2 were fine and each saved; step 3's NaN state was never written
-    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+    # steps 0-2 were fine, each followed by a checkpoint; the last holds 3 steps done, and step 3's
+    # NaN state was never written
+    after_3 = digest(out / "ckpt.pt")
+    assert load_checkpoint(str(out / "ckpt.pt"))["steps_done"] == 3
     code = main([*args, "--max_steps", "10", "--resume", "--checkpoint_interval", "1"])
     assert code == 1 and "loss is nan at step 3" in capsys.readouterr().err
-    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+    assert digest(out / "ckpt.pt") == after_3
 
 
 def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file):
@@ -298,18 +326,18 @@ def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatc
 
     monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
     args = [*RUN, "--input_file", str(text_file), "--dtype", "float16", "--max_steps", "6", "--num_samples", "0",
-            "--checkpoint_interval", "3", "--eval_interval", "6", "--eval_iters", "2"]  # evaluated once, at the end
+            "--checkpoint_interval", "3", "--eval_interval", "6", "--eval_iters", "2"]  # evaluated at steps 0 and 6
     assert main([*args, "--out_dir", str(tmp_path / "ref")]) == 0
     ref_log, ref_states = read_log(tmp_path / "ref"), states[:]
     # the premise: the scale grew, then an overflow made it back off
     scales = [s["scale"] for s in ref_states]
-    assert scales[0] < scales[3] and any(math.isinf(r["norm"]) for r in ref_log[3:]), scales
+    assert scales[0] < scales[3] and any(math.isinf(r["norm"]) for r in ref_log[3:6]), scales
 
     step_line = machinery.console.step_line
 
     def stop_at_4(record, *a):
         if record["step"] == 4:
-            raise KeyboardInterrupt  # killed: the last checkpoint is step 3's
+            raise KeyboardInterrupt  # killed: the last checkpoint holds 3 steps done
         return step_line(record, *a)
 
     with monkeypatch.context() as m:
@@ -321,7 +349,9 @@ def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatc
     assert states == ref_states[3:]  # steps 3, 4 and 5
     assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["scaler"] == ref_states[-1]
     log = read_log(tmp_path / "run")
-    assert [(r["step"], r["loss"], r["norm"]) for r in log] == [(r["step"], r["loss"], r["norm"]) for r in ref_log]
+    assert [r["step"] for r in log] == list(range(7))  # steps 0-5 trained, and the final evaluation
+    assert [(r["step"], r.get("loss"), r.get("norm"), r.get("val_loss")) for r in log] == \
+        [(r["step"], r.get("loss"), r.get("norm"), r.get("val_loss")) for r in ref_log]
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -356,14 +386,14 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_the_same_command_continues(tm
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"error: disk full: writing {out / 'ckpt.pt'} failed (File too large)"), err
     assert "--resume" in err
-    assert saved[0] is None and digest(out / "ckpt.pt") == saved[1]  # step 2's checkpoint, untouched
-    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no ckpt.pt.tmp
+    assert saved[0] is None and digest(out / "ckpt.pt") == saved[1]  # the checkpoint after 2 steps, untouched
+    assert load_checkpoint(str(out / "ckpt.pt"))["steps_done"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl", "progress.png"]  # no ckpt.pt.tmp
 
     assert main([*args, "--resume"]) == 0  # space freed: the same command continues
     assert "resumed from" in capsys.readouterr().out
-    assert [r["step"] for r in read_log(out)] == list(range(6))
-    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 6
+    assert [r["step"] for r in read_log(out)] == list(range(7))  # steps 0-5, and the final evaluation
+    assert load_checkpoint(str(out / "ckpt.pt"))["steps_done"] == 6
 
 
 # A real limit on file size (what `ulimit -f` sets): a write past it fails with errno 27, EFBIG, as on a
@@ -382,8 +412,9 @@ def test_a_file_that_cannot_grow_is_one_line_and_the_checkpoint_stays(tmp_path, 
                                                                       fills):
     """Not a stand-in: the process may not write files past a size limit, and torch.save or the log's
     append meets the real error. A resume of four_steps' run to step 6 (its checkpoint: 20 MB; its
-    log: 4 records) under a limit of 4 MB, which the checkpoint cannot take, or of the log's size plus
-    50 bytes, which step 4's record cannot. One line naming the file, the checkpoint byte for byte as
+    log: 5 records, steps 0-3 and the final evaluation at step 4, which the resume drops) under a limit
+    of 4 MB, which the checkpoint cannot take, or of the log's size plus 50 bytes, which step 4's
+    training record cannot. One line naming the file, the checkpoint byte for byte as
     it was, no temporary file; then, without the limit, the same command finishes the run."""
     pytest.importorskip("resource")  # POSIX only
     shutil.copytree(four_steps, tmp_path / "run")
@@ -400,8 +431,8 @@ def test_a_file_that_cannot_grow_is_one_line_and_the_checkpoint_stays(tmp_path, 
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
     monkeypatch.chdir(tmp_path)
     assert main(list(map(str, args))) == 0  # the same command, in this process (its start-up is slow)
-    assert [r["step"] for r in read_log(tmp_path / "run")] == list(range(6))
-    assert load_checkpoint(str(ckpt))["step"] == 6
+    assert [r["step"] for r in read_log(tmp_path / "run")] == list(range(7))
+    assert load_checkpoint(str(ckpt))["steps_done"] == 6
 
 
 def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_path, text_file, monkeypatch,
@@ -419,11 +450,12 @@ def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_pa
                  "--eval_interval", "2"]) == 0
     stdout = capsys.readouterr().out
     line = f"could not draw progress.png: disk full: writing {out / 'progress.png'} failed (No space left on device)"
-    assert [l for l in stdout.splitlines() if "progress.png" in l] == [line, line]  # steps 1 and 3
+    said = [l for l in stdout.splitlines() if "progress.png" in l]
+    assert said[0].startswith("writes ") and said[1:] == [line, line, line]  # the plan; then steps 0, 2 and 4
     size = machinery.files.in_units(os.path.getsize(out / "ckpt.pt"))
     assert stdout.splitlines()[-1] == f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'}"  # no picture
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]
-    assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3, 4]  # 4: the final evaluation
 
 
 # ----------------------------------------------------------------------------- evaluating a checkpoint
@@ -432,21 +464,22 @@ def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_pa
 def test_eval_only_of_a_checkpoint_prints_the_runs_last_evaluation_and_writes_nothing(tmp_path, text_file,
                                                                                     monkeypatch, capsys):
     """--resume --eval_only loads the checkpoint a run saved after its last step and evaluates it as
-    that step did: the same `step 3 | val loss` line (the same batches, the same weights: the same
+    that step did: the same `step 4 | val loss` line (the same batches, the same weights: the same
     number, to the last bit, as the run logged; both in this process, so on the same kernels), no
     training, no samples, and out_dir byte for byte as it was (its files and their contents)."""
     out = tmp_path / "run"
     args = [*RUN, "--input_file", str(text_file), "--max_steps", "4", "--num_samples", "0", "--out_dir", str(out)]
     assert main(args) == 0
     run_lines = [l for l in capsys.readouterr().out.splitlines() if "val loss" in l]
-    last = read_log(out)[-1]
-    assert last["step"] == 3 and run_lines == [f"step     3 | val loss {last['val_loss']:.4f}"]  # at its last step
+    last = read_log(out)[-1]  # the final evaluation: of the model after 4 steps, the one saved
+    assert last.keys() == {"step", "val_loss"} and last["step"] == 4
+    assert run_lines[-1] == f"step     4 | val loss {last['val_loss']:.4f}"
     before = {p.name: digest(p) for p in out.iterdir()}
     evaluate, results = train_gpt2.evaluate, []
     monkeypatch.setattr(train_gpt2, "evaluate", lambda *a: results.append(evaluate(*a)) or results[-1])
     assert main([*args, "--num_samples", "1", "--resume", "--eval_only"]) == 0
     stdout = capsys.readouterr().out
     assert results == [{"val_loss": last["val_loss"]}]
-    assert [l for l in stdout.splitlines() if "val loss" in l] == run_lines
+    assert [l for l in stdout.splitlines() if "val loss" in l] == run_lines[-1:]
     assert "| loss" not in stdout and "> " not in stdout  # nothing trained, nothing sampled
     assert {p.name: digest(p) for p in out.iterdir()} == before

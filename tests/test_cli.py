@@ -1,5 +1,6 @@
 """The script as users run it: a subprocess, flags, output, and one clear line for every bad input."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,11 +22,18 @@ def test_train_end_to_end(tmp_path, text_file):
     step_lines = [l for l in r.stdout.splitlines() if l.startswith("step") and "| loss" in l]
     assert len(step_lines) == 5
     assert " ms |" in step_lines[0] and "tok/s" in step_lines[0]
-    assert "val loss" in r.stdout
-    assert "dtype" in r.stdout.splitlines()[0]  # the precision is printed at start
+    # the untrained model is evaluated before step 0 trains, the trained one after the last step
+    lines = r.stdout.splitlines()
+    val_lines = [l for l in lines if l.startswith("step") and "| val loss" in l]
+    assert [l.split("|")[0] for l in val_lines] == ["step     0 ", "step     5 "]
+    assert lines.index(val_lines[0]) < lines.index(step_lines[0])
+    assert lines.index(val_lines[1]) > lines.index(step_lines[-1])
+    assert "dtype" in lines[0]  # the precision is printed at start
     assert r.stdout.count("> Hello, I'm a language model,") == 2  # --num_samples 2 samples at the end
     assert (tmp_path / "run" / "ckpt.pt").exists()  # everything the run writes goes under out_dir
-    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 5
+    # one record per step trained (0..4), and the final evaluation's at step 5
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in log] == [0, 1, 2, 3, 4, 5]
 
 
 def test_flags_accept_both_spellings_and_help_lists_defaults(tmp_path, text_file):
@@ -126,9 +134,11 @@ def test_ddp_two_processes_match_one(tmp_path, text_file):
     ddp_stdout, a, b = one_process_and_two(tmp_path, *common)
     assert "processes 2" in ddp_stdout
     assert ddp_stdout.count("| loss") == 4  # only rank 0 prints
-    assert len(a) == len(b) == 4
+    # steps 0-3 trained, and the final evaluation at step 4; validation at steps 0, 2 and 4 in both
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in a if "val_loss" in r] == [r["step"] for r in b if "val_loss" in r] == [0, 2, 4]
     for r, s in zip(a, b):
-        assert abs(r["loss"] - s["loss"]) <= 1e-5
+        assert abs(r.get("loss", 0) - s.get("loss", 0)) <= 1e-5
         assert abs(r.get("val_loss", 0) - s.get("val_loss", 0)) <= 1e-5
 
 
@@ -166,10 +176,9 @@ def test_more_torchrun_processes_than_gpus_is_one_line_from_every_rank(tmp_path)
 def test_eval_only_under_torchrun_splits_the_evaluation_across_ranks(tmp_path, text_file, items_file):
     """A run's checkpoint evaluated by torchrun's two CPU processes with B=1 (each rank its half of every
     validation batch, and its share of the HellaSwag items, the results gathered) gives what the run
-    itself, one process with B=2, gave at its last step: the val loss to float32 rounding (1e-5; it is
+    itself, one process with B=2, gave in its final evaluation: the val loss to float32 rounding (1e-5; it is
     printed to 4 decimals), the HellaSwag accuracy exactly. Rank 0 alone prints; nothing is written."""
     import hashlib
-    import json
 
     from train_gpt2 import main
 
@@ -177,14 +186,15 @@ def test_eval_only_under_torchrun_splits_the_evaluation_across_ranks(tmp_path, t
               "--hellaswag", str(items_file), "--num_samples", "0", "--out_dir", str(tmp_path / "run")]
     assert main([*common, "--B", "2", "--max_steps", "2"]) == 0
     last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and "loss" not in last  # the final evaluation, of the model saved after 2 steps
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "run").iterdir()}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     r = run_script(*common, "--B", "1", "--max_steps", "2", "--resume", "--eval_only", cwd=tmp_path, runner=torchrun,
                    env_extra={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert "processes 2" in r.stdout
-    val = [l for l in r.stdout.splitlines() if l.startswith("step     1 | val loss ")]
+    val = [l for l in r.stdout.splitlines() if l.startswith("step     2 | val loss ")]
     assert len(val) == 1 and abs(float(val[0].split()[-1]) - last["val_loss"]) <= 0.5e-4 + 1e-5, (val, last)
-    assert r.stdout.splitlines().count(f"step     1 | hellaswag acc_norm {last['hellaswag_acc_norm']:.4f}") == 1
+    assert r.stdout.splitlines().count(f"step     2 | hellaswag acc_norm {last['hellaswag_acc_norm']:.4f}") == 1
     assert "| loss" not in r.stdout
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "run").iterdir()} == files

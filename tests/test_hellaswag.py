@@ -13,8 +13,10 @@ import machinery.checkpoints
 import machinery.tokens
 import train_gpt2
 from conftest import CONTEXTS, TINY, official, run_script
+from machinery import hellaswag_eval
 from machinery.run_log import plot_log
 from train_gpt2 import GPT, GPTConfig, main
+
 
 @pytest.fixture
 def random_gpt2(hf_gpt2_dir):
@@ -43,17 +45,17 @@ def reference_losses(hf_model, item):
 
 def test_scores_and_accuracies_match_transformers_ending_by_ending(items_file, random_gpt2):
     _, ours, hf_model = random_gpt2
-    items = hellaswag.read_items(str(items_file))
-    total, mean = hellaswag.ending_losses(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    items = hellaswag_eval.read_items(str(items_file))
+    total, mean = hellaswag_eval.ending_losses(ours, items, "cpu", torch.autocast("cpu", enabled=False))
     ref = [reference_losses(hf_model, item) for item in items]
     # float32 batched against float64 one by one: losses of ~10.8 nats agree to 1e-4 relative
     torch.testing.assert_close(total, torch.tensor([r[0] for r in ref], dtype=torch.float32), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mean, torch.tensor([r[1] for r in ref], dtype=torch.float32), rtol=1e-4, atol=1e-4)
-    by_total, by_mean = hellaswag.predict(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    by_total, by_mean = hellaswag_eval.predict(ours, items, "cpu", torch.autocast("cpu", enabled=False))
     assert by_total == [min(range(4), key=r[0].__getitem__) for r in ref]
     assert by_mean == [min(range(4), key=r[1].__getitem__) for r in ref]
     labels = [item["label"] for item in items]
-    correct, correct_norm, n = hellaswag.evaluate(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    correct, correct_norm, n = hellaswag_eval.count_correct(ours, items, "cpu", torch.autocast("cpu", enabled=False))
     assert n == len(CONTEXTS)
     assert correct == sum(p == y for p, y in zip(by_total, labels))
     assert correct_norm == sum(p == y for p, y in zip(by_mean, labels))
@@ -68,10 +70,10 @@ def test_scores_and_accuracies_match_transformers_ending_by_ending(items_file, r
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 7])
 def test_batched_scoring_equals_unbatched(items_file, random_gpt2, batch_size):
     _, ours, _ = random_gpt2
-    items = hellaswag.read_items(str(items_file))
+    items = hellaswag_eval.read_items(str(items_file))
     fp32 = torch.autocast("cpu", enabled=False)
-    one = [hellaswag.ending_losses(ours, [item], "cpu", fp32) for item in items]
-    batched = [hellaswag.ending_losses(ours, items[i: i + batch_size], "cpu", fp32)
+    one = [hellaswag_eval.ending_losses(ours, [item], "cpu", fp32) for item in items]
+    batched = [hellaswag_eval.ending_losses(ours, items[i: i + batch_size], "cpu", fp32)
                for i in range(0, len(items), batch_size)]
     for k in (0, 1):  # padding the shorter rows changes nothing but rounding
         torch.testing.assert_close(torch.cat([b[k] for b in batched]), torch.cat([o[k] for o in one]),
@@ -82,8 +84,8 @@ def test_cli_prints_both_accuracies_with_counts_and_honours_limit(tmp_path, item
     path, ours, _ = random_gpt2
     r = run_script("--init_from", path, "--data", items_file, "--dtype", "float32", cwd=tmp_path, script="hellaswag.py")
     assert r.returncode == 0, r.stderr
-    items = hellaswag.read_items(str(items_file))
-    correct, correct_norm, n = hellaswag.evaluate(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    items = hellaswag_eval.read_items(str(items_file))
+    correct, correct_norm, n = hellaswag_eval.count_correct(ours, items, "cpu", torch.autocast("cpu", enabled=False))
     assert f"hellaswag acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} ({n} items)" in r.stdout
     assert hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--limit", "3", "--device", "cpu"]) == 0
     assert "(3 items)" in capsys.readouterr().out
@@ -139,16 +141,16 @@ def test_auto_download_converts_string_labels_and_caches(tmp_path, monkeypatch):
     rows = [{**official(c, e, l, i), "label": str(l)} for i, (c, e, l) in enumerate(CONTEXTS)]
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or rows)
-    monkeypatch.setattr(hellaswag, "N_VALIDATION", len(rows))
+    monkeypatch.setattr(hellaswag_eval, "N_VALIDATION", len(rows))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    items = hellaswag.load_items("auto")
+    items = hellaswag_eval.load_items("auto")
     assert calls == [(("Rowan/hellaswag",), {"split": "validation"})]
     assert [item["label"] for item in items] == [l for _, _, l in CONTEXTS]
-    assert hellaswag.load_items("auto") == items and len(calls) == 1  # cached: fetched once
-    monkeypatch.setattr(hellaswag, "N_VALIDATION", 10_042)
+    assert hellaswag_eval.load_items("auto") == items and len(calls) == 1  # cached: fetched once
+    monkeypatch.setattr(hellaswag_eval, "N_VALIDATION", 10_042)
     (tmp_path / "train_gpt2" / "hellaswag_val.jsonl").unlink()
     with pytest.raises(ValueError, match="downloaded 7 HellaSwag items, expected 10042"):
-        hellaswag.load_items("auto")  # an incomplete download is refused and never cached
+        hellaswag_eval.load_items("auto")  # an incomplete download is refused and never cached
     assert not (tmp_path / "train_gpt2" / "hellaswag_val.jsonl").exists()
 
 
@@ -183,32 +185,34 @@ def lopsided_items_file(tmp_path):
 
 def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, lopsided_items_file, capsys):
     """--hellaswag scores the items at every evaluation and logs hellaswag_acc (lowest total loss) and
-    hellaswag_acc_norm (lowest mean loss): the accuracies hellaswag.evaluate gives for the model of that
+    hellaswag_acc_norm (lowest mean loss): the accuracies count_correct gives for the model of that
     step. The lopsided items tell the two apart (acc is 1 there, acc_norm is not), so a swap shows."""
     assert main([*RUN, "--input_file", str(text_file), "--hellaswag", str(lopsided_items_file),
                  "--out_dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     evaluated = [r for r in log if "hellaswag_acc_norm" in r]
-    assert [r["step"] for r in evaluated] == [1, 3]  # every eval_interval, and the last step
+    # every eval_interval from the untrained model at step 0, and the trained model after the last step
+    assert [r["step"] for r in evaluated] == [0, 2, 4]
     for r in evaluated:
         assert f"step {r['step']:5d} | hellaswag acc_norm {r['hellaswag_acc_norm']:.4f}" in out
         assert r["hellaswag_acc"] == 1.0 and r["hellaswag_acc_norm"] < 1.0  # total loss picks the one word
-    # the last evaluation scored the model the run saved: hellaswag.evaluate on it gives the same counts
+    # the last evaluation scored the model the run saved: count_correct on it gives the same counts
     ckpt = machinery.checkpoints.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["steps_done"] == evaluated[-1]["step"] == 4
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    items = hellaswag.read_items(str(lopsided_items_file))
-    correct, correct_norm, n = hellaswag.evaluate(model, items, "cpu", torch.autocast("cpu", enabled=False))
+    items = hellaswag_eval.read_items(str(lopsided_items_file))
+    correct, correct_norm, n = hellaswag_eval.count_correct(model, items, "cpu", torch.autocast("cpu", enabled=False))
     assert (evaluated[-1]["hellaswag_acc"], evaluated[-1]["hellaswag_acc_norm"]) == (correct / n, correct_norm / n)
-    assert is_png(tmp_path / "run" / "progress.png")  # drawn by the run
+    assert panels(tmp_path / "run" / "progress.png") == 2  # drawn by the run: losses, and HellaSwag beside them
     plot_log(str(tmp_path / "run" / "log.jsonl"), str(tmp_path / "again.png"))  # and redrawn from its log
-    assert is_png(tmp_path / "again.png")
+    assert panels(tmp_path / "again.png") == 2
 
 
 def test_eval_only_scores_hellaswag_as_a_run_would(tmp_path, random_gpt2, lopsided_items_file, monkeypatch,
                                                   capsys):
-    """--init_from DIR --eval_only --hellaswag FILE scores the items as hellaswag.evaluate does on DIR's
+    """--init_from DIR --eval_only --hellaswag FILE scores the items as count_correct does on DIR's
     model, and prints the line a run prints. The text here is too short for a validation batch: HellaSwag
     is the whole evaluation, and that is enough (the lopsided items tell acc from acc_norm)."""
     path, ours, _ = random_gpt2
@@ -220,8 +224,8 @@ def test_eval_only_scores_hellaswag_as_a_run_would(tmp_path, random_gpt2, lopsid
     assert main(["--init_from", str(path), "--input_file", str(text), "--B", "2", "--T", "64", "--eval_only",
                  "--hellaswag", str(lopsided_items_file), "--device", "cpu", "--dtype", "float32"]) == 0
     stdout = capsys.readouterr().out
-    items = hellaswag.read_items(str(lopsided_items_file))
-    correct, correct_norm, n = hellaswag.evaluate(ours, items, "cpu", torch.autocast("cpu", enabled=False))
+    items = hellaswag_eval.read_items(str(lopsided_items_file))
+    correct, correct_norm, n = hellaswag_eval.count_correct(ours, items, "cpu", torch.autocast("cpu", enabled=False))
     assert results == [{"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}]
     assert [l for l in stdout.splitlines() if l.startswith("step")] == \
         [f"step     0 | hellaswag acc_norm {correct_norm / n:.4f}"]
@@ -237,6 +241,18 @@ def is_png(path):
     with Image.open(path) as image:
         image.verify()
         return image.format == "PNG" and image.size[0] > 100
+
+
+def panels(path):
+    """The panels of a picture plot_log drew, told by its width (100 dpi): 7 inches for the losses alone,
+    12 with the HellaSwag panel beside them."""
+    from PIL import Image
+
+    assert is_png(path)
+    with Image.open(path) as image:
+        width = image.size[0]
+    assert width in (700, 1200), f"{path} is {width} pixels wide"
+    return 1 if width == 700 else 2
 
 
 @pytest.fixture
@@ -287,7 +303,7 @@ def test_plot_log_without_evaluations_and_with_a_half_written_line(tmp_path):
                                            tokens=(s + 1) * 128)) + "\n" for s in range(30))
                    + '{"step": 30, "loss": 7.')  # a run still going, killed mid-record
     plot_log(str(log), str(tmp_path / "p.png"))
-    assert is_png(tmp_path / "p.png")
+    assert panels(tmp_path / "p.png") == 1  # no HellaSwag results: the losses alone
     old = tmp_path / "old.jsonl"  # a log from before the "tokens" field
     old.write_text("".join(json.dumps(dict(step=s, loss=5.0)) + "\n" for s in range(3)))
     plot_log(str(old), str(tmp_path / "old.png"))

@@ -132,7 +132,8 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path, vocab_size):
 def test_fine_tuning_starts_from_the_weights_of_a_local_gpt2_directory(tmp_path, hf_gpt2_dir, text_file, capsys):
     """--init_from DIR trains DIR's weights: step 0's loss (computed before the first update) is
     transformers' loss of that model on the first batch, the first B*T+1 tokens of the training split
-    (x the first B*T, y the same shifted by one). float32: equal to 1e-5 nats (the losses are ~10.8)."""
+    (x the first B*T, y the same shifted by one). float32: equal to 1e-5 nats (the losses are ~10.8).
+    Two steps trained (0 and 1), then the final evaluation of the trained model, at step 2."""
     import json
 
     path, hf = hf_gpt2_dir(2, 2, 32, 64)
@@ -143,7 +144,7 @@ def test_fine_tuning_starts_from_the_weights_of_a_local_gpt2_directory(tmp_path,
                  "--max_new_tokens", "4", "--out_dir", str(out)]) == 0
     assert list(step_losses(capsys.readouterr().out)) == [0, 1]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [0, 1]
+    assert [r["step"] for r in log] == [0, 1, 2] and "loss" not in log[2]
 
     first = torch.from_numpy(tokenize_file(text_file)[: B * T + 1].astype("int64"))  # the train split starts the file
     x, y = first[:-1].view(B, T), first[1:].view(B, T)

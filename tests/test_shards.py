@@ -154,11 +154,12 @@ def test_training_on_shards_prints_the_data_and_learns(tmp_path, prepared):
     assert "shuffle on" in line
     losses = step_losses(r.stdout)
     assert float(losses[29]) < float(losses[0]) - 1.0
-    assert r.stdout.count("val loss") == 3
+    evaluated = [int(l.split()[1]) for l in r.stdout.splitlines() if "| val loss" in l]
+    assert evaluated == [0, 10, 20, 30]  # every eval_interval steps from the untrained model, and the last
 
 
 def test_resume_on_shards_continues_exactly(tmp_path):
-    """Stopped at step 7 (after the checkpoint of step 5) and resumed: the same losses as one run,
+    """Stopped at step 7 (after the checkpoint of 5 steps done) and resumed: the same losses as one run,
     across shard boundaries and into a second, reshuffled epoch (4 shards of 2 windows each)."""
     data = write_shards(tmp_path / "d", [600, 700, 700, 700, 700], ["val", "train", "train", "train", "train"])
     args = [*TINY, "--data_dir", str(data), "--B", "4", "--T", "64", "--max_steps", "12", "--lr", "3e-3",
@@ -168,7 +169,7 @@ def test_resume_on_shards_continues_exactly(tmp_path):
 
     def stop_at_7(record, *a):
         if record["step"] == 7:
-            raise KeyboardInterrupt  # killed: the last checkpoint is step 5's
+            raise KeyboardInterrupt  # killed: the last checkpoint holds 5 steps done
         return step_line(record, *a)
 
     with pytest.MonkeyPatch.context() as m:
@@ -178,8 +179,9 @@ def test_resume_on_shards_continues_exactly(tmp_path):
 
     def log(name):
         records = map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())
-        return [(r["step"], r["loss"], r.get("val_loss")) for r in records]
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in records]
 
+    assert [step for step, _, _ in log("ref")] == list(range(13))  # steps 0-11, and the final evaluation
     assert log("run") == log("ref")
     state = machinery.checkpoints.load_checkpoint(str(tmp_path / "ref" / "ckpt.pt"))["train_loader"]
     assert state["epoch"] >= 1  # the run did cross into a second epoch
@@ -191,12 +193,13 @@ def test_torchrun_two_processes_on_shards_equal_one(tmp_path, prepared, items_fi
     common = [*TINY, "--data_dir", prepared, "--T", "16", "--total_batch_size", "64", "--dtype", "float32",
               "--max_steps", "4", "--eval_interval", "2", "--num_samples", "0", "--hellaswag", items_file]
     _, a, b = one_process_and_two(tmp_path, *common)
-    assert len(a) == len(b) == 4
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]  # 4: the final evaluation
     for r, s in zip(a, b):
-        assert abs(r["loss"] - s["loss"]) <= 1e-5
+        assert ("loss" in r) == ("loss" in s) and ("val_loss" in r) == ("val_loss" in s)
+        assert abs(r.get("loss", 0) - s.get("loss", 0)) <= 1e-5
         assert abs(r.get("val_loss", 0) - s.get("val_loss", 0)) <= 1e-5
     hs = [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in a if "hellaswag_acc" in r]
-    assert [r["step"] for r in a if "hellaswag_acc" in r] == [1, 3]
+    assert [r["step"] for r in a if "hellaswag_acc" in r] == [0, 2, 4]
     assert hs == [(r["step"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in b if "hellaswag_acc" in r]
 
 
@@ -253,9 +256,11 @@ def test_the_picture_marks_gpt2s_val_loss_only_on_fineweb_edu(tmp_path, prepared
         return plot_log(log_path, png_path, gpt2_val_loss)
 
     monkeypatch.setattr(machinery.run_log, "plot_log", spy)
-    for name, data in (("fineweb", ["--data_dir", str(fineweb)]), ("other", ["--data_dir", str(prepared)]),
-                       ("text", ["--input_file", str(text_file)])):
+    for name, data, gpt2_val_loss in (("fineweb", ["--data_dir", str(fineweb)], 3.2924),
+                                      ("other", ["--data_dir", str(prepared)], None),
+                                      ("text", ["--input_file", str(text_file)], None)):
+        drawn.clear()
         assert main([*TINY, *data, "--B", "2", "--T", "16", "--max_steps", "1", "--eval_iters", "1",
                      "--num_samples", "0", "--out_dir", str(tmp_path / name)]) == 0
         assert (tmp_path / name / "progress.png").exists()
-    assert drawn == [3.2924, None, None]
+        assert drawn == [gpt2_val_loss, gpt2_val_loss], name  # drawn at each evaluation: steps 0 and 1

@@ -85,7 +85,7 @@ def test_four_micro_batches_give_the_gradients_of_one_batch(text_file):
     def gradients(B, grad_accum_steps):
         model.zero_grad(set_to_none=True)
         loader = DataLoaderLite(B, 16, text_file, split="train")
-        loss = forward_backward(model, loader, grad_accum_steps, fp32, no_scaling, "cpu", ddp=False)
+        loss = forward_backward(model, model, loader, grad_accum_steps, fp32, no_scaling, "cpu")
         return loss, [p.grad.clone() for p in model.parameters()]
 
     big_loss, big = gradients(4, 1)
@@ -128,6 +128,11 @@ def run_main(tmp_path, text_file, *args):
     return code, log
 
 
+def trained(log):
+    """The records of the steps that trained (they hold a loss): all but a final evaluation's."""
+    return [r for r in log if "loss" in r]
+
+
 def test_cpu_run_makes_no_cuda_calls(tmp_path, text_file, monkeypatch):
     """The classic script synchronized CUDA unconditionally and crashed without a GPU."""
     if torch.cuda.is_available():
@@ -140,15 +145,17 @@ def test_cpu_run_makes_no_cuda_calls(tmp_path, text_file, monkeypatch):
                  "max_memory_allocated", "is_bf16_supported"):
         monkeypatch.setattr(torch.cuda, name, forbidden)
     code, log = run_main(tmp_path, text_file, "--max_steps", "2")
-    assert code == 0 and [r["step"] for r in log] == [0, 1]
+    assert code == 0 and [r["step"] for r in log] == [0, 1, 2]  # two steps trained, and the final evaluation
 
 
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path, text_file):
     _, a = run_main(tmp_path / "a", text_file, "--max_steps", "4")
     _, b = run_main(tmp_path / "b", text_file, "--max_steps", "4")
     _, c = run_main(tmp_path / "c", text_file, "--max_steps", "4", "--seed", "7")
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    assert [r["loss"] for r in a] != [r["loss"] for r in c]
+    assert len(trained(a)) == len(trained(c)) == 4
+    assert [r["loss"] for r in trained(a)] == [r["loss"] for r in trained(b)]
+    assert [r["loss"] for r in trained(a)] != [r["loss"] for r in trained(c)]
+    assert a[-1]["val_loss"] == b[-1]["val_loss"] != c[-1]["val_loss"]  # and so the trained models
 
 
 def test_accumulation_run_equals_big_batch_run(tmp_path, text_file):
@@ -158,8 +165,8 @@ def test_accumulation_run_equals_big_batch_run(tmp_path, text_file):
     big_code, big = run_main(tmp_path / "big", text_file, *args, "--B", "4")
     acc_code, acc = run_main(tmp_path / "acc", text_file, *args, "--B", "1", "--total_batch_size", "64")
     assert big_code == acc_code == 0
-    assert [r["step"] for r in big] == [r["step"] for r in acc] == [0, 1, 2, 3]
-    for r, s in zip(big, acc):
+    assert [r["step"] for r in trained(big)] == [r["step"] for r in trained(acc)] == [0, 1, 2, 3]
+    for r, s in zip(trained(big), trained(acc)):
         assert r["loss"] == pytest.approx(s["loss"], abs=1e-5)
         assert r["norm"] == pytest.approx(s["norm"], rel=1e-4)
 
@@ -170,20 +177,29 @@ def test_total_batch_size_must_divide(tmp_path, text_file, capsys):
 
 
 def test_log_has_one_record_per_step_with_val_loss_when_computed(tmp_path, text_file):
+    """A record at step s describes the model after s optimizer steps: steps 0-4 train, each with a
+    record, those at every eval_interval (0, 2, 4) hold the validation loss of the model they start from;
+    then step 5 = max_steps evaluates the trained model, and its record holds that alone."""
     code, log = run_main(tmp_path, text_file, "--max_steps", "5", "--eval_interval", "2",
                          "--warmup_steps", "2", "--min_lr", "3e-5")
     assert code == 0
-    assert [r["step"] for r in log] == [0, 1, 2, 3, 4]
-    assert [("val_loss" in r) for r in log] == [False, True, False, True, True]  # every 2 steps and last
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4, 5]
+    assert [("val_loss" in r) for r in log] == [True, False, True, False, True, True]  # every 2 steps, and last
     assert {"loss", "lr", "norm", "ms", "tok_per_s"} <= set(log[0])
+    assert set(log[5]) == {"step", "val_loss"}  # the final evaluation trains nothing
     assert log[0]["lr"] == pytest.approx(1.5e-4) and log[4]["lr"] < log[2]["lr"]
-    assert all(math.isfinite(r["loss"]) for r in log)
+    assert all(math.isfinite(r["loss"]) for r in log[:5])
+    # before any training the model guesses uniformly among the 50,257 tokens: a loss of ln(50257) = 10.8
+    assert log[0]["val_loss"] == pytest.approx(math.log(50257), abs=0.1)
+    assert log[5]["val_loss"] < log[0]["val_loss"]
 
 
 def test_learning_happens(tmp_path, text_file):
-    """A tiny model on Shakespeare: the loss after 40 steps is well below where it started."""
+    """A tiny model on Shakespeare: the loss after 40 steps is well below where it started, on the
+    batches it trained on and on the validation text, which it never trained on."""
     code, log = run_main(tmp_path, text_file, "--max_steps", "40", "--lr", "3e-3", "--B", "4")
-    assert code == 0 and log[-1]["loss"] < log[0]["loss"] - 2.0
+    assert code == 0 and trained(log)[-1]["loss"] < trained(log)[0]["loss"] - 2.0
+    assert log[-1]["step"] == 40 and log[-1]["val_loss"] < log[0]["val_loss"] - 2.0
 
 
 def test_bfloat16_path_trains_the_same_model_as_float32(tmp_path, text_file):
@@ -193,11 +209,12 @@ def test_bfloat16_path_trains_the_same_model_as_float32(tmp_path, text_file):
     args = ("--max_steps", "20", "--lr", "1e-3", "--B", "4", "--T", "32")
     _, fp32 = run_main(tmp_path / "fp32", text_file, *args, "--dtype", "float32")
     _, bf16 = run_main(tmp_path / "bf16", text_file, *args, "--dtype", "bfloat16")
-    assert len(fp32) == len(bf16) == 20
-    for a, b in zip(fp32, bf16):
+    assert len(trained(fp32)) == len(trained(bf16)) == 20
+    for a, b in zip(trained(fp32), trained(bf16)):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.02), a["step"]
+    assert bf16[-1]["val_loss"] == pytest.approx(fp32[-1]["val_loss"], rel=0.02)  # the trained models
     assert fp32[0]["loss"] != bf16[0]["loss"]  # it really ran in another precision
-    assert bf16[-1]["loss"] < bf16[0]["loss"] - 0.5  # and learned
+    assert trained(bf16)[-1]["loss"] < bf16[0]["loss"] - 0.5  # and learned
 
 
 def test_compile_failure_falls_back_to_eager_with_one_line(tmp_path, text_file, monkeypatch, capsys):
@@ -207,7 +224,7 @@ def test_compile_failure_falls_back_to_eager_with_one_line(tmp_path, text_file, 
     monkeypatch.setattr(torch, "compile", broken_compile)
     code, log = run_main(tmp_path, text_file, "--max_steps", "2", "--compile")
     out = capsys.readouterr().out
-    assert code == 0 and len(log) == 2
+    assert code == 0 and len(trained(log)) == 2
     assert "compile failed, running eagerly: no working C++ compiler found" in out
     assert "long details" not in out
 
@@ -219,7 +236,8 @@ def test_compiled_training_follows_eager(tmp_path, text_file, capsys):
     _, eager = run_main(tmp_path / "eager", text_file, *args)
     code, compiled = run_main(tmp_path / "compiled", text_file, *args, "--compile")
     assert code == 0 and "compiled in" in capsys.readouterr().out
-    for a, b in zip(eager, compiled):
+    assert len(trained(eager)) == len(trained(compiled)) == 3
+    for a, b in zip(trained(eager), trained(compiled)):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
     assert compiled[-1]["val_loss"] == pytest.approx(eager[-1]["val_loss"], abs=1e-4)
 
@@ -230,7 +248,7 @@ def test_text_too_short_for_validation_trains_without_it(tmp_path, capsys):
     path.write_text(" word" * 1000)
     code, log = run_main(tmp_path, path, "--max_steps", "2", "--T", "64")
     out = capsys.readouterr().out
-    assert code == 0 and len(log) == 2
+    assert code == 0 and [r["step"] for r in log] == [0, 1]  # nothing to evaluate: no final record
     assert "no validation: the val split" in out and "val loss" not in out
     assert all("val_loss" not in r for r in log)
     steps_and_after = out[out.index("step     0"):out.index("> ")]
@@ -326,9 +344,9 @@ def test_step_line_and_log_show_model_tflops_and_no_mfu_on_a_cpu(tmp_path, text_
     FLOPs a token times the tokens of the step, over its time; and no MFU."""
     code, log = run_main(tmp_path, text_file, "--max_steps", "3")
     lines = step_lines(capsys.readouterr().out)
-    assert code == 0 and len(lines) == len(log) == 3
+    assert code == 0 and len(lines) == len(trained(log)) == 3
     flops_per_token = tiny_flops_per_token()
-    for r, line in zip(log, lines):
+    for r, line in zip(trained(log), lines):
         assert r["tflops"] == pytest.approx(flops_per_token * 2 * 16 / (r["ms"] / 1000) / 1e12, rel=1e-9)
         assert f"| {r['tflops']:.3f} TFLOP/s |" in line  # 3 decimals below 10, 1 above
         assert "mfu" not in r and "MFU" not in line
@@ -341,8 +359,8 @@ def test_step_line_and_log_show_mfu_where_the_peak_is_known(tmp_path, text_file,
     monkeypatch.setattr(train_gpt2, "bf16_peak_tflops", lambda device_type: peaks.append(device_type) or 1e-4)
     code, log = run_main(tmp_path, text_file, "--max_steps", "3")
     lines = step_lines(capsys.readouterr().out)
-    assert code == 0 and peaks == ["cpu"] and len(lines) == 3
-    for r, line in zip(log, lines):
+    assert code == 0 and peaks == ["cpu"] and len(lines) == len(trained(log)) == 3
+    for r, line in zip(trained(log), lines):
         assert r["mfu"] == pytest.approx(100 * r["tflops"] / 1e-4, rel=1e-9)
         assert f"| {r['tflops']:.3f} TFLOP/s | MFU {r['mfu']:.1f}% |" in line
 
@@ -352,11 +370,11 @@ def test_tflops_are_per_process(tmp_path, text_file, monkeypatch):
     world_size) over the step's time. Here rank 0 of a world of 2, faked in this one process (no process
     group: the loaders serve rank 0's share, averages over ranks are the rank's own): the step's tokens
     are 2 x B x T, the rate counts B x T."""
-    monkeypatch.setattr(train_gpt2, "start_processes", lambda name: (False, 0, 2, "cpu", "cpu"))
+    monkeypatch.setattr(train_gpt2, "join_process_group", lambda device, device_type: (False, 0, 2, device))
     code, log = run_main(tmp_path, text_file, "--max_steps", "2")
-    assert code == 0 and len(log) == 2
+    assert code == 0 and len(trained(log)) == 2
     flops_per_token = tiny_flops_per_token()
-    for r in log:
+    for r in trained(log):
         assert r["tokens"] == (r["step"] + 1) * 2 * 2 * 16  # B=2, T=16, 2 processes
         assert r["tflops"] == pytest.approx(flops_per_token * r["tok_per_s"] / 2 / 1e12, rel=1e-9)
 
@@ -379,6 +397,19 @@ def test_last_line_names_what_the_run_wrote_with_the_checkpoints_size(tmp_path, 
     assert code == 0 and size.endswith(" MB")  # 1.6M parameters with their Adam moments: about 20 MB
     assert capsys.readouterr().out.splitlines()[-1] == \
         f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'} and {out / 'progress.png'}"
+
+
+def test_before_training_the_run_says_what_it_will_write_and_how_big(tmp_path, text_file, capsys):
+    """Before step 0: the checkpoint's size foretold from the parameter count (float32 weights and AdamW's
+    two moments, 12 bytes a parameter), within 1% of the file the run then writes."""
+    code, _ = run_main(tmp_path, text_file, "--max_steps", "1")
+    stdout, out = capsys.readouterr().out, tmp_path / "out"
+    n_params = sum(p.numel() for p in GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).parameters())
+    line = (f"writes {out / 'ckpt.pt'} at the end (about {human_size(12 * n_params)}: weights and AdamW moments), "
+            f"{out / 'log.jsonl'} and {out / 'progress.png'}")
+    assert code == 0 and line in stdout.splitlines()
+    assert stdout.index(line) < stdout.index("step     0 | loss")
+    assert (out / "ckpt.pt").stat().st_size == pytest.approx(12 * n_params, rel=0.01)
 
 
 @pytest.fixture
@@ -457,7 +488,7 @@ def test_wandb_gets_the_config_and_every_record_of_the_log(tmp_path, text_file, 
     monkeypatch.setenv("WANDB_MODE", "offline")
     code, log = run_main(tmp_path, text_file, "--max_steps", "4", "--eval_interval", "2",
                          "--wandb_project", "gpt2-repro", "--wandb_run_name", "tiny")
-    assert code == 0 and len(log) == 4 and "val_loss" in log[1]
+    assert code == 0 and len(log) == 5 and "val_loss" in log[2] and "loss" not in log[4]  # evaluations too
     calls = sys.modules["wandb"].calls
     kind, init = calls[0]
     assert kind == "init"
@@ -474,7 +505,7 @@ def test_wandb_gets_the_config_and_every_record_of_the_log(tmp_path, text_file, 
 
 def test_without_a_project_wandb_is_never_imported(tmp_path, text_file, stand_in_wandb):
     code, log = run_main(tmp_path, text_file, "--max_steps", "2")
-    assert code == 0 and len(log) == 2
+    assert code == 0 and len(log) == 3
     assert "wandb" not in sys.modules  # importable (the stand-in), and not imported
 
 
@@ -493,7 +524,8 @@ def test_only_rank_0_logs_and_tracks(tmp_path, stand_in_wandb, monkeypatch):
     """Under torchrun every process opens a RunLog; only RANK 0's writes the log and talks to wandb."""
     from train_gpt2 import TrainConfig
 
-    cfg = machinery.command_line.parse_args(TrainConfig, ["--out_dir", str(tmp_path / "out"), "--wandb_project", "p"])
+    argv = ["--out_dir", str(tmp_path / "out"), "--wandb_project", "p"]
+    cfg, _ = machinery.command_line.parse_args(TrainConfig, argv)
     record = dict(step=0, loss=10.0, lr=3e-4, norm=1.0, ms=10.0, tok_per_s=100.0, tokens=64, tflops=1e-3)
     monkeypatch.setenv("RANK", "1")
     with machinery.run_log.RunLog(cfg, 0) as log:

@@ -1,0 +1,125 @@
+"""Recipes are files of flags in configs/, read with @configs/NAME.args: each one runs here for a step or
+two on stand-in data (a tiny shape where the real one would take minutes), so none goes stale."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import prepare
+from conftest import CONTEXTS, REPO, official, make_documents, run_in_process
+from machinery.command_line import parse_args
+from train_gpt2 import TrainConfig
+
+RECIPES = sorted((REPO / "configs").glob("*.args"))
+TINY_SHAPE = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64"]
+
+
+def recipe(name):
+    return f"@{REPO / 'configs' / name}"
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """A working directory laid out as a reproducer's: data/fineweb-edu holds shards prepared from
+    generated documents (in place of FineWeb-Edu), cache/ a cached HellaSwag split (for --hellaswag
+    auto), and a random-weight GPT-2 directory stands in for OpenAI's weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    work = tmp_path_factory.mktemp("recipes")
+    (work / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(300, seed=3)))
+    prepare.prepare(str(work / "docs.jsonl"), str(work / "data" / "fineweb-edu"), shard_size=3000,
+                    show_progress=False)
+    cache = work / "cache" / "train_gpt2"
+    cache.mkdir(parents=True)
+    (cache / "hellaswag_val.jsonl").write_text(
+        "".join(json.dumps(official(c, e, l, i)) + "\n" for i, (c, e, l) in enumerate(CONTEXTS)))
+    (work / "input.txt").write_text((REPO / "input.txt").read_text()[:60_000])
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(work / "gpt2-local")
+    return work
+
+
+def comments(path):
+    return " ".join(line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")).lower()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_says_what_it_is_for_where_how_long_and_what_good_looks_like(path):
+    said = comments(path)
+    assert f"@configs/{path.name}" in said  # the command that runs it
+    for topic in ("hardware:", "time:", "a good result"):
+        assert topic in said, f"{path.name} does not say {topic!r}"
+    flags = [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert flags and all(f.startswith("--") for f in flags)  # one flag a line
+
+
+def test_the_reproduction_recipe_has_the_classic_numbers():
+    cfg, given = parse_args(TrainConfig, [recipe("gpt2_124m.args")])
+    assert (cfg.total_batch_size, cfg.max_steps, cfg.warmup_steps) == (2**19, 19073, 715)
+    assert (cfg.lr, cfg.min_lr, cfg.weight_decay, cfg.vocab_size) == (6e-4, 6e-5, 0.1, 50304)
+    assert (cfg.B, cfg.T, cfg.data_dir, cfg.hellaswag) == (64, 1024, "data/fineweb-edu", "auto")
+    assert cfg.total_batch_size * cfg.max_steps == pytest.approx(10e9, rel=1e-4)  # one pass over the 10B tokens
+    assert {"lr", "max_steps", "total_batch_size"} <= given  # a recipe's flags count as given
+
+
+def test_flags_after_a_recipe_override_it_and_comments_and_spaces_are_read(tmp_path):
+    path = tmp_path / "mine.args"
+    path.write_text("# a comment line\n\n--lr 1e-3\n--prompt Once upon a time\n--no-shuffle\n--max_steps=7\n")
+    cfg, given = parse_args(TrainConfig, [f"@{path}", "--lr", "2e-3"])
+    assert (cfg.lr, cfg.prompt, cfg.shuffle, cfg.max_steps) == (2e-3, "Once upon a time", False, 7)
+    assert given == {"lr", "prompt", "shuffle", "max_steps"}
+
+
+def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch, capsys):
+    code, out, err = run_in_process("@configs/no-such.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "no-such.args" in err
+    (tmp_path / "bad.args").write_text("--max_step 5\n")
+    code, out, err = run_in_process("@bad.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == "error: unrecognized arguments: --max_step 5; did you mean --max_steps? (see --help)"
+
+
+def test_learner_recipe(stand_in, tmp_path, monkeypatch, capsys):
+    code, out, err = run_in_process(recipe("learner.args"), "--B", "4", "--max_steps", "2", "--eval_iters", "1",
+                                     "--num_samples", "1", "--input_file", stand_in / "input.txt",
+                                     "--out_dir", tmp_path / "verse", cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "4 layers, 4 heads, 256 channels" in out and "> ROMEO:" in out
+    assert re.search(r"step     0 \| val loss 1[01]\.\d{4}", out)  # an untrained model: about ln(50257)
+    # and the README's next command: sampling from it needs no shape flags
+    code, out, err = run_in_process("--init_from", tmp_path / "verse" / "ckpt.pt", "--max_steps", "0",
+                                    "--num_samples", "1", "--max_new_tokens", "4", "--prompt", "JULIET:",
+                                    cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "4 layers, 4 heads, 256 channels" in out and "> JULIET:" in out
+
+
+def test_reproduction_recipe(stand_in, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(stand_in / "cache"))  # --hellaswag auto: the cached split
+    code, out, err = run_in_process(recipe("gpt2_124m.args"), *TINY_SHAPE, "--B", "2", "--T", "32",
+                                     "--total_batch_size", "128", "--max_steps", "2", "--no-compile",
+                                     "--eval_iters", "1", "--num_samples", "1", "--out_dir", tmp_path / "run",
+                                     cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "data data/fineweb-edu" in out and "x 2 accumulation steps" in out and "vocab 50304" in out
+    assert "step     2 | hellaswag acc_norm" in out
+    records = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert records[0]["lr"] == pytest.approx(6e-4 / 715)  # the warmup's first step
+
+
+def test_finetune_recipe(stand_in, tmp_path, monkeypatch, capsys):
+    code, out, err = run_in_process(recipe("finetune_gpt2.args"), "--init_from", stand_in / "gpt2-local",
+                                     "--T", "32", "--max_steps", "2", "--eval_iters", "1", "--num_samples", "1",
+                                     "--out_dir", tmp_path / "ft", cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert f"model {stand_in / 'gpt2-local'}" in out and "lr 3.0e-05" in out and "> ROMEO:" in out
+
+
+def test_eval_recipe(stand_in, tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "nothing-written"
+    code, out, err = run_in_process(recipe("eval_gpt2.args"), "--init_from", stand_in / "gpt2-local",
+                                     "--B", "2", "--T", "32", "--out_dir", out_dir,
+                                     cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert re.search(r"^step     0 \| val loss \d+\.\d{4}$", out, re.M)
+    assert not out_dir.exists()
