@@ -10,13 +10,10 @@ Train GPT-2 from scratch, or fine-tune / sample OpenAI's GPT-2 weights: the stor
     reproduce:   python prepare.py fineweb-edu
                  torchrun --standalone --nproc_per_node=8 train_gpt2.py @configs/gpt2_124m.args
     GPT-2's bar: python train_gpt2.py @configs/eval_gpt2.args
-    resume:      the same command plus --resume
-    options:     python train_gpt2.py --help      (recipes: configs/, one flag per line; later flags override)
+    resume:      the same command plus --resume; options: --help (recipes: configs/, a flag a line)
 
-Reading order: the model, the data, device and precision, the learning rate, the settings, then the
-run: setup, gradients, evaluation, checkpoints, train() with the loop, main(). What a first reading may
-skip (the command line, checkpoint files, the log and its picture, hardware quirks) is in the package
-machinery/, one module per topic, called by names that say what they do.
+Reading order: the model, the data, device and precision, the learning rate, the settings, then the run.
+What a first reading may skip is in the package machinery/, called by names that say what they do.
 Shapes: B batch, T time, C channels, nh heads, hs head size, V vocabulary.
 """
 
@@ -38,8 +35,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from machinery.checkpoints import (checkpoint_due, get_rng_state, load_checkpoint, load_weights,
-                                   restore_training_state, save_checkpoint, settings_from_checkpoint)
+from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, restore_training_state,
+                                   save_checkpoint, starting_checkpoint)
 from machinery.command_line import check_block_size, check_config, flag, parse_args
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
                                describe_outputs, describe_plan, print0, step_line)
@@ -47,7 +44,8 @@ from machinery.hardware import (DTYPES, ChunkedCrossEntropy, attention_kernels, 
                                 check_one_process_per_gpu, compile_model, cpu_allocator_for, resolve_dtype)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
 from machinery.memory import describe_memory, describe_out_of_memory
-from machinery.pretrained import export_to_transformers, load_transformers_gpt2
+from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2  # OpenAI's GPT-2s
+from machinery.samples import print_samples
 from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log: importable from here, to redraw a run)
 from machinery.sharding import (check_fsdp, full_model_state, full_optimizer_state, set_gradient_sync,
                                 shard_model)
@@ -67,16 +65,6 @@ class GPTConfig:
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # channels of the residual stream
     sdpa: bool = True  # attention by F.scaled_dot_product_attention (fused); False: the explicit path
-
-
-# OpenAI's released checkpoints, for reference: name -> shape (from_pretrained reads it from the files).
-# All have vocab_size 50257 and block_size 1024.
-PRETRAINED = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
 
 
 # OpenAI's checkpoints use a Conv1D module that stores these weights as (in, out), the transpose of
@@ -182,11 +170,9 @@ class GPT(nn.Module):
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
         for block in self.transformer.h:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                # keep only the block's input; backward runs the block again for the activations it needs
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            # activation checkpointing keeps only the block's input: backward runs the block again
+            recompute = self.activation_checkpointing and torch.is_grad_enabled()
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
@@ -515,10 +501,9 @@ def make_loaders(cfg, rank, world_size):
 
 
 def next_token_loss(model, x, y, device_type):
-    """The mean cross-entropy of the next token, the model's loss. CPUs compute the same mean another
-    way: there RAM runs out first, and F.cross_entropy keeps float32 copies of the (B*T, V) logits, the
-    largest tensors of a step (1.2 GB at B=8, T=256), where ChunkedCrossEntropy keeps none. GPUs keep the
-    model's F.cross_entropy, which torch.compile fuses with its neighbours."""
+    """The mean cross-entropy of the next token. CPUs, where RAM runs out first, compute it another way:
+    F.cross_entropy keeps float32 copies of the (B*T, V) logits, the step's largest tensors (1.2 GB at
+    B=8, T=256); ChunkedCrossEntropy keeps none. GPUs: the model's own, fused by torch.compile."""
     if device_type != "cpu":
         return model(x, y)[1]
     logits, _ = model(x)  # (B, T, V)
@@ -585,31 +570,13 @@ def evaluate_only(model, cfg, rank, world_size, device, autocast, step):
     return 0
 
 
-def print_samples(model, cfg, device, autocast, generator):
-    """Print num_samples continuations of cfg.prompt."""
-    if cfg.num_samples == 0:
-        return
-    enc = get_tokenizer()
-    prompt_ids = enc.encode_ordinary(cfg.prompt) or [enc.eot_token]  # an empty prompt starts a document
-    idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(cfg.num_samples, 1)
-    model.eval()
-    with autocast:
-        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                             generator=generator)
-    model.train()
-    for row in out:
-        print0(f"> {enc.decode(row.tolist())}")
-
-
 # -----------------------------------------------------------------------------
 # The run: checkpoints
 
 
 def checkpoint_contents(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator):
-    """What a checkpoint holds: everything an exact resume needs. Not the weights alone: AdamW's two
-    moments per weight (the optimizer's state), how far the run got, where the data loader is, every
-    random stream (sampling, and the seeds of anything random), the float16 loss scale, and the
-    settings, so a resumed run is the same run and a checkpoint says what it is."""
+    """What a checkpoint holds: everything an exact resume needs, not the weights alone, and the
+    settings, so that a resumed run is the same run and a checkpoint says what it is."""
     return {
         # whole tensors, gathered from the processes' shards under FSDP (so every process calls this), with
         # the plain module's names (no "module." or "_orig_mod."): the same file in every mode
@@ -622,19 +589,6 @@ def checkpoint_contents(model, optimizer, scaler, steps_done, cfg, train_loader,
         "rng": get_rng_state(sample_generator),  # Python, NumPy, torch (CUDA) and sampling streams
         "scaler": scaler.state_dict(),  # float16's loss scale (empty for bf16 and float32)
     }
-
-
-def starting_checkpoint(cfg, given):
-    """(the checkpoint a run starts from, its path, cfg with its model shape): the run's own with
-    --resume, a ckpt.pt named by --init_from (weights only), else none."""
-    if cfg.resume:
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-    elif cfg.init_from.endswith(".pt"):
-        path = cfg.init_from
-    else:
-        return None, None, cfg
-    ckpt = load_checkpoint(path)
-    return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, resume=cfg.resume)
 
 
 # -----------------------------------------------------------------------------

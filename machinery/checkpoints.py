@@ -108,3 +108,16 @@ def checkpoint_due(step, start_step, checkpoint_interval):
     """Whether --checkpoint_interval asks for a checkpoint of the model after `step` steps (the loop
     also saves the last step, and on a stop signal)."""
     return bool(checkpoint_interval) and step > start_step and step % checkpoint_interval == 0
+
+
+def starting_checkpoint(cfg, given):
+    """(the checkpoint a run starts from, its path, cfg with its model shape): the run's own with
+    --resume, a ckpt.pt named by --init_from (weights only), else none."""
+    if cfg.resume:
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+    elif cfg.init_from.endswith(".pt"):
+        path = cfg.init_from
+    else:
+        return None, None, cfg
+    ckpt = load_checkpoint(path)
+    return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, resume=cfg.resume)

@@ -11,6 +11,15 @@ import torch
 from machinery.files import first_line
 from machinery.tokens import GPT2_VOCAB_SIZE
 
+# OpenAI's released checkpoints, for reference: name -> shape (from_pretrained reads it from the files).
+# All have vocab_size 50257 and block_size 1024.
+PRETRAINED = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
 
 def load_transformers_gpt2(name_or_path, known_names):
     """transformers' GPT2LMHeadModel from the hub (a name) or a save_pretrained directory, with the

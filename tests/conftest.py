@@ -35,6 +35,9 @@ def one_thread(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "all_threads: the test runs with torch's default thread count")
+    # torch.compile imports torch's own torch/utils/mkldnn.py, which still uses torch.jit.script_method
+    # and warns at import; nothing of ours calls it, so the suite's output stays clean without it
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 @pytest.fixture

@@ -123,3 +123,30 @@ def test_eval_recipe(stand_in, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert re.search(r"^step     0 \| val loss \d+\.\d{4}$", out, re.M)
     assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("name", ["gpt2_350m.args", "gpt2_774m.args", "gpt2_1558m.args"])
+def test_bigger_gpt2_recipes(name, stand_in, tmp_path, monkeypatch, capsys):
+    """Their settings as llm.c's runs of these sizes had them; a step on stand-in data at a tiny shape, on
+    one process (so without --fsdp: tests/test_scale.py runs FSDP under torchrun)."""
+    cfg, _ = parse_args(TrainConfig, [recipe(name)])
+    sizes = {"gpt2_350m.args": (24, 1024, 3e-4, 524288), "gpt2_774m.args": (36, 1280, 2.5e-4, 524288),
+             "gpt2_1558m.args": (48, 1600, 6e-4, 1048576)}
+    assert (cfg.n_layer, cfg.n_embd, cfg.lr, cfg.total_batch_size) == sizes[name]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(stand_in / "cache"))
+    code, out, err = run_in_process(recipe(name), *TINY_SHAPE, "--B", "2", "--T", "32", "--total_batch_size", "64",
+                                     "--max_steps", "1", "--no-compile", "--no-fsdp", "--eval_iters", "1",
+                                     "--num_samples", "0", "--out_dir", tmp_path / "run", cwd=stand_in,
+                                     monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "step     1 | hellaswag acc_norm" in out
+
+
+def test_finetune_gpt2_xl_recipe(stand_in, tmp_path, monkeypatch, capsys):
+    cfg, _ = parse_args(TrainConfig, [recipe("finetune_gpt2_xl.args")])
+    assert (cfg.init_from, cfg.fsdp, cfg.activation_checkpointing) == ("gpt2-xl", True, True)
+    code, out, err = run_in_process(recipe("finetune_gpt2_xl.args"), "--init_from", stand_in / "gpt2-local", "--no-fsdp",
+                                     "--T", "32", "--max_steps", "1", "--eval_iters", "1", "--num_samples", "1",
+                                     "--out_dir", tmp_path / "ft", cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "> ROMEO:" in out
