@@ -33,25 +33,24 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 
 from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, restore_training_state,
                                    save_checkpoint, starting_checkpoint)
 from machinery.command_line import check_block_size, check_config, flag, parse_args
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
-                               describe_outputs, describe_plan, print0, step_line)
+                               describe_plan, print0, step_line)
 from machinery.hardware import (DTYPES, ChunkedCrossEntropy, attention_kernels, check_device,
                                 check_one_process_per_gpu, compile_model, cpu_allocator_for, resolve_dtype)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
 from machinery.memory import describe_memory, describe_out_of_memory
 from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2  # OpenAI's GPT-2s
-from machinery.samples import print_samples
+from machinery.samples import finish_run, print_samples
 from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log: importable from here, to redraw a run)
-from machinery.sharding import (check_fsdp, full_model_state, full_optimizer_state, set_gradient_sync,
-                                shard_model)
+from machinery.sharding import check_fsdp, full_model_state, full_optimizer_state, set_gradient_sync, shard_model
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere
-from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, shard_files, text_file_split
+from machinery.tokens import GPT2_VOCAB_SIZE, check_data, shard_files, text_file_split
 
 # -----------------------------------------------------------------------------
 # The model
@@ -145,7 +144,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.activation_checkpointing = False  # --activation_checkpointing: see forward
+        # --activation_checkpointing (see forward): how to run the model, not its shape: not in GPTConfig
+        self.activation_checkpointing = False
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -170,9 +170,12 @@ class GPT(nn.Module):
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
         for block in self.transformer.h:
-            # activation checkpointing keeps only the block's input: backward runs the block again
-            recompute = self.activation_checkpointing and torch.is_grad_enabled()
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            # activation checkpointing keeps only the block's input and backward runs the block again (only
+            # when there is a backward); use_reentrant=False: the form torch recommends, fit for FSDP
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
@@ -182,10 +185,8 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type):
-        """AdamW with weight decay on matrices and embeddings only.
-
-        Decay pulls weights toward zero; that regularises the 2-D tensors (every matmul weight and
-        the embeddings) but would only hurt biases and LayerNorm gains, which stay undecayed."""
+        """AdamW with weight decay on matrices and embeddings only: decay pulls weights toward zero, which
+        regularises the 2-D tensors but would only hurt biases and LayerNorm gains."""
         params = [p for p in self.parameters() if p.requires_grad]  # tied weight appears once
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -205,10 +206,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None, sdpa=True):
-        """GPT-2 weights from the Hugging Face hub by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
-        or from a local directory written by save_pretrained (the offline path).
-
-        vocab_size pads the token table (e.g. to 50304; the extra rows keep their fresh init)."""
+        """GPT-2 weights from the Hugging Face hub by name (gpt2 ... gpt2-xl) or from a directory written
+        by save_pretrained (the offline path). vocab_size pads the token table (e.g. to 50304)."""
         if name_or_path not in PRETRAINED and not os.path.isdir(name_or_path):
             raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
                              "or a directory written by save_pretrained")
@@ -236,17 +235,14 @@ class GPT(nn.Module):
         return model
 
     def save_pretrained(self, directory, state_dict=None):
-        """Write a transformers GPT-2 directory that GPT2LMHeadModel.from_pretrained and ours both read
-        (state_dict: the weights to write, if not this module's own, e.g. gathered from FSDP's shards)."""
+        """A transformers GPT-2 directory, read by GPT2LMHeadModel and us (state_dict: e.g. FSDP's, gathered)."""
         export_to_transformers(self.config, state_dict or self.state_dict(), directory, CONV1D_WEIGHTS)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, seed=42):
-        """Append max_new_tokens sampled tokens to idx (B, T) and return it (B, T + max_new_tokens).
-
-        temperature 0 picks the most likely token (greedy). Sampling draws on the CPU from `generator`
-        (seeded with `seed` if None), never from the global random stream, so sampling in the middle
-        of training does not change training, and every device draws the same numbers."""
+        """Append max_new_tokens sampled tokens to idx (B, T) and return it (B, T + max_new_tokens);
+        temperature 0 is greedy. Sampling draws on the CPU from its own `generator` (seeded with `seed` if
+        None), never the global stream: sampling mid-training changes nothing, and devices draw alike."""
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
         n_vocab = min(self.config.vocab_size, GPT2_VOCAB_SIZE)  # never emit a padding row's id
@@ -268,16 +264,15 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The data: GPT-2's tokenizer (get_tokenizer, built offline in machinery/tokens.py), and batches
+# The data: batches of GPT-2 tokens (the tokenizer is built offline in machinery/tokens.py)
 
 
 class DataLoaderLite:
-    """Serves (x, y) batches of shape (B, T) in order; y is x shifted by one. Two sources:
-    - a text file (input_file), tokenized in memory: all of it (split None), the first 90% ("train")
-      or the last 10% ("val");
-    - a folder from prepare.py (data_dir): the split's shards, memory-mapped one at a time, so memory
-      stays flat however large the corpus; training reads them in a new seeded order each epoch
-      (unless shuffle is False), validation in manifest order.
+    """Serves (x, y) batches of shape (B, T) in order; y is x shifted by one. Two sources: a text file
+    (input_file) tokenized in memory, all of it (split None), its first 90% ("train") or last 10% ("val");
+    or a folder from prepare.py (data_dir): the split's shards, memory-mapped one at a time, so memory
+    stays flat however large the corpus; training reads them in a new seeded order each epoch (unless
+    shuffle is False), validation in manifest order.
     Batches are windows of W = B*T*num_processes tokens; rank r reads x = window[r*B*T : (r+1)*B*T] and
     y one token later. A shard of L tokens serves the windows at p = 0, W, 2W, ... while p + W + 1 <= L
     (the +1: the last target), then the next shard begins."""
@@ -333,7 +328,6 @@ class DataLoaderLite:
         self.epoch, self.shard, self.position = (int(state.get(k, 0)) for k in ("epoch", "shard", "position"))
         self.order = self.shard_order(self.epoch)
         self.load_shard()
-
 
 
 # -----------------------------------------------------------------------------
@@ -395,7 +389,7 @@ class TrainConfig:
     input_file: str = flag("input.txt", "UTF-8 text file to train on (last 10% of its tokens: validation)")
     data_dir: str = flag("", "a folder of token shards written by prepare.py (takes precedence over input_file)")
     shuffle: bool = flag(True, "with data_dir, read the train shards in a new seeded order each epoch")
-    init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2 ... gpt2-xl), a save_pretrained directory or a ckpt.pt")
+    init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2 ... gpt2-xl), a save_pretrained dir or a ckpt.pt")
     n_layer: int = flag(12, "transformer blocks (scratch models)")
     n_head: int = flag(12, "attention heads (scratch models)")
     n_embd: int = flag(768, "channels (scratch models)")
@@ -469,8 +463,7 @@ def batch_arithmetic(cfg, world_size):
 
 
 def make_model(cfg, ckpt, ckpt_path):
-    """The model to train: a checkpoint's (resuming, or --init_from a ckpt.pt), else fresh (scratch)
-    or OpenAI's weights. cfg already has the checkpoint's shape (settings_from_checkpoint)."""
+    """The model to train: a checkpoint's (cfg already has its shape), a fresh one, or OpenAI's weights."""
     if ckpt is not None:
         model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))
         load_weights(model, ckpt, ckpt_path)
@@ -497,13 +490,13 @@ def make_loaders(cfg, rank, world_size):
 
 
 # -----------------------------------------------------------------------------
-# The run: the loss, one optimizer step's gradients, evaluation and samples
+# The run: the loss, one optimizer step's gradients, evaluation, and what a checkpoint holds
 
 
 def next_token_loss(model, x, y, device_type):
-    """The mean cross-entropy of the next token. CPUs, where RAM runs out first, compute it another way:
-    F.cross_entropy keeps float32 copies of the (B*T, V) logits, the step's largest tensors (1.2 GB at
-    B=8, T=256); ChunkedCrossEntropy keeps none. GPUs: the model's own, fused by torch.compile."""
+    """The next token's mean cross-entropy: on GPUs and MPS GPT.forward's (fused by --compile). CPUs, where
+    RAM runs out first, compute it apart: F.cross_entropy keeps float32 copies of the (B*T, V) logits, the
+    step's largest tensors (1.2 GB at B=8, T=256); ChunkedCrossEntropy keeps none."""
     if device_type != "cpu":
         return model(x, y)[1]
     logits, _ = model(x)  # (B, T, V)
@@ -516,8 +509,8 @@ def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scale
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
         x, y = x.to(device), y.to(device)  # (B, T) each
-        # DDP and FSDP average gradients across processes in backward. Only the last micro-batch needs
-        # that: DDP's no_sync (over forward too, where DDP decides) and FSDP's switch skip the others.
+        # DDP and FSDP average gradients across processes in backward. Only the last micro-batch needs that:
+        # DDP's no_sync (around forward too, where DDP decides) and FSDP's switch skip it on the others.
         syncing = micro_step == grad_accum_steps - 1
         set_gradient_sync(raw_model, syncing)  # (FSDP only)
         with model.no_sync() if isinstance(model, DDP) and not syncing else contextlib.nullcontext():
@@ -548,38 +541,27 @@ def estimate_val_loss(model, loader, eval_iters, device, autocast):
 
 
 def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
-    """The validation loss (and HellaSwag accuracy with --hellaswag) over all ranks: printed, and
-    returned as {"val_loss": ..., "hellaswag_acc": ..., "hellaswag_acc_norm": ...} for the log."""
+    """The validation loss (and HellaSwag with --hellaswag) over all ranks: printed, and returned for the log."""
     results = {}
     if val_loader is not None:
         results["val_loss"] = estimate_val_loss(model, val_loader, cfg.eval_iters, device, autocast)
     if hellaswag_items is not None:
         results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast))
+    if not results and cfg.eval_only:
+        raise ValueError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
     if results:  # (a run without validation data or HellaSwag has nothing to say)
         print0(describe_evaluation(step, results))
     return results
 
 
-def evaluate_only(model, cfg, rank, world_size, device, autocast, step):
-    """--eval_only: the evaluation a run makes of its last model, once; nothing trained, nothing written."""
-    _, val_loader = make_loaders(cfg, rank, world_size)
-    hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
-    if val_loader is None and hellaswag_items is None:
-        raise ValueError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
-    evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast)
-    return 0
-
-
-# -----------------------------------------------------------------------------
-# The run: checkpoints
-
-
-def checkpoint_contents(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator):
-    """What a checkpoint holds: everything an exact resume needs, not the weights alone, and the
+def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master):
+    """Rank 0 writes out_dir/ckpt.pt: everything an exact resume needs, not the weights alone, and the
     settings, so that a resumed run is the same run and a checkpoint says what it is."""
-    return {
-        # whole tensors, gathered from the processes' shards under FSDP (so every process calls this), with
-        # the plain module's names (no "module." or "_orig_mod."): the same file in every mode
+    if not (master or cfg.fsdp):  # (under FSDP every process takes part: the state is gathered from all)
+        return
+    state = {
+        # whole tensors (under FSDP gathered from the shards), named as in the plain module (no "module."
+        # or "_orig_mod."): the same file in every mode
         "model": full_model_state(model),
         "optimizer": full_optimizer_state(model, optimizer),  # AdamW's exp_avg and exp_avg_sq of every weight
         "steps_done": steps_done,  # the next step to run
@@ -589,36 +571,42 @@ def checkpoint_contents(model, optimizer, scaler, steps_done, cfg, train_loader,
         "rng": get_rng_state(sample_generator),  # Python, NumPy, torch (CUDA) and sampling streams
         "scaler": scaler.state_dict(),  # float16's loss scale (empty for bf16 and float32)
     }
+    if master:
+        save_checkpoint(state, os.path.join(cfg.out_dir, "ckpt.pt"))  # atomically: the last one stays intact
 
 
 # -----------------------------------------------------------------------------
 # The run: train() and main()
 
 
-def train(cfg, given, distributed, rank, world_size, device, device_type):
+def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     """Set up, then the training loop. Returns 0, or 130 when a signal stopped it (after saving)."""
     master = rank == 0  # rank 0 prints, logs and saves
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
-    ckpt, start_path, cfg = starting_checkpoint(cfg, given)
+    ckpt, start_path, cfg = starting_checkpoint(cfg, flags_given)
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
     raw_model = make_model(cfg, ckpt, start_path).to(device)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step))
     print0(describe_memory(raw_model, cfg.fsdp, world_size, device))  # before it runs out, not after
-    if cfg.fsdp:  # each process keeps 1/N of every weight, gradient and AdamW moment (in place)
-        shard_model(raw_model, raw_model.transformer.h)
+    if cfg.fsdp:  # each process keeps 1/N of every weight, gradient and AdamW moment. In place: from here
+        shard_model(raw_model, raw_model.transformer.h)  # on, every process takes part in every forward
+
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
-    if cfg.eval_only:
-        return evaluate_only(raw_model, cfg, rank, world_size, device, autocast, start_step)
+    if cfg.eval_only:  # the evaluation that ends a run, once: nothing trained, nothing written
+        _, val_loader = make_loaders(cfg, rank, world_size)
+        hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
+        evaluate(raw_model, val_loader, hellaswag_items, start_step, cfg, device, autocast)
+        return 0
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
-        return finish(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
+        return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
     train_loader, val_loader = make_loaders(cfg, rank, world_size)
     print0(describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps))
     hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)  # (after sharding: its shards)
     print0(describe_optimizer(optimizer))
     print0(describe_plan(cfg, raw_model))  # what the run will write, and how big
     if cfg.resume:  # the optimizer's moments, the data's position and the random streams, as they were
@@ -631,17 +619,18 @@ def train(cfg, given, distributed, rank, world_size, device, device_type):
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
     step_times = []
     with StopRequested() as stop, RunLog(cfg, start_step) as log:
-        # a record at step s describes the model after s optimizer steps; the last, s = max_steps, is
-        # the trained model, evaluated and saved
+        # a record at step s describes the model after s optimizer steps; at s = max_steps, the trained one
         for step in range(start_step, cfg.max_steps + 1):
             last_step = step == cfg.max_steps
             record = {"step": step}
             if step % cfg.eval_interval == 0 or last_step:  # step 0 too: an untrained model, about ln(V) = 10.8
                 record.update(evaluate(raw_model, val_loader, hellaswag_items, step, cfg, device, autocast))
             if last_step or checkpoint_due(step, start_step, cfg.checkpoint_interval):
-                save(raw_model, optimizer, scaler, step, cfg, train_loader, sample_generator, master)
+                write_checkpoint(raw_model, optimizer, scaler, step, cfg, train_loader, sample_generator, master)
             if last_step:
-                log.write(record, picture=True) if len(record) > 1 else log.draw()  # (nothing evaluated: no record)
+                if len(record) > 1:  # (nothing evaluated: no record)
+                    log.write(record)
+                log.draw()
                 break
             if cfg.sample_interval and step > start_step and step % cfg.sample_interval == 0:
                 print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish() samples the last)
@@ -669,53 +658,31 @@ def train(cfg, given, distributed, rank, world_size, device, device_type):
             print0(step_line(record, step_times, cfg.max_steps))
             log.write(record, picture="val_loss" in record)  # progress.png redrawn at every evaluation
             if stop_now and step + 1 < cfg.max_steps:  # (at the last step: evaluate and save as planned)
-                save(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
+                write_checkpoint(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
                 log.draw()
                 print0(f"interrupted: saved step {step + 1} to {cfg.out_dir}/ckpt.pt; continue with --resume")
                 break
     interrupted = step < cfg.max_steps  # the loop was left before the trained model's iteration
     if not interrupted:
-        finish(raw_model, cfg, device, autocast, sample_generator, master, trained=True)
+        finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=True)
     if distributed:
         dist.barrier()  # no rank leaves while rank 0 still samples or saves (that can abort the group)
     return 130 if interrupted else 0
 
 
-def save(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master):
-    """Rank 0 writes out_dir/ckpt.pt. Under FSDP every process takes part: the state is gathered from all."""
-    state = checkpoint_contents(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator) \
-        if master or cfg.fsdp else None
-    if master:
-        save_checkpoint(state, os.path.join(cfg.out_dir, "ckpt.pt"))
-
-
-def finish(model, cfg, device, autocast, generator, master, trained):
-    """Every run ends with a few samples (every process takes part: under FSDP each forward needs all),
-    the export if one was asked for, and what it wrote."""
-    print_samples(model, cfg, device, autocast, generator)
-    state = full_model_state(model) if cfg.export_dir else None  # (under FSDP: gathered from every process)
-    if master and cfg.export_dir:
-        model.save_pretrained(cfg.export_dir, state)
-        print0(f"exported to {cfg.export_dir}")
-    if master and trained:
-        print0(describe_outputs(cfg.out_dir))
-    return 0
-
-
 def main(argv=None):
-    cfg, given = parse_args(TrainConfig, argv)
+    cfg, flags_given = parse_args(TrainConfig, argv)
     try:
         check_config(cfg)
         device, device_type = resolve_device(cfg.device)
         cpu_allocator_for(device_type, cfg.fsdp)  # glibc's freed memory: kept for the next step, or given back
         distributed, rank, world_size, device = join_process_group(device, device_type)
-        if cfg.fsdp:
-            check_fsdp(world_size, device_type)
+        check_fsdp(cfg.fsdp, world_size, device_type)  # torchrun with 2+ processes, on CUDA or CPUs
         check_data(cfg)  # before anything heavy
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
         with attention_kernels(device_type):  # cuDNN's attention first on Hopper GPUs, for the whole run
-            return train(cfg, given, distributed, rank, world_size, device, device_type)
+            return train(cfg, flags_given, distributed, rank, world_size, device, device_type)
     except (ValueError, OSError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -13,5 +13,8 @@ say what happens; prepare.py and hellaswag.py use them too. Nothing here imports
     checkpoints.py     checkpoint files: written atomically, read safely, checked; random streams
     stopping.py        stop signals in every process at once, and a diverged loss
     run_log.py         log.jsonl, progress.png and Weights & Biases
+    samples.py         the samples a run prints, and how every run ends (samples, export, last line)
+    sharding.py        FSDP2 (--fsdp), and the full state dicts that make checkpoints one file in every mode
+    memory.py          the memory a run needs, said at its start, and an out-of-memory error in one line
     hellaswag_eval.py  HellaSwag: the items, their scoring, the reference accuracies
 """

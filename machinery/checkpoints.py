@@ -1,7 +1,7 @@
 """
 Checkpoint files: written atomically, read safely (tensors and plain data only) with one-line errors,
 checked against the command line, and the random streams they carry. What a checkpoint holds is said
-in train_gpt2.py (checkpoint_contents); this module writes, reads and checks the file.
+in train_gpt2.py (write_checkpoint); this module writes, reads and checks the file.
 """
 
 import os
@@ -15,7 +15,7 @@ import torch
 from machinery.files import DiskFull, first_line, write_atomically
 from machinery.sharding import load_optimizer_state
 
-# the keys every checkpoint has (train_gpt2.checkpoint_contents); "steps_done" was "step" before 2026-12
+# the keys every checkpoint has (train_gpt2.write_checkpoint); "steps_done" was "step" before 2026-12
 CHECKPOINT_KEYS = ("model", "optimizer", "steps_done", "model_config", "train_config", "train_loader", "rng")
 # the settings a checkpoint decides: its model's shape, and for a resume what the model started from
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")

@@ -52,7 +52,8 @@ def describe_memory(model, fsdp, world_size, device):
 
 
 def step_of(error):
-    """The training step the error interrupted: the loop variable `step` of the frame it came through."""
+    """The training step the error interrupted: the loop variable `step` of train_gpt2.train, read from
+    the frame the error came through (main() catches it, outside the loop), or None before the loop."""
     for frame, _ in traceback.walk_tb(error.__traceback__):
         if frame.f_code.co_name == "train" and "step" in frame.f_locals:
             return frame.f_locals["step"]
@@ -66,6 +67,7 @@ def describe_out_of_memory(error, cfg, device):
     where = (f"at step {step} " if step is not None else "before training ") + \
         f"(micro-batch {cfg.B} x {cfg.T} on {device}" + (f", {in_units(total)})" if total else ")")
     total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))
+    saved = os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
     return (f"out of memory {where}: lower --B and keep --total_batch_size {total_batch_size} (more accumulation, "
             f"the same training), add --activation_checkpointing, or split the model's state with --fsdp "
-            f"under torchrun; the last checkpoint is intact")
+            f"under torchrun" + ("; the last checkpoint is intact" if saved else ""))

@@ -1,12 +1,13 @@
 """
-Samples: the text a run prints at its end and every --sample_interval steps, the model's own
-continuations of --prompt through GPT.generate (in train_gpt2.py). Every process calls it: under FSDP
-each forward pass needs them all; rank 0 prints.
+Samples and the end of a run. print_samples: the model's own continuations of --prompt through
+GPT.generate (in train_gpt2.py), every --sample_interval steps and at the end. finish_run: what every
+run ends with. Every process calls both: under FSDP each forward pass needs them all; rank 0 prints.
 """
 
 import torch
 
-from machinery.console import print0
+from machinery.console import describe_outputs, print0
+from machinery.sharding import full_model_state
 from machinery.tokens import get_tokenizer
 
 
@@ -24,3 +25,16 @@ def print_samples(model, cfg, device, autocast, generator):
     model.train()
     for row in out:
         print0(f"> {enc.decode(row.tolist())}")
+
+
+def finish_run(model, cfg, device, autocast, generator, master, trained):
+    """Every run ends with a few samples (every process takes part: under FSDP each forward needs all),
+    the export if one was asked for, and what it wrote."""
+    print_samples(model, cfg, device, autocast, generator)
+    state = full_model_state(model) if cfg.export_dir else None  # (under FSDP: gathered from every process)
+    if master and cfg.export_dir:
+        model.save_pretrained(cfg.export_dir, state)
+        print0(f"exported to {cfg.export_dir}")
+    if master and trained:
+        print0(describe_outputs(cfg.out_dir))
+    return 0

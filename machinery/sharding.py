@@ -13,7 +13,9 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def check_fsdp(world_size, device_type):
+def check_fsdp(fsdp, world_size, device_type):
+    if not fsdp:
+        return
     if world_size < 2:
         raise ValueError("--fsdp splits the model's state across processes: start two or more with torchrun, "
                          "e.g. torchrun --standalone --nproc_per_node=2 train_gpt2.py --fsdp")

@@ -93,7 +93,7 @@ def test_sample_only_from_a_local_gpt2_directory(tmp_path, hf_gpt2_dir):
     """--max_steps 0 with --init_from DIR prints samples and trains nothing (the offline GPT-2 path).
     The samples come from DIR's weights: greedy (--temperature 0, float32), each is the text
     transformers' greedy generate gives for the same prompt, token for token."""
-    from train_gpt2 import get_tokenizer
+    from machinery.tokens import get_tokenizer
 
     path, hf = hf_gpt2_dir(2, 2, 32, 64)
     prompt = "Hello, I'm a language model,"

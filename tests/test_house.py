@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SCRIPT_ENV, TINY, items_file, run_in_process  # noqa: F401 (items_file: a fixture)
+from conftest import REPO, SCRIPT_ENV, TINY, run_in_process
 from machinery.files import first_line
 
 SCRIPTS = ("prepare.py", "hellaswag.py", "train_gpt2.py")

@@ -3,7 +3,6 @@ two on stand-in data (a tiny shape where the real one would take minutes), so no
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
