@@ -594,7 +594,6 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     print0(describe_memory(raw_model, cfg.fsdp, world_size, device))  # before it runs out, not after
     if cfg.fsdp:  # each process keeps 1/N of every weight, gradient and AdamW moment. In place: from here
         shard_model(raw_model, raw_model.transformer.h)  # on, every process takes part in every forward
-
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
     if cfg.eval_only:  # the evaluation that ends a run, once: nothing trained, nothing written
         _, val_loader = make_loaders(cfg, rank, world_size)
@@ -633,7 +632,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
                 log.draw()
                 break
             if cfg.sample_interval and step > start_step and step % cfg.sample_interval == 0:
-                print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish() samples the last)
+                print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish_run samples the last)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss = forward_backward(model, raw_model, train_loader, grad_accum_steps, autocast, scaler, device)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SCRIPT_ENV, TINY, run_in_process, run_script, step_losses
+from conftest import CONTEXTS, REPO, SCRIPT_ENV, TINY, official, run_in_process, run_script, step_losses
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # float32: the comparisons below are between arithmetic orders, not precisions
@@ -37,24 +37,29 @@ def fsdp_runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("fsdp")
     (tmp / "text.txt").write_text((REPO / "input.txt").read_text()[:60_000])
+    # 17 HellaSwag items: 9 for rank 0 (two batches of 8) and 8 for rank 1 (one), which must make the
+    # same number of forward passes under FSDP
+    items = [official(c, e, l, i) for i, (c, e, l) in enumerate((CONTEXTS * 3)[:17])]
+    (tmp / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
     common = [*TINY, *EXACT, "--input_file", "text.txt", "--total_batch_size", "256"]
+    hellaswag = ["--hellaswag", "items.jsonl"]
     cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(tmp)
     torch.set_num_threads(1)
     try:  # the one-process runs in this process (seconds less than a new one)
-        assert main([*common, "--B", "4", "--max_steps", "5", "--out_dir", "single"]) == 0
+        assert main([*common, *hellaswag, "--B", "4", "--max_steps", "5", "--out_dir", "single"]) == 0
         assert main([*common, "--B", "4", "--max_steps", "2", "--out_dir", "plain"]) == 0
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
-    sharded = run_script(*common, "--B", "2", "--max_steps", "4", "--fsdp", "--out_dir", "fsdp", cwd=tmp,
+    sharded = run_script(*common, *hellaswag, "--B", "2", "--max_steps", "4", "--fsdp", "--out_dir", "fsdp", cwd=tmp,
                          runner=TORCHRUN)
     assert sharded.returncode == 0, sharded.stderr
     final_ckpt = (tmp / "fsdp" / "ckpt.pt").read_bytes()  # before the resume below replaces it
     resumed = {}
-    for name in ("fsdp", "plain"):
-        r = run_script(*common, "--B", "2", "--max_steps", "5", "--fsdp", "--resume", "--out_dir", name, cwd=tmp,
-                       runner=TORCHRUN)
+    for name, recompute in (("fsdp", ["--activation_checkpointing"]), ("plain", [])):  # (recomputing changes nothing)
+        r = run_script(*common, "--B", "2", "--max_steps", "5", "--fsdp", "--resume", *recompute, "--out_dir", name,
+                       cwd=tmp, runner=TORCHRUN)
         assert r.returncode == 0, r.stderr
         resumed[name] = r
     (tmp / "fsdp_4.pt").write_bytes(final_ckpt)
@@ -67,6 +72,11 @@ def test_fsdp_over_two_processes_gives_one_processs_losses(fsdp_runs):
     assert "FSDP over 2: a 1/2 share" in sharded.stdout and "x 2 processes x 2 accumulation steps" in sharded.stdout
     for key in ("loss", "val_loss", "norm"):  # norm: the clipped global norm of all processes' gradients
         assert numbers(two, key) == pytest.approx(numbers(one, key), abs=1e-4), key
+    # HellaSwag at the first run's evaluations it kept (the resume, without --hellaswag, redid step 4):
+    # all 17 items, each counted once
+    hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in two if "hellaswag_acc_norm" in r]
+    assert [step for step, _ in hellaswag] == [0, 2]
+    assert hellaswag == [(r["step"], r["hellaswag_acc_norm"]) for r in one if r["step"] in (0, 2)]
     assert [r["step"] for r in two if "val_loss" in r] == [0, 2, 4, 5]  # 4: the first run's end; 5: the resumed
     assert sharded.stdout.count("> Hello") == 1  # every process samples (FSDP needs all), rank 0 prints
 
@@ -105,6 +115,13 @@ def test_an_fsdp_checkpoint_is_the_plain_file_one_process_reads(fsdp_runs, monke
         return float(re.findall(r"step     4 \| val loss (\S+)", text)[-1])
 
     assert last_val_loss(out) == pytest.approx(last_val_loss(sharded.stdout), abs=2e-4)  # 4 decimals printed
+    # and the HellaSwag command and the export read it as any checkpoint
+    import hellaswag
+
+    assert hellaswag.main(["--out_dir", str(tmp / "eval"), "--data", str(tmp / "items.jsonl"), "--device", "cpu"]) == 0
+    code, out, err = run_in_process("--resume", "--max_steps", "0", "--num_samples", "0", "--out_dir", tmp / "eval",
+                                    "--export_dir", tmp / "exported", cwd=tmp, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and (tmp / "exported" / "model.safetensors").exists(), err
 
 
 def test_fsdp_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
