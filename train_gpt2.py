@@ -18,6 +18,7 @@ Shapes: B batch, T time, C channels, nh heads, hs head size, V vocabulary.
 """
 
 import contextlib
+import gc
 import inspect
 import math
 import os
@@ -144,8 +145,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # --activation_checkpointing (see forward): how to run the model, not its shape: not in GPTConfig
-        self.activation_checkpointing = False
+        self.activation_checkpointing = False  # see forward: how to run it, not its shape, so not in GPTConfig
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -692,6 +692,7 @@ def main(argv=None):
         return 130
     finally:
         if dist.is_initialized():
+            gc.collect()  # FSDP's modules (in reference cycles) hold the group: free them before it goes
             dist.destroy_process_group()
 
 

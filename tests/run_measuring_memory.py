@@ -1,7 +1,7 @@
 """Runs train_gpt2.main(ARGS) as `python train_gpt2.py ARGS` would, then prints this process's peak
 memory above what it held before training began (after its imports): `peak_mb RANK MB`, and on CUDA the
 GPU's peak as torch's allocator counts it: `peak_cuda_mb RANK MB`. The tests start
-it in place of train_gpt2.py, with python or torchrun, to compare the memory runs need."""
+it in place of train_gpt2.py, with python or torchrun (and --device cpu), to compare the memory runs need."""
 
 import os
 import sys

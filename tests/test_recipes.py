@@ -126,8 +126,8 @@ def test_eval_recipe(stand_in, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("name", ["gpt2_350m.args", "gpt2_774m.args", "gpt2_1558m.args"])
 def test_bigger_gpt2_recipes(name, stand_in, tmp_path, monkeypatch, capsys):
-    """Their settings as llm.c's runs of these sizes had them; a step on stand-in data at a tiny shape, on
-    one process (so without --fsdp: tests/test_scale.py runs FSDP under torchrun)."""
+    """Their settings as llm.c's runs of these sizes had them; a step on stand-in data at a tiny shape, in
+    one process with --device cpu (so without --fsdp: tests/test_scale.py runs FSDP under torchrun)."""
     cfg, _ = parse_args(TrainConfig, [recipe(name)])
     sizes = {"gpt2_350m.args": (24, 1024, 3e-4, 524288), "gpt2_774m.args": (36, 1280, 2.5e-4, 524288),
              "gpt2_1558m.args": (48, 1600, 6e-4, 1048576)}

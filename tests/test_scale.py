@@ -5,6 +5,7 @@ out-of-memory error in one line, and torchrun across two machines (two launchers
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -29,10 +30,10 @@ def numbers(records, key):
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
-    """The same 5 steps, 2 accumulation steps each: one process with B=4 ("single"); torchrun's two
-    processes with --fsdp and B=2 each for 4 steps ("fsdp"), then resumed under --fsdp to 5; and one
-    process cut after 2 steps ("plain") and resumed under --fsdp to 5. The learning rate is constant,
-    so a run cut and resumed must equal one that never stopped."""
+    """The same 12 steps, 2 accumulation steps each: one process with B=4 ("single"); torchrun's two
+    processes with --fsdp and B=2 each ("fsdp"), stopped by SIGTERM (as a scheduler stops a job) after
+    step 3 or so and resumed under --fsdp; and one process cut after 2 steps ("plain") and resumed under
+    --fsdp. The learning rate is constant, so a run cut and resumed must equal one that never stopped."""
     from train_gpt2 import main
 
     tmp = tmp_path_factory.mktemp("fsdp")
@@ -41,52 +42,58 @@ def fsdp_runs(tmp_path_factory):
     # same number of forward passes under FSDP
     items = [official(c, e, l, i) for i, (c, e, l) in enumerate((CONTEXTS * 3)[:17])]
     (tmp / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
-    common = [*TINY, *EXACT, "--input_file", "text.txt", "--total_batch_size", "256"]
+    common = [*TINY, *EXACT, "--input_file", "text.txt", "--total_batch_size", "256", "--max_steps", "12"]
     hellaswag = ["--hellaswag", "items.jsonl"]
     cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(tmp)
     torch.set_num_threads(1)
     try:  # the one-process runs in this process (seconds less than a new one)
-        assert main([*common, *hellaswag, "--B", "4", "--max_steps", "5", "--out_dir", "single"]) == 0
+        assert main([*common, *hellaswag, "--B", "4", "--out_dir", "single"]) == 0
         assert main([*common, "--B", "4", "--max_steps", "2", "--out_dir", "plain"]) == 0
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
-    sharded = run_script(*common, *hellaswag, "--B", "2", "--max_steps", "4", "--fsdp", "--out_dir", "fsdp", cwd=tmp,
-                         runner=TORCHRUN)
-    assert sharded.returncode == 0, sharded.stderr
-    final_ckpt = (tmp / "fsdp" / "ckpt.pt").read_bytes()  # before the resume below replaces it
+    stopped = subprocess.Popen([*TORCHRUN, str(REPO / "train_gpt2.py"), *common, *hellaswag, "--B", "2", "--fsdp",
+                                "--out_dir", "fsdp"], cwd=tmp, env={**os.environ, **SCRIPT_ENV},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = []
+    for line in stopped.stdout:
+        first.append(line)
+        if line.startswith("step     3 | loss"):
+            stopped.send_signal(signal.SIGTERM)  # torchrun passes it on to every process
+            break
+    rest, err = stopped.communicate(timeout=120)
+    sharded = "".join(first) + rest
     resumed = {}
     for name, recompute in (("fsdp", ["--activation_checkpointing"]), ("plain", [])):  # (recomputing changes nothing)
-        r = run_script(*common, "--B", "2", "--max_steps", "5", "--fsdp", "--resume", *recompute, "--out_dir", name,
-                       cwd=tmp, runner=TORCHRUN)
+        r = run_script(*common, "--B", "2", "--fsdp", "--resume", *recompute, "--out_dir", name, cwd=tmp,
+                       runner=TORCHRUN)
         assert r.returncode == 0, r.stderr
         resumed[name] = r
-    (tmp / "fsdp_4.pt").write_bytes(final_ckpt)
     return tmp, sharded, resumed
 
 
 def test_fsdp_over_two_processes_gives_one_processs_losses(fsdp_runs):
     tmp, sharded, _ = fsdp_runs
     one, two = log(tmp / "single"), log(tmp / "fsdp")
-    assert "FSDP over 2: a 1/2 share" in sharded.stdout and "x 2 processes x 2 accumulation steps" in sharded.stdout
+    assert "FSDP over 2: a 1/2 share" in sharded and "x 2 processes x 2 accumulation steps" in sharded
     for key in ("loss", "val_loss", "norm"):  # norm: the clipped global norm of all processes' gradients
         assert numbers(two, key) == pytest.approx(numbers(one, key), abs=1e-4), key
-    # HellaSwag at the first run's evaluations it kept (the resume, without --hellaswag, redid step 4):
-    # all 17 items, each counted once
+    assert [r["step"] for r in two if "val_loss" in r] == list(range(0, 13, 2))
+    # HellaSwag at the stopped run's evaluations (the resume, without --hellaswag, did the rest): all 17
+    # items, each counted once
     hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in two if "hellaswag_acc_norm" in r]
-    assert [step for step, _ in hellaswag] == [0, 2]
-    assert hellaswag == [(r["step"], r["hellaswag_acc_norm"]) for r in one if r["step"] in (0, 2)]
-    assert [r["step"] for r in two if "val_loss" in r] == [0, 2, 4, 5]  # 4: the first run's end; 5: the resumed
-    assert sharded.stdout.count("> Hello") == 1  # every process samples (FSDP needs all), rank 0 prints
+    assert hellaswag and hellaswag == [(r["step"], r["hellaswag_acc_norm"]) for r in one if r["step"] <= hellaswag[-1][0]
+                                       and "hellaswag_acc_norm" in r]
 
 
-def test_an_fsdp_run_cut_and_resumed_under_fsdp_equals_the_uninterrupted_one(fsdp_runs):
-    tmp, _, resumed = fsdp_runs
-    assert "resumed from fsdp/ckpt.pt at step 4" in resumed["fsdp"].stdout
-    step_4 = [r for r in log(tmp / "fsdp") if r["step"] == 4 and "loss" in r]
-    assert step_4 and step_4[0]["loss"] == pytest.approx(log(tmp / "single")[4]["loss"], abs=1e-4)
-    assert numbers(log(tmp / "fsdp"), "loss") == pytest.approx(numbers(log(tmp / "single"), "loss"), abs=1e-4)
+def test_an_fsdp_run_stopped_by_sigterm_saves_and_resumes_under_fsdp_exactly(fsdp_runs):
+    tmp, sharded, resumed = fsdp_runs
+    stopped_at = int(re.search(r"interrupted: saved step (\d+) to fsdp/ckpt.pt", sharded).group(1))
+    assert 3 < stopped_at < 12  # the step running when the signal came was finished, then saved
+    assert f"resumed from fsdp/ckpt.pt at step {stopped_at}" in resumed["fsdp"].stdout
+    assert [r["step"] for r in log(tmp / "fsdp")] == list(range(13))  # no step lost, none twice
+    assert resumed["fsdp"].stdout.count("> Hello") == 1  # every process samples (FSDP needs all), rank 0 prints
 
 
 def test_a_plain_checkpoint_resumes_under_fsdp(fsdp_runs):
@@ -97,29 +104,24 @@ def test_a_plain_checkpoint_resumes_under_fsdp(fsdp_runs):
 
 
 def test_an_fsdp_checkpoint_is_the_plain_file_one_process_reads(fsdp_runs, monkeypatch, capsys):
-    tmp, sharded, _ = fsdp_runs
-    ckpt = torch.load(tmp / "fsdp_4.pt", weights_only=True)
-    plain = torch.load(tmp / "plain" / "ckpt.pt", weights_only=True)  # (resumed under FSDP: written by it too)
+    tmp, _, resumed = fsdp_runs
+    ckpt = torch.load(tmp / "fsdp" / "ckpt.pt", weights_only=True)  # written under FSDP at the end
     single = torch.load(tmp / "single" / "ckpt.pt", weights_only=True)
-    assert ckpt["model"].keys() == single["model"].keys() == plain["model"].keys()
+    assert ckpt["model"].keys() == single["model"].keys()
     assert ckpt["model"]["lm_head.weight"].data_ptr() == ckpt["model"]["transformer.wte.weight"].data_ptr()  # tied
     assert ckpt["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()  # by name, in every mode
-    # one plain process evaluates the FSDP run's checkpoint: that run's last validation loss
-    (tmp / "eval").mkdir(exist_ok=True)
-    (tmp / "eval" / "ckpt.pt").write_bytes((tmp / "fsdp_4.pt").read_bytes())
-    code, out, err = run_in_process("--resume", "--eval_only", "--out_dir", tmp / "eval", "--input_file", "text.txt",
+    # one plain process evaluates it: the FSDP run's last validation loss
+    code, out, err = run_in_process("--resume", "--eval_only", "--out_dir", tmp / "fsdp", "--input_file", "text.txt",
                                     "--dtype", "float32", "--eval_iters", "2", "--B", "4", cwd=tmp,
                                     monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
-    def last_val_loss(text):
-        return float(re.findall(r"step     4 \| val loss (\S+)", text)[-1])
-
-    assert last_val_loss(out) == pytest.approx(last_val_loss(sharded.stdout), abs=2e-4)  # 4 decimals printed
+    printed = float(re.search(r"step    12 \| val loss (\S+)", out).group(1))
+    assert printed == pytest.approx(log(tmp / "fsdp")[-1]["val_loss"], abs=1e-4)
     # and the HellaSwag command and the export read it as any checkpoint
     import hellaswag
 
-    assert hellaswag.main(["--out_dir", str(tmp / "eval"), "--data", str(tmp / "items.jsonl"), "--device", "cpu"]) == 0
-    code, out, err = run_in_process("--resume", "--max_steps", "0", "--num_samples", "0", "--out_dir", tmp / "eval",
+    assert hellaswag.main(["--out_dir", str(tmp / "fsdp"), "--data", str(tmp / "items.jsonl"), "--device", "cpu"]) == 0
+    code, out, err = run_in_process("--resume", "--max_steps", "0", "--num_samples", "0", "--out_dir", tmp / "fsdp",
                                     "--export_dir", tmp / "exported", cwd=tmp, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0 and (tmp / "exported" / "model.safetensors").exists(), err
 
