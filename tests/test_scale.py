@@ -77,8 +77,11 @@ def test_fsdp_over_two_processes_gives_one_processs_losses(fsdp_runs):
     tmp, sharded, _ = fsdp_runs
     one, two = log(tmp / "single"), log(tmp / "fsdp")
     assert "FSDP over 2: a 1/2 share" in sharded and "x 2 processes x 2 accumulation steps" in sharded
-    for key in ("loss", "val_loss", "norm"):  # norm: the clipped global norm of all processes' gradients
+    for key in ("loss", "val_loss"):
         assert numbers(two, key) == pytest.approx(numbers(one, key), abs=1e-4), key
+    # the clipped global norm of all processes' gradients: float32 sums in another order drift with the
+    # steps (1.1e-4 at step 11 of a norm near 1.1, seen once)
+    assert numbers(two, "norm") == pytest.approx(numbers(one, "norm"), rel=1e-3)
     assert [r["step"] for r in two if "val_loss" in r] == list(range(0, 13, 2))
     # HellaSwag at the stopped run's evaluations (the resume, without --hellaswag, did the rest): all 17
     # items, each counted once
