@@ -57,8 +57,11 @@ def full_optimizer_state(model, optimizer):
 
 def load_optimizer_state(model, optimizer, state):
     """Put full_optimizer_state's dict back, sharded or not. Checkpoints from before it numbered the
-    parameters: a plain optimizer still loads those."""
-    if state["state"] and all(isinstance(k, int) for k in state["state"]) and not isinstance(model, FSDPModule):
+    parameters: a plain optimizer still loads those; a sharded one would ignore them without a word."""
+    if state["state"] and all(isinstance(k, int) for k in state["state"]):
+        if isinstance(model, FSDPModule):
+            raise ValueError("this checkpoint numbers its optimizer state (written before --fsdp existed): "
+                             "resume it once without --fsdp, which saves it by parameter name")
         optimizer.load_state_dict(state)
         return
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,

@@ -177,3 +177,32 @@ def test_a_stop_at_the_last_step_still_evaluates_and_saves_the_trained_model(tmp
     records = [json.loads(l) for l in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 3 and "val_loss" in records[-1]
     assert "wrote out/ckpt.pt" in out
+
+
+def test_a_checkpoint_written_before_steps_done_and_named_optimizer_state_still_resumes(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Files from before this version said "step" and numbered AdamW's parameters (optimizer.state_dict())."""
+    import torch
+
+    (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:20_000])
+    args = [*TINY[:-2], "--input_file", "text.txt", "--num_samples", "0", "--dtype", "float32"]
+    code, out, err = run_in_process(*args, "--max_steps", "3", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    reference = [json.loads(l) for l in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    code, out, err = run_in_process(*args, "--max_steps", "2", "--out_dir", "old", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
+    names = ckpt["optimizer"]["param_groups"][0]["params"] + ckpt["optimizer"]["param_groups"][1]["params"]
+    number = {name: i for i, name in enumerate(names)}  # the order torch numbers them in: the groups'
+    ckpt["optimizer"]["state"] = {number[n]: v for n, v in ckpt["optimizer"]["state"].items()}
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["params"] = [number[n] for n in group["params"]]
+    ckpt["step"] = ckpt.pop("steps_done")
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    code, out, err = run_in_process(*args, "--max_steps", "3", "--resume", "--out_dir", "old", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    resumed = [json.loads(l) for l in (tmp_path / "old" / "log.jsonl").read_text().splitlines()]
+    for key in ("loss", "val_loss"):  # the trained model's val_loss: step 2's update used the old moments
+        assert [r.get(key) for r in resumed] == [r.get(key) for r in reference], key
