@@ -1,7 +1,7 @@
 """What a run needs per process: measured side by side, and computed for every GPT-2 size.
 
     python tests/benchmark_memory.py                 # measure: CPU processes, GPT-2 124M's shape
-    python tests/benchmark_memory.py --device cuda   # the same on GPUs (torchrun's 2 processes need 2)
+    python tests/benchmark_memory.py --device cuda   # the same on GPUs (DDP and FSDP over 2 need two)
     python tests/benchmark_memory.py --table         # compute docs/memory.md's table, no run
 
 Measure: the same short training run (GPT-2-shaped, B=1, T=128 by default, 4 steps) as one process,
@@ -67,6 +67,9 @@ def measure(args):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", RUNNER]
     modes = [("one process", [sys.executable, RUNNER], []), ("DDP over 2", torchrun, []),
              ("FSDP over 2", torchrun, ["--fsdp"])]
+    if args.device.startswith("cuda") and gpu_count() < 2:  # torchrun's two processes need a GPU each
+        print("one GPU: the one-process modes only")
+        modes = modes[:1]
     print(f"GPT-2 shape {args.n_layer} layers x {args.n_embd} channels, B={args.B} T={args.T}, {args.device}")
     print(f"{'mode':<24} {'peak MB per process':>24} {'ms/step':>9}")
     for name, runner, extra in modes:
@@ -84,6 +87,12 @@ def measure(args):
                     ms = [rec["ms"] for rec in map(json.loads, f) if "ms" in rec][1:]  # step 0 warms up
                 print(f"{label:<24} {' / '.join(f'{p:,.0f}' for p in peaks):>24} {statistics.median(ms):9.1f}",
                       flush=True)
+
+
+def gpu_count():
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def main():

