@@ -145,7 +145,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.activation_checkpointing = False  # see forward: how to run it, not its shape, so not in GPTConfig
+        self.activation_checkpointing = False  # see forward: how to run it, not saved with the shape
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -170,8 +170,7 @@ class GPT(nn.Module):
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
         for block in self.transformer.h:
-            # activation checkpointing keeps only the block's input and backward runs the block again (only
-            # when there is a backward); use_reentrant=False: the form torch recommends, fit for FSDP
+            # activation checkpointing: keep only the block's input, run the block again in backward
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
@@ -618,20 +617,20 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
     step_times = []
     with StopRequested() as stop, RunLog(cfg, start_step) as log:
-        # a record at step s describes the model after s optimizer steps; at s = max_steps, the trained one
+        # a record at step s: the model after s updates (its losses) and step s's update (lr, norm, tokens)
         for step in range(start_step, cfg.max_steps + 1):
-            last_step = step == cfg.max_steps
+            done = step == cfg.max_steps  # all steps done: evaluate and save the trained model, then stop
             record = {"step": step}
-            if step % cfg.eval_interval == 0 or last_step:  # step 0 too: an untrained model, about ln(V) = 10.8
+            if step % cfg.eval_interval == 0 or done:  # step 0 too: from scratch, about ln(V) = 10.8
                 record.update(evaluate(raw_model, val_loader, hellaswag_items, step, cfg, device, autocast))
-            if last_step or checkpoint_due(step, start_step, cfg.checkpoint_interval):
+            if done or checkpoint_due(step, start_step, cfg.checkpoint_interval):
                 write_checkpoint(raw_model, optimizer, scaler, step, cfg, train_loader, sample_generator, master)
-            if last_step:
+            if done:
                 if len(record) > 1:  # (nothing evaluated: no record)
                     log.write(record)
                 log.draw()
                 break
-            if cfg.sample_interval and step > start_step and step % cfg.sample_interval == 0:
+            if cfg.sample_interval and step > 0 and step % cfg.sample_interval == 0:
                 print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish_run samples the last)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -656,16 +655,14 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
             log.write(record, picture="val_loss" in record)  # progress.png redrawn at every evaluation
-            if stop_now and step + 1 < cfg.max_steps:  # (at the last step: evaluate and save as planned)
+            if stop_now and step + 1 < cfg.max_steps:  # (after the last update: on to done, as planned)
                 write_checkpoint(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
                 log.draw()
                 print0(f"interrupted: saved step {step + 1} to {cfg.out_dir}/ckpt.pt; continue with --resume")
                 break
-    interrupted = step < cfg.max_steps  # the loop was left before the trained model's iteration
+    interrupted = step < cfg.max_steps  # (the loop's `step`: the break above left before `done`)
     if not interrupted:
         finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=True)
-    if distributed:
-        dist.barrier()  # no rank leaves while rank 0 still samples or saves (that can abort the group)
     return 130 if interrupted else 0
 
 
@@ -681,7 +678,10 @@ def main(argv=None):
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
         with attention_kernels(device_type):  # cuDNN's attention first on Hopper GPUs, for the whole run
-            return train(cfg, flags_given, distributed, rank, world_size, device, device_type)
+            code = train(cfg, flags_given, distributed, rank, world_size, device, device_type)
+        if distributed:
+            dist.barrier()  # no rank leaves while rank 0 still samples or saves (that can abort the group)
+        return code
     except (ValueError, OSError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

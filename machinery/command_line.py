@@ -74,10 +74,10 @@ def parse_args(config_class, argv=None, description="Train or sample GPT-2."):
 
 def check_config(cfg):
     """Bad settings stop the run before anything heavy, each with a line that names the flag."""
-    for name in ("B", "T", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "eval_iters"):
+    for name in ("B", "T", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "eval_iters", "eval_interval"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("max_steps", "warmup_steps", "total_batch_size", "eval_interval", "sample_interval",
+    for name in ("max_steps", "warmup_steps", "total_batch_size", "sample_interval",
                  "checkpoint_interval", "num_samples", "max_new_tokens", "top_k"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(cfg, name)}")

@@ -206,3 +206,8 @@ def test_a_checkpoint_written_before_steps_done_and_named_optimizer_state_still_
     resumed = [json.loads(l) for l in (tmp_path / "old" / "log.jsonl").read_text().splitlines()]
     for key in ("loss", "val_loss"):  # the trained model's val_loss: step 2's update used the old moments
         assert [r.get(key) for r in resumed] == [r.get(key) for r in reference], key
+
+
+def test_an_eval_interval_of_zero_is_one_line(tmp_path, monkeypatch, capsys):
+    code, out, err = run_in_process("--eval_interval", "0", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert (code, out, err) == (1, "", "error: --eval_interval must be positive, got 0\n")
