@@ -7,7 +7,7 @@ in train_gpt2.py (write_checkpoint); this module writes, reads and checks the fi
 import os
 import random
 import warnings
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -84,8 +84,7 @@ def settings_from_checkpoint(cfg, given, ckpt, path, resume):
         says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
         raise ValueError(f"checkpoint {path!r} has {has}; the command line says {says} "
                          "(leave these flags out: the checkpoint decides them)")
-    known = {f.name for f in fields(cfg)}
-    return replace(cfg, **{name: saved[name] for name in names if name in saved and name in known})
+    return replace(cfg, **{name: saved[name] for name in names if name in saved})
 
 
 def load_weights(model, ckpt, path):

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from machinery.files import in_units
+from machinery.memory import ADAM_BYTES, WEIGHT_BYTES
 
 
 def print0(*args, **kwargs):
@@ -47,9 +48,9 @@ def describe_model(model, cfg, start_step):
 
 
 def checkpoint_bytes(model):
-    """A checkpoint's size, from the parameter count: float32 weights and AdamW's two moments, 12 bytes
-    a parameter (the tied matrix once; the rest of a checkpoint is a few kB)."""
-    return 12 * sum(p.numel() for p in model.parameters())
+    """A checkpoint's size, from the parameter count: float32 weights and AdamW's two moments (the tied
+    matrix once; the rest of a checkpoint is a few kB)."""
+    return (WEIGHT_BYTES + ADAM_BYTES) * sum(p.numel() for p in model.parameters())
 
 
 def describe_plan(cfg, model):
