@@ -25,7 +25,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -41,14 +41,16 @@ from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, 
 from machinery.command_line import check_block_size, check_config, flag, parse_args
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
                                describe_plan, print0, step_line)
-from machinery.hardware import (DTYPES, ChunkedCrossEntropy, attention_kernels, check_device,
+from machinery.hardware import (DTYPES, attention_kernels, check_device,
                                 check_one_process_per_gpu, compile_model, cpu_allocator_for, resolve_dtype)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
-from machinery.memory import describe_memory, describe_out_of_memory
+from machinery.loss import linear_cross_entropy
+from machinery.memory import describe_out_of_memory, peak_memory_anywhere, plan_memory
 from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2  # OpenAI's GPT-2s
 from machinery.samples import finish_run, print_samples
 from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log: importable from here, to redraw a run)
-from machinery.sharding import check_fsdp, full_model_state, full_optimizer_state, set_gradient_sync, shard_model
+from machinery.sharding import (builds_the_model, check_fsdp, from_rank0, full_model_state, full_optimizer_state,
+                                join_group_of_one, set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data, shard_files, text_file_split
@@ -81,10 +83,6 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.NANOGPT_SCALE_INIT = True  # adds to the residual stream: smaller init, see GPT
-        # the causal mask: position t may attend to positions <= t. Non-persistent: it is a constant of
-        # block_size, so checkpoints do not carry it (GPT-2's name for it is "bias", hence ours).
-        mask = torch.tril(torch.ones(config.block_size, config.block_size))
-        self.register_buffer("bias", mask.view(1, 1, config.block_size, config.block_size), persistent=False)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -99,7 +97,8 @@ class CausalSelfAttention(nn.Module):
         else:
             # 1/sqrt(hs) keeps the scores' variance near 1, so softmax does not saturate at init
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
-            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))  # no peeking ahead
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # t may attend to positions <= t
+            att = att.masked_fill(~causal, float("-inf"))  # no peeking ahead
             att = F.softmax(att, dim=-1)
             y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
@@ -146,6 +145,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.activation_checkpointing = False  # see forward: how to run it, not saved with the shape
+        self.loss_in_chunks = False  # see forward: the loss without all the logits (set for CPUs)
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -176,6 +176,8 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.loss_in_chunks:  # the same loss, a few rows of logits at a time
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -411,6 +413,7 @@ class TrainConfig:
     dtype: str = flag("auto", "autocast precision", choices=("auto", *DTYPES))
     compile: bool = flag(False, "torch.compile the model (falls back to eager if the compiler fails)")
     fsdp: bool = flag(False, "under torchrun, shard weights, gradients and AdamW moments across processes (FSDP2)")
+    cpu_offload: bool = flag(False, "keep weights, gradients and AdamW moments in RAM, the GPU only the blocks at work")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in backward: less memory")
     seed: int = flag(1337, "random seed")
     # evaluation, logging, checkpoints
@@ -461,9 +464,14 @@ def batch_arithmetic(cfg, world_size):
     return total_batch_size, total_batch_size // tokens_per_micro_step
 
 
-def make_model(cfg, ckpt, ckpt_path):
-    """The model to train: a checkpoint's (cfg already has its shape), a fresh one, or OpenAI's weights."""
-    if ckpt is not None:
+def make_model(cfg, ckpt, ckpt_path, sharded):
+    """The model to train: a checkpoint's (cfg already has its shape), a fresh one, or OpenAI's weights.
+    Sharded, only rank 0 makes it: the others build its shape on the meta device (no memory) and receive
+    their shards of its weights from rank 0 (shard_model)."""
+    model = None
+    if not builds_the_model(sharded):
+        pass
+    elif ckpt is not None:
         model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))
         load_weights(model, ckpt, ckpt_path)
     elif cfg.init_from == "scratch":
@@ -471,6 +479,11 @@ def make_model(cfg, ckpt, ckpt_path):
                               n_head=cfg.n_head, n_embd=cfg.n_embd, sdpa=cfg.sdpa))
     else:
         model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
+    if sharded:
+        config = from_rank0(model and model.config)
+        if model is None:
+            with torch.device("meta"):
+                model = GPT(config)
     check_block_size(cfg.T, model.config.block_size)
     return model
 
@@ -492,16 +505,6 @@ def make_loaders(cfg, rank, world_size):
 # The run: the loss, one optimizer step's gradients, evaluation, and what a checkpoint holds
 
 
-def next_token_loss(model, x, y, device_type):
-    """The next token's mean cross-entropy: on GPUs and MPS GPT.forward's (fused by --compile). CPUs, where
-    RAM runs out first, compute it apart: F.cross_entropy keeps float32 copies of the (B*T, V) logits, the
-    step's largest tensors (1.2 GB at B=8, T=256); ChunkedCrossEntropy keeps none."""
-    if device_type != "cpu":
-        return model(x, y)[1]
-    logits, _ = model(x)  # (B, T, V)
-    return ChunkedCrossEntropy.apply(logits.view(-1, logits.size(-1)), y.view(-1))
-
-
 def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scaler, device):
     """One optimizer step's gradients, accumulated over micro-batches; returns the mean loss."""
     loss_accum = torch.zeros((), device=device)
@@ -514,7 +517,7 @@ def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scale
         set_gradient_sync(raw_model, syncing)  # (FSDP only)
         with model.no_sync() if isinstance(model, DDP) and not syncing else contextlib.nullcontext():
             with autocast:
-                loss = next_token_loss(model, x, y, device.split(":")[0])
+                _, loss = model(x, y)
             # gradients add up over micro-batches; dividing makes their sum the big batch's mean
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
@@ -531,7 +534,7 @@ def estimate_val_loss(model, loader, eval_iters, device, autocast):
     for _ in range(eval_iters):
         x, y = loader.next_batch()
         with autocast:
-            total += next_token_loss(model, x.to(device), y.to(device), device.split(":")[0]).float()
+            total += model(x.to(device), y.to(device))[1].float()
     model.train()
     val_loss = total / eval_iters
     if dist.is_initialized():
@@ -583,16 +586,22 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     master = rank == 0  # rank 0 prints, logs and saves
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
+    ckpt, start_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # (a resume: the run's settings)
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
-    ckpt, start_path, cfg = starting_checkpoint(cfg, flags_given)
+    cfg = replace(cfg, total_batch_size=total_batch_size)  # saved so: a resume reads as many tokens a step
+    sharded = cfg.fsdp or cfg.cpu_offload  # FSDP2 shards the state (offloading it, over one process too)
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
-    raw_model = make_model(cfg, ckpt, start_path).to(device)
+    raw_model = make_model(cfg, ckpt, start_path, sharded)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
+    # CPUs run out of RAM first, and the (B, T, V) logits are a step's largest tensors (docs/performance.md)
+    raw_model.loss_in_chunks = device_type == "cpu"
     start_step = ckpt["steps_done"] if cfg.resume else 0
-    print0(describe_model(raw_model, cfg, start_step))
-    print0(describe_memory(raw_model, cfg.fsdp, world_size, device))  # before it runs out, not after
-    if cfg.fsdp:  # each process keeps 1/N of every weight, gradient and AdamW moment. In place: from here
-        shard_model(raw_model, raw_model.transformer.h)  # on, every process takes part in every forward
+    print0(describe_model(raw_model, cfg, start_step, ckpt))
+    print0(plan_memory(raw_model, cfg, world_size, device, dtype))  # before it runs out, not after
+    if sharded:  # each process keeps 1/N of every weight, gradient and AdamW moment (in RAM with --cpu_offload).
+        shard_model(raw_model, raw_model.transformer.h, device, cfg.cpu_offload)  # In place: from here on, every
+    else:                                                                     # process takes part in every forward
+        raw_model.to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
     if cfg.eval_only:  # the evaluation that ends a run, once: nothing trained, nothing written
         _, val_loader = make_loaders(cfg, rank, world_size)
@@ -611,7 +620,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
         restore_training_state(ckpt, raw_model, optimizer, scaler, train_loader, sample_generator)
     del ckpt  # free the CPU copy
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
-    if distributed and not cfg.fsdp:  # DDP averages gradients across processes during backward
+    if distributed and not sharded:  # DDP averages gradients across processes during backward
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
@@ -626,8 +635,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             if done or checkpoint_due(step, start_step, cfg.checkpoint_interval):
                 write_checkpoint(raw_model, optimizer, scaler, step, cfg, train_loader, sample_generator, master)
             if done:
-                if len(record) > 1:  # (nothing evaluated: no record)
-                    log.write(record)
+                log.write({**record, "peak_memory_bytes": peak_memory_anywhere(device)})  # (the largest process)
                 log.draw()
                 break
             if cfg.sample_interval and step > 0 and step % cfg.sample_interval == 0:
@@ -673,7 +681,9 @@ def main(argv=None):
         device, device_type = resolve_device(cfg.device)
         cpu_allocator_for(device_type, cfg.fsdp)  # glibc's freed memory: kept for the next step, or given back
         distributed, rank, world_size, device = join_process_group(device, device_type)
-        check_fsdp(cfg.fsdp, world_size, device_type)  # torchrun with 2+ processes, on CUDA or CPUs
+        check_fsdp(cfg.fsdp, cfg.cpu_offload, world_size, device_type)  # torchrun with 2+ processes, on CUDA or CPUs
+        if cfg.cpu_offload:  # FSDP2, whose offload it is, needs a process group, even of one process
+            join_group_of_one(device_type)
         check_data(cfg)  # before anything heavy
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU

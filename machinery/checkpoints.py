@@ -52,15 +52,16 @@ def save_checkpoint(state, path):
         raise DiskFull(f"{e}; {RESUME_HINT}") from None
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False):
     """Load a checkpoint on the CPU (a resume never holds two copies in GPU memory). weights_only:
-    tensors and plain containers only, so loading a file can never run code from it."""
+    tensors and plain containers only, so loading a file can never run code from it. mmap: the tensors
+    stay in the file until read (under FSDP each process reads only its shards of them)."""
     if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint to resume from at {path!r}")
+        raise ValueError(f"{missing} at {path!r}")
     try:
         with warnings.catch_warnings():  # a foreign pickle also gets a multi-line warning: we say it once
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         if str(e).startswith("Weights only load failed"):
             raise ValueError(f"{path!r} is not a train_gpt2 checkpoint: not tensors and plain data "
@@ -73,9 +74,9 @@ def load_checkpoint(path):
     return ckpt
 
 
-def settings_from_checkpoint(cfg, given, ckpt, path, resume):
-    """cfg with the model's shape (and, resuming, its init_from) taken from the checkpoint. A flag the
-    user gave (`given`) that contradicts the checkpoint is an error, all of them named in one line."""
+def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):
+    """cfg with the model's shape (and, resuming, its init_from and batch) taken from the checkpoint. A
+    flag the user gave (`given`) that contradicts the checkpoint is an error, all of them named in one line."""
     saved = {**ckpt["train_config"], **ckpt["model_config"]}
     names = SHAPE + (("init_from",) if resume else ())
     clashes = [name for name in names if name in given and getattr(cfg, name) != saved.get(name)]
@@ -84,7 +85,21 @@ def settings_from_checkpoint(cfg, given, ckpt, path, resume):
         says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
         raise ValueError(f"checkpoint {path!r} has {has}; the command line says {says} "
                          "(leave these flags out: the checkpoint decides them)")
-    return replace(cfg, **{name: saved[name] for name in names if name in saved})
+    cfg = replace(cfg, **{name: saved[name] for name in names if name in saved})
+    return resumed_batch(cfg, given, saved, path, world_size) if resume else cfg
+
+
+def resumed_batch(cfg, given, saved, path, world_size):
+    """A resume continues its run: the same tokens a step, in sequences of the same T. --B may change
+    (the same tokens a step by more or less accumulation: the same arithmetic); those two may not."""
+    # (checkpoints before 2026-12 may hold 0, "one micro-batch a process": taken as this many processes)
+    tokens = saved.get("total_batch_size") or saved["B"] * saved["T"] * world_size
+    for name, run_value in (("T", saved["T"]), ("total_batch_size", tokens)):
+        if name in given and getattr(cfg, name) != run_value:
+            raise ValueError(f"--{name} {getattr(cfg, name)} instead of the run's {run_value}: a resume continues "
+                             f"the run as it was; leave --{name} out, or start a new run from these weights "
+                             f"with --init_from {path}")
+    return replace(cfg, B=cfg.B if "B" in given else saved["B"], T=saved["T"], total_batch_size=tokens)
 
 
 def load_weights(model, ckpt, path):
@@ -109,14 +124,14 @@ def checkpoint_due(step, start_step, checkpoint_interval):
     return bool(checkpoint_interval) and step > start_step and step % checkpoint_interval == 0
 
 
-def starting_checkpoint(cfg, given):
-    """(the checkpoint a run starts from, its path, cfg with its model shape): the run's own with
-    --resume, a ckpt.pt named by --init_from (weights only), else none."""
+def starting_checkpoint(cfg, given, world_size):
+    """(the checkpoint a run starts from, its path, cfg with its model shape, and for a resume its batch):
+    the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none."""
     if cfg.resume:
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        path, missing = os.path.join(cfg.out_dir, "ckpt.pt"), "no checkpoint to resume from"
     elif cfg.init_from.endswith(".pt"):
-        path = cfg.init_from
+        path, missing = cfg.init_from, "--init_from: no checkpoint"
     else:
         return None, None, cfg
-    ckpt = load_checkpoint(path)
-    return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, resume=cfg.resume)
+    ckpt = load_checkpoint(path, missing, mmap=cfg.fsdp or cfg.cpu_offload)
+    return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, cfg.resume, world_size)

@@ -33,16 +33,21 @@ def step_line(record, step_times, max_steps):
             f" | eta {eta}")
 
 
-def describe_model(model, cfg, start_step):
-    """The model's line, and a line on the checkpoint it resumes or that a fresh run will replace."""
+def describe_model(model, cfg, start_step, ckpt):
+    """The model's line: where it comes from, its shape; for a resume with another --B, what that changes;
+    for a fresh run, the checkpoint it will replace."""
     n_params = sum(p.numel() for p in model.parameters())  # the tied matrix counts once
     c = model.config
-    lines = [f"model {cfg.init_from} | {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, "
-             f"vocab {c.vocab_size}, block {c.block_size} | {n_params:,} parameters"]
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume:
-        lines.append(f"resumed from {ckpt_path} at step {start_step}")
-    elif os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
+    source = f"resumed from {ckpt_path} at step {start_step}" if cfg.resume else cfg.init_from
+    lines = [f"model {source} | {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, "
+             f"vocab {c.vocab_size}, block {c.block_size} | {n_params:,} parameters"]
+    run_B = ckpt["train_config"]["B"] if cfg.resume else cfg.B
+    if run_B != cfg.B:
+        accumulation = "more" if cfg.B < run_B else "less"
+        lines.append(f"--B {cfg.B} instead of the run's {run_B}: the same {cfg.total_batch_size:,} tokens per step "
+                     f"by {accumulation} accumulation")
+    if not cfg.resume and os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
         lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own")
     return "\n".join(lines)
 
@@ -88,8 +93,9 @@ def describe_optimizer(optimizer):
                      for name, group in zip(("decayed", "not decayed"), optimizer.param_groups))
 
 
-def describe_outputs(out_dir):
-    """The run's last line: what it left in out_dir."""
+def describe_outputs(out_dir, peak):
+    """The run's last line: what it left in out_dir, and the memory it used (peak: describe_peak's words)."""
     ckpt, log, picture = (os.path.join(out_dir, name) for name in ("ckpt.pt", "log.jsonl", "progress.png"))
-    return (f"wrote {ckpt} ({in_units(os.path.getsize(ckpt))}), {log}" + (f" and {picture}" if os.path.isfile(picture) else "")
-            if os.path.isfile(ckpt) else f"wrote {log}")
+    wrote = (f"wrote {ckpt} ({in_units(os.path.getsize(ckpt))}), {log}" + (f" and {picture}" if os.path.isfile(picture) else "")
+             if os.path.isfile(ckpt) else f"wrote {log}")
+    return f"{wrote} | {peak}"

@@ -1,5 +1,6 @@
 """
-Files and errors: one-line error messages, atomic writes, a full disk said as such, sizes for people.
+Files and errors: one-line error messages, atomic writes, a full disk said as such, sizes for people
+(files in powers of 1000, memory in powers of 1024).
 
 Every script writes through write_atomically (checkpoints, the log, the picture, shards, the manifest,
 the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file. Used by all
@@ -74,3 +75,12 @@ def in_units(n_bytes):
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
         n_bytes /= 1000
     return f"{n_bytes:,.1f} TB"
+
+
+def in_binary_units(n_bytes):
+    """Memory for people, in powers of 1024 as nvidia-smi and free count it: 512 B, 474.7 MiB, 139.8 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:,.1f} TiB"

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from machinery.console import print0
 from machinery.files import first_line, write_atomically
+from machinery.hub import hub_or_cache
 from machinery.tokens import get_tokenizer
 
 DATASET = ("Rowan/hellaswag", "validation")  # on the Hugging Face hub; its labels are strings
@@ -77,13 +78,14 @@ def download_items(path):
     except ImportError:
         raise ValueError("downloading HellaSwag needs the datasets library: pip install -r requirements.txt") from None
     try:
-        rows = load_dataset(DATASET[0], split=DATASET[1])
+        with hub_or_cache() as online:  # no network: at once, not after half a minute of retries
+            rows = load_dataset(DATASET[0], split=DATASET[1])
         items = [check_item(row, f"{DATASET[0]} row {i}") for i, row in enumerate(rows)]
     except ValueError:
         raise
     except Exception as e:  # the hub's errors come from several libraries
-        raise ValueError(f"downloading HellaSwag ({DATASET[0]}) failed: {first_line(e)}; "
-                         "or pass a local file with --data") from None
+        why = first_line(e) if online else "the Hugging Face hub cannot be reached (no network?)"
+        raise ValueError(f"downloading HellaSwag ({DATASET[0]}) failed: {why}; pass a local file with --data") from None
     if len(items) != N_VALIDATION:
         raise ValueError(f"downloaded {len(items)} HellaSwag items, expected {N_VALIDATION}")
     os.makedirs(os.path.dirname(path), exist_ok=True)

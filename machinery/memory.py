@@ -1,21 +1,39 @@
 """
-Memory: what a run's model state needs per process, said before it runs out, and a CUDA out-of-memory
-error said in one line with what to change. train_gpt2.py prints describe_memory at the start and
-main() turns an out-of-memory error into describe_out_of_memory's line. docs/memory.md has the table
-for every GPT-2 size.
+Memory: what a run will need per process, said before it runs out (the model state exact from the
+counts, the activations from a formula fitted to measurements), a --cpu_offload run that the machine's
+RAM cannot hold refused before step 0, the peak a run really used, and a CUDA out-of-memory error said
+in one line with what to change. train_gpt2.py prints plan_memory at the start, peak_memory at the end,
+and main() turns an out-of-memory error into describe_out_of_memory's line. docs/memory.md has the
+table for every GPT-2 size and the measurements behind the formula.
 """
 
 import math
 import os
+import resource
+import sys
 import traceback
 
 import torch
+import torch.distributed as dist
 
-from machinery.files import in_units
+from machinery.files import in_binary_units as size
 
 # bytes per parameter of the model's state in training: float32 weights (4), their gradients (4) and
 # AdamW's two moments (4 + 4). Activations come on top, and scale with B x T, not with this.
 WEIGHT_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
+STATE_BYTES = WEIGHT_BYTES + GRAD_BYTES + ADAM_BYTES
+
+# What backward keeps, in bytes a token, fitted (least squares, relative) to five peaks of allocated
+# memory measured on an H200 with bf16 autocast and fused attention at T=1024, V=50,304, from which the
+# state was taken away: GPT-2 124M at B=16 (9.0 GB) and B=64 (43.8 GB; 24.0 GB with checkpointing),
+# GPT-2 1.5B at B=16 (76.1 GB; 35.2 GB with checkpointing). ACT_PER_CHANNEL_LAYER of every channel of
+# every block (Korthikanti et al. 2022 count about 34 without the attention matrix), ACT_PER_LOGIT of
+# every logit (bf16 logits and their float32 softmax); with activation checkpointing each block keeps
+# its float32 input (4 a channel) and one block is recomputed at a time. Errors on those five: +21%,
+# -14%, -6%, -9%, -1% (docs/memory.md): hence "about", and FIT_MARGIN for "fits with room".
+ACT_PER_CHANNEL_LAYER, ACT_PER_LOGIT, FIT_MARGIN = 32, 5, 1.15
+# the explicit attention (--no-sdpa) keeps its (T, T) scores in every head: counted, not measured
+ACT_PER_SCORE = 10
 
 
 def parameters_per_process(model, shards):
@@ -25,6 +43,40 @@ def parameters_per_process(model, shards):
     if shards == 1:
         return sum(p.numel() for p in params)
     return sum(math.ceil(p.shape[0] / shards) * (p.numel() // p.shape[0]) for p in params)
+
+
+def activation_bytes(config, B, T, checkpointing, sdpa=True, float32=False):
+    """An estimate of the activations one micro-batch of B x T keeps for backward (see the fit above);
+    float32 runs keep twice the bytes of bf16 ones."""
+    C, L = config.n_embd, config.n_layer
+    blocks = 4 * C * L + ACT_PER_CHANNEL_LAYER * C if checkpointing else ACT_PER_CHANNEL_LAYER * C * L
+    scores = 0 if sdpa else ACT_PER_SCORE * config.n_head * T * (1 if checkpointing else L)
+    return B * T * (blocks + scores + ACT_PER_LOGIT * config.vocab_size) * (2 if float32 else 1)
+
+
+def gathered_bytes(config):
+    """Under FSDP, the whole weights and gradients in flight on a GPU: the root unit's (token and position
+    tables, held from forward to the end of backward) and two blocks' (one computing, one prefetched)."""
+    C = config.n_embd
+    root, block = (config.vocab_size + config.block_size) * C, 12 * C * C + 13 * C
+    return (WEIGHT_BYTES + GRAD_BYTES) * (root + 2 * block)
+
+
+def device_name(device):
+    """'cuda:0 (NVIDIA H200)', 'cpu (AMD EPYC 9454)': the device and what it is."""
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device_type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return f"cpu ({model})"
+        except (OSError, StopIteration):
+            return "cpu"
+    return device
 
 
 def device_memory(device):
@@ -39,16 +91,85 @@ def device_memory(device):
     return None
 
 
-def describe_memory(model, fsdp, world_size, device):
-    """The start-of-run line: the model state per process in GB, exact from the parameter counts."""
-    n = parameters_per_process(model, world_size if fsdp else 1)
-    mode = f"FSDP over {world_size}: a 1/{world_size} share" if fsdp else \
-        f"DDP: all of it in each of {world_size}" if world_size > 1 else "one process"
+def available_ram():
+    """The RAM free for a new allocation now, in bytes (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def plan_memory(model, cfg, world_size, device, dtype):
+    """The start-of-run line: what each process needs and where it lives, beside what the device has.
+    A --cpu_offload run whose state the machine's RAM cannot hold stops here, in one line."""
     total = device_memory(device)
-    return (f"memory per process: model state {in_units(n * (WEIGHT_BYTES + GRAD_BYTES + ADAM_BYTES))} = "
-            f"weights {in_units(n * WEIGHT_BYTES)} + gradients {in_units(n * GRAD_BYTES)} + AdamW moments "
-            f"{in_units(n * ADAM_BYTES)} ({mode}), activations on top"
-            + (f" | {device} has {in_units(total)}" if total else ""))
+    has = f"{device_name(device)} has {size(total)}" if total else device_name(device)
+    if cfg.eval_only or cfg.max_steps == 0:  # no gradients, no AdamW: the weights and a forward pass
+        return f"memory per process: weights {size(WEIGHT_BYTES * model_size(model))} (no training) | {has}"
+    n = parameters_per_process(model, world_size if cfg.fsdp else 1)
+    state = (f"model state {size(STATE_BYTES * n)} = weights {size(WEIGHT_BYTES * n)} + gradients "
+             f"{size(GRAD_BYTES * n)} + AdamW moments {size(ADAM_BYTES * n)} ({mode(cfg, world_size)})")
+    act = activation_bytes(model.config, cfg.B, cfg.T, cfg.activation_checkpointing, cfg.sdpa, dtype == torch.float32)
+    sharded = cfg.fsdp or cfg.cpu_offload
+    on_device = act + (gathered_bytes(model.config) if sharded else 0) + (0 if cfg.cpu_offload else STATE_BYTES * n)
+    parts = ([] if cfg.cpu_offload else [state]) + [
+        f"activations about {size(act)} at B={cfg.B}, T={cfg.T}" +
+        (" with activation checkpointing" if cfg.activation_checkpointing else "") + " (estimate)"] + \
+        ([f"gathered units {size(gathered_bytes(model.config))}"] if sharded else [])
+    verdict = f"about {size(on_device)}" + (": likely does not fit" if total and on_device > total else "")
+    line = f"memory per process: {' + '.join(parts)} = {verdict} | {has}"
+    if cfg.cpu_offload:  # the state, in the machine's RAM
+        line += f"\nmemory in RAM (--cpu_offload): {state}{check_ram(n, model_size(model), world_size)}"
+    return line
+
+
+def model_size(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def mode(cfg, world_size):
+    if cfg.fsdp:
+        return f"FSDP over {world_size}: a 1/{world_size} share"
+    return f"DDP: all of it in each of {world_size}" if world_size > 1 else "one process"
+
+
+def check_ram(n, n_model, world_size):
+    """The RAM this machine's processes need with --cpu_offload (their shares of the state, and on rank
+    0's machine the whole weights and moments gathered while a checkpoint is written), beside what it
+    has free: a ValueError, before step 0, when it cannot hold them."""
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gathers = world_size > 1 and int(os.environ.get("RANK", 0)) < here  # rank 0 runs on this machine
+    need = here * STATE_BYTES * n + (WEIGHT_BYTES + ADAM_BYTES) * n_model * gathers
+    free = available_ram()
+    if free is not None and need > free:
+        raise ValueError(f"--cpu_offload needs about {size(need)} of RAM on this machine ({here} process(es)' "
+                         f"share of the state" + (", and a checkpoint gathered" if gathers else "") +
+                         f") and {size(free)} is free: free some, or spread the state over more machines' RAM "
+                         f"with --fsdp under torchrun")
+    return f"; this machine: {size(need)} of {size(free)} free" if free is not None else ""
+
+
+def peak_memory(device):
+    """(bytes, what they count): the most this process held so far. CUDA: torch's peak of allocated
+    memory on the GPU; CPUs and MPS: the process's peak resident memory."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device), "allocated"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024), "resident"  # macOS counts bytes, Linux kB
+
+
+def peak_memory_anywhere(device):
+    """peak_memory's bytes, the largest over all processes (every process must call this)."""
+    peak = torch.tensor(float(peak_memory(device)[0]), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return int(peak.item())
+
+
+def describe_peak(peak, device):
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    return f"peak memory {size(peak)} ({peak_memory(device)[1]}{', the largest process' if several else ''})"
 
 
 def step_of(error):
@@ -61,13 +182,13 @@ def step_of(error):
 
 
 def describe_out_of_memory(error, cfg, device):
-    """One line for a CUDA out-of-memory error: where, and the three ways to need less memory."""
+    """One line for a CUDA out-of-memory error: where, and the ways to need less memory."""
     total = device_memory(device)
     step = step_of(error)
     where = (f"at step {step} " if step is not None else "before training ") + \
-        f"(micro-batch {cfg.B} x {cfg.T} on {device}" + (f", {in_units(total)})" if total else ")")
+        f"(micro-batch {cfg.B} x {cfg.T} on {device_name(device)}" + (f", {size(total)})" if total else ")")
     total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))
     saved = os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
     return (f"out of memory {where}: lower --B and keep --total_batch_size {total_batch_size} (more accumulation, "
-            f"the same training), add --activation_checkpointing, or split the model's state with --fsdp "
-            f"under torchrun" + ("; the last checkpoint is intact" if saved else ""))
+            f"the same training), add --activation_checkpointing, split the model's state with --fsdp under "
+            f"torchrun, or keep it in RAM with --cpu_offload" + ("; the last checkpoint is intact" if saved else ""))

@@ -9,6 +9,7 @@ import os
 import torch
 
 from machinery.files import first_line
+from machinery.hub import hub_or_cache
 from machinery.tokens import GPT2_VOCAB_SIZE
 
 # OpenAI's released checkpoints, for reference: name -> shape (from_pretrained reads it from the files).
@@ -33,14 +34,18 @@ def load_transformers_gpt2(name_or_path, known_names):
                          "pip install -r requirements.txt") from None
     hf_logging.disable_progress_bar()
     hub_logging.set_verbosity_error()  # offline, the hub logs every retry: we say it once, below
+    online = True
     try:
-        return GPT2LMHeadModel.from_pretrained(name_or_path)
+        with hub_or_cache() as online:  # no network: the hub's cache only, at once instead of after retries
+            return GPT2LMHeadModel.from_pretrained(name_or_path)
     except ImportError as e:  # transformers found a torch too old for it and disabled its PyTorch models
         raise ValueError(f"transformers {__version__} cannot load PyTorch models with torch {torch.__version__} "
                          f"({first_line(e)[:120]}): install versions that fit, pip install -r requirements.txt") from None
     except (OSError, ValueError) as e:  # offline, or not a GPT-2 directory
+        why = first_line(e) if online or name_or_path not in known_names else \
+            "not in the hub's cache, and the Hugging Face hub cannot be reached"
         hint = " (offline? load from a save_pretrained directory instead)" if name_or_path in known_names else ""
-        raise ValueError(f"could not load GPT-2 weights from {name_or_path!r}: {first_line(e)}{hint}") from None
+        raise ValueError(f"could not load GPT-2 weights from {name_or_path!r}: {why}{hint}") from None
 
 
 def export_to_transformers(config, state_dict, directory, conv1d_weights):

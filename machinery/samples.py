@@ -7,6 +7,7 @@ run ends with. Every process calls both: under FSDP each forward pass needs them
 import torch
 
 from machinery.console import describe_outputs, print0
+from machinery.memory import describe_peak, peak_memory_anywhere
 from machinery.sharding import full_model_state
 from machinery.tokens import get_tokenizer
 
@@ -29,12 +30,13 @@ def print_samples(model, cfg, device, autocast, generator):
 
 def finish_run(model, cfg, device, autocast, generator, master, trained):
     """Every run ends with a few samples (every process takes part: under FSDP each forward needs all),
-    the export if one was asked for, and what it wrote."""
+    the export if one was asked for, and what it wrote and the memory it used at most."""
     print_samples(model, cfg, device, autocast, generator)
     state = full_model_state(model) if cfg.export_dir else None  # (under FSDP: gathered from every process)
     if master and cfg.export_dir:
         model.save_pretrained(cfg.export_dir, state)
         print0(f"exported to {cfg.export_dir}")
-    if master and trained:
-        print0(describe_outputs(cfg.out_dir))
+    if trained:
+        peak = peak_memory_anywhere(device)  # (every process: the largest is said)
+        print0(describe_outputs(cfg.out_dir, describe_peak(peak, device)))
     return 0

@@ -95,7 +95,8 @@ def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, unint
     assert min(after) == stopped_at  # the first step not done before is the first step done now
     combined = {**{s: l for s, l in before.items() if s < stopped_at}, **after}
     assert combined == step_losses(ref_stdout)  # the same losses, step for step, to the last digit
-    timing = ("ms", "tok_per_s", "tflops")  # measured clocks differ between runs; everything else is equal
+    # measured clocks and memory differ between runs; everything else is equal
+    timing = ("ms", "tok_per_s", "tflops", "peak_memory_bytes")
     # (the last record, the final evaluation at step 30, trained nothing and has no clocks)
     assert [r["step"] for r in ref_log] == list(range(31)) and "loss" not in ref_log[-1]
     assert read_log(tmp_path / "run") == [{**r, **{k: s[k] for k in timing if k in s}}
@@ -258,17 +259,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text
     assert main([*args, "--max_steps", "2"]) == 0
     capsys.readouterr()
 
-    loss_of, trained = train_gpt2.next_token_loss, []
+    forward, trained = train_gpt2.GPT.forward, []
 
-    def diverging(model, x, y, device_type):
-        loss = loss_of(model, x, y, device_type)
+    def diverging(model, idx, targets=None):
+        logits, loss = forward(model, idx, targets)
         if model.training:  # a training batch (evaluation puts the model in eval mode): one per step here
             trained.append(1)
             if len(trained) > 3:
                 loss = loss * float("nan")
-        return loss
+        return logits, loss
 
-    monkeypatch.setattr(train_gpt2, "next_token_loss", diverging)
+    monkeypatch.setattr(train_gpt2.GPT, "forward", diverging)
     # a fresh run into the same out_dir: it says it will replace the checkpoint, then diverges at step 3
     code = main([*args, "--max_steps", "10", "--checkpoint_interval", "1"])
     captured = capsys.readouterr()
@@ -452,7 +453,7 @@ def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_pa
     said = [l for l in stdout.splitlines() if "progress.png" in l]
     assert said[0].startswith("writes ") and said[1:] == [line, line, line]  # the plan; then steps 0, 2 and 4
     size = machinery.files.in_units(os.path.getsize(out / "ckpt.pt"))
-    assert stdout.splitlines()[-1] == f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'}"  # no picture
+    assert stdout.splitlines()[-1].startswith(f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'} | ")  # no picture
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]
     assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3, 4]  # 4: the final evaluation
 
@@ -471,7 +472,7 @@ def test_eval_only_of_a_checkpoint_prints_the_runs_last_evaluation_and_writes_no
     assert main(args) == 0
     run_lines = [l for l in capsys.readouterr().out.splitlines() if "val loss" in l]
     last = read_log(out)[-1]  # the final evaluation: of the model after 4 steps, the one saved
-    assert last.keys() == {"step", "val_loss"} and last["step"] == 4
+    assert last.keys() == {"step", "val_loss", "peak_memory_bytes"} and last["step"] == 4
     assert run_lines[-1] == f"step     4 | val loss {last['val_loss']:.4f}"
     before = {p.name: digest(p) for p in out.iterdir()}
     evaluate, results = train_gpt2.evaluate, []

@@ -7,7 +7,7 @@ import torch
 
 import torch.nn.functional as F
 
-from machinery.hardware import ChunkedCrossEntropy
+from machinery.loss import linear_cross_entropy
 from machinery.tokens import GPT2_VOCAB_SIZE
 from train_gpt2 import GPT, CausalSelfAttention, GPTConfig
 
@@ -41,12 +41,12 @@ def test_attention_is_causal():
         assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_causal_mask_buffer_is_lower_triangular_and_not_saved():
-    attn = CausalSelfAttention(GPTConfig(block_size=16, n_head=2, n_embd=8))
-    assert attn.bias.shape == (1, 1, 16, 16)
-    assert torch.equal(attn.bias[0, 0], torch.tril(torch.ones(16, 16)))
-    assert "bias" not in attn.state_dict()  # only c_attn/c_proj weights and biases
-    assert not any(k.endswith(".attn.bias") for k in GPT(TINY).state_dict())
+def test_everything_the_model_holds_is_in_its_state_dict():
+    """No buffers (the causal mask is made in forward): a model built on the meta device, as FSDP's other
+    processes build it, is whole once its state dict is loaded, and checkpoints carry no constants."""
+    model = GPT(TINY)
+    assert list(model.buffers()) == []
+    assert set(model.state_dict()) == {name for name, _ in model.named_parameters(remove_duplicate=False)}
 
 
 @pytest.fixture(scope="module")
@@ -173,25 +173,49 @@ def test_generation_crops_context_to_block_size():
     assert out.shape == (1, 70)
 
 
-def test_chunked_cross_entropy_matches_the_float64_reference():
-    """Loss and gradient equal F.cross_entropy in float64; from bf16 logits, to bf16 precision."""
+def test_the_loss_without_the_logits_matches_the_float64_reference(monkeypatch):
+    """linear_cross_entropy(x, W, targets) is F.cross_entropy(x @ W.T, targets): loss and both gradients,
+    in float64 by finite differences, and from float32 and bf16-autocast inputs to their precision, with
+    chunks of rows that do not divide N (13 and 37 rows in chunks of 4)."""
+    import machinery.loss
+
+    monkeypatch.setattr(machinery.loss, "CHUNK_ROWS", 4)
     torch.manual_seed(0)
-    # finite differences on a small problem (gradcheck perturbs every input: 13 x 64 of them)
-    small = (3 * torch.randn(13, 64, dtype=torch.float64)).requires_grad_()
+    small_x, small_w = torch.randn(13, 8, dtype=torch.float64), torch.randn(64, 8, dtype=torch.float64)
     small_targets = torch.randint(0, 64, (13,))
-    assert torch.autograd.gradcheck(lambda l: ChunkedCrossEntropy.apply(l, small_targets, 4), (small,))
-    logits = (3 * torch.randn(37, 1000, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: linear_cross_entropy(x, w, small_targets),
+                                    (small_x.requires_grad_(), small_w.requires_grad_()))
+    x64, w64 = torch.randn(37, 16, dtype=torch.float64), torch.randn(1000, 16, dtype=torch.float64)
     targets = torch.randint(0, 1000, (37,))
-    ref = F.cross_entropy(logits, targets)
+    x_ref, w_ref = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+    ref = F.cross_entropy(x_ref @ w_ref.T, targets)
     ref.backward()
-    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
-        x = logits.detach().to(dtype).requires_grad_()
-        loss = ChunkedCrossEntropy.apply(x, targets, 3)
+    for autocast, tol in ((False, 2e-6), (True, 2e-2)):
+        x, w = x64.float().requires_grad_(), w64.float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = linear_cross_entropy(x, w, targets)
         loss.backward()
-        assert loss.dtype == torch.float32  # the loss itself is always at least float32
+        assert loss.dtype == torch.float32 and (x.grad.dtype, w.grad.dtype) == (torch.float32, torch.float32)
         assert abs(loss.item() - ref.item()) <= tol * ref.item()
-        assert x.grad.dtype == dtype
-        torch.testing.assert_close(x.grad.double(), logits.grad, rtol=0, atol=tol * logits.grad.abs().max())
+        for ours, theirs in ((x.grad, x_ref.grad), (w.grad, w_ref.grad)):
+            torch.testing.assert_close(ours.double(), theirs, rtol=0, atol=tol * theirs.abs().max())
+
+
+def test_the_model_computes_the_same_loss_and_gradients_without_its_logits():
+    """GPT.forward with loss_in_chunks (the CPU's path) returns no logits and the plain path's loss and
+    gradients (float32: to 1e-5 of each gradient's largest entry)."""
+    torch.manual_seed(0)
+    plain, chunked = GPT(TINY), GPT(TINY)
+    chunked.load_state_dict(plain.state_dict())
+    chunked.loss_in_chunks = True
+    idx, targets = torch.randint(0, 1000, (2, 9)), torch.randint(0, 1000, (2, 9))
+    (logits, loss), (no_logits, chunked_loss) = plain(idx, targets), chunked(idx, targets)
+    assert logits.shape == (2, 9, TINY.vocab_size) and no_logits is None
+    assert abs(loss.item() - chunked_loss.item()) <= 1e-5
+    loss.backward()
+    chunked_loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        assert (q.grad - p.grad).abs().max() <= 1e-5 * p.grad.abs().max(), name
 
 
 def test_model_loss_equals_f_cross_entropy_on_its_logits():

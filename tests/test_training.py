@@ -179,14 +179,18 @@ def test_total_batch_size_must_divide(tmp_path, text_file, capsys):
 def test_log_has_one_record_per_step_with_val_loss_when_computed(tmp_path, text_file):
     """A record at step s describes the model after s optimizer steps: steps 0-4 train, each with a
     record, those at every eval_interval (0, 2, 4) hold the validation loss of the model they start from;
-    then step 5 = max_steps evaluates the trained model, and its record holds that alone."""
+    then step 5 = max_steps evaluates the trained model, and its record holds that and the most memory
+    the run held (on a CPU its peak resident memory, which the kernel also counts, as VmHWM)."""
     code, log = run_main(tmp_path, text_file, "--max_steps", "5", "--eval_interval", "2",
                          "--warmup_steps", "2", "--min_lr", "3e-5")
     assert code == 0
     assert [r["step"] for r in log] == [0, 1, 2, 3, 4, 5]
     assert [("val_loss" in r) for r in log] == [True, False, True, False, True, True]  # every 2 steps, and last
     assert {"loss", "lr", "norm", "ms", "tok_per_s"} <= set(log[0])
-    assert set(log[5]) == {"step", "val_loss"}  # the final evaluation trains nothing
+    assert set(log[5]) == {"step", "val_loss", "peak_memory_bytes"}  # the final evaluation trains nothing
+    with open("/proc/self/status") as f:  # (this run ran in this process)
+        kernels_peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    assert 16 * 1_635_744 < log[5]["peak_memory_bytes"] <= kernels_peak  # more than the model's state
     assert log[0]["lr"] == pytest.approx(1.5e-4) and log[4]["lr"] < log[2]["lr"]
     assert all(math.isfinite(r["loss"]) for r in log[:5])
     # before any training the model guesses uniformly among the 50,257 tokens: a loss of ln(50257) = 10.8
@@ -248,7 +252,8 @@ def test_text_too_short_for_validation_trains_without_it(tmp_path, capsys):
     path.write_text(" word" * 1000)
     code, log = run_main(tmp_path, path, "--max_steps", "2", "--T", "64")
     out = capsys.readouterr().out
-    assert code == 0 and [r["step"] for r in log] == [0, 1]  # nothing to evaluate: no final record
+    assert code == 0 and [r["step"] for r in log] == [0, 1, 2]
+    assert set(log[2]) == {"step", "peak_memory_bytes"}  # nothing to evaluate: the final record holds the peak
     assert "no validation: the val split" in out and "val loss" not in out
     assert all("val_loss" not in r for r in log)
     steps_and_after = out[out.index("step     0"):out.index("> ")]
@@ -391,12 +396,15 @@ def human_size(n):
 
 
 def test_last_line_names_what_the_run_wrote_with_the_checkpoints_size(tmp_path, text_file, capsys):
-    code, _ = run_main(tmp_path, text_file, "--max_steps", "2")
+    code, log = run_main(tmp_path, text_file, "--max_steps", "2")
     out = tmp_path / "out"
     size = human_size((out / "ckpt.pt").stat().st_size)
     assert code == 0 and size.endswith(" MB")  # 1.6M parameters with their Adam moments: about 20 MB
-    assert capsys.readouterr().out.splitlines()[-1] == \
-        f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'} and {out / 'progress.png'}"
+    last_line = capsys.readouterr().out.splitlines()[-1]
+    peak = log[-1]["peak_memory_bytes"]  # the same peak as the log's last record, or a little more
+    wrote, said = last_line.split(" | peak memory ")
+    assert wrote == f"wrote {out / 'ckpt.pt'} ({size}), {out / 'log.jsonl'} and {out / 'progress.png'}"
+    assert said.endswith(" MiB (resident)") and float(said.split()[0]) >= round(peak / 2**20, 1)
 
 
 def test_before_training_the_run_says_what_it_will_write_and_how_big(tmp_path, text_file, capsys):
@@ -498,7 +506,7 @@ def test_wandb_gets_the_config_and_every_record_of_the_log(tmp_path, text_file, 
     assert calls[1:-1] == [("log", r, r["step"]) for r in log]
     assert calls[-1] == ("finish",)
     _, untracked = run_main(tmp_path / "untracked", text_file, "--max_steps", "4", "--eval_interval", "2")
-    timing = ("ms", "tok_per_s", "tflops")  # clocks differ from run to run; all else is the same
+    timing = ("ms", "tok_per_s", "tflops", "peak_memory_bytes")  # clocks and memory differ between runs
     assert [{k: v for k, v in r.items() if k not in timing} for r in log] == \
         [{k: v for k, v in r.items() if k not in timing} for r in untracked]
 
