@@ -41,19 +41,21 @@ from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, 
 from machinery.command_line import check_block_size, check_config, flag, parse_args
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
                                describe_plan, print0, step_line)
-from machinery.hardware import (DTYPES, attention_kernels, check_device,
-                                check_one_process_per_gpu, compile_model, cpu_allocator_for, resolve_dtype)
+from machinery.hardware import (DTYPES, attention_kernels, check_device, check_one_process_per_gpu, compile_model,
+                                cpu_allocator_for, resolve_dtype)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
 from machinery.loss import linear_cross_entropy
 from machinery.memory import describe_out_of_memory, peak_memory_anywhere, plan_memory
-from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2  # OpenAI's GPT-2s
+from machinery.pretrained import (PRETRAINED, export_to_transformers, load_transformers_gpt2,  # OpenAI's GPT-2s
+                                  shared_weight_names)
 from machinery.samples import finish_run, print_samples
 from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log: importable from here, to redraw a run)
 from machinery.sharding import (builds_the_model, check_fsdp, from_rank0, full_model_state, full_optimizer_state,
-                                join_group_of_one, set_gradient_sync, shard_model)
+                                set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere
-from machinery.tokens import GPT2_VOCAB_SIZE, check_data, shard_files, text_file_split
+from machinery.tokens import (GPT2_VOCAB_SIZE, check_data, get_tokenizer, shard_files,  # noqa: F401 (get_tokenizer:
+                              text_file_split)  # importable from here, as the docs once showed)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -218,14 +220,7 @@ class GPT(nn.Module):
                            n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, sdpa=sdpa)
         model = cls(config)
         sd, sd_hf = model.state_dict(), hf_model.state_dict()
-        # Mask buffers (transformers 4.x kept attn.bias / attn.masked_bias in state dicts) are constants,
-        # and lm_head.weight is the tied wte.weight (transformers 5.x may leave it out): skip all three.
-        skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
-        keys = sorted(k for k in sd if not k.endswith(skip))
-        keys_hf = sorted(k for k in sd_hf if not k.endswith(skip))
-        if keys != keys_hf:
-            raise ValueError(f"{name_or_path!r} is not a GPT-2 checkpoint: parameter names differ "
-                             f"({sorted(set(keys) ^ set(keys_hf))[:4]} ...)")
+        keys = shared_weight_names(sd, sd_hf, name_or_path)  # the same names, but for the tied lm_head.weight
         with torch.no_grad():
             for k in keys:
                 w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
@@ -244,8 +239,7 @@ class GPT(nn.Module):
         """Append max_new_tokens sampled tokens to idx (B, T) and return it (B, T + max_new_tokens);
         temperature 0 is greedy. Sampling draws on the CPU from its own `generator` (seeded with `seed` if
         None), never the global stream: sampling mid-training changes nothing, and devices draw alike."""
-        if generator is None:
-            generator = torch.Generator().manual_seed(seed)
+        generator = generator or torch.Generator().manual_seed(seed)
         n_vocab = min(self.config.vocab_size, GPT2_VOCAB_SIZE)  # never emit a padding row's id
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
@@ -344,11 +338,14 @@ def resolve_device(name="auto"):
     return name, device_type
 
 
-def make_precision(dtype_name, device_type):
+def make_precision(dtype_name, device_type, sharded=False):
     """The dtype, autocast context and loss scaler for --dtype (resolve_dtype: what "auto" picks, and why)."""
     dtype = resolve_dtype(dtype_name, device_type)
-    # autocast takes the device TYPE ("cuda", never "cuda:3"); float32 means full precision, no autocast
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    # autocast takes the device TYPE ("cuda", never "cuda:3"); float32 means full precision, no autocast.
+    # It caches each weight's bf16 copy while the block lasts: sharded, which frees weights after use, that
+    # would be all of them at once (docs/memory.md), so there it casts anew at each use
+    autocast = torch.autocast(device_type, dtype=dtype, cache_enabled=not sharded) if dtype != torch.float32 \
+        else contextlib.nullcontext()
     # float16's narrow range underflows small gradients: scale the loss up, gradients back down
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
     return dtype, autocast, scaler
@@ -466,11 +463,10 @@ def batch_arithmetic(cfg, world_size):
 
 def make_model(cfg, ckpt, ckpt_path, sharded):
     """The model to train: a checkpoint's (cfg already has its shape), a fresh one, or OpenAI's weights.
-    Sharded, only rank 0 makes it: the others build its shape on the meta device (no memory) and receive
-    their shards of its weights from rank 0 (shard_model)."""
-    model = None
-    if not builds_the_model(sharded):
-        pass
+    Sharded, only rank 0 makes it; the others get its shape now and their shards of it in shard_model."""
+    if not builds_the_model(sharded):  # FSDP's other processes: rank 0's shape on the meta device, no memory
+        with torch.device("meta"):
+            model = GPT(from_rank0(None))
     elif ckpt is not None:
         model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))
         load_weights(model, ckpt, ckpt_path)
@@ -479,11 +475,8 @@ def make_model(cfg, ckpt, ckpt_path, sharded):
                               n_head=cfg.n_head, n_embd=cfg.n_embd, sdpa=cfg.sdpa))
     else:
         model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
-    if sharded:
-        config = from_rank0(model and model.config)
-        if model is None:
-            with torch.device("meta"):
-                model = GPT(config)
+    if sharded and builds_the_model(sharded):
+        from_rank0(model.config)  # (to the others)
     check_block_size(cfg.T, model.config.block_size)
     return model
 
@@ -584,23 +577,22 @@ def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sa
 def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     """Set up, then the training loop. Returns 0, or 130 when a signal stopped it (after saving)."""
     master = rank == 0  # rank 0 prints, logs and saves
-    dtype, autocast, scaler = make_precision(cfg.dtype, device_type)
+    sharded = cfg.fsdp or cfg.cpu_offload  # FSDP2 shards the state (offloading it, over one process too)
+    dtype, autocast, scaler = make_precision(cfg.dtype, device_type, sharded)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
     ckpt, start_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # (a resume: the run's settings)
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
     cfg = replace(cfg, total_batch_size=total_batch_size)  # saved so: a resume reads as many tokens a step
-    sharded = cfg.fsdp or cfg.cpu_offload  # FSDP2 shards the state (offloading it, over one process too)
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
     raw_model = make_model(cfg, ckpt, start_path, sharded)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
-    # CPUs run out of RAM first, and the (B, T, V) logits are a step's largest tensors (docs/performance.md)
-    raw_model.loss_in_chunks = device_type == "cpu"
+    raw_model.loss_in_chunks = device_type == "cpu"  # where RAM runs out first (docs/performance.md)
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step, ckpt))
     print0(plan_memory(raw_model, cfg, world_size, device, dtype))  # before it runs out, not after
-    if sharded:  # each process keeps 1/N of every weight, gradient and AdamW moment (in RAM with --cpu_offload).
-        shard_model(raw_model, raw_model.transformer.h, device, cfg.cpu_offload)  # In place: from here on, every
-    else:                                                                     # process takes part in every forward
+    if sharded:  # 1/N of every weight, gradient and AdamW moment a process (in RAM with --cpu_offload)
+        shard_model(raw_model, raw_model.transformer.h, device, cfg.cpu_offload)  # all in every forward now
+    else:
         raw_model.to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
     if cfg.eval_only:  # the evaluation that ends a run, once: nothing trained, nothing written
@@ -618,7 +610,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     print0(describe_plan(cfg, raw_model))  # what the run will write, and how big
     if cfg.resume:  # the optimizer's moments, the data's position and the random streams, as they were
         restore_training_state(ckpt, raw_model, optimizer, scaler, train_loader, sample_generator)
-    del ckpt  # free the CPU copy
+    del ckpt  # free the CPU copy (or the file's mapping)
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
     if distributed and not sharded:  # DDP averages gradients across processes during backward
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
@@ -682,8 +674,6 @@ def main(argv=None):
         cpu_allocator_for(device_type, cfg.fsdp)  # glibc's freed memory: kept for the next step, or given back
         distributed, rank, world_size, device = join_process_group(device, device_type)
         check_fsdp(cfg.fsdp, cfg.cpu_offload, world_size, device_type)  # torchrun with 2+ processes, on CUDA or CPUs
-        if cfg.cpu_offload:  # FSDP2, whose offload it is, needs a process group, even of one process
-            join_group_of_one(device_type)
         check_data(cfg)  # before anything heavy
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU

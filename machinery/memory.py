@@ -29,8 +29,9 @@ STATE_BYTES = WEIGHT_BYTES + GRAD_BYTES + ADAM_BYTES
 # GPT-2 1.5B at B=16 (76.1 GB; 35.2 GB with checkpointing). ACT_PER_CHANNEL_LAYER of every channel of
 # every block (Korthikanti et al. 2022 count about 34 without the attention matrix), ACT_PER_LOGIT of
 # every logit (bf16 logits and their float32 softmax); with activation checkpointing each block keeps
-# its float32 input (4 a channel) and one block is recomputed at a time. Errors on those five: +21%,
-# -14%, -6%, -9%, -1% (docs/memory.md): hence "about", and FIT_MARGIN for "fits with room".
+# its float32 input (4 a channel) and one block is recomputed at a time. Errors of the estimate (state
+# included) on those five: +21.6%, -13.7%, -6.2%, -8.9%, -0.8% (docs/memory.md, tests/test_memory.py):
+# hence "about", and FIT_MARGIN for "fits with room" (the largest underestimate, and then some).
 ACT_PER_CHANNEL_LAYER, ACT_PER_LOGIT, FIT_MARGIN = 32, 5, 1.15
 # the explicit attention (--no-sdpa) keeps its (T, T) scores in every head: counted, not measured
 ACT_PER_SCORE = 10
@@ -117,11 +118,17 @@ def plan_memory(model, cfg, world_size, device, dtype):
         f"activations about {size(act)} at B={cfg.B}, T={cfg.T}" +
         (" with activation checkpointing" if cfg.activation_checkpointing else "") + " (estimate)"] + \
         ([f"gathered units {size(gathered_bytes(model.config))}"] if sharded else [])
-    verdict = f"about {size(on_device)}" + (": likely does not fit" if total and on_device > total else "")
-    line = f"memory per process: {' + '.join(parts)} = {verdict} | {has}"
+    line = f"memory per process: {' + '.join(parts)} = about {size(on_device)}{fit(on_device, total)} | {has}"
     if cfg.cpu_offload:  # the state, in the machine's RAM
         line += f"\nmemory in RAM (--cpu_offload): {state}{check_ram(n, model_size(model), world_size)}"
     return line
+
+
+def fit(need, total):
+    """Nothing where `need` fits in `total` bytes with the estimate's margin, else what to expect."""
+    if not total or need * FIT_MARGIN <= total:
+        return ""
+    return ": likely does not fit" if need > total else ": may not fit (within the estimate's error)"
 
 
 def model_size(model):

@@ -48,6 +48,19 @@ def load_transformers_gpt2(name_or_path, known_names):
         raise ValueError(f"could not load GPT-2 weights from {name_or_path!r}: {why}{hint}") from None
 
 
+def shared_weight_names(ours, theirs, name_or_path):
+    """The names of the weights to copy from transformers' state dict (`theirs`) into ours, both GPT-2's
+    layout: all of them but lm_head.weight, the tied token table (transformers 5.x may leave it out) and
+    the mask buffers transformers 4.x kept (attn.bias, attn.masked_bias: constants). Any other difference
+    means the files are not GPT-2's, in one line."""
+    skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+    keys, keys_hf = (sorted(k for k in sd if not k.endswith(skip)) for sd in (ours, theirs))
+    if keys != keys_hf:
+        raise ValueError(f"{name_or_path!r} is not a GPT-2 checkpoint: parameter names differ "
+                         f"({sorted(set(keys) ^ set(keys_hf))[:4]} ...)")
+    return keys
+
+
 def export_to_transformers(config, state_dict, directory, conv1d_weights):
     """Write a model of this GPTConfig and state_dict as a transformers GPT-2 directory (config.json +
     model.safetensors) that GPT2LMHeadModel.from_pretrained and GPT.from_pretrained both read.

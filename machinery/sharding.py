@@ -6,7 +6,6 @@ offload), so a run saved in one resumes in another. train_gpt2.py shards its mod
 --cpu_offload and builds each checkpoint's weights and optimizer state here.
 """
 
-import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -38,7 +37,10 @@ def builds_the_model(sharded):
 
 
 def from_rank0(value):
-    """Rank 0's `value` (any picklable object, such as a model's config) in every process."""
+    """Rank 0's `value` (any picklable object, such as a model's config) in every process; in one
+    process, `value` itself."""
+    if not dist.is_initialized():
+        return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -67,7 +69,7 @@ def shard_model(model, blocks, device, cpu_offload):
     and gradients stay float32, so gradients are reduced in float32 and the numbers are those of DDP;
     the price is gathering float32 weights, twice the bytes of bf16 ones."""
     device_type = device.split(":")[0]
-    join_group_of_one(device_type)
+    join_group_of_one(device_type)  # (--cpu_offload in one process)
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     # pinned (page-locked) RAM lets the copies to and from the GPU run asynchronously; CPUs have no GPU to copy to
     policy = CPUOffloadPolicy(pin_memory=device_type == "cuda") if cpu_offload else OffloadPolicy()

@@ -1,9 +1,14 @@
 """Shared helpers. Everything here runs offline and on the CPU."""
 
+import contextlib
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -64,13 +69,110 @@ def text_file(tmp_path):
     return shakespeare_sample(tmp_path)
 
 
+def die_with_pytest():
+    """In the child, before it runs: the kernel sends it SIGTERM if pytest dies (torchrun, so told, stops
+    its workers): a killed test run leaves no training behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def descendants(pid):
+    """The processes `pid` started, and theirs, from Linux's /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command name)": state, ppid, ...
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+class Launched:
+    """A command in a session of its own, its output read line by line with deadlines. When a deadline
+    passes, or the test is done with it (`with Launched(...) as run:`), it is killed with every process it
+    started, torchrun's workers too: a hung collective fails its test within the deadline, and leaves
+    nothing running."""
+
+    def __init__(self, cmd, cwd, env_extra=None):
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **SCRIPT_ENV, **(env_extra or {})},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True, preexec_fn=die_with_pytest)
+        self.lines, self.err = queue.Queue(), []  # stdout as it comes; stderr, all of it
+        self.readers = [threading.Thread(target=self.read, args=(stream, sink), daemon=True)
+                        for stream, sink in ((self.proc.stdout, self.lines.put), (self.proc.stderr, self.err.append))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def read(stream, sink):
+        for line in stream:
+            sink(line)
+        sink(None)  # the end
+
+    def wait_for(self, start, deadline_s):
+        """The lines printed up to and including the first that starts with `start`."""
+        lines, end = [], time.monotonic() + deadline_s
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"no line {start!r} within {deadline_s} s; printed: {''.join(lines)[-2000:]}")
+            if line is None:
+                raise AssertionError(f"ended before a line {start!r}: {''.join(lines)[-2000:]}{self.stderr()}")
+            lines.append(line)
+            if line.startswith(start):
+                return lines
+
+    def finish(self, deadline_s):
+        """(exit code, the rest of stdout, stderr) once it ends; killed, and an AssertionError, after deadline_s."""
+        try:
+            code = self.proc.wait(timeout=deadline_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"still running after {deadline_s} s: killed") from None
+        for reader in self.readers:
+            reader.join()
+        rest = []
+        while (line := self.lines.get()) is not None:
+            rest.append(line)
+        return code, "".join(rest), self.stderr()
+
+    def stderr(self):
+        return "".join(line for line in self.err if line is not None)
+
+    def send_signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def kill(self):
+        """SIGKILL to the process and all its descendants (torchrun starts each worker in a session of
+        its own, out of reach of a signal to the group)."""
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
 def run_script(*args, cwd, timeout=300, env_extra=None, runner=None, script="train_gpt2.py"):
     """Run a script as a user would, on the CPU unless `args` name another --device (a later flag
-    wins); returns the CompletedProcess with text output."""
-    env = {**os.environ, **SCRIPT_ENV, **(env_extra or {})}
+    wins); returns a CompletedProcess with text output. Past `timeout` seconds it is killed, with any
+    processes it started, and the test fails."""
     cpu = [] if script == "prepare.py" else ["--device", "cpu"]  # prepare.py has no device
     cmd = (runner or [sys.executable]) + [str(REPO / script), *cpu, *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    with Launched(cmd, cwd, env_extra) as run:
+        code, out, err = run.finish(timeout)
+    return subprocess.CompletedProcess(cmd, code, out, err)
 
 
 def run_in_process(*args, cwd, monkeypatch, capsys):

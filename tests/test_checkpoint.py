@@ -19,7 +19,7 @@ import machinery.checkpoints
 import machinery.console
 import machinery.files
 import train_gpt2
-from conftest import REPO, SCRIPT_ENV, TINY, run_in_process, run_script, shakespeare_sample, step_losses
+from conftest import REPO, TINY, Launched, run_in_process, run_script, shakespeare_sample, step_losses
 from machinery.checkpoints import load_checkpoint, save_checkpoint
 from train_gpt2 import main
 
@@ -58,29 +58,18 @@ def uninterrupted(tmp_path_factory):
 
 
 def start(tmp_path, *args):
-    cmd = [sys.executable, str(REPO / "train_gpt2.py"), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **SCRIPT_ENV}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_step(proc, step):
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(f"step {step:5d} | loss"):
-            return lines
-    raise AssertionError("run ended before step %d: %s" % (step, "".join(lines)))
+    return Launched([sys.executable, str(REPO / "train_gpt2.py"), *map(str, args)], tmp_path)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, uninterrupted, signum):
     ref_stdout, ref_log = uninterrupted
     args = (*RUN, "--input_file", text_file, "--max_steps", "30", "--out_dir", "run")
-    proc = start(tmp_path, *args)
-    first = wait_for_step(proc, 3)
-    proc.send_signal(signum)  # Ctrl-C, or a scheduler's SIGTERM: finish the step, save, exit
-    rest, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    with start(tmp_path, *args) as run:
+        first = run.wait_for("step     3 | loss", deadline_s=120)
+        run.send_signal(signum)  # Ctrl-C, or a scheduler's SIGTERM: finish the step, save, exit
+        code, rest, err = run.finish(deadline_s=120)
+    assert code == 130, err
     assert "Traceback" not in err
     # the step running when the signal came (4 or later) is finished: its model is the one saved
     stopped_at = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"]
@@ -109,10 +98,9 @@ def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, unint
 def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, text_file, uninterrupted):
     _, ref_log = uninterrupted
     args = (*RUN, "--input_file", text_file, "--max_steps", "30", "--out_dir", "run", "--checkpoint_interval", "5")
-    proc = start(tmp_path, *args)
-    wait_for_step(proc, 12)
-    proc.kill()  # no chance to save anything
-    proc.communicate()
+    with start(tmp_path, *args) as run:
+        run.wait_for("step    12 | loss", deadline_s=120)
+        run.kill()  # no chance to save anything
     saved = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"]
     assert saved % 5 == 0 and saved >= 10
     with open(tmp_path / "run" / "log.jsonl", "a") as f:

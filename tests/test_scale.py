@@ -7,13 +7,14 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import CONTEXTS, REPO, SCRIPT_ENV, TINY, official, run_in_process, run_script, step_losses
+from machinery.files import in_binary_units
+from train_gpt2 import GPT, GPTConfig
+from conftest import CONTEXTS, REPO, TINY, Launched, official, run_in_process, run_script, step_losses
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # float32: the comparisons below are between arithmetic orders, not precisions
@@ -33,7 +34,8 @@ def fsdp_runs(tmp_path_factory):
     """The same 12 steps, 2 accumulation steps each: one process with B=4 ("single"); torchrun's two
     processes with --fsdp and B=2 each ("fsdp"), stopped by SIGTERM (as a scheduler stops a job) after
     step 3 or so and resumed under --fsdp; and one process cut after 2 steps ("plain") and resumed under
-    --fsdp. The learning rate is constant, so a run cut and resumed must equal one that never stopped."""
+    --fsdp --cpu_offload. The learning rate is constant, so a run cut and resumed must equal one that never
+    stopped. Every launch has a deadline: a hung collective fails the tests in minutes, its processes killed."""
     from train_gpt2 import main
 
     tmp = tmp_path_factory.mktemp("fsdp")
@@ -53,21 +55,18 @@ def fsdp_runs(tmp_path_factory):
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
-    stopped = subprocess.Popen([*TORCHRUN, str(REPO / "train_gpt2.py"), *common, *hellaswag, "--B", "2", "--fsdp",
-                                "--out_dir", "fsdp"], cwd=tmp, env={**os.environ, **SCRIPT_ENV},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = []
-    for line in stopped.stdout:
-        first.append(line)
-        if line.startswith("step     3 | loss"):
-            stopped.send_signal(signal.SIGTERM)  # torchrun passes it on to every process
-            break
-    rest, err = stopped.communicate(timeout=120)
+    with Launched([*TORCHRUN, str(REPO / "train_gpt2.py"), *common, *hellaswag, "--B", "2", "--fsdp",
+                   "--out_dir", "fsdp"], tmp) as stopped:
+        first = stopped.wait_for("step     3 | loss", deadline_s=120)
+        stopped.send_signal(signal.SIGTERM)  # torchrun passes it on to every process
+        code, rest, err = stopped.finish(deadline_s=120)
+    assert code != 0 and "interrupted: saved step" in rest, err
     sharded = "".join(first) + rest
     resumed = {}
-    for name, recompute in (("fsdp", ["--activation_checkpointing"]), ("plain", [])):  # (recomputing changes nothing)
-        r = run_script(*common, "--B", "2", "--fsdp", "--resume", *recompute, "--out_dir", name, cwd=tmp,
-                       runner=TORCHRUN)
+    # (recomputing activations changes nothing; neither does keeping the state in RAM)
+    for name, extra in (("fsdp", ["--activation_checkpointing"]), ("plain", ["--cpu_offload"])):
+        r = run_script(*common, "--B", "2", "--fsdp", "--resume", *extra, "--out_dir", name, cwd=tmp,
+                       runner=TORCHRUN, timeout=180)
         assert r.returncode == 0, r.stderr
         resumed[name] = r
     return tmp, sharded, resumed
@@ -77,6 +76,10 @@ def test_fsdp_over_two_processes_gives_one_processs_losses(fsdp_runs):
     tmp, sharded, _ = fsdp_runs
     one, two = log(tmp / "single"), log(tmp / "fsdp")
     assert "FSDP over 2: a 1/2 share" in sharded and "x 2 processes x 2 accumulation steps" in sharded
+    # and the share is what each process holds: every tensor split along its first dimension in two
+    share = sum(-(-p.shape[0] // 2) * p[0].numel() for p in GPT(GPTConfig(block_size=64, n_layer=2, n_head=2,
+                                                                           n_embd=32)).parameters())
+    assert f"model state {in_binary_units(16 * share)} = weights {in_binary_units(4 * share)} " in sharded
     for key in ("loss", "val_loss"):
         assert numbers(two, key) == pytest.approx(numbers(one, key), abs=1e-4), key
     # the clipped global norm of all processes' gradients: float32 sums in another order drift with the
@@ -99,9 +102,11 @@ def test_an_fsdp_run_stopped_by_sigterm_saves_and_resumes_under_fsdp_exactly(fsd
     assert resumed["fsdp"].stdout.count("> Hello") == 1  # every process samples (FSDP needs all), rank 0 prints
 
 
-def test_a_plain_checkpoint_resumes_under_fsdp(fsdp_runs):
+def test_a_plain_checkpoint_resumes_under_fsdp_with_the_state_in_ram(fsdp_runs):
     tmp, _, resumed = fsdp_runs
     assert "resumed from plain/ckpt.pt at step 2" in resumed["plain"].stdout
+    assert "memory in RAM (--cpu_offload): model state " in resumed["plain"].stdout
+    assert "(FSDP over 2: a 1/2 share); this machine: " in resumed["plain"].stdout
     for key in ("loss", "val_loss"):
         assert numbers(log(tmp / "plain"), key) == pytest.approx(numbers(log(tmp / "single"), key), abs=1e-4), key
 
@@ -135,34 +140,140 @@ def test_fsdp_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: --fsdp splits the model's state across processes: start two or more with torchrun")
 
 
+@pytest.fixture
+def group_of_one():
+    """A process group of this one process, as --cpu_offload makes without torchrun (FSDP needs one)."""
+    import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    gc.collect()  # FSDP's modules hold the group
+    dist.destroy_process_group()
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+
+
+def test_cpu_offload_in_one_process_trains_as_without_it_and_resumes_either_way(tmp_path, monkeypatch, capsys):
+    """--cpu_offload without torchrun: FSDP2 over a group of one process, each Block its own unit and the
+    state in RAM, on the run's device (here the CPU). Four steps of two micro-batches each, float32: the
+    same losses, validation losses and norms as without the flag (1e-5), and its checkpoint resumes
+    without the flag, as a plain one resumes with it."""
+    import train_gpt2
+
+    (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:60_000])
+    sharded, shard = [], train_gpt2.shard_model
+    monkeypatch.setattr(train_gpt2, "shard_model", lambda model, *args: sharded.append(model) or shard(model, *args))
+    common = [*TINY, *EXACT, "--input_file", "text.txt", "--B", "2", "--total_batch_size", "128", "--num_samples", "0"]
+
+    def run(name, *args):
+        code, out, err = run_in_process(*common, "--out_dir", name, *args, cwd=tmp_path, monkeypatch=monkeypatch,
+                                        capsys=capsys)
+        assert code == 0, err
+        return out
+
+    run("plain", "--max_steps", "4")
+    out = run("offloaded", "--max_steps", "2", "--cpu_offload")
+    assert "memory in RAM (--cpu_offload): model state 25.0 MiB = " in out and "(one process); this machine" in out
+    run("offloaded", "--max_steps", "4", "--resume")  # without the flag
+    run("back", "--max_steps", "2")
+    run("back", "--max_steps", "4", "--resume", "--cpu_offload")
+    assert len(sharded) == 2
+    for key, tolerance in (("loss", dict(abs=1e-5)), ("val_loss", dict(abs=1e-5)), ("norm", dict(rel=1e-5))):
+        for name in ("offloaded", "back"):
+            assert numbers(log(tmp_path / name), key) == pytest.approx(numbers(log(tmp_path / "plain"), key),
+                                                                        **tolerance), (name, key)
+    # what ran: each Block a unit of its own, the root one more, every weight kept on the mesh of the run's device
+    from torch.distributed.fsdp import FSDPModule
+
+    model = sharded[0]
+    assert all(isinstance(block, FSDPModule) for block in model.transformer.h) and isinstance(model, FSDPModule)
+    assert {p.device_mesh.device_type for p in model.parameters()} == {"cpu"} and model.offloaded
+
+
+def test_fsdp_reduces_gradients_once_per_step_and_offload_after_every_micro_batch(group_of_one):
+    """The mechanism, not only the numbers: plain FSDP keeps each micro-batch's gradients unreduced
+    until the step's last (the sharded gradients appear only then); offloaded, every micro-batch's
+    gradients go to the CPU shards at once, so the GPU never holds a whole model's gradients."""
+    from contextlib import nullcontext
+
+    from machinery.sharding import shard_model
+    from train_gpt2 import DataLoaderLite, forward_backward
+
+    class Watched(DataLoaderLite):  # notes, as each micro-batch starts, whether reduced gradients exist
+        def next_batch(self):
+            self.seen.append(any(p.grad is not None for p in model.parameters()))
+            return super().next_batch()
+
+    for cpu_offload, expected in ((False, [False, False, False]), (True, [False, True, True])):
+        model = tiny_gpt()
+        shard_model(model, model.transformer.h, "cpu", cpu_offload)
+        loader = Watched(2, 16, input_file=str(REPO / "input.txt"))
+        loader.seen = []
+        forward_backward(model, model, loader, 3, nullcontext(), torch.amp.GradScaler("cpu", enabled=False), "cpu")
+        assert loader.seen == expected, cpu_offload
+        assert all(p.grad is not None for p in model.parameters())  # all reduced once the step is done
+
+
+def test_fsdp_shards_on_the_runs_device_even_where_cuda_exists(group_of_one, monkeypatch):
+    """CPU processes (--device cpu) on a machine with GPUs: without a mesh, fully_shard would pick CUDA."""
+    from machinery.sharding import shard_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))  # fully_shard's default
+    model = tiny_gpt()
+    shard_model(model, model.transformer.h, "cpu", cpu_offload=False)
+    assert {p.device_mesh.device_type for p in model.parameters()} == {"cpu"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
 def peak_mb(result):
     """{rank: MB} from tests/run_measuring_memory.py's lines."""
     return {int(r): float(mb) for r, mb in re.findall(r"peak_mb (\d+) ([\d.]+)", result.stdout)}
 
 
 def test_fsdp_needs_measurably_less_memory_per_process_than_ddp(tmp_path):
-    """A model whose state dominates (16M parameters: 256 MB of weights, gradients and moments; B=1, T=16):
-    under DDP each process holds all of it, under FSDP its half plus one gathered block. Measured as
-    each process's peak resident memory above what it held before training, the whole run: the model is
-    built whole on each process before it is sharded, and rank 0 holds the full state gathered from
-    all to write the checkpoint (on GPUs in the host's memory, not the GPU's; here both are the RAM)."""
+    """A model whose state dominates (16 blocks, 25.5M parameters: 408 MB of weights, gradients and moments;
+    B=1, T=16): under DDP each process holds all of it, under FSDP its half plus the units in use. Measured as
+    each process's peak resident memory above what it held before training, the whole run: rank 0 builds
+    the model and sends the others their shares, and holds the full state gathered from all to write the
+    checkpoint (on GPUs in the host's memory, not the GPU's; here both are the RAM)."""
     (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:20_000])
-    args = ["--device", "cpu", "--n_layer", "4", "--n_head", "4", "--n_embd", "256", "--block_size", "64",
-            "--B", "1", "--T", "16", "--max_steps", "2", "--eval_iters", "1", "--num_samples", "0",
-            "--input_file", "text.txt"]
-    runner = [*TORCHRUN, str(REPO / "tests" / "run_measuring_memory.py")]
-    env = {**__import__("os").environ, **SCRIPT_ENV}
-    ddp = subprocess.run([*runner, *args, "--out_dir", "ddp"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    fsdp = subprocess.run([*runner, *args, "--fsdp", "--out_dir", "fsdp"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True)
+    args = ["--n_layer", "16", "--n_head", "4", "--n_embd", "256", "--block_size", "64", "--B", "1", "--T", "16",
+            "--max_steps", "2", "--eval_iters", "1", "--num_samples", "0", "--input_file", "text.txt"]
+    ddp, fsdp = (run_script(*args, *extra, cwd=tmp_path, runner=TORCHRUN, script="tests/run_measuring_memory.py")
+                 for extra in (["--out_dir", "ddp"], ["--fsdp", "--out_dir", "fsdp"]))
     assert ddp.returncode == 0 and fsdp.returncode == 0, ddp.stderr + fsdp.stderr
     ddp_mb, fsdp_mb = peak_mb(ddp), peak_mb(fsdp)
     assert len(ddp_mb) == len(fsdp_mb) == 2, ddp.stdout[-300:] + fsdp.stdout[-300:] + fsdp.stderr[-500:]
     print(f"peak MB above start, per rank: DDP {ddp_mb}, FSDP {fsdp_mb}")
     # the process that does not save: half of DDP's state, plus the root unit (the 51 MB token table and
-    # its gradient) gathered whole for forward and backward
+    # its gradient) gathered whole for forward and backward (measured: 0.65 of a DDP process)
     assert fsdp_mb[1] < 0.8 * ddp_mb[1]
     assert fsdp_mb[0] < ddp_mb[0]  # rank 0, which gathers the whole state to save it, still less
+
+
+def test_under_fsdp_one_process_builds_the_model_and_sampling_needs_no_whole_copy(tmp_path):
+    """Two CPU processes under --fsdp, a model of 228M parameters (868 MiB of float32 weights in 64 blocks:
+    a shape where it shows) that only samples, in bf16 autocast. Rank 0 builds the weights and sends rank
+    1 its half, so rank 1 never holds them all: its peak is its half, the largest tensor (the token
+    table, 98 MiB) in passing, and for the sample the units in use (measured: 725 MiB). Building the model
+    whole in every process, or autocast's cache of bf16 weight copies (which kept a copy of every block
+    for the whole sample), each put rank 1 above the whole model's weights."""
+    weights_mib = 4 * 227_517_952 / 2**20
+    args = ["--dtype", "bfloat16", "--n_layer", "64", "--n_head", "8", "--n_embd", "512", "--block_size", "64",
+            "--fsdp", "--max_steps", "0", "--num_samples", "1", "--max_new_tokens", "2"]
+    r = run_script(*args, cwd=tmp_path, runner=TORCHRUN, script="tests/run_measuring_memory.py", timeout=240)
+    assert r.returncode == 0, r.stderr
+    peaks = peak_mb(r)
+    print(f"peak MiB above start, per rank: {peaks}; the whole model's weights: {weights_mib:.0f} MiB")
+    assert peaks[0] > weights_mib  # rank 0 built it
+    assert peaks[1] < weights_mib
 
 
 def test_activation_checkpointing_gives_the_same_losses_with_less_memory(tmp_path):
@@ -170,61 +281,15 @@ def test_activation_checkpointing_gives_the_same_losses_with_less_memory(tmp_pat
     keeps, B=4, T=256, float32; one step): recomputing each block's in backward keeps only the blocks' inputs, so
     the peak falls, and the arithmetic is the same."""
     (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:60_000])
-    args = ["--device", "cpu", "--dtype", "float32", "--no-sdpa", "--n_layer", "16", "--n_head", "8", "--n_embd",
-            "64", "--block_size", "256", "--B", "4", "--T", "256", "--max_steps", "1", "--eval_iters", "1",
-            "--num_samples", "0", "--input_file", "text.txt"]
-    runner = [sys.executable, str(REPO / "tests" / "run_measuring_memory.py")]
-    env = {**__import__("os").environ, **SCRIPT_ENV}
-    plain = subprocess.run([*runner, *args, "--out_dir", "plain"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    recomputed = subprocess.run([*runner, *args, "--activation_checkpointing", "--out_dir", "ac"], cwd=tmp_path,
-                                env=env, capture_output=True, text=True)
+    args = ["--dtype", "float32", "--no-sdpa", "--n_layer", "16", "--n_head", "8", "--n_embd", "64", "--block_size",
+            "256", "--B", "4", "--T", "256", "--max_steps", "1", "--eval_iters", "1", "--num_samples", "0",
+            "--input_file", "text.txt"]
+    plain, recomputed = (run_script(*args, *extra, cwd=tmp_path, script="tests/run_measuring_memory.py")
+                         for extra in (["--out_dir", "plain"], ["--activation_checkpointing", "--out_dir", "ac"]))
     assert plain.returncode == 0 and recomputed.returncode == 0, plain.stderr + recomputed.stderr
     assert step_losses(recomputed.stdout) == step_losses(plain.stdout)
     print(f"peak MB above start: {peak_mb(plain)[0]} plain, {peak_mb(recomputed)[0]} recomputed")
     assert peak_mb(recomputed)[0] < 0.9 * peak_mb(plain)[0]
-
-
-def test_the_memory_line_is_exact_from_the_parameter_counts(tmp_path, monkeypatch, capsys):
-    (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:20_000])
-    code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "1", "--num_samples", "0",
-                                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 0, err
-    n = 1_635_744  # this shape's parameters, as the model line counts them
-    assert f"| {n:,} parameters" in out
-    line = next(l for l in out.splitlines() if l.startswith("memory per process"))
-    assert line.startswith(f"memory per process: model state {16 * n / 1e6:.1f} MB = weights {4 * n / 1e6:.1f} MB "
-                           f"+ gradients {4 * n / 1e6:.1f} MB + AdamW moments {8 * n / 1e6:.1f} MB (one process)")
-    assert "| cpu has " in line
-
-
-def test_fsdp_shares_are_the_largest_rows_per_process():
-    from machinery.memory import parameters_per_process
-
-    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))  # rows 5, 5, 2, 2
-    assert parameters_per_process(model, 1) == 15 + 5 + 10 + 2
-    assert parameters_per_process(model, 2) == 3 * 3 + 3 + 1 * 5 + 1  # ceil(rows / 2) of each
-    assert parameters_per_process(model, 4) == 2 * 3 + 2 + 1 * 5 + 1
-
-
-def test_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, monkeypatch, capsys):
-    import train_gpt2
-
-    (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:20_000])
-    backward = train_gpt2.forward_backward
-
-    def out_of_memory_at_step_3(model, raw_model, loader, *args):
-        if loader.state_dict()["position"] >= 3 * 4 * 32:  # the batch of step 3 (B=4, T=32)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.19 GiB total)")
-        return backward(model, raw_model, loader, *args)
-
-    monkeypatch.setattr(train_gpt2, "forward_backward", out_of_memory_at_step_3)
-    code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "6", "--num_samples", "0",
-                                    "--checkpoint_interval", "2", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 1 and err.count("\n") == 1
-    assert err.startswith("error: out of memory at step 3 (micro-batch 4 x 32 on cpu, ")
-    assert "lower --B and keep --total_batch_size 128" in err and "--activation_checkpointing" in err
-    assert "--fsdp" in err and "the last checkpoint is intact" in err
-    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["steps_done"] == 2
 
 
 def free_port():
@@ -239,15 +304,17 @@ def test_two_machines_train_as_one(tmp_path, monkeypatch, capsys):
     (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:60_000])
     common = [*TINY, *EXACT, "--input_file", "text.txt", "--total_batch_size", "128", "--max_steps", "3"]
     port = free_port()
-    env = {**__import__("os").environ, **SCRIPT_ENV}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                               str(REPO / "train_gpt2.py"), *common, "--B", "2", "--out_dir", "two"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = [Launched([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                       "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                       str(REPO / "train_gpt2.py"), *common, "--B", "2", "--out_dir", "two"], tmp_path)
              for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
-    assert "processes 2" in outputs[0][0] and outputs[1][0] == ""  # rank 0 (on node 0) prints
+    try:
+        outputs = [node.finish(deadline_s=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [code for code, _, _ in outputs] == [0, 0], outputs
+    assert "processes 2" in outputs[0][1] and outputs[1][1] == ""  # rank 0 (on node 0) prints
     code, out, err = run_in_process(*common, "--B", "4", "--out_dir", "one", cwd=tmp_path, monkeypatch=monkeypatch,
                                     capsys=capsys)
     assert code == 0, err

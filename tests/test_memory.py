@@ -1,0 +1,154 @@
+"""What a run says about memory: before its first step, what each process will need and where it lives
+(the model state exact from the counts, the activations from a formula fitted to measurements, in the
+units the device's own tools use, beside what the device has); a --cpu_offload run the machine's RAM
+cannot hold refused before step 0; a CUDA out-of-memory error in one line; and, at the end, the peak the
+run really used."""
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+import machinery.memory
+from conftest import REPO, TINY, run_in_process
+from machinery.memory import activation_bytes, describe_out_of_memory, parameters_per_process, plan_memory
+from train_gpt2 import GPT, GPTConfig, TrainConfig
+
+N_TINY = 1_635_744  # TINY's parameters, as the model line counts them
+GIB, MIB = 2**30, 2**20
+
+
+@pytest.fixture
+def small_text(tmp_path):
+    (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:20_000])
+    return tmp_path
+
+
+def test_the_memory_line_is_exact_from_the_parameter_counts(small_text, monkeypatch, capsys):
+    code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "1", "--num_samples", "0",
+                                    cwd=small_text, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    n = N_TINY
+    assert f"| {n:,} parameters" in out
+    line = next(l for l in out.splitlines() if l.startswith("memory per process"))
+    assert line.startswith(f"memory per process: model state {16 * n / MIB:.1f} MiB = weights {4 * n / MIB:.1f} MiB "
+                           f"+ gradients {4 * n / MIB:.1f} MiB + AdamW moments {8 * n / MIB:.1f} MiB (one process) "
+                           f"+ activations about ")
+    assert "at B=4, T=32 (estimate) = about " in line and "| cpu" in line and " has " in line
+
+
+def test_a_run_that_only_samples_says_only_the_weights(small_text, monkeypatch, capsys):
+    code, out, err = run_in_process(*TINY[:-2], "--max_steps", "0", "--num_samples", "1", "--max_new_tokens", "2",
+                                    cwd=small_text, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    line = next(l for l in out.splitlines() if l.startswith("memory per process"))
+    assert line.startswith(f"memory per process: weights {4 * N_TINY / MIB:.1f} MiB (no training) | cpu")
+    assert "gradients" not in out and "AdamW" not in out
+
+
+def test_fsdp_shares_are_the_largest_rows_per_process():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))  # rows 5, 5, 2, 2
+    assert parameters_per_process(model, 1) == 15 + 5 + 10 + 2
+    assert parameters_per_process(model, 2) == 3 * 3 + 3 + 1 * 5 + 1  # ceil(rows / 2) of each
+    assert parameters_per_process(model, 4) == 2 * 3 + 2 + 1 * 5 + 1
+
+
+# The peaks of allocated memory the formula was fitted to (NVIDIA H200, bf16 autocast, fused attention,
+# T=1024, V=50,304), and how far its estimate may be from each: docs/memory.md states the same errors.
+MEASURED = [  # (n_layer, n_head, n_embd, B, activation checkpointing, peak GB, relative error of the estimate)
+    (12, 12, 768, 16, False, 9.0, +0.216),
+    (12, 12, 768, 64, False, 43.8, -0.137),
+    (12, 12, 768, 64, True, 24.0, -0.062),
+    (48, 25, 1600, 16, False, 76.1, -0.089),
+    (48, 25, 1600, 16, True, 35.2, -0.008),
+]
+
+
+@pytest.mark.parametrize("n_layer, n_head, n_embd, B, checkpointing, peak_gb, error", MEASURED)
+def test_the_activation_estimate_is_within_its_stated_error_of_each_measurement(n_layer, n_head, n_embd, B,
+                                                                               checkpointing, peak_gb, error):
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50304)
+    with torch.device("meta"):
+        state = 16 * sum(p.numel() for p in GPT(config).parameters())
+    estimate = state + activation_bytes(config, B, 1024, checkpointing)
+    assert (estimate - peak_gb * 1e9) / (peak_gb * 1e9) == pytest.approx(error, abs=0.0005)
+
+
+def cuda_of(monkeypatch, name, total_memory):
+    """torch.cuda as a machine with one GPU of this name and memory would answer plan_memory."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        total_memory=total_memory))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def gpt2_xl():
+    with torch.device("meta"):  # the shape alone: no memory
+        return GPT(GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50304))
+
+
+def test_the_device_is_named_in_the_units_its_tools_use(monkeypatch):
+    """torch says an H200 has 150.1e9 bytes; nvidia-smi says 143,771 MiB: the line says 139.8 GiB."""
+    cuda_of(monkeypatch, "NVIDIA H200", 150_100_000_000)
+    cfg = TrainConfig(B=16, T=1024)
+    line = plan_memory(gpt2_xl(), cfg, 1, "cuda", torch.bfloat16)
+    assert line.endswith("| cuda:0 (NVIDIA H200) has 139.8 GiB")
+    assert "likely does not fit" not in line  # the H200 measured 76.1 GB at this shape
+
+
+def test_a_run_that_likely_does_not_fit_says_so_and_offload_makes_it_fit(monkeypatch):
+    """GPT-2 1.5B on a 24 GB card: its state alone (24.9 GB) is more than the card; with --cpu_offload and
+    activation checkpointing at B=4 the card holds the activations and a few gathered units, and the RAM
+    the state (this machine's RAM: the test says 64 GiB free)."""
+    cuda_of(monkeypatch, "NVIDIA GeForce RTX 4090", 25_386_352_640)
+    monkeypatch.setattr(machinery.memory, "available_ram", lambda: 64 * GIB)
+    cfg = TrainConfig(B=4, T=1024)
+    line = plan_memory(gpt2_xl(), cfg, 1, "cuda", torch.bfloat16)
+    assert "model state 23.2 GiB" in line and ": likely does not fit | cuda:0 (NVIDIA GeForce RTX 4090) has 23.6 GiB" \
+        in line
+    offloaded = plan_memory(gpt2_xl(), dataclasses.replace(cfg, cpu_offload=True, activation_checkpointing=True),
+                            1, "cuda", torch.bfloat16)
+    on_gpu, in_ram = offloaded.splitlines()
+    assert "likely does not fit" not in on_gpu and "model state" not in on_gpu and "gathered units" in on_gpu
+    assert in_ram.startswith("memory in RAM (--cpu_offload): model state 23.2 GiB = weights 5.8 GiB")
+    assert in_ram.endswith("(one process); this machine: 23.2 GiB of 64.0 GiB free")
+
+
+def test_cpu_offload_that_the_ram_cannot_hold_is_refused_before_step_0(small_text, monkeypatch, capsys):
+    monkeypatch.setattr(machinery.memory, "available_ram", lambda: 10 * MIB)  # TINY's state is 25.0 MiB
+    code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "2", "--cpu_offload",
+                                    "--out_dir", "run", cwd=small_text, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("error: --cpu_offload needs about 25.0 MiB of RAM on this machine (1 process(es)' share "
+                          "of the state) and 10.0 MiB is free")
+    assert "step" not in out and not (small_text / "run").exists()  # nothing trained, nothing written
+
+
+def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypatch, capsys):
+    import train_gpt2
+
+    backward = train_gpt2.forward_backward
+
+    def out_of_memory_at_step_3(model, raw_model, loader, *args):
+        if loader.state_dict()["position"] >= 3 * 4 * 32:  # the batch of step 3 (B=4, T=32)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.19 GiB total)")
+        return backward(model, raw_model, loader, *args)
+
+    monkeypatch.setattr(train_gpt2, "forward_backward", out_of_memory_at_step_3)
+    code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "6", "--num_samples", "0",
+                                    "--checkpoint_interval", "2", cwd=small_text, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("error: out of memory at step 3 (micro-batch 4 x 32 on cpu")
+    assert "lower --B and keep --total_batch_size 128" in err and "--activation_checkpointing" in err
+    assert "--fsdp" in err and "--cpu_offload" in err and "the last checkpoint is intact" in err
+    assert torch.load(small_text / "out" / "ckpt.pt", weights_only=True)["steps_done"] == 2
+
+
+def test_the_out_of_memory_line_counts_the_tokens_of_every_process(tmp_path, monkeypatch):
+    """Under torchrun each of WORLD_SIZE processes reads its own micro-batch: B=4, T=32 over 8 processes
+    is 1,024 tokens a step, which a smaller --B keeps by accumulating more."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    cfg = TrainConfig(B=4, T=32, out_dir=str(tmp_path))
+    line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, "cpu")
+    assert "lower --B and keep --total_batch_size 1024 " in line
