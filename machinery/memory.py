@@ -108,20 +108,28 @@ def plan_memory(model, cfg, world_size, device, dtype):
     has = f"{device_name(device)} has {size(total)}" if total else device_name(device)
     if cfg.eval_only or cfg.max_steps == 0:  # no gradients, no AdamW: the weights and a forward pass
         return f"memory per process: weights {size(WEIGHT_BYTES * model_size(model))} (no training) | {has}"
-    n = parameters_per_process(model, world_size if cfg.fsdp else 1)
-    state = (f"model state {size(STATE_BYTES * n)} = weights {size(WEIGHT_BYTES * n)} + gradients "
-             f"{size(GRAD_BYTES * n)} + AdamW moments {size(ADAM_BYTES * n)} ({mode(cfg, world_size)})")
+    shards, sharded = (world_size if cfg.fsdp else 1), cfg.fsdp or cfg.cpu_offload
+    n = parameters_per_process(model, shards)
+    parts = [] if cfg.cpu_offload else [(describe_state(n, cfg, world_size), STATE_BYTES * n)]  # (what, bytes)
+    if world_size > 1 and not sharded:  # DDP reduces gradients through buckets: a second copy of them
+        parts.append((f"DDP's gradient buckets {size(GRAD_BYTES * n)}", GRAD_BYTES * n))
     act = activation_bytes(model.config, cfg.B, cfg.T, cfg.activation_checkpointing, cfg.sdpa, dtype == torch.float32)
-    sharded = cfg.fsdp or cfg.cpu_offload
-    on_device = act + (gathered_bytes(model.config) if sharded else 0) + (0 if cfg.cpu_offload else STATE_BYTES * n)
-    parts = ([] if cfg.cpu_offload else [state]) + [
-        f"activations about {size(act)} at B={cfg.B}, T={cfg.T}" +
-        (" with activation checkpointing" if cfg.activation_checkpointing else "") + " (estimate)"] + \
-        ([f"gathered units {size(gathered_bytes(model.config))}"] if sharded else [])
-    line = f"memory per process: {' + '.join(parts)} = about {size(on_device)}{fit(on_device, total)} | {has}"
+    parts.append((f"activations about {size(act)} at B={cfg.B}, T={cfg.T}" +
+                  (" with activation checkpointing" if cfg.activation_checkpointing else "") + " (estimate)", act))
+    if sharded:
+        parts.append((f"gathered units {size(gathered_bytes(model.config))}", gathered_bytes(model.config)))
+    need = sum(bytes_ for _, bytes_ in parts)
+    line = f"memory per process: {' + '.join(what for what, _ in parts)} = about {size(need)}{fit(need, total)} | {has}"
     if cfg.cpu_offload:  # the state, in the machine's RAM
-        line += f"\nmemory in RAM (--cpu_offload): {state}{check_ram(n, model_size(model), world_size)}"
+        line += "\n" + plan_ram(model, cfg, shards, world_size, pinned=device.startswith("cuda"))
     return line
+
+
+def describe_state(n, cfg, world_size):
+    mode = (f"FSDP over {world_size}: a 1/{world_size} share" if cfg.fsdp else
+            f"DDP: all of it in each of {world_size}" if world_size > 1 else "one process")
+    return (f"model state {size(STATE_BYTES * n)} = weights {size(WEIGHT_BYTES * n)} + gradients "
+            f"{size(GRAD_BYTES * n)} + AdamW moments {size(ADAM_BYTES * n)} ({mode})")
 
 
 def fit(need, total):
@@ -135,26 +143,32 @@ def model_size(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def mode(cfg, world_size):
-    if cfg.fsdp:
-        return f"FSDP over {world_size}: a 1/{world_size} share"
-    return f"DDP: all of it in each of {world_size}" if world_size > 1 else "one process"
+def page_locked_bytes(model, shards):
+    """What one process's float32 shards of every weight take in page-locked (pinned) RAM: torch's
+    allocator for it rounds each tensor up to a power of two (1.5x the bytes for GPT-2 1.5B)."""
+    return sum(1 << (WEIGHT_BYTES * math.ceil(p.shape[0] / shards) * (p.numel() // p.shape[0]) - 1).bit_length()
+               for p in model.parameters())
 
 
-def check_ram(n, n_model, world_size):
-    """The RAM this machine's processes need with --cpu_offload (their shares of the state, and on rank
-    0's machine the whole weights and moments gathered while a checkpoint is written), beside what it
-    has free: a ValueError, before step 0, when it cannot hold them."""
+def plan_ram(model, cfg, shards, world_size, pinned):
+    """The --cpu_offload line: the state this machine's processes keep in its RAM (their shares; weights
+    and gradients page-locked where a GPU copies them; on rank 0's machine also the whole weights and
+    moments while a checkpoint is gathered), beside what is free: a ValueError, before step 0, when it
+    cannot hold them."""
+    n = parameters_per_process(model, shards)
+    held = 2 * page_locked_bytes(model, shards) + ADAM_BYTES * n if pinned else STATE_BYTES * n  # one process
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     gathers = world_size > 1 and int(os.environ.get("RANK", 0)) < here  # rank 0 runs on this machine
-    need = here * STATE_BYTES * n + (WEIGHT_BYTES + ADAM_BYTES) * n_model * gathers
+    need = here * held + (WEIGHT_BYTES + ADAM_BYTES) * model_size(model) * gathers
     free = available_ram()
     if free is not None and need > free:
         raise ValueError(f"--cpu_offload needs about {size(need)} of RAM on this machine ({here} process(es)' "
                          f"share of the state" + (", and a checkpoint gathered" if gathers else "") +
                          f") and {size(free)} is free: free some, or spread the state over more machines' RAM "
                          f"with --fsdp under torchrun")
-    return f"; this machine: {size(need)} of {size(free)} free" if free is not None else ""
+    return (f"memory in RAM (--cpu_offload): {describe_state(n, cfg, world_size)}" +
+            (f", {size(held)} with weights and gradients page-locked" if pinned else "") +
+            (f"; this machine: {size(need)} of {size(free)} free" if free is not None else ""))
 
 
 def peak_memory(device):

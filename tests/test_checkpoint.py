@@ -239,6 +239,42 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, text_file, monke
     code, _, err = run_in_process(*RUN, "--input_file", text_file, "--resume", cwd=tmp_path, monkeypatch=monkeypatch,
                                   capsys=capsys)
     assert code == 1 and err.strip() == "error: no checkpoint to resume from at 'out/ckpt.pt'"
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--init_from", "nothing.pt", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.strip() == "error: --init_from: no checkpoint at 'nothing.pt'"
+
+
+def test_a_resume_continues_the_runs_batch_and_names_another_B(tmp_path, text_file, monkeypatch, capsys):
+    """A run trained at --B 2 --T 16 (32 tokens a step) and resumed with no batch flags carries on as it
+    was, not at the defaults (B=4, T=32); with --B 1 it says so in one line and keeps 32 tokens a step by
+    two accumulation steps, the same arithmetic: the losses of the run that never stopped (float32, 1e-5).
+    A --T or --total_batch_size other than the run's would make another run: refused in one line."""
+    common = [*TINY, "--dtype", "float32", "--input_file", text_file, "--eval_interval", "2", "--num_samples", "0"]
+
+    def run(*args):
+        code, out, err = run_in_process(*common, *args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 0, err
+        return out
+
+    run("--B", "2", "--T", "16", "--max_steps", "4", "--out_dir", "whole")
+    for name in ("same", "smaller"):
+        run("--B", "2", "--T", "16", "--max_steps", "2", "--out_dir", name)
+    out = run("--max_steps", "4", "--resume", "--out_dir", "same")
+    assert "model resumed from same/ckpt.pt at step 2 | 2 layers" in out and "model scratch" not in out
+    assert "32 tokens per step = 2 x 16 x 1 processes x 1 accumulation steps" in out and "instead of" not in out
+    out = run("--max_steps", "4", "--resume", "--B", "1", "--out_dir", "smaller")
+    assert "--B 1 instead of the run's 2: the same 32 tokens per step by more accumulation\n" in out
+    assert "32 tokens per step = 1 x 16 x 1 processes x 2 accumulation steps" in out
+    # (validation reads --eval_iters batches of the B it runs with: at B=1, other tokens than the run's)
+    for name, key in (("same", "loss"), ("same", "val_loss"), ("smaller", "loss")):
+        assert [r[key] for r in read_log(tmp_path / name) if key in r] == \
+            pytest.approx([r[key] for r in read_log(tmp_path / "whole") if key in r], abs=1e-5), (name, key)
+    for flag, value, run_value in (("--T", "8", "16"), ("--total_batch_size", "64", "32")):
+        code, _, err = run_in_process(*common, "--max_steps", "6", "--resume", flag, value, "--out_dir", "same",
+                                      cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 1 and err == (f"error: {flag} {value} instead of the run's {run_value}: a resume continues the "
+                                     f"run as it was; leave {flag} out, or start a new run from these weights with "
+                                     f"--init_from same/ckpt.pt\n")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys):

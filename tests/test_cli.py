@@ -126,6 +126,17 @@ def test_importing_does_nothing_visible(tmp_path):
         assert heavy not in modules  # heavy or optional: imported only when a run needs it
 
 
+def test_the_names_the_docs_import_from_train_gpt2_stay_importable():
+    """The README and docs once showed these imported from train_gpt2 (issue 14 promised they stay)."""
+    import machinery.run_log
+    import machinery.tokens
+    import train_gpt2
+
+    for name in ("GPT", "GPTConfig", "DataLoaderLite", "get_tokenizer", "get_lr", "plot_log", "TrainConfig", "main"):
+        assert hasattr(train_gpt2, name), name
+    assert train_gpt2.get_tokenizer is machinery.tokens.get_tokenizer and train_gpt2.plot_log is machinery.run_log.plot_log
+
+
 def test_ddp_two_processes_match_one(tmp_path, text_file):
     """torchrun with 2 CPU processes (gloo) follows the single-process loss trajectory with the same
     total batch: 2 ranks x B=1 x 2 accumulation steps = 1 process x B=2 x 2 (float32, 1e-5)."""

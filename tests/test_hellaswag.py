@@ -135,6 +135,22 @@ def test_auto_download_failure_is_one_line_and_leaves_no_cache(tmp_path, random_
     assert not (tmp_path / "cache" / "train_gpt2" / "hellaswag_val.jsonl").exists()
 
 
+def test_without_a_network_the_command_says_so_in_one_line_at_once(tmp_path, monkeypatch, capfd, no_network):
+    """`python hellaswag.py` on a machine whose network is off: the hub's name does not resolve, so its
+    libraries are told at once that they are offline (instead of retrying each request for half a
+    minute and printing every retry), the one line says why, and the offline switch is set back after."""
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert hellaswag.main([]) == 1
+    out, err = capfd.readouterr()
+    assert err == ("error: downloading HellaSwag (Rowan/hellaswag) failed: the Hugging Face hub cannot be reached "
+                   "(no network?); pass a local file with --data\n") and out == ""
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
 def test_auto_download_converts_string_labels_and_caches(tmp_path, monkeypatch):
     import datasets
 

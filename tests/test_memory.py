@@ -5,6 +5,7 @@ cannot hold refused before step 0; a CUDA out-of-memory error in one line; and, 
 run really used."""
 
 import dataclasses
+import math
 import types
 
 import pytest
@@ -100,7 +101,7 @@ def test_the_device_is_named_in_the_units_its_tools_use(monkeypatch):
 def test_a_run_that_likely_does_not_fit_says_so_and_offload_makes_it_fit(monkeypatch):
     """GPT-2 1.5B on a 24 GB card: its state alone (24.9 GB) is more than the card; with --cpu_offload and
     activation checkpointing at B=4 the card holds the activations and a few gathered units, and the RAM
-    the state (this machine's RAM: the test says 64 GiB free)."""
+    the state (this machine's RAM: the test says 64 GiB free), weights and gradients page-locked."""
     cuda_of(monkeypatch, "NVIDIA GeForce RTX 4090", 25_386_352_640)
     monkeypatch.setattr(machinery.memory, "available_ram", lambda: 64 * GIB)
     cfg = TrainConfig(B=4, T=1024)
@@ -112,7 +113,13 @@ def test_a_run_that_likely_does_not_fit_says_so_and_offload_makes_it_fit(monkeyp
     on_gpu, in_ram = offloaded.splitlines()
     assert "likely does not fit" not in on_gpu and "model state" not in on_gpu and "gathered units" in on_gpu
     assert in_ram.startswith("memory in RAM (--cpu_offload): model state 23.2 GiB = weights 5.8 GiB")
-    assert in_ram.endswith("(one process); this machine: 23.2 GiB of 64.0 GiB free")
+    # weights and gradients in page-locked RAM, which torch allocates in powers of two, and AdamW's moments
+    model = gpt2_xl()
+    page_locked = sum(2 ** math.ceil(math.log2(4 * p.numel())) for p in model.parameters())
+    held = (2 * page_locked + 8 * sum(p.numel() for p in model.parameters())) / GIB
+    assert round(held, 1) == 29.1
+    assert in_ram.endswith(f"(one process), {held:.1f} GiB with weights and gradients page-locked; "
+                           f"this machine: {held:.1f} GiB of 64.0 GiB free")
 
 
 def test_cpu_offload_that_the_ram_cannot_hold_is_refused_before_step_0(small_text, monkeypatch, capsys):
