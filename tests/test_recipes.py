@@ -143,9 +143,61 @@ def test_bigger_gpt2_recipes(name, stand_in, tmp_path, monkeypatch, capsys):
 
 def test_finetune_gpt2_xl_recipe(stand_in, tmp_path, monkeypatch, capsys):
     cfg, _ = parse_args(TrainConfig, [recipe("finetune_gpt2_xl.args")])
-    assert (cfg.init_from, cfg.fsdp, cfg.activation_checkpointing) == ("gpt2-xl", True, True)
+    assert (cfg.init_from, cfg.fsdp, cfg.activation_checkpointing) == ("gpt2-xl", True, False)
     code, out, err = run_in_process(recipe("finetune_gpt2_xl.args"), "--init_from", stand_in / "gpt2-local", "--no-fsdp",
                                      "--T", "32", "--max_steps", "1", "--eval_iters", "1", "--num_samples", "1",
                                      "--out_dir", tmp_path / "ft", cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     assert "> ROMEO:" in out
+
+
+def test_finetune_gpt2_xl_on_one_24gb_gpu_recipe(stand_in, tmp_path, monkeypatch, capsys):
+    """The same run with the state in RAM (--cpu_offload): here on the CPU, where the offload changes
+    nothing but runs FSDP2's path in one process."""
+    cfg, _ = parse_args(TrainConfig, [recipe("finetune_gpt2_xl_24gb.args")])
+    assert (cfg.init_from, cfg.cpu_offload, cfg.fsdp, cfg.B, cfg.T) == ("gpt2-xl", True, False, 4, 512)
+    code, out, err = run_in_process(recipe("finetune_gpt2_xl_24gb.args"), "--init_from", stand_in / "gpt2-local",
+                                     "--T", "32", "--max_steps", "1", "--eval_iters", "1", "--num_samples", "1",
+                                     "--out_dir", tmp_path / "ft", cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "memory in RAM (--cpu_offload)" in out and "> ROMEO:" in out
+
+
+SIZES = {"gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257)}
+MEMORY = re.compile(r"about ([\d.]+) gib a gpu, ([\d.]+) gib with its margin, on (\d+) gpus? of (\d+) gb")
+
+
+@pytest.mark.parametrize("name", ["gpt2_350m.args", "gpt2_774m.args", "gpt2_1558m.args", "finetune_gpt2_xl.args",
+                                  "finetune_gpt2_xl_24gb.args"])
+def test_the_bigger_recipes_fit_their_hardware_by_the_fitted_formula_with_its_margin(name, monkeypatch):
+    """Each recipe for the bigger GPT-2s says the memory a GPU needs at its settings, on the hardware it
+    names: the figure the run's own start line will print (machinery/memory.py's plan), which with the
+    estimate's margin fits a GPU of that size counted as decimal GB (a card holds a little more), with no
+    warning. A recipe or the formula changed without the other fails here."""
+    import types
+
+    import torch
+
+    import machinery.memory
+    from train_gpt2 import GPT, GPTConfig
+
+    said = MEMORY.search(" ".join(comments(REPO / "configs" / name).split()))  # (comments() lowercases)
+    assert said, f"{name} does not say its memory a GPU"
+    about, with_margin, gpus, gb = float(said[1]), float(said[2]), int(said[3]), int(said[4])
+    cfg, _ = parse_args(TrainConfig, [recipe(name)])
+    shape = SIZES.get(cfg.init_from) or dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                             block_size=cfg.block_size, vocab_size=cfg.vocab_size)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**shape))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=gb * 1e9))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(machinery.memory, "available_ram", lambda: 2**40)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(gpus))
+    lines = machinery.memory.plan_memory(model, cfg, gpus, "cuda", torch.bfloat16)
+    planned = float(re.search(r"= about ([\d.]+) GiB \|", lines)[1])
+    assert planned == about and round(about * machinery.memory.FIT_MARGIN, 1) == with_margin, lines
+    assert "fit" not in lines  # no "likely does not fit", no "may not fit"
+    if cfg.cpu_offload:  # and the RAM it says
+        held = re.search(r"([\d.]+) GiB with weights and gradients page-locked", lines)[1]
+        assert f"in ram {held} gib" in comments(REPO / "configs" / name)
