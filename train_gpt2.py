@@ -45,17 +45,15 @@ from machinery.hardware import (DTYPES, attention_kernels, check_device, check_o
                                 cpu_allocator_for, resolve_dtype)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
 from machinery.loss import linear_cross_entropy
-from machinery.memory import describe_out_of_memory, peak_memory_anywhere, plan_memory
-from machinery.pretrained import (PRETRAINED, export_to_transformers, load_transformers_gpt2,  # OpenAI's GPT-2s
-                                  shared_weight_names)
+from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_memory
+from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2, shared_weight_names
 from machinery.samples import finish_run, print_samples
-from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log: importable from here, to redraw a run)
+from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log, get_tokenizer: importable from here)
 from machinery.sharding import (builds_the_model, check_fsdp, from_rank0, full_model_state, full_optimizer_state,
                                 set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere
-from machinery.tokens import (GPT2_VOCAB_SIZE, check_data, get_tokenizer, shard_files,  # noqa: F401 (get_tokenizer:
-                              text_file_split)  # importable from here, as the docs once showed)
+from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, shard_files, text_file_split  # noqa: F401
 
 # -----------------------------------------------------------------------------
 # The model
@@ -166,6 +164,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
+        """(logits (B, T, V), the mean loss if targets are given); with loss_in_chunks, (None, loss)."""
         B, T = idx.size()  # idx: (B, T) token ids
         if T > self.config.block_size:
             raise ValueError(f"sequence length T={T} exceeds block_size={self.config.block_size}")
@@ -338,14 +337,14 @@ def resolve_device(name="auto"):
     return name, device_type
 
 
-def make_precision(dtype_name, device_type, sharded=False):
+def make_precision(dtype_name, device_type, fsdp_wrapped=False):
     """The dtype, autocast context and loss scaler for --dtype (resolve_dtype: what "auto" picks, and why)."""
     dtype = resolve_dtype(dtype_name, device_type)
     # autocast takes the device TYPE ("cuda", never "cuda:3"); float32 means full precision, no autocast.
-    # It caches each weight's bf16 copy while the block lasts: sharded, which frees weights after use, that
-    # would be all of them at once (docs/memory.md), so there it casts anew at each use
-    autocast = torch.autocast(device_type, dtype=dtype, cache_enabled=not sharded) if dtype != torch.float32 \
-        else contextlib.nullcontext()
+    # Its cache keeps each weight's bf16 copy until the block ends: under FSDP, which frees each block's
+    # weights after use, a sample would keep a copy of every block (docs/memory.md), so there it is off
+    autocast = (torch.autocast(device_type, dtype=dtype, cache_enabled=not fsdp_wrapped)
+                if dtype != torch.float32 else contextlib.nullcontext())
     # float16's narrow range underflows small gradients: scale the loss up, gradients back down
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
     return dtype, autocast, scaler
@@ -461,10 +460,10 @@ def batch_arithmetic(cfg, world_size):
     return total_batch_size, total_batch_size // tokens_per_micro_step
 
 
-def make_model(cfg, ckpt, ckpt_path, sharded):
+def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped):
     """The model to train: a checkpoint's (cfg already has its shape), a fresh one, or OpenAI's weights.
     Sharded, only rank 0 makes it; the others get its shape now and their shards of it in shard_model."""
-    if not builds_the_model(sharded):  # FSDP's other processes: rank 0's shape on the meta device, no memory
+    if not builds_the_model(fsdp_wrapped):  # FSDP's other processes: rank 0's shape, on the meta device
         with torch.device("meta"):
             model = GPT(from_rank0(None))
     elif ckpt is not None:
@@ -475,7 +474,7 @@ def make_model(cfg, ckpt, ckpt_path, sharded):
                               n_head=cfg.n_head, n_embd=cfg.n_embd, sdpa=cfg.sdpa))
     else:
         model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
-    if sharded and builds_the_model(sharded):
+    if fsdp_wrapped and builds_the_model(fsdp_wrapped):
         from_rank0(model.config)  # (to the others)
     check_block_size(cfg.T, model.config.block_size)
     return model
@@ -499,7 +498,8 @@ def make_loaders(cfg, rank, world_size):
 
 
 def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scaler, device):
-    """One optimizer step's gradients, accumulated over micro-batches; returns the mean loss."""
+    """One optimizer step's gradients, accumulated over micro-batches; returns the mean loss. `model` runs
+    the step (compiled, or wrapped by DDP); `raw_model` is the module itself, where FSDP's switch lives."""
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
@@ -507,7 +507,7 @@ def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scale
         # DDP and FSDP average gradients across processes in backward. Only the last micro-batch needs that:
         # DDP's no_sync (around forward too, where DDP decides) and FSDP's switch skip it on the others.
         syncing = micro_step == grad_accum_steps - 1
-        set_gradient_sync(raw_model, syncing)  # (FSDP only)
+        set_gradient_sync(raw_model, syncing)  # (FSDP only; offloaded, every micro-batch's go to the CPU)
         with model.no_sync() if isinstance(model, DDP) and not syncing else contextlib.nullcontext():
             with autocast:
                 _, loss = model(x, y)
@@ -577,21 +577,21 @@ def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sa
 def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     """Set up, then the training loop. Returns 0, or 130 when a signal stopped it (after saving)."""
     master = rank == 0  # rank 0 prints, logs and saves
-    sharded = cfg.fsdp or cfg.cpu_offload  # FSDP2 shards the state (offloading it, over one process too)
-    dtype, autocast, scaler = make_precision(cfg.dtype, device_type, sharded)
+    fsdp_wrapped = cfg.fsdp or cfg.cpu_offload  # FSDP2 holds the state (--cpu_offload: in RAM, one process too)
+    dtype, autocast, scaler = make_precision(cfg.dtype, device_type, fsdp_wrapped)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
-    ckpt, start_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # (a resume: the run's settings)
+    ckpt, start_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # (its shape; resumed, its batch)
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
-    cfg = replace(cfg, total_batch_size=total_batch_size)  # saved so: a resume reads as many tokens a step
+    cfg = replace(cfg, total_batch_size=total_batch_size)  # kept in the checkpoint: a resume keeps it
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
-    raw_model = make_model(cfg, ckpt, start_path, sharded)
+    raw_model = make_model(cfg, ckpt, start_path, fsdp_wrapped)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     raw_model.loss_in_chunks = device_type == "cpu"  # where RAM runs out first (docs/performance.md)
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step, ckpt))
-    print0(plan_memory(raw_model, cfg, world_size, device, dtype))  # before it runs out, not after
-    if sharded:  # 1/N of every weight, gradient and AdamW moment a process (in RAM with --cpu_offload)
-        shard_model(raw_model, raw_model.transformer.h, device, cfg.cpu_offload)  # all in every forward now
+    print0(plan_memory(raw_model, cfg, world_size, device, dtype))  # said before it runs out; offloaded, checked
+    if fsdp_wrapped:  # each process keeps 1/N of the state (in RAM with --cpu_offload) and joins every forward
+        shard_model(raw_model, raw_model.transformer.h, device, cfg.cpu_offload)
     else:
         raw_model.to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
@@ -612,7 +612,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
         restore_training_state(ckpt, raw_model, optimizer, scaler, train_loader, sample_generator)
     del ckpt  # free the CPU copy (or the file's mapping)
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
-    if distributed and not sharded:  # DDP averages gradients across processes during backward
+    if distributed and not fsdp_wrapped:  # DDP averages gradients across processes during backward
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
@@ -627,7 +627,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             if done or checkpoint_due(step, start_step, cfg.checkpoint_interval):
                 write_checkpoint(raw_model, optimizer, scaler, step, cfg, train_loader, sample_generator, master)
             if done:
-                log.write({**record, "peak_memory_bytes": peak_memory_anywhere(device)})  # (the largest process)
+                log.write({**record, "peak_memory_bytes": largest_peak_memory(device)})  # (of all processes)
                 log.draw()
                 break
             if cfg.sample_interval and step > 0 and step % cfg.sample_interval == 0:
@@ -673,7 +673,7 @@ def main(argv=None):
         device, device_type = resolve_device(cfg.device)
         cpu_allocator_for(device_type, cfg.fsdp)  # glibc's freed memory: kept for the next step, or given back
         distributed, rank, world_size, device = join_process_group(device, device_type)
-        check_fsdp(cfg.fsdp, cfg.cpu_offload, world_size, device_type)  # torchrun with 2+ processes, on CUDA or CPUs
+        check_fsdp(cfg.fsdp, cfg.cpu_offload, world_size, device_type)  # on CUDA or CPUs; --fsdp: 2+ processes
         check_data(cfg)  # before anything heavy
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU

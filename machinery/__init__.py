@@ -8,13 +8,15 @@ say what happens; prepare.py and hellaswag.py use them too. Nothing here imports
     command_line.py    the flags from TrainConfig, recipes (@configs/NAME.args), settings checks
     tokens.py          GPT-2's tokenizer offline, a text file's tokens, token shards and their manifest
     pretrained.py      OpenAI's GPT-2 through transformers, and our model exported back to it
+    hub.py             the Hugging Face hub out of reach: its cache only, said at once
     hardware.py        device, precision and each device's quirks (memory, kernels, compile)
+    loss.py            the loss without the logits: lm_head and cross-entropy a chunk of rows at a time
     speed.py           model FLOPs per second and MFU against the GPUs' bf16 peaks
     checkpoints.py     checkpoint files: written atomically, read safely, checked; random streams
     stopping.py        stop signals in every process at once, and a diverged loss
     run_log.py         log.jsonl, progress.png and Weights & Biases
     samples.py         the samples a run prints, and how every run ends (samples, export, last line)
-    sharding.py        FSDP2 (--fsdp), and the full state dicts that make checkpoints one file in every mode
-    memory.py          the memory a run needs, said at its start, and an out-of-memory error in one line
+    sharding.py        FSDP2 (--fsdp, --cpu_offload), and the full state dicts that make checkpoints one file
+    memory.py          the memory a run needs, said at its start; the peak it used; out-of-memory in one line
     hellaswag_eval.py  HellaSwag: the items, their scoring, the reference accuracies
 """

@@ -96,6 +96,5 @@ def describe_optimizer(optimizer):
 def describe_outputs(out_dir, peak):
     """The run's last line: what it left in out_dir, and the memory it used (peak: describe_peak's words)."""
     ckpt, log, picture = (os.path.join(out_dir, name) for name in ("ckpt.pt", "log.jsonl", "progress.png"))
-    wrote = (f"wrote {ckpt} ({in_units(os.path.getsize(ckpt))}), {log}" + (f" and {picture}" if os.path.isfile(picture) else "")
-             if os.path.isfile(ckpt) else f"wrote {log}")
-    return f"{wrote} | {peak}"
+    wrote = f"wrote {ckpt} ({in_units(os.path.getsize(ckpt))}), {log}" if os.path.isfile(ckpt) else f"wrote {log}"
+    return wrote + (f" and {picture}" if os.path.isfile(ckpt) and os.path.isfile(picture) else "") + f" | {peak}"

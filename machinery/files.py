@@ -68,19 +68,16 @@ def write_atomically(path, write):
         raise
 
 
-def in_units(n_bytes):
-    """Bytes for people, in powers of 1000: 340 B, 19.7 MB, 1.5 GB, 20.0 GB."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n_bytes < 1000:
+def in_units(n_bytes, binary=False):
+    """Bytes for people: files in powers of 1000 (340 B, 19.7 MB, 1.5 GB); with binary, memory in powers
+    of 1024, as nvidia-smi and free count it (512 B, 474.7 MiB, 139.8 GiB)."""
+    step, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "kB", "MB", "GB", "TB"))
+    for unit in units[:-1]:
+        if n_bytes < step:
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    return f"{n_bytes:,.1f} TB"
+        n_bytes /= step
+    return f"{n_bytes:,.1f} {units[-1]}"
 
 
 def in_binary_units(n_bytes):
-    """Memory for people, in powers of 1024 as nvidia-smi and free count it: 512 B, 474.7 MiB, 139.8 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n_bytes < 1024:
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1024
-    return f"{n_bytes:,.1f} TiB"
+    return in_units(n_bytes, binary=True)

@@ -1,8 +1,7 @@
 """
 Hardware: which device and precision a run gets and why, and the quirks of each device: glibc's
-memory on CPUs, a cross-entropy that fits a CPU's RAM, cuDNN's attention on Hopper GPUs, torch.compile
-with a fallback, one process per GPU. train_gpt2.py calls these while it sets up. Measurements behind
-the choices: docs/performance.md.
+memory on CPUs, cuDNN's attention on Hopper GPUs, torch.compile with a fallback, one process per GPU.
+train_gpt2.py calls these while it sets up. Measurements behind the choices: docs/performance.md.
 """
 
 import contextlib
@@ -113,38 +112,6 @@ def release_freed_memory():
     libc = glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 2**20)  # fixed: glibc's own threshold would climb to 32 MB
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits, targets) for (N, V) logits, in float32 a slice of rows at a time.
-
-    Under bf16 autocast the logits are bf16, and at V = 50257 they are the largest tensor of the step.
-    F.cross_entropy would make float32 copies of full size (the upcast logits, the log-probabilities
-    it saves for backward, their gradient): 1.2 GB more at B=8, T=256. Here only the bf16 logits and
-    one float per row are kept; each slice is upcast, used and dropped. Backward needs no autograd
-    graph, because the gradient of the mean loss is known in closed form: (softmax - one_hot) / N."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, n_chunks=8):
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # at least float32
-        # log of the softmax denominator, per row: (N,)
-        lse = torch.cat([torch.logsumexp(chunk.to(dtype), dim=-1) for chunk in logits.chunk(n_chunks)])
-        target_logits = logits.gather(1, targets[:, None]).squeeze(1).to(dtype)  # (N,)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.n_chunks = n_chunks
-        return (lse - target_logits).mean()  # -log softmax(logits)[target], averaged
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        scale = grad_loss / logits.size(0)
-        pieces = (t.chunk(ctx.n_chunks) for t in (grad, logits, targets, lse))
-        for grad_rows, logit_rows, target_rows, lse_rows in zip(*pieces):
-            probs = torch.exp(logit_rows.to(lse.dtype) - lse_rows[:, None])  # softmax of these rows
-            probs[torch.arange(len(target_rows)), target_rows] -= 1.0  # minus one-hot
-            grad_rows.copy_(probs.mul_(scale))
-        return grad, None, None
 
 
 def attention_kernels(device_type):

@@ -1,8 +1,10 @@
 """
 The Hugging Face hub, where OpenAI's GPT-2 weights and HellaSwag come from: on a machine that cannot
 reach it, its libraries retry every request for half a minute and print each retry. hub_or_cache()
-looks the hub's name up once; where that fails, it puts the libraries in their offline mode, so that
-what the hub's cache holds still loads and anything else fails at once, in our one line. Used around
+looks the hub's name up each time it is entered; where that fails (no network, no DNS), it puts the
+libraries in their offline mode, so that what the hub's cache holds still loads and anything else fails
+at once, in our one line. A name that resolves behind a firewall that drops the connection is not
+caught: the libraries' own retries then run as before. Used around
 GPT-2's weights (pretrained.py) and HellaSwag's download (hellaswag_eval.py).
 """
 

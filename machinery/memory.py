@@ -2,8 +2,9 @@
 Memory: what a run will need per process, said before it runs out (the model state exact from the
 counts, the activations from a formula fitted to measurements), a --cpu_offload run that the machine's
 RAM cannot hold refused before step 0, the peak a run really used, and a CUDA out-of-memory error said
-in one line with what to change. train_gpt2.py prints plan_memory at the start, peak_memory at the end,
-and main() turns an out-of-memory error into describe_out_of_memory's line. docs/memory.md has the
+in one line with what to change. train_gpt2.py prints plan_memory at the start and logs
+largest_peak_memory at the end (samples.finish_run prints it on the run's last line); main() turns an
+out-of-memory error into describe_out_of_memory's line. docs/memory.md has the
 table for every GPT-2 size and the measurements behind the formula.
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from machinery.files import in_binary_units as size
+from machinery.loss import CHUNK_ROWS
 
 # bytes per parameter of the model's state in training: float32 weights (4), their gradients (4) and
 # AdamW's two moments (4 + 4). Activations come on top, and scale with B x T, not with this.
@@ -46,13 +48,18 @@ def parameters_per_process(model, shards):
     return sum(math.ceil(p.shape[0] / shards) * (p.numel() // p.shape[0]) for p in params)
 
 
-def activation_bytes(config, B, T, checkpointing, sdpa=True, float32=False):
+def activation_bytes(config, B, T, checkpointing, sdpa=True, float32=False, loss_in_chunks=False):
     """An estimate of the activations one micro-batch of B x T keeps for backward (see the fit above);
-    float32 runs keep twice the bytes of bf16 ones."""
-    C, L = config.n_embd, config.n_layer
+    float32 runs keep twice the bytes of bf16 ones. With loss_in_chunks (GPT.forward's, on CPUs) there
+    are no logits: one chunk of them in float32 and its bf16 gradient, and the loss's own gradients of
+    the token table (float32) and of its input, instead."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
     blocks = 4 * C * L + ACT_PER_CHANNEL_LAYER * C if checkpointing else ACT_PER_CHANNEL_LAYER * C * L
     scores = 0 if sdpa else ACT_PER_SCORE * config.n_head * T * (1 if checkpointing else L)
-    return B * T * (blocks + scores + ACT_PER_LOGIT * config.vocab_size) * (2 if float32 else 1)
+    if loss_in_chunks:
+        loss = 6 * min(B * T, CHUNK_ROWS) * V + 6 * V * C + 4 * B * T * C
+        return B * T * (blocks + scores) * (2 if float32 else 1) + loss
+    return B * T * (blocks + scores + ACT_PER_LOGIT * V) * (2 if float32 else 1)
 
 
 def gathered_bytes(config):
@@ -108,21 +115,28 @@ def plan_memory(model, cfg, world_size, device, dtype):
     has = f"{device_name(device)} has {size(total)}" if total else device_name(device)
     if cfg.eval_only or cfg.max_steps == 0:  # no gradients, no AdamW: the weights and a forward pass
         return f"memory per process: weights {size(WEIGHT_BYTES * model_size(model))} (no training) | {has}"
-    shards, sharded = (world_size if cfg.fsdp else 1), cfg.fsdp or cfg.cpu_offload
-    n = parameters_per_process(model, shards)
-    parts = [] if cfg.cpu_offload else [(describe_state(n, cfg, world_size), STATE_BYTES * n)]  # (what, bytes)
-    if world_size > 1 and not sharded:  # DDP reduces gradients through buckets: a second copy of them
-        parts.append((f"DDP's gradient buckets {size(GRAD_BYTES * n)}", GRAD_BYTES * n))
-    act = activation_bytes(model.config, cfg.B, cfg.T, cfg.activation_checkpointing, cfg.sdpa, dtype == torch.float32)
-    parts.append((f"activations about {size(act)} at B={cfg.B}, T={cfg.T}" +
-                  (" with activation checkpointing" if cfg.activation_checkpointing else "") + " (estimate)", act))
-    if sharded:
-        parts.append((f"gathered units {size(gathered_bytes(model.config))}", gathered_bytes(model.config)))
+    parts = memory_needs(model, cfg, world_size, dtype)  # [(what, bytes)]
     need = sum(bytes_ for _, bytes_ in parts)
     line = f"memory per process: {' + '.join(what for what, _ in parts)} = about {size(need)}{fit(need, total)} | {has}"
     if cfg.cpu_offload:  # the state, in the machine's RAM
-        line += "\n" + plan_ram(model, cfg, shards, world_size, pinned=device.startswith("cuda"))
+        line += "\n" + plan_ram(model, cfg, world_size, device)
     return line
+
+
+def memory_needs(model, cfg, world_size, dtype):
+    """What one process keeps on its device while it trains, as [(words, bytes)]: the state (unless
+    offloaded), DDP's buckets, the activations (an estimate) and, under FSDP, the units in flight."""
+    fsdp_wrapped, n = cfg.fsdp or cfg.cpu_offload, parameters_per_process(model, world_size if cfg.fsdp else 1)
+    parts = [] if cfg.cpu_offload else [(describe_state(n, cfg, world_size), STATE_BYTES * n)]
+    if world_size > 1 and not fsdp_wrapped:  # DDP reduces gradients through buckets: a second copy of them
+        parts.append((f"DDP's gradient buckets {size(GRAD_BYTES * n)}", GRAD_BYTES * n))
+    act = activation_bytes(model.config, cfg.B, cfg.T, cfg.activation_checkpointing, cfg.sdpa,
+                           dtype == torch.float32, getattr(model, "loss_in_chunks", False))
+    parts.append((f"activations about {size(act)} at B={cfg.B}, T={cfg.T}" +
+                  (" with activation checkpointing" if cfg.activation_checkpointing else "") + " (estimate)", act))
+    if fsdp_wrapped:
+        parts.append((f"gathered units {size(gathered_bytes(model.config))}", gathered_bytes(model.config)))
+    return parts
 
 
 def describe_state(n, cfg, world_size):
@@ -150,22 +164,31 @@ def page_locked_bytes(model, shards):
                for p in model.parameters())
 
 
-def plan_ram(model, cfg, shards, world_size, pinned):
+def plan_ram(model, cfg, world_size, device):
     """The --cpu_offload line: the state this machine's processes keep in its RAM (their shares; weights
     and gradients page-locked where a GPU copies them; on rank 0's machine also the whole weights and
-    moments while a checkpoint is gathered), beside what is free: a ValueError, before step 0, when it
-    cannot hold them."""
+    moments while a checkpoint is gathered), beside what is free (counting the weights rank 0 built,
+    which sharding frees). Where it cannot hold them: a ValueError in every process, before step 0."""
+    shards, pinned = (world_size if cfg.fsdp else 1), device.startswith("cuda")
     n = parameters_per_process(model, shards)
     held = 2 * page_locked_bytes(model, shards) + ADAM_BYTES * n if pinned else STATE_BYTES * n  # one process
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     gathers = world_size > 1 and int(os.environ.get("RANK", 0)) < here  # rank 0 runs on this machine
     need = here * held + (WEIGHT_BYTES + ADAM_BYTES) * model_size(model) * gathers
     free = available_ram()
-    if free is not None and need > free:
-        raise ValueError(f"--cpu_offload needs about {size(need)} of RAM on this machine ({here} process(es)' "
-                         f"share of the state" + (", and a checkpoint gathered" if gathers else "") +
-                         f") and {size(free)} is free: free some, or spread the state over more machines' RAM "
-                         f"with --fsdp under torchrun")
+    if free is not None and not any(p.is_meta for p in model.parameters()):  # this process built the weights
+        free += WEIGHT_BYTES * model_size(model)
+    fits = free is None or need <= free
+    if dist.is_initialized() and dist.get_world_size() > 1:  # all stop, or none: no process waits for another
+        agreed = torch.tensor(float(fits), device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        fits = bool(agreed.item())
+    if not fits:
+        where = "more RAM than another machine of this run has free" if free is None or need <= free else \
+            f"about {size(need)} of RAM on this machine, which has {size(free)} for it"
+        raise ValueError(f"--cpu_offload needs {where} ({here} process(es)' share of the state" +
+                         (", and a checkpoint gathered" if gathers else "") +
+                         "): free some, or spread the state over more machines' RAM with --fsdp under torchrun")
     return (f"memory in RAM (--cpu_offload): {describe_state(n, cfg, world_size)}" +
             (f", {size(held)} with weights and gradients page-locked" if pinned else "") +
             (f"; this machine: {size(need)} of {size(free)} free" if free is not None else ""))
@@ -180,7 +203,7 @@ def peak_memory(device):
     return peak * (1 if sys.platform == "darwin" else 1024), "resident"  # macOS counts bytes, Linux kB
 
 
-def peak_memory_anywhere(device):
+def largest_peak_memory(device):
     """peak_memory's bytes, the largest over all processes (every process must call this)."""
     peak = torch.tensor(float(peak_memory(device)[0]), device=device)
     if dist.is_initialized():
@@ -196,16 +219,22 @@ def describe_peak(peak, device):
 def step_of(error):
     """The training step the error interrupted: the loop variable `step` of train_gpt2.train, read from
     the frame the error came through (main() catches it, outside the loop), or None before the loop."""
+    return train_local(error, "step")
+
+
+def train_local(error, name):
+    """The value of train_gpt2.train's local variable `name` where the error left it, or None."""
     for frame, _ in traceback.walk_tb(error.__traceback__):
-        if frame.f_code.co_name == "train" and "step" in frame.f_locals:
-            return frame.f_locals["step"]
+        if frame.f_code.co_name == "train" and name in frame.f_locals:
+            return frame.f_locals[name]
     return None
 
 
 def describe_out_of_memory(error, cfg, device):
-    """One line for a CUDA out-of-memory error: where, and the ways to need less memory."""
+    """One line for a CUDA out-of-memory error: where, and the ways to need less memory. The settings are
+    train's own where the error came through it (a resume's batch is the checkpoint's, not cfg's)."""
     total = device_memory(device)
-    step = step_of(error)
+    step, cfg = step_of(error), train_local(error, "cfg") or cfg
     where = (f"at step {step} " if step is not None else "before training ") + \
         f"(micro-batch {cfg.B} x {cfg.T} on {device_name(device)}" + (f", {size(total)})" if total else ")")
     total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))

@@ -7,7 +7,7 @@ run ends with. Every process calls both: under FSDP each forward pass needs them
 import torch
 
 from machinery.console import describe_outputs, print0
-from machinery.memory import describe_peak, peak_memory_anywhere
+from machinery.memory import describe_peak, largest_peak_memory
 from machinery.sharding import full_model_state
 from machinery.tokens import get_tokenizer
 
@@ -37,6 +37,6 @@ def finish_run(model, cfg, device, autocast, generator, master, trained):
         model.save_pretrained(cfg.export_dir, state)
         print0(f"exported to {cfg.export_dir}")
     if trained:
-        peak = peak_memory_anywhere(device)  # (every process: the largest is said)
+        peak = largest_peak_memory(device)  # (every process: the largest is said)
         print0(describe_outputs(cfg.out_dir, describe_peak(peak, device)))
     return 0

@@ -32,7 +32,7 @@ def check_fsdp(fsdp, cpu_offload, world_size, device_type):
 def builds_the_model(sharded):
     """Whether this process builds the model's weights. Under FSDP only rank 0 does (or loads them) and
     sends them to the others, which build an empty model on the meta device (shapes, no memory): a node
-    of 8 GPUs holds one copy of GPT-2 1.5B at the start instead of 8 (6.2 GB each)."""
+    of 8 GPUs holds one copy of GPT-2 1.5B at the start instead of 8 (5.8 GiB each)."""
     return not sharded or not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -122,6 +122,6 @@ def set_gradient_sync(model, syncing):
     """FSDP2's no_sync: with syncing False, backward keeps this process's gradients to add the next
     micro-batch's to, and reduces them across processes only once syncing is True again. Offloaded
     (--cpu_offload), every micro-batch's gradients go to the CPU, where they add up: kept on the GPU, a
-    whole model's float32 gradients (6.2 GB for GPT-2 1.5B) would sit there between micro-batches."""
+    whole model's float32 gradients (5.8 GiB for GPT-2 1.5B) would sit there between micro-batches."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(syncing or model.offloaded)

@@ -123,17 +123,12 @@ def lever_flash_attention(device, device_type, dtype, compile, vocab_size):
 
 
 def lever_chunked_loss(device, device_type, dtype, compile, vocab_size):
-    """Ours with the CPU's loss path, ChunkedCrossEntropy, on this device."""
-    c = ours(device, device_type, dtype, compile, vocab_size)
-    vocab = c.model.config.vocab_size
-
-    def chunked(m, x, y):
-        return machinery.hardware.ChunkedCrossEntropy.apply(m(x)[0].view(-1, vocab), y.view(-1))
-
-    c.name, c.loss = "chunked loss", functools.partial(chunked, c.model)
-    if compile:
-        c.loss = torch.compile(c.loss)
-    return c
+    """Ours with the CPU's loss path on this device: lm_head and the cross-entropy a chunk of rows at a
+    time (machinery/loss.py), never all the logits."""
+    model = GPT(GPTConfig(vocab_size=vocab_size)).to(device)
+    model.loss_in_chunks = True
+    optimizer = model.configure_optimizers(0.1, 3e-4, device_type)
+    return Contestant("chunked loss", model, optimizer, lambda m, x, y: m(x, y)[1], True, device_type, dtype, compile)
 
 
 def lever_erf_gelu(device, device_type, dtype, compile, vocab_size):
@@ -161,7 +156,25 @@ def transformers_baseline(device, device_type, dtype, compile, vocab_size):
                       False, device_type, dtype, compile)
 
 
-LEVERS = {"cuda": (lever_flash_attention, lever_chunked_loss, lever_erf_gelu), "cpu": (lever_erf_gelu,)}
+def lever_compile_blocks(device, device_type, dtype, compile, vocab_size):
+    """Ours with each Block compiled on its own (torchtitan's way; the blocks are alike, so one graph
+    serves them all) and the rest eager: compile time no longer grows with depth."""
+    c = ours(device, device_type, dtype, False, vocab_size)
+    for block in c.model.transformer.h:
+        block.compile()
+    c.name = "compile blocks"
+    return c
+
+
+def lever_max_autotune(device, device_type, dtype, compile, vocab_size):
+    """Ours compiled with mode="max-autotune-no-cudagraphs": matmul kernels chosen by timing them."""
+    c = ours(device, device_type, dtype, False, vocab_size)
+    c.name, c.loss = "max-autotune", torch.compile(c.loss, mode="max-autotune-no-cudagraphs")
+    return c
+
+
+LEVERS = {"cuda": (lever_flash_attention, lever_chunked_loss, lever_erf_gelu, lever_compile_blocks, lever_max_autotune),
+          "cpu": (lever_erf_gelu,)}
 
 
 def matmul_peak(device, device_type, dtype, repeats=10):
@@ -334,6 +347,108 @@ def whole_programs(B, T, n_short, n_long, extra, vocab_size, skip=1):
 
 
 # -----------------------------------------------------------------------------
+# compile time and the loss's memory, each case in a process of its own (a cold compiler, a clean peak)
+
+COMPILE_PROBE = textwrap.dedent("""
+    # First training step (compile included) and a steady one, of a GPT-2 shape compiled one way.
+    import sys, time, torch
+    sys.path.insert(0, {repo!r})
+    from train_gpt2 import GPT, GPTConfig, Block, resolve_device, resolve_dtype, synchronize
+    how, n_layer, n_head, n_embd, B, T = {how!r}, {n_layer}, {n_head}, {n_embd}, {B}, {T}
+    device, device_type = resolve_device("auto")
+    dtype = resolve_dtype("auto", device_type)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50304)).to(device)
+    if how == "nested":  # one region the compiler traces once and stamps out for every Block
+        Block.forward = torch.compiler.nested_compile_region(Block.forward)
+    if how == "blocks":  # each Block compiled alone (alike, so one graph for all); the rest eager
+        for block in model.transformer.h:
+            block.compile()
+    forward = torch.compile(model) if how in ("whole", "nested") else model
+    x = torch.randint(0, 50257, (B, T), device=device)
+    times = []
+    for step in range(4):
+        t0 = time.perf_counter()
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = forward(x, x)
+        loss.backward()
+        synchronize(device_type)
+        times.append(time.perf_counter() - t0)
+    print(f"RESULT {{times[0]:.1f}} {{1000 * min(times[1:]):.1f}}")
+""")
+
+LOSS_PROBE = textwrap.dedent("""
+    # One forward and backward of lm_head and the loss over B*T rows, one way; the peak memory it took.
+    import sys, time, torch
+    sys.path.insert(0, {repo!r})
+    import torch.nn.functional as F
+    from machinery.loss import linear_cross_entropy
+    from train_gpt2 import resolve_device, resolve_dtype, synchronize
+    how, rows, C, V = {how!r}, {rows}, 768, 50304
+    device, device_type = resolve_device("auto")
+    dtype = resolve_dtype("auto", device_type)
+    x = torch.randn(rows, C, device=device, requires_grad=True)  # ln_f's output
+    w = (0.02 * torch.randn(V, C, device=device)).requires_grad_()  # the tied token table
+    y = torch.randint(0, 50257, (rows,), device=device)
+
+    def plain(x, w, y):
+        return F.cross_entropy(F.linear(x, w), y)
+
+    loss_of = {{"logits": plain, "logits, compiled": torch.compile(plain), "chunked": linear_cross_entropy}}[how]
+    def status_kb(field):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+    synchronize(device_type)
+    base = torch.cuda.memory_allocated() if device_type == "cuda" else status_kb("VmRSS") * 1024
+    t0 = time.perf_counter()
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_of(x, w, y)
+    loss.backward()
+    synchronize(device_type)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device_type == "cuda" else status_kb("VmHWM") * 1024
+    print(f"RESULT {{(peak - base) / 2**30:.2f}} {{seconds:.2f}}")
+""")
+
+
+def probe(script, **values):
+    """Run a probe in a fresh process with a fresh compiler cache: its RESULT numbers, or the error."""
+    with tempfile.TemporaryDirectory() as cache:
+        r = subprocess.run([sys.executable, "-c", script.format(repo=REPO, **values)], capture_output=True, text=True,
+                           env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    result = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    if r.returncode or not result:
+        return machinery.files.first_line((r.stderr.strip().splitlines() or ["failed"])[-1])[:100]
+    return [float(v) for v in result[-1].split()[1:]]
+
+
+def compile_times(device_type):
+    """Whole model, each Block alone, and nested regions: the first step (compiling) and a later one, at
+    two depths. CPU: a narrow model (compile time hardly depends on width); CUDA: GPT-2 124M and 1.5B."""
+    shapes = [(12, 12, 768, 16, 1024), (48, 25, 1600, 16, 1024)] if device_type == "cuda" else \
+        [(12, 4, 128, 2, 64), (48, 4, 128, 2, 64)]
+    print(f"{'shape':<28}{'compiled':<10}{'first step s':>14}{'later step ms':>15}")
+    for n_layer, n_head, n_embd, B, T in shapes:
+        for how in ("whole", "blocks", "nested", "eager"):
+            r = probe(COMPILE_PROBE, how=how, n_layer=n_layer, n_head=n_head, n_embd=n_embd, B=B, T=T)
+            shape = f"{n_layer} x {n_embd}, B={B} T={T}"
+            print(f"{shape:<28}{how:<10}" + (f"{r[0]:>14.1f}{r[1]:>15.1f}" if isinstance(r, list) else f"  {r}"),
+                  flush=True)
+
+
+def loss_memory(device_type):
+    """lm_head and the loss at B x 1024 rows of GPT-2 124M's width: the peak memory above the inputs."""
+    cases = [(B, how) for B in (16, 64) for how in ("logits", "logits, compiled", "chunked")]
+    if device_type == "cpu":  # 24 GiB of RAM: the logits' float32 copies at B=64 would not fit
+        cases = [(16, "logits"), (16, "logits, compiled"), (16, "chunked"), (64, "chunked")]
+    print(f"{'B x T':<12}{'loss':<20}{'peak GiB':>10}{'seconds':>9}")
+    for B, how in cases:
+        r = probe(LOSS_PROBE, how=how, rows=B * 1024)
+        print(f"{f'{B} x 1024':<12}{how:<20}" + (f"{r[0]:>10.2f}{r[1]:>9.2f}" if isinstance(r, list) else f"  {r}"),
+              flush=True)
+
+
+# -----------------------------------------------------------------------------
 # what runs where: CPU steps take seconds, compiled GPU steps milliseconds
 
 
@@ -359,9 +474,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, one shape")
     parser.add_argument("--levers", action="store_true",
-                        help="also time ours with each alternative we considered (attention backend, loss, GELU)")
+                        help="also time ours with each alternative we considered (attention backend, loss, GELU, "
+                             "compiling each block, max-autotune)")
+    parser.add_argument("--compile_time", action="store_true", help="only: compile time, whole model against blocks")
+    parser.add_argument("--loss_memory", action="store_true", help="only: the loss's memory, logits against chunks")
     args = parser.parse_args()
     device, device_type = resolve_device("auto")
+    if args.compile_time or args.loss_memory:
+        print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+        compile_times(device_type) if args.compile_time else loss_memory(device_type)
+        return
     dtype = resolve_dtype("auto", device_type)
     torch.set_float32_matmul_precision("high")  # as train_gpt2 sets it: TF32 on GPUs that have it
     if device_type == "cpu":

@@ -134,7 +134,8 @@ def test_the_names_the_docs_import_from_train_gpt2_stay_importable():
 
     for name in ("GPT", "GPTConfig", "DataLoaderLite", "get_tokenizer", "get_lr", "plot_log", "TrainConfig", "main"):
         assert hasattr(train_gpt2, name), name
-    assert train_gpt2.get_tokenizer is machinery.tokens.get_tokenizer and train_gpt2.plot_log is machinery.run_log.plot_log
+    assert train_gpt2.get_tokenizer is machinery.tokens.get_tokenizer
+    assert train_gpt2.plot_log is machinery.run_log.plot_log
 
 
 def test_ddp_two_processes_match_one(tmp_path, text_file):

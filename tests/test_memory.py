@@ -123,12 +123,14 @@ def test_a_run_that_likely_does_not_fit_says_so_and_offload_makes_it_fit(monkeyp
 
 
 def test_cpu_offload_that_the_ram_cannot_hold_is_refused_before_step_0(small_text, monkeypatch, capsys):
-    monkeypatch.setattr(machinery.memory, "available_ram", lambda: 10 * MIB)  # TINY's state is 25.0 MiB
+    """TINY's state is 25.0 MiB; the machine has 10 MiB free, and the 6.2 MiB of weights this process
+    built before sharding them (which sharding gives back) count as free too."""
+    monkeypatch.setattr(machinery.memory, "available_ram", lambda: 10 * MIB)
     code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "2", "--cpu_offload",
                                     "--out_dir", "run", cwd=small_text, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err.count("\n") == 1
-    assert err.startswith("error: --cpu_offload needs about 25.0 MiB of RAM on this machine (1 process(es)' share "
-                          "of the state) and 10.0 MiB is free")
+    assert err.startswith(f"error: --cpu_offload needs about 25.0 MiB of RAM on this machine, which has "
+                          f"{(10 * MIB + 4 * N_TINY) / MIB:.1f} MiB for it (1 process(es)' share of the state): ")
     assert "step" not in out and not (small_text / "run").exists()  # nothing trained, nothing written
 
 
@@ -144,7 +146,8 @@ def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypa
 
     monkeypatch.setattr(train_gpt2, "forward_backward", out_of_memory_at_step_3)
     code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "6", "--num_samples", "0",
-                                    "--checkpoint_interval", "2", cwd=small_text, monkeypatch=monkeypatch, capsys=capsys)
+                                    "--checkpoint_interval", "2", cwd=small_text, monkeypatch=monkeypatch,
+                                    capsys=capsys)
     assert code == 1 and err.count("\n") == 1
     assert err.startswith("error: out of memory at step 3 (micro-batch 4 x 32 on cpu")
     assert "lower --B and keep --total_batch_size 128" in err and "--activation_checkpointing" in err
@@ -159,3 +162,23 @@ def test_the_out_of_memory_line_counts_the_tokens_of_every_process(tmp_path, mon
     cfg = TrainConfig(B=4, T=32, out_dir=str(tmp_path))
     line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, "cpu")
     assert "lower --B and keep --total_batch_size 1024 " in line
+
+
+def test_a_resumed_runs_out_of_memory_line_names_the_batch_it_trains_with(small_text, monkeypatch, capsys):
+    """Resumed without batch flags, a run trains with the checkpoint's batch (B=2, T=16: 32 tokens a
+    step), not the command line's defaults (B=4, T=32): the out-of-memory line says the former."""
+    import train_gpt2
+
+    common = [*TINY[:-2], "--input_file", "text.txt", "--num_samples", "0", "--out_dir", "run"]
+    code, _, err = run_in_process(*common, "--B", "2", "--T", "16", "--max_steps", "2", cwd=small_text,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_gpt2, "forward_backward", out_of_memory)
+    code, _, err = run_in_process(*common, "--max_steps", "4", "--resume", cwd=small_text, monkeypatch=monkeypatch,
+                                  capsys=capsys)
+    assert code == 1 and err.startswith("error: out of memory at step 2 (micro-batch 2 x 16 on cpu")
+    assert "keep --total_batch_size 32 (more accumulation" in err
