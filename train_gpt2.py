@@ -438,15 +438,15 @@ class TrainConfig:
 
 def join_process_group(device, device_type):
     """(distributed, rank, world_size, device). torchrun starts one process per GPU and sets RANK, LOCAL_RANK
-    and WORLD_SIZE in each; here a process joins the others. A plain `python train_gpt2.py` is rank 0 of 1."""
-    if "RANK" not in os.environ:
+    and WORLD_SIZE in each; here a process joins the others: NCCL carries GPU tensors, gloo CPU ones."""
+    if "RANK" not in os.environ:  # a plain `python train_gpt2.py`: rank 0 of 1
         return False, 0, 1, device
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device_type == "cuda":
         check_one_process_per_gpu(world_size)
         device = f"cuda:{local_rank}"  # one GPU per process: the local rank numbers them on each machine
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo")
     return True, rank, world_size, device
 
 

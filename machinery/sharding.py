@@ -50,8 +50,9 @@ def join_group_of_one(device_type):
     """FSDP needs a process group even in one process (--cpu_offload without torchrun): a group of one,
     kept in this process's memory (no network, no port)."""
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+        # (as train_gpt2.join_process_group: the offloaded state is CPU tensors, which NCCL cannot carry)
+        dist.init_process_group("cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
 
 
 def shard_model(model, blocks, device, cpu_offload):
