@@ -29,11 +29,11 @@ def check_fsdp(fsdp, cpu_offload, world_size, device_type):
                          "own share of the state")
 
 
-def builds_the_model(sharded):
+def builds_the_model(fsdp_wrapped):
     """Whether this process builds the model's weights. Under FSDP only rank 0 does (or loads them) and
     sends them to the others, which build an empty model on the meta device (shapes, no memory): a node
     of 8 GPUs holds one copy of GPT-2 1.5B at the start instead of 8 (5.8 GiB each)."""
-    return not sharded or not dist.is_initialized() or dist.get_rank() == 0
+    return not fsdp_wrapped or not dist.is_initialized() or dist.get_rank() == 0
 
 
 def from_rank0(value):

@@ -103,7 +103,8 @@ def table():
         state8 = STATE_BYTES * math.ceil(n / 8)
         units = gathered_bytes(config)
         print(f"| {name} | {n / 1e6:,.0f}M | {state / gib:.1f} GiB | {state8 / gib:.2f} GiB | "
-              f"{act / gib:.1f} GiB at B={B} | {(state + act) / gib:.1f} GiB | {(state8 + units + act) / gib:.1f} GiB | "
+              f"{act / gib:.1f} GiB at B={B} | {(state + act) / gib:.1f} GiB | "
+              f"{(state8 + units + act) / gib:.1f} GiB | "
               f"{(state8 + units + act_ckpt) / gib:.1f} GiB | {(units + act_ckpt4) / gib:.1f} GiB |")
 
 

@@ -156,7 +156,7 @@ def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypa
 
 
 def test_the_out_of_memory_line_counts_the_tokens_of_every_process(tmp_path, monkeypatch):
-    """Under torchrun each of WORLD_SIZE processes reads its own micro-batch: B=4, T=32 over 8 processes
+    """Each of WORLD_SIZE processes reads its own micro-batch: B=4, T=32 over 8 processes
     is 1,024 tokens a step, which a smaller --B keeps by accumulating more."""
     monkeypatch.setenv("WORLD_SIZE", "8")
     cfg = TrainConfig(B=4, T=32, out_dir=str(tmp_path))

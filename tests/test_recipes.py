@@ -190,7 +190,8 @@ def test_the_bigger_recipes_fit_their_hardware_by_the_fitted_formula_with_its_ma
     with torch.device("meta"):
         model = GPT(GPTConfig(**shape))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a GPU")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=gb * 1e9))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=gb * 1e9))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(machinery.memory, "available_ram", lambda: 2**40)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(gpus))
