@@ -88,12 +88,13 @@ def fit():
 
 
 def table():
-    """Per GPU, each size at its recipe's B: state and estimated activations, in GiB as GPUs count."""
+    """Per GPU, each size at its recipe's B: state and estimated activations, in GiB as GPUs count; under
+    DDP its gradient buckets too (a second copy of the gradients)."""
     gib = 2**30
     print("| size | parameters | model state, DDP | state, FSDP over 8 | activations at B (estimate) | DDP in all | "
           "FSDP 8 in all | FSDP 8 + activation checkpointing | one GPU, --cpu_offload + checkpointing, B=4 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    from machinery.memory import STATE_BYTES, gathered_bytes
+    from machinery.memory import GRAD_BYTES, STATE_BYTES, gathered_bytes
 
     for name, (_, _, _, B) in SIZES.items():
         state, act, config = model_and_estimate(name, B, False)
@@ -103,7 +104,7 @@ def table():
         state8 = STATE_BYTES * math.ceil(n / 8)
         units = gathered_bytes(config)
         print(f"| {name} | {n / 1e6:,.0f}M | {state / gib:.1f} GiB | {state8 / gib:.2f} GiB | "
-              f"{act / gib:.1f} GiB at B={B} | {(state + act) / gib:.1f} GiB | "
+              f"{act / gib:.1f} GiB at B={B} | {(state + GRAD_BYTES * n + act) / gib:.1f} GiB | "
               f"{(state8 + units + act) / gib:.1f} GiB | "
               f"{(state8 + units + act_ckpt) / gib:.1f} GiB | {(units + act_ckpt4) / gib:.1f} GiB |")
 
