@@ -39,13 +39,15 @@ ACT_PER_CHANNEL_LAYER, ACT_PER_LOGIT, FIT_MARGIN = 32, 5, 1.15
 ACT_PER_SCORE = 10
 
 
-def parameters_per_process(model, shards):
+def parameters_per_process(model, shards=1):
     """The parameters one process holds: all of them, or under FSDP over `shards` processes the
     largest share (each tensor is split along its first dimension in pieces of ceil(rows / shards))."""
-    params = list(model.parameters())
-    if shards == 1:
-        return sum(p.numel() for p in params)
-    return sum(math.ceil(p.shape[0] / shards) * (p.numel() // p.shape[0]) for p in params)
+    return sum(share(p, shards) for p in model.parameters())
+
+
+def share(tensor, shards):
+    """The elements of the largest of a tensor's `shards` pieces along its first dimension."""
+    return math.ceil(tensor.shape[0] / shards) * (tensor.numel() // tensor.shape[0])
 
 
 def activation_bytes(config, B, T, checkpointing, sdpa=True, float32=False, loss_in_chunks=False):
@@ -114,7 +116,7 @@ def plan_memory(model, cfg, world_size, device, dtype):
     total = device_memory(device)
     has = f"{device_name(device)} has {size(total)}" if total else device_name(device)
     if cfg.eval_only or cfg.max_steps == 0:  # no gradients, no AdamW: the weights and a forward pass
-        return f"memory per process: weights {size(WEIGHT_BYTES * model_size(model))} (no training) | {has}"
+        return f"memory per process: weights {size(WEIGHT_BYTES * parameters_per_process(model))} (no training) | {has}"
     parts = memory_needs(model, cfg, world_size, dtype)  # [(what, bytes)]
     need = sum(bytes_ for _, bytes_ in parts)
     line = f"memory per process: {' + '.join(what for what, _ in parts)} = about {size(need)}{fit(need, total)} | {has}"
@@ -153,15 +155,10 @@ def fit(need, total):
     return ": likely does not fit" if need > total else ": may not fit (within the estimate's error)"
 
 
-def model_size(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 def page_locked_bytes(model, shards):
     """What one process's float32 shards of every weight take in page-locked (pinned) RAM: torch's
     allocator for it rounds each tensor up to a power of two (1.5x the bytes for GPT-2 1.5B)."""
-    return sum(1 << (WEIGHT_BYTES * math.ceil(p.shape[0] / shards) * (p.numel() // p.shape[0]) - 1).bit_length()
-               for p in model.parameters())
+    return sum(1 << (WEIGHT_BYTES * share(p, shards) - 1).bit_length() for p in model.parameters())
 
 
 def plan_ram(model, cfg, world_size, device):
@@ -174,10 +171,10 @@ def plan_ram(model, cfg, world_size, device):
     held = 2 * page_locked_bytes(model, shards) + ADAM_BYTES * n if pinned else STATE_BYTES * n  # one process
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     gathers = world_size > 1 and int(os.environ.get("RANK", 0)) < here  # rank 0 runs on this machine
-    need = here * held + (WEIGHT_BYTES + ADAM_BYTES) * model_size(model) * gathers
+    need = here * held + (WEIGHT_BYTES + ADAM_BYTES) * parameters_per_process(model) * gathers
     free = available_ram()
     if free is not None and not any(p.is_meta for p in model.parameters()):  # this process built the weights
-        free += WEIGHT_BYTES * model_size(model)
+        free += WEIGHT_BYTES * parameters_per_process(model)
     fits = free is None or need <= free
     if dist.is_initialized() and dist.get_world_size() > 1:  # all stop, or none: no process waits for another
         agreed = torch.tensor(float(fits), device=device)
