@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-import torch.utils.checkpoint
+from torch.utils.checkpoint import checkpoint
 
 from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, restore_training_state,
                                    save_checkpoint, starting_checkpoint)
@@ -47,6 +47,7 @@ from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ra
 from machinery.loss import linear_cross_entropy
 from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_memory
 from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2, shared_weight_names
+from machinery.recompute import MODES, checkpoint_options, recomputed
 from machinery.samples import finish_run, print_samples
 from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log, get_tokenizer: importable from here)
 from machinery.sharding import (builds_the_model, check_fsdp, from_rank0, full_model_state, full_optimizer_state,
@@ -144,7 +145,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.activation_checkpointing = False  # see forward: how to run it, not saved with the shape
+        self.activation_checkpointing = "none"  # see forward: how to run it, not saved with the shape
         self.loss_in_chunks = False  # see forward: the loss without all the logits (set for CPUs)
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
@@ -170,10 +171,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length T={T} exceeds block_size={self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
-        for block in self.transformer.h:
-            # activation checkpointing: keep only the block's input, run the block again in backward
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        for i, block in enumerate(self.transformer.h):
+            # activation checkpointing: keep the block's input (selective: its matmul outputs too), rerun it in backward
+            if recomputed(self.activation_checkpointing, i) and torch.is_grad_enabled():  # (training only)
+                x = checkpoint(block, x, use_reentrant=False, **checkpoint_options(self.activation_checkpointing))
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
@@ -247,9 +248,8 @@ class GPT(nn.Module):
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
-                logits = logits / temperature
                 k = min(top_k, n_vocab) if top_k else n_vocab
-                top_logits, top_ids = torch.topk(logits, k, dim=-1)  # (B, k): sample among the k best
+                top_logits, top_ids = torch.topk(logits / temperature, k, dim=-1)  # (B, k): sample among the k best
                 probs = F.softmax(top_logits, dim=-1).cpu()
                 choice = torch.multinomial(probs, 1, generator=generator).to(idx.device)  # (B, 1)
                 next_id = torch.gather(top_ids, -1, choice)  # (B, 1)
@@ -340,9 +340,8 @@ def resolve_device(name="auto"):
 def make_precision(dtype_name, device_type, fsdp_wrapped=False):
     """The dtype, autocast context and loss scaler for --dtype (resolve_dtype: what "auto" picks, and why)."""
     dtype = resolve_dtype(dtype_name, device_type)
-    # autocast takes the device TYPE ("cuda", never "cuda:3"); float32 means full precision, no autocast.
-    # Its cache keeps each weight's bf16 copy until the block ends: under FSDP, which frees each block's
-    # weights after use, a sample would keep a copy of every block (docs/memory.md), so there it is off
+    # autocast takes the device TYPE ("cuda", never "cuda:3"); float32 means full precision, no autocast. Under
+    # FSDP, which frees each block's weights after use, its cache of bf16 copies would keep them all (memory.md)
     autocast = (torch.autocast(device_type, dtype=dtype, cache_enabled=not fsdp_wrapped)
                 if dtype != torch.float32 else contextlib.nullcontext())
     # float16's narrow range underflows small gradients: scale the loss up, gradients back down
@@ -410,7 +409,8 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model (falls back to eager if the compiler fails)")
     fsdp: bool = flag(False, "under torchrun, shard weights, gradients and AdamW moments across processes (FSDP2)")
     cpu_offload: bool = flag(False, "keep weights, gradients and AdamW moments in RAM, the GPU only the blocks at work")
-    activation_checkpointing: bool = flag(False, "recompute each block's activations in backward: less memory")
+    activation_checkpointing: str = flag("none", "recompute activations in backward for less memory: none, selective, "
+                                         "every_other or full (the flag alone)", choices=MODES, bare="full")
     seed: int = flag(1337, "random seed")
     # evaluation, logging, checkpoints
     eval_interval: int = flag(250, "steps between evaluations (also at step 0 and of the trained model)")

@@ -11,6 +11,7 @@ say what happens; prepare.py and hellaswag.py use them too. Nothing here imports
     hub.py             the Hugging Face hub out of reach: its cache only, said at once
     hardware.py        device, precision and each device's quirks (memory, kernels, compile)
     loss.py            the loss without the logits: lm_head and cross-entropy a chunk of rows at a time
+    recompute.py       activation checkpointing: which blocks run again in backward, and what each keeps
     speed.py           model FLOPs per second and MFU against the GPUs' bf16 peaks
     checkpoints.py     checkpoint files: written atomically, read safely, checked; random streams
     stopping.py        stop signals in every process at once, and a diverged loss

@@ -48,7 +48,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def settings_parser(config_class, description, defaults=True):
     """A parser with a flag for every field of the dataclass: --name value or --name=value; booleans are
-    --name / --no-name. Without defaults, a parse returns only the flags that were given."""
+    --name / --no-name; a setting with a `bare` value (once a boolean) takes --name alone for it, and
+    --no-name for its default. Without defaults, a parse returns only the flags that were given."""
     parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                             argument_default=None if defaults else argparse.SUPPRESS)
     for f in fields(config_class):
@@ -57,6 +58,11 @@ def settings_parser(config_class, description, defaults=True):
         help = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+        elif "bare" in f.metadata:  # --activation_checkpointing alone: full; --no-activation_checkpointing: none
+            parser.add_argument(f"--{f.name}", nargs="?", const=f.metadata["bare"], default=default, help=help,
+                                choices=f.metadata.get("choices"))
+            parser.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const=f.default,
+                                default=default, help=argparse.SUPPRESS)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=default, help=help,
                                 choices=f.metadata.get("choices"),

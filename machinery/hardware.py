@@ -7,6 +7,7 @@ train_gpt2.py calls these while it sets up. Measurements behind the choices: doc
 import contextlib
 import ctypes
 import inspect
+import logging
 import os
 import sys
 import time
@@ -135,6 +136,8 @@ def compile_model(model, B, T, device, autocast):
     so a missing compiler shows up here (and its time is not billed to step 0). Falls back to the
     eager model, with one line saying why."""
     t0 = time.perf_counter()
+    # its warning for selective checkpointing (a recomputed in-place op would be wrong): the blocks have none
+    logging.getLogger("torch._higher_order_ops.wrap").setLevel(logging.ERROR)
     try:
         compiled = torch.compile(model)
         # two distinct tensors, like real batches (the compiler specialises on inputs that alias)

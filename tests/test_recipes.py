@@ -143,7 +143,7 @@ def test_bigger_gpt2_recipes(name, stand_in, tmp_path, monkeypatch, capsys):
 
 def test_finetune_gpt2_xl_recipe(stand_in, tmp_path, monkeypatch, capsys):
     cfg, _ = parse_args(TrainConfig, [recipe("finetune_gpt2_xl.args")])
-    assert (cfg.init_from, cfg.fsdp, cfg.activation_checkpointing) == ("gpt2-xl", True, False)
+    assert (cfg.init_from, cfg.fsdp, cfg.activation_checkpointing) == ("gpt2-xl", True, "none")
     code, out, err = run_in_process(recipe("finetune_gpt2_xl.args"), "--init_from", stand_in / "gpt2-local", "--no-fsdp",
                                      "--T", "32", "--max_steps", "1", "--eval_iters", "1", "--num_samples", "1",
                                      "--out_dir", tmp_path / "ft", cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)

@@ -63,8 +63,10 @@ def fsdp_runs(tmp_path_factory):
     assert code != 0 and "interrupted: saved step" in rest, err
     sharded = "".join(first) + rest
     resumed = {}
-    # (recomputing activations changes nothing; neither does keeping the state in RAM)
-    for name, extra in (("fsdp", ["--activation_checkpointing"]), ("plain", ["--cpu_offload"])):
+    # (recomputing activations changes nothing, all of each block or all but its matmuls; neither does
+    # keeping the state in RAM)
+    for name, extra in (("fsdp", ["--activation_checkpointing"]),
+                        ("plain", ["--cpu_offload", "--activation_checkpointing", "selective"])):
         r = run_script(*common, "--B", "2", "--fsdp", "--resume", *extra, "--out_dir", name, cwd=tmp,
                        runner=TORCHRUN, timeout=180)
         assert r.returncode == 0, r.stderr
@@ -107,6 +109,7 @@ def test_a_plain_checkpoint_resumes_under_fsdp_with_the_state_in_ram(fsdp_runs):
     assert "resumed from plain/ckpt.pt at step 2" in resumed["plain"].stdout
     assert "memory in RAM (--cpu_offload): model state " in resumed["plain"].stdout
     assert "(FSDP over 2: a 1/2 share); this machine: " in resumed["plain"].stdout
+    assert "with activation checkpointing (selective) (estimate)" in resumed["plain"].stdout
     for key in ("loss", "val_loss"):
         assert numbers(log(tmp / "plain"), key) == pytest.approx(numbers(log(tmp / "single"), key), abs=1e-4), key
 
