@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from machinery.files import in_binary_units as size
 from machinery.loss import CHUNK_ROWS
-from machinery.recompute import recomputed
+from machinery.recompute import recomputed, setting
 
 # bytes per parameter of the model's state in training: float32 weights (4), their gradients (4) and
 # AdamW's two moments (4 + 4). Activations come on top, and scale with B x T, not with this.
@@ -61,7 +61,7 @@ def activation_bytes(config, B, T, checkpointing="none", sdpa=True, float32=Fals
     of them at a time holds all its own; float32 runs keep twice the bytes of bf16 ones. With
     loss_in_chunks (GPT.forward's, on CPUs) there are no logits: one chunk of them in float32 and its
     bf16 gradient, and the loss's own gradients of the token table (float32) and of its input, instead."""
-    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    C, L, V, checkpointing = config.n_embd, config.n_layer, config.vocab_size, setting(checkpointing)
     again = sum(recomputed(checkpointing, i) for i in range(L))  # blocks run again in backward
     kept = ACT_KEPT_BY_RECOMPUTED.get(checkpointing, 0)
     blocks = ACT_PER_CHANNEL_LAYER * C * (L - again + (again > 0)) + kept * C * again
@@ -144,8 +144,9 @@ def memory_needs(model, cfg, world_size, dtype):
         parts.append((f"DDP's gradient buckets {size(GRAD_BYTES * n)}", GRAD_BYTES * n))
     act = activation_bytes(model.config, cfg.B, cfg.T, cfg.activation_checkpointing, cfg.sdpa,
                            dtype == torch.float32, getattr(model, "loss_in_chunks", False))
+    mode = setting(cfg.activation_checkpointing)
     checkpointing = {"none": "", "full": " with activation checkpointing"}.get(
-        cfg.activation_checkpointing, f" with activation checkpointing ({cfg.activation_checkpointing})")
+        mode, f" with activation checkpointing ({mode})")
     parts.append((f"activations about {size(act)} at B={cfg.B}, T={cfg.T}{checkpointing} (estimate)", act))
     if fsdp_wrapped:
         parts.append((f"gathered units {size(gathered_bytes(model.config))}", gathered_bytes(model.config)))
@@ -248,7 +249,7 @@ def describe_out_of_memory(error, cfg, device):
     total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))
     saved = os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
     recompute = {"none": "add --activation_checkpointing, ", "full": ""}.get(
-        cfg.activation_checkpointing, "recompute more with --activation_checkpointing full, ")
+        setting(cfg.activation_checkpointing), "recompute more with --activation_checkpointing full, ")
     return (f"out of memory {where}: lower --B and keep --total_batch_size {total_batch_size} (more accumulation, "
             f"the same training), {recompute}split the model's state with --fsdp under "
             f"torchrun, or keep it in RAM with --cpu_offload" + ("; the last checkpoint is intact" if saved else ""))

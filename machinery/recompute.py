@@ -31,8 +31,15 @@ KEPT_BY_SELECTIVE = {ops.aten.mm.default, ops.aten.addmm.default, ops.aten.bmm.d
                      ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
+def setting(mode):
+    """The setting's name: True and False, the values of --activation_checkpointing before it had
+    settings (and of GPT.activation_checkpointing), stand for full and none."""
+    return {True: "full", False: "none"}.get(mode, mode)
+
+
 def recomputed(mode, index):
     """Whether block `index` runs again in backward under `mode` (one of MODES)."""
+    mode = setting(mode)
     return mode in ("full", "selective") or (mode == "every_other" and index % 2 == 0)
 
 
@@ -41,7 +48,7 @@ def checkpoint_options(mode):
     context_fn, which makes the contexts that apply the policy below; otherwise none, and checkpoint keeps
     only the block's input. (Not context_fn=torch's own default: torch.compile cannot trace that one when
     it is passed explicitly, only a context_fn that makes a policy's contexts.)"""
-    return {"context_fn": selective_contexts} if mode == "selective" else {}
+    return {"context_fn": selective_contexts} if setting(mode) == "selective" else {}
 
 
 def selective_contexts():

@@ -124,6 +124,21 @@ def test_each_setting_keeps_for_backward_what_the_memory_estimate_says(mode):
     assert measured == pytest.approx(estimated, abs=6.4)
 
 
+def test_true_and_false_the_flags_values_before_it_had_settings_still_mean_full_and_none():
+    x, y = batch()
+    counts = {}
+    for mode in (True, "full", False, "none"):
+        gpt = model(4, mode)
+        loss = gpt(x, y)[1]
+        with CountOperators() as ops:
+            loss.backward()
+        counts[mode] = ops.counts
+    assert counts[True] == counts["full"] and counts[False] == counts["none"] and counts[True] != counts[False]
+    config = GPTConfig(n_layer=8, n_head=4, n_embd=C, block_size=T)
+    assert activation_bytes(config, B, T, True) == activation_bytes(config, B, T, "full")
+    assert activation_bytes(config, B, T, False) == activation_bytes(config, B, T, "none")
+
+
 def test_the_command_line_takes_each_setting_and_the_bare_flag_for_full():
     assert parse_args(TrainConfig, [])[0].activation_checkpointing == "none"
     assert parse_args(TrainConfig, ["--activation_checkpointing"])[0].activation_checkpointing == "full"
