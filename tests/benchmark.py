@@ -399,9 +399,10 @@ COMPILE_PROBE = textwrap.dedent("""
 LOSS_PROBE = textwrap.dedent("""
     # One forward and backward of lm_head and the loss over B*T rows, one way; the peak memory it took.
     import sys, time, torch
-    sys.path.insert(0, {repo!r})
+    sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]
     import torch.nn.functional as F
     from machinery.loss import linear_cross_entropy
+    from run_measuring_memory import status_kb  # this process's memory, from /proc/self/status
     from train_gpt2 import resolve_device, resolve_dtype, synchronize
     how, rows, C, V = {how!r}, {rows}, 768, 50304
     device, device_type = resolve_device("auto")
@@ -414,9 +415,6 @@ LOSS_PROBE = textwrap.dedent("""
         return F.cross_entropy(F.linear(x, w), y)
 
     loss_of = {{"logits": plain, "logits, compiled": torch.compile(plain), "chunked": linear_cross_entropy}}[how]
-    def status_kb(field):
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
     synchronize(device_type)
     base = torch.cuda.memory_allocated() if device_type == "cuda" else status_kb("VmRSS") * 1024
     t0 = time.perf_counter()
@@ -433,8 +431,9 @@ CHECKPOINTING_PROBE = textwrap.dedent("""
     # Training steps of a GPT-2 shape under one --activation_checkpointing setting, as train_gpt2.py runs
     # them (compiled on GPUs, the chunked loss on CPUs): first step, steady step, peak memory.
     import statistics, sys, time, torch
-    sys.path.insert(0, {repo!r})
+    sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]
     from machinery.speed import bf16_peak_tflops
+    from run_measuring_memory import status_kb  # this process's memory, from /proc/self/status
     from train_gpt2 import GPT, GPTConfig, resolve_device, resolve_dtype, synchronize
     mode, n_layer, n_head, n_embd, B, T, steps = {mode!r}, {n_layer}, {n_head}, {n_embd}, {B}, {T}, {steps}
     device, device_type = resolve_device("auto")
@@ -446,9 +445,6 @@ CHECKPOINTING_PROBE = textwrap.dedent("""
     optimizer = model.configure_optimizers(0.1, 3e-4, device_type)
     step = torch.compile(model) if device_type == "cuda" else model
     x, y = (torch.randint(0, 50257, (B, T), device=device) for _ in range(2))
-    def status_kb(field):
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
     synchronize(device_type)
     base = torch.cuda.memory_allocated() if device_type == "cuda" else status_kb("VmRSS") * 1024  # the weights
     times = []
