@@ -19,7 +19,6 @@ Shapes: B batch, T time, C channels, nh heads, hs head size, V vocabulary.
 
 import contextlib
 import gc
-import inspect
 import math
 import os
 import random
@@ -83,7 +82,11 @@ class CausalSelfAttention(nn.Module):
         # query, key and value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.c_proj.NANOGPT_SCALE_INIT = True  # adds to the residual stream: smaller init, see GPT
+        self.c_proj.NANOGPT_SCALE_INIT = True  # adds to the residual stream: smaller init, see GPT._init_weights
+        # the explicit path's causal mask: position t may attend to positions <= t. Not persistent: a constant
+        # of block_size, so checkpoints do not carry it ("bias" is GPT-2's name for it). Bool: 1 MB at 1024.
+        causal = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
+        self.register_buffer("bias", causal.view(1, 1, config.block_size, config.block_size), persistent=False)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -98,8 +101,7 @@ class CausalSelfAttention(nn.Module):
         else:
             # 1/sqrt(hs) keeps the scores' variance near 1, so softmax does not saturate at init
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # t may attend to positions <= t
-            att = att.masked_fill(~causal, float("-inf"))  # no peeking ahead
+            att = att.masked_fill(~self.bias[:, :, :T, :T], float("-inf"))  # no peeking ahead
             att = F.softmax(att, dim=-1)
             y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
@@ -145,8 +147,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.activation_checkpointing = "none"  # see forward: how to run it, not saved with the shape
-        self.loss_in_chunks = False  # see forward: the loss without all the logits (set for CPUs)
+        self.activation_checkpointing = "none"  # set by train(): how to run it, not its shape
+        self.loss_in_chunks = False  # set by train() on CPUs: forward's loss without all the logits
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -165,7 +167,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
-        """(logits (B, T, V), the mean loss if targets are given); with loss_in_chunks, (None, loss)."""
+        """(logits (B, T, V), the mean loss if targets are given); with targets and loss_in_chunks, (None, loss)."""
         B, T = idx.size()  # idx: (B, T) token ids
         if T > self.config.block_size:
             raise ValueError(f"sequence length T={T} exceeds block_size={self.config.block_size}")
@@ -196,7 +198,7 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         # fused: all tensors in one pass, faster than a loop over them on CUDA and CPUs (docs/performance.md)
-        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  **(dict(fused=True) if fused else {}))
 
@@ -480,21 +482,21 @@ def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped):
     return model
 
 
-def make_loaders(cfg, rank, world_size):
-    """Training and validation loaders (validation None when the data has too little for one batch)."""
+def make_loader(cfg, split, rank, world_size):
+    """The loader of one split, "train" or "val"; for "val", None when the data has too little for a batch."""
     source = dict(data_dir=cfg.data_dir, shuffle=cfg.shuffle, seed=cfg.seed) if cfg.data_dir else \
         dict(input_file=cfg.input_file)
-    train_loader = DataLoaderLite(cfg.B, cfg.T, split="train", process_rank=rank, num_processes=world_size, **source)
     try:
-        return train_loader, DataLoaderLite(cfg.B, cfg.T, split="val", process_rank=rank, num_processes=world_size,
-                                            **source)
-    except ValueError as e:  # too little data for one validation batch: train without
-        print0(f"no validation: {e}")
-        return train_loader, None
+        return DataLoaderLite(cfg.B, cfg.T, split=split, process_rank=rank, num_processes=world_size, **source)
+    except ValueError as e:
+        if split == "train":
+            raise
+        print0(f"no validation: {e}")  # train without
+        return None
 
 
 # -----------------------------------------------------------------------------
-# The run: the loss, one optimizer step's gradients, evaluation, and what a checkpoint holds
+# The run: one optimizer step's gradients, evaluation, and what a checkpoint holds
 
 
 def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scaler, device):
@@ -507,7 +509,7 @@ def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scale
         # DDP and FSDP average gradients across processes in backward. Only the last micro-batch needs that:
         # DDP's no_sync (around forward too, where DDP decides) and FSDP's switch skip it on the others.
         syncing = micro_step == grad_accum_steps - 1
-        set_gradient_sync(raw_model, syncing)  # (FSDP only; offloaded, every micro-batch's go to the CPU)
+        set_gradient_sync(raw_model, syncing)  # (FSDP only; --cpu_offload syncs each: gradients add up in RAM)
         with model.no_sync() if isinstance(model, DDP) and not syncing else contextlib.nullcontext():
             with autocast:
                 _, loss = model(x, y)
@@ -580,29 +582,29 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     fsdp_wrapped = cfg.fsdp or cfg.cpu_offload  # FSDP2 holds the state (--cpu_offload: in RAM, one process too)
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type, fsdp_wrapped)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
-    ckpt, start_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # (its shape; resumed, its batch)
+    ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # cfg takes its shape (resumed: batch too)
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
     cfg = replace(cfg, total_batch_size=total_batch_size)  # kept in the checkpoint: a resume keeps it
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
-    raw_model = make_model(cfg, ckpt, start_path, fsdp_wrapped)
+    raw_model = make_model(cfg, ckpt, ckpt_path, fsdp_wrapped)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     raw_model.loss_in_chunks = device_type == "cpu"  # where RAM runs out first (docs/performance.md)
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step, ckpt))
-    print0(plan_memory(raw_model, cfg, world_size, device, dtype))  # said before it runs out; offloaded, checked
+    print0(plan_memory(raw_model, cfg, world_size, device, dtype))  # said before it runs out (offloaded: RAM checked)
     if fsdp_wrapped:  # each process keeps 1/N of the state (in RAM with --cpu_offload) and joins every forward
         shard_model(raw_model, raw_model.transformer.h, device, cfg.cpu_offload)
     else:
         raw_model.to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
     if cfg.eval_only:  # the evaluation that ends a run, once: nothing trained, nothing written
-        _, val_loader = make_loaders(cfg, rank, world_size)
+        val_loader = make_loader(cfg, "val", rank, world_size)  # (the data may have no training split)
         hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
         evaluate(raw_model, val_loader, hellaswag_items, start_step, cfg, device, autocast)
         return 0
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
         return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
-    train_loader, val_loader = make_loaders(cfg, rank, world_size)
+    train_loader, val_loader = make_loader(cfg, "train", rank, world_size), make_loader(cfg, "val", rank, world_size)
     print0(describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps))
     hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)  # (after sharding: its shards)
@@ -654,16 +656,13 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
                           **hardware_use(flops_per_token, total_batch_size / world_size, dt, peak_tflops))
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
-            log.write(record, picture="val_loss" in record)  # progress.png redrawn at every evaluation
+            log.write(record, picture="val_loss" in record)  # progress.png redrawn with each validation loss
             if stop_now and step + 1 < cfg.max_steps:  # (after the last update: on to done, as planned)
                 write_checkpoint(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
                 log.draw()
                 print0(f"interrupted: saved step {step + 1} to {cfg.out_dir}/ckpt.pt; continue with --resume")
-                break
-    interrupted = step < cfg.max_steps  # (the loop's `step`: the break above left before `done`)
-    if not interrupted:
-        finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=True)
-    return 130 if interrupted else 0
+                return 130  # (leaving the `with`: the log closed, the signal handlers restored)
+    return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=True)
 
 
 def main(argv=None):
@@ -688,7 +687,7 @@ def main(argv=None):
     except torch.OutOfMemoryError as e:  # what ran out, and what to change
         print(f"error: {describe_out_of_memory(e, cfg, device)}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without saving
+    except KeyboardInterrupt:  # Ctrl-C outside the loop, or a second one in it: stop at once, without saving
         return 130
     finally:
         if dist.is_initialized():

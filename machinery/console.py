@@ -27,7 +27,7 @@ def step_line(record, step_times, max_steps):
     typical = np.median(step_times[1:] if len(step_times) > 1 else step_times)  # step 0 warms up
     eta = format_seconds(typical * (max_steps - record["step"] - 1))
     return (f"step {record['step']:5d} | loss {record['loss']:.6f} | lr {record['lr']:.1e} | "
-            f"norm {record['norm']:.2f} | {record['ms']:.1f} ms | {record['tok_per_s']:,.0f} tok/s | "
+            f"norm {record['norm']:.2f} | {record['ms']:.1f} ms | {record['tok_per_s']:.0f} tok/s | "
             f"{record['tflops']:.{1 if record['tflops'] >= 10 else 3}f} TFLOP/s" +
             (f" | MFU {record['mfu']:.1f}%" if "mfu" in record else "") +
             f" | eta {eta}")

@@ -84,6 +84,18 @@ def shard_model(model, blocks, device, cpu_offload):
             model.to_empty(device="cpu" if cpu_offload else device)  # memory for the shards, to be filled
         set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
                                                                          broadcast_from_rank0=True))
+        send_buffers(model, device)
+
+
+def send_buffers(model, device):
+    """Rank 0's buffers (constants such as the causal mask: not in the state dict, so not sent above) to
+    the others, whose buffers to_empty left unset. On `device`, where fully_shard keeps buffers (with
+    cpu_offload too: only parameters go to the CPU)."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            buffer = buffer.to(device)
+            dist.broadcast(buffer, src=0)
+            setattr(module, name, buffer)  # (an existing buffer's name: it stays a buffer, not persistent)
 
 
 def full_model_state(model):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,9 @@ def test_train_end_to_end(tmp_path, text_file):
     assert list(step_losses(r.stdout)) == [0, 1, 2, 3, 4]  # one line per step
     step_lines = [l for l in r.stdout.splitlines() if l.startswith("step") and "| loss" in l]
     assert len(step_lines) == 5
-    assert " ms |" in step_lines[0] and "tok/s" in step_lines[0]
+    for line in step_lines:  # "... | 12.3 ms | 2602 tok/s | ...": the step's 2 x 16 tokens over its time
+        ms, tok_per_s = re.search(r"\| ([\d.]+) ms \| (\d+) tok/s \|", line).groups()
+        assert float(tok_per_s) == pytest.approx(2 * 16 / (float(ms) / 1000), rel=0.02, abs=1)
     # the untrained model is evaluated before step 0 trains, the trained one after the last step
     lines = r.stdout.splitlines()
     val_lines = [l for l in lines if l.startswith("step") and "| val loss" in l]

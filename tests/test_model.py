@@ -41,11 +41,16 @@ def test_attention_is_causal():
         assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_everything_the_model_holds_is_in_its_state_dict():
-    """No buffers (the causal mask is made in forward): a model built on the meta device, as FSDP's other
-    processes build it, is whole once its state dict is loaded, and checkpoints carry no constants."""
+def test_the_causal_mask_is_a_constant_buffer_checkpoints_do_not_carry():
+    """Each attention's mask is the buffer `bias` (GPT-2's name), (1, 1, block_size, block_size), lower
+    triangular; it is not persistent, so the state dict holds the parameters and nothing else (FSDP's other
+    processes get the masks from rank 0 apart: tests/test_scale.py trains with --no-sdpa to check it)."""
     model = GPT(TINY)
-    assert list(model.buffers()) == []
+    n = TINY.block_size
+    for block in model.transformer.h:
+        assert block.attn.bias.shape == (1, 1, n, n)
+        assert torch.equal(block.attn.bias[0, 0], torch.tril(torch.ones(n, n, dtype=torch.bool)))
+    assert [name for name, _ in model.named_buffers()] == [f"transformer.h.{i}.attn.bias" for i in range(TINY.n_layer)]
     assert set(model.state_dict()) == {name for name, _ in model.named_parameters(remove_duplicate=False)}
 
 

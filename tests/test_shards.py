@@ -187,6 +187,20 @@ def test_resume_on_shards_continues_exactly(tmp_path):
     assert state["epoch"] >= 1  # the run did cross into a second epoch
 
 
+def test_eval_only_reads_only_the_validation_shards(tmp_path, capsys):
+    """--resume --eval_only with a data_dir of validation shards alone (what one keeps to score
+    checkpoints): the run's model evaluated, with the validation loss the run itself logged."""
+    args = [*TINY, "--B", "4", "--T", "64", "--eval_iters", "2", "--num_samples", "0", "--out_dir", str(tmp_path / "run")]
+    data = write_shards(tmp_path / "d", [600, 700, 700], ["val", "train", "train"])
+    assert main([*args, "--data_dir", str(data), "--max_steps", "2"]) == 0
+    val_only = write_shards(tmp_path / "v", [600], ["val"])  # the same validation tokens (shard 0's)
+    capsys.readouterr()
+    assert main([*args, "--data_dir", str(val_only), "--resume", "--eval_only"]) == 0
+    printed = [l for l in capsys.readouterr().out.splitlines() if "| val loss" in l]
+    logged = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert len(printed) == 1 and float(printed[0].split()[-1]) == pytest.approx(logged["val_loss"], abs=1e-4)
+
+
 def test_torchrun_two_processes_on_shards_equal_one(tmp_path, prepared, items_file):
     """Two CPU processes (TINY says --device cpu, so gloo) give the same losses as one, and the same
     HellaSwag accuracies: 7 items split over 2 ranks (4 and 3), the correct counts summed."""
