@@ -114,8 +114,20 @@ def restore_training_state(ckpt, model, optimizer, scaler, train_loader, sample_
     load_optimizer_state(model, optimizer, ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    train_loader.load_state_dict(ckpt["train_loader"])
+    restore_data_position(train_loader, ckpt["train_loader"])
     set_rng_state(ckpt["rng"], sample_generator)
+
+
+def restore_data_position(loader, position):
+    """The loader where the run left it; a place this data does not have (other data, or a bigger batch
+    at a shard's end) is an error, before the run's log is touched."""
+    past_the_end = (f"the checkpoint's data position (shard {position['shard']}, token {position['position']}) is "
+                    f"past the end of this data's train split; resume with the data the run trained on")
+    if not 0 <= position["shard"] < len(loader.shards):
+        raise ValueError(past_the_end)
+    loader.load_state_dict(position)
+    if loader.position + loader.B * loader.T * loader.num_processes + 1 > len(loader.current):
+        raise ValueError(past_the_end)
 
 
 def checkpoint_due(step, start_step, checkpoint_interval):

@@ -8,9 +8,13 @@ heavy. The sibling scripts use ArgumentParser for the same one-line errors.
 import argparse
 import difflib
 import importlib.util
+import math
+import os
+import sys
 from dataclasses import field, fields
 from typing import get_args
 
+from machinery.memory import check_model_fits_in_ram
 from machinery.tokens import GPT2_VOCAB_SIZE
 
 
@@ -25,7 +29,32 @@ class ArgumentParser(argparse.ArgumentParser):
     comments. Flags after it override it, as a later flag overrides an earlier one."""
 
     def __init__(self, **kwargs):
-        super().__init__(fromfile_prefix_chars="@", allow_abbrev=False, **kwargs)
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else [str(a) for a in args]
+        return super().parse_known_args(self.expand_recipes(args), namespace)
+
+    def expand_recipes(self, args, reading=()):
+        """args with each @FILE replaced by the flags in FILE (a recipe may name others, not itself)."""
+        expanded = []
+        for arg in args:
+            if not arg.startswith("@"):
+                expanded.append(arg)
+                continue
+            path = arg[1:]
+            if path in reading:
+                self.error(f"recipe {path!r} includes itself")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except OSError as e:
+                self.error(f"cannot read recipe {path!r}: {e.strerror or e}")
+            except UnicodeDecodeError:
+                self.error(f"recipe {path!r} is not UTF-8 text")
+            flags = [word for line in lines for word in self.convert_arg_line_to_args(line)]
+            expanded += self.expand_recipes(flags, (*reading, path))
+        return expanded
 
     def convert_arg_line_to_args(self, line):
         line = line.strip()
@@ -87,10 +116,25 @@ def check_config(cfg):
                  "checkpoint_interval", "num_samples", "max_new_tokens", "top_k"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if not 0 < cfg.lr < math.inf:  # (NaN fails every comparison)
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if not cfg.grad_clip > 0:
+        raise ValueError(f"--grad_clip must be positive (inf: no clipping), got {cfg.grad_clip}")
+    for name in ("weight_decay", "temperature"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise ValueError(f"--{name} must be a number >= 0, got {getattr(cfg, name)}")
+    if cfg.min_lr is not None and not 0 <= cfg.min_lr <= cfg.lr:
+        raise ValueError(f"--min_lr {cfg.min_lr} must be between 0 and --lr {cfg.lr}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {cfg.seed}")
+    for name in ("out_dir", "export_dir"):
+        if getattr(cfg, name) and os.path.exists(getattr(cfg, name)) and not os.path.isdir(getattr(cfg, name)):
+            raise ValueError(f"--{name} {getattr(cfg, name)!r} is a file, not a folder")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if cfg.vocab_size < GPT2_VOCAB_SIZE and cfg.init_from == "scratch":
         raise ValueError(f"--vocab_size {cfg.vocab_size} is below the tokenizer's {GPT2_VOCAB_SIZE} ids")
+    check_model_fits_in_ram(cfg)
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ValueError("--wandb_project needs the wandb package, which is not installed: pip install wandb")
 

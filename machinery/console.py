@@ -48,7 +48,8 @@ def describe_model(model, cfg, start_step, ckpt):
         lines.append(f"--B {cfg.B} instead of the run's {run_B}: the same {cfg.total_batch_size:,} tokens per step "
                      f"by {accumulation} accumulation")
     if not cfg.resume and os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
-        lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own")
+        lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own, "
+                     f"and its log.jsonl then (until then this run logs to log.new.jsonl)")
     return "\n".join(lines)
 
 
@@ -61,9 +62,13 @@ def checkpoint_bytes(model):
 def describe_plan(cfg, model):
     """Said before the first step: what the run will write, and how big the checkpoint will be."""
     when = f"every {cfg.checkpoint_interval} steps and at the end" if cfg.checkpoint_interval else "at the end"
+    export = ""
+    if cfg.export_dir:  # (a model already there is replaced, file by file, only once the new one is made)
+        holds_a_model = os.path.exists(os.path.join(cfg.export_dir, "model.safetensors"))
+        export = f"; exports to {cfg.export_dir} at the end{' (replacing the model there)' if holds_a_model else ''}"
     return (f"writes {os.path.join(cfg.out_dir, 'ckpt.pt')} {when} (about {in_units(checkpoint_bytes(model))}: "
             f"weights and AdamW moments), {os.path.join(cfg.out_dir, 'log.jsonl')} and "
-            f"{os.path.join(cfg.out_dir, 'progress.png')}")
+            f"{os.path.join(cfg.out_dir, 'progress.png')}{export}")
 
 
 def describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps):

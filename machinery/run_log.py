@@ -19,6 +19,15 @@ from machinery.hellaswag_eval import GPT3_SMALL_HELLASWAG, REFERENCE
 from machinery.tokens import FINEWEB_EDU, MANIFEST
 
 
+def file_identity(path):
+    """What changes when a file is replaced (an atomic replace makes a new inode), or None if there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def parse_log_line(line):
     """One log record, or None for a line a killed run left half-written."""
     try:
@@ -60,14 +69,24 @@ class RunLog:
     """out_dir/log.jsonl, one JSON object per step (pandas.read_json(path, lines=True) reads it back),
     out_dir/progress.png drawn from it, and with --wandb_project the same records sent to Weights &
     Biases. Only rank 0 writes; on the other ranks this does nothing. A resume keeps the records before
-    its checkpoint (sent to W&B again, so its run is whole) and redoes the rest."""
+    its checkpoint (sent to W&B again, so its run is whole) and redoes the rest.
+
+    A fresh run into an out_dir that holds another run's checkpoint leaves that run's log and picture
+    beside it until this run's own checkpoint replaces it: until then it writes log.new.jsonl and
+    progress.new.png, which then replace log.jsonl and progress.png (a run stopped before it saves
+    leaves the other run whole)."""
 
     def __init__(self, cfg, start_step):
         self.out_dir, self.file, self.tracker = cfg.out_dir, None, None
         if int(os.environ.get("RANK", 0)) != 0:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
-        self.path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.checkpoint = os.path.join(cfg.out_dir, "ckpt.pt")
+        # the other run's checkpoint, as it is now (None: nothing to leave alone)
+        self.other_checkpoint = file_identity(self.checkpoint) if not cfg.resume else None
+        suffix = ".new" if self.other_checkpoint else ""
+        self.path = os.path.join(cfg.out_dir, f"log{suffix}.jsonl")
+        self.picture = os.path.join(cfg.out_dir, f"progress{suffix}.png")
         self.gpt2_val_loss = gpt2_val_loss_on(cfg.data_dir)
         kept = []
         if cfg.resume and os.path.exists(self.path):
@@ -85,6 +104,7 @@ class RunLog:
         """Append one record; with picture=True also redraw progress.png."""
         if self.file is None:
             return
+        self.take_over_once_saved()
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -104,10 +124,21 @@ class RunLog:
         """out_dir/progress.png from the log; a failure to draw never stops training."""
         if self.file is None:
             return
+        self.take_over_once_saved()
         try:
-            plot_log(self.path, os.path.join(self.out_dir, "progress.png"), self.gpt2_val_loss)
+            plot_log(self.path, self.picture, self.gpt2_val_loss)
         except Exception as e:  # no matplotlib, a full disk, ...: say so, train on
             print0(f"could not draw progress.png: {first_line(e)}")
+
+    def take_over_once_saved(self):
+        """Once this run's checkpoint has replaced the other run's, its log and picture take their names."""
+        if self.other_checkpoint is None or file_identity(self.checkpoint) == self.other_checkpoint:
+            return
+        log, picture = os.path.join(self.out_dir, "log.jsonl"), os.path.join(self.out_dir, "progress.png")
+        os.replace(self.path, log)  # (the open file moves with its name: appends go on into log.jsonl)
+        if os.path.exists(self.picture):
+            os.replace(self.picture, picture)
+        self.path, self.picture, self.other_checkpoint = log, picture, None
 
     def close(self):
         if self.file is not None:

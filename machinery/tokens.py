@@ -79,6 +79,8 @@ def read_manifest(data_dir):
         shards = [(s["file"], s["split"], int(s["tokens"])) for s in manifest["shards"]]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{path!r} is not a manifest written by prepare.py") from None
+    if manifest.get("tokenizer") != "gpt2":
+        raise ValueError(f"{data_dir!r} holds {manifest.get('tokenizer')} tokens; train_gpt2.py reads GPT-2's (gpt2)")
     if not manifest.get("complete"):
         raise ValueError(f"{data_dir!r} is not fully prepared: run its prepare.py command again to finish it")
     for file, split, tokens in shards:
@@ -139,5 +141,7 @@ def check_data(cfg):
     reads_data = cfg.max_steps or cfg.eval_only
     if reads_data and cfg.data_dir:
         read_manifest(cfg.data_dir)
+    elif reads_data and os.path.isdir(cfg.input_file):
+        raise ValueError(f"input file {cfg.input_file!r} is a folder (token shards are read with --data_dir)")
     elif reads_data and not os.path.isfile(cfg.input_file):
         raise ValueError(f"input file {cfg.input_file!r} not found")

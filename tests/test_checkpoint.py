@@ -210,6 +210,19 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
     assert not (tmp_path / "PWNED").exists()  # loading never runs code from the file
 
 
+def test_resume_on_data_without_the_runs_position_is_a_clear_error(tmp_path, four_steps, monkeypatch, capsys):
+    """The run stopped 4 x 32 tokens into its text; resumed on a text of 90 training tokens, that place is
+    not there: one line, and the checkpoint and the log (whose records a resume rewrites) untouched."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    (tmp_path / "small.txt").write_text(" word" * 100)  # 100 tokens: 90 to train on
+    before = digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")
+    code, _, err = run_in_process(*TRAINING, "--input_file", "small.txt", "--max_steps", "6", "--out_dir", "run",
+                                  "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: the checkpoint's data position (shard 0, token 128) is past the end of this "
+                                 "data's train split; resume with the data the run trained on\n")
+    assert (digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")) == before
+
+
 def test_resume_with_a_different_model_is_a_clear_error(tmp_path, text_file, monkeypatch, capsys):
     """A resume's model is the checkpoint's: a shape flag typed on the command line that contradicts it
     is an error naming every contradiction in one line, and nothing is written; the same command
@@ -309,6 +322,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text
     assert digest(out / "ckpt.pt") == after_3
 
 
+def test_a_fresh_run_leaves_the_other_runs_log_alone_until_it_saves_its_own(tmp_path, four_steps, text_file,
+                                                                            monkeypatch, capsys):
+    """A fresh run into a finished run's out_dir replaces the checkpoint only when it saves its own, and the
+    log and picture with it: stopped before that, the other run is whole (a resume would continue it)."""
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    files = ("ckpt.pt", "log.jsonl", "progress.png")
+    before = [digest(run / name) for name in files]
+    args = [*RUN, "--input_file", str(text_file), "--out_dir", str(run), "--max_steps", "3"]
+    forward, trained = train_gpt2.GPT.forward, []
+
+    def nan_at_step_1(model, idx, targets=None):
+        logits, loss = forward(model, idx, targets)
+        if model.training:
+            trained.append(1)
+            loss = loss * float("nan") if len(trained) > 1 else loss
+        return logits, loss
+
+    with monkeypatch.context() as m:
+        m.setattr(train_gpt2.GPT, "forward", nan_at_step_1)
+        assert main(args) == 1  # stopped at step 1, before any checkpoint of its own
+    assert [digest(run / name) for name in files] == before
+    assert [r["step"] for r in map(json.loads, (run / "log.new.jsonl").read_text().splitlines())] == [0]
+    assert main(args) == 0  # the same fresh run, to its end: its checkpoint, its log, its picture
+    assert [r["step"] for r in read_log(run)] == [0, 1, 2, 3]
+    assert not (run / "log.new.jsonl").exists() and not (run / "progress.new.png").exists()
+    assert [digest(run / name) == old for name, old in zip(files, before)] == [False, False, False]
+    assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 3
+
+
 def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file):
     from transformers import GPT2LMHeadModel
 
@@ -326,6 +368,31 @@ def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file
     assert sampled.returncode == 0, sampled.stderr
     assert len([l for l in sampled.stdout.splitlines() if l.startswith("> Hello")]) == 2
     assert "| loss" not in sampled.stdout
+
+
+def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_file, monkeypatch, capsys):
+    """The export is made beside --export_dir and moved in whole: a disk that fills up while the weights
+    are written is one line, and the model exported before is still the one there (and loads)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    args = (*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run", "--export_dir", "hf")
+    assert run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)[0] == 0
+    exported = {path.name: digest(path) for path in (tmp_path / "hf").iterdir()}
+    assert set(exported) == {"config.json", "model.safetensors"}
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"the first bytes of the weights")
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    code, out, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert "exports to hf at the end (replacing the model there)" in out
+    assert code == 1 and err == ("error: could not export to 'hf': Error while serializing: No space left on device "
+                                 "(os error 28); nothing there was changed\n")
+    assert {path.name: digest(path) for path in (tmp_path / "hf").iterdir()} == exported
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []  # no half-made folder left
 
 
 def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatch):

@@ -54,6 +54,7 @@ def test_flags_accept_both_spellings_and_help_lists_defaults(tmp_path, text_file
 
 BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--input_file", "missing.txt"], "not found"),
+    (["--input_file", "."], "input file '.' is a folder (token shards are read with --data_dir)"),
     (["--input_file", "empty.txt"], "is empty"),
     (["--input_file", "binary.bin"], "not UTF-8"),
     (["--input_file", "short.txt"], "fewer than"),
@@ -65,6 +66,20 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--learning_rate", "1"], "unrecognized arguments: --learning_rate"),
     (["--B", "0"], "--B must be positive"),
     (["--n_embd", "30", "--n_head", "4"], "multiple of --n_head"),
+    # numbers that would train wrongly or fail mid-run (sampling at the end), refused at the start
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--grad_clip", "0"], "--grad_clip must be positive (inf: no clipping), got 0.0"),
+    (["--grad_clip", "-1"], "--grad_clip must be positive"),
+    (["--weight_decay", "-5"], "--weight_decay must be a number >= 0, got -5.0"),
+    (["--temperature", "nan"], "--temperature must be a number >= 0, got nan"),
+    (["--temperature", "-1"], "--temperature must be a number >= 0"),
+    (["--min_lr", "1", "--lr", "1e-4"], "--min_lr 1.0 must be between 0 and --lr 0.0001"),
+    (["--n_embd", "1000000"], "parameters, block_size 64, needs"),  # 24 TB of weights: refused before making them
+    (["--block_size", "10000000000", "--T", "16"], "block_size 10000000000, needs"),  # its attention masks
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
+    (["--out_dir", "short.txt"], "--out_dir 'short.txt' is a file, not a folder"),
+    (["--export_dir", "short.txt"], "--export_dir 'short.txt' is a file, not a folder"),
 ]
 
 
@@ -83,6 +98,7 @@ def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeyp
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert message in lines[0]
     assert not (tmp_path / "out").exists()  # a failed start writes nothing
+    assert (tmp_path / "short.txt").read_text() == "Too short."  # (nor touches a file named as a folder)
 
 
 def test_unknown_device_cuda_without_cuda(tmp_path, text_file):

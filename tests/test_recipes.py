@@ -76,6 +76,13 @@ def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch
     (tmp_path / "bad.args").write_text("--max_step 5\n")
     code, out, err = run_in_process("@bad.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.strip() == "error: unrecognized arguments: --max_step 5; did you mean --max_steps? (see --help)"
+    (tmp_path / "latin1.args").write_bytes(b"--prompt Caf\xe9\n")
+    code, out, err = run_in_process("@latin1.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == "error: recipe 'latin1.args' is not UTF-8 text (see --help)"
+    (tmp_path / "a.args").write_text("--lr 1e-3\n@b.args\n")  # a names b, b names a
+    (tmp_path / "b.args").write_text("@a.args\n")
+    code, out, err = run_in_process("@a.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == "error: recipe 'a.args' includes itself (see --help)"
 
 
 def test_learner_recipe(stand_in, tmp_path, monkeypatch, capsys):

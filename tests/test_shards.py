@@ -230,6 +230,8 @@ def damage(data, how):
         (data / "manifest.json").unlink()
     elif how == "incomplete":
         (data / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    elif how == "tokenizer":  # another tokenizer's ids: the model's rows would mean other tokens
+        (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "cl100k_base"}))
     return shard
 
 
@@ -239,6 +241,7 @@ def damage(data, how):
     ("dtype", "holds int32"),
     ("no manifest", "has no manifest.json: prepare it with  python prepare.py"),
     ("incomplete", "is not fully prepared"),
+    ("tokenizer", "holds cl100k_base tokens; train_gpt2.py reads GPT-2's (gpt2)"),
 ])
 def test_bad_data_dir_is_one_clear_line(tmp_path, how, message, monkeypatch, capsys):
     data = write_shards(tmp_path / "d", [300, 300, 300], ["val", "train", "train"])
