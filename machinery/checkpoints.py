@@ -62,6 +62,8 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False):
         with warnings.catch_warnings():  # a foreign pickle also gets a multi-line warning: we say it once
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except PermissionError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
     except Exception as e:
         if str(e).startswith("Weights only load failed"):
             raise ValueError(f"{path!r} is not a train_gpt2 checkpoint: not tensors and plain data "

@@ -70,6 +70,9 @@ FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # the reproduction's
 def read_manifest(data_dir):
     """prepare.py's manifest for data_dir, with each shard's size and dtype checked against its file."""
     path = os.path.join(data_dir, MANIFEST)
+    if os.path.isfile(data_dir):
+        raise ValueError(f"--data_dir {data_dir!r} is a file: a text file is read with --input_file, or made into "
+                         f"shards with  python prepare.py {data_dir} --out_dir DIR")
     if not os.path.isfile(path):
         raise ValueError(f"{data_dir!r} has no {MANIFEST}: prepare it with  "
                          f"python prepare.py SOURCE --out_dir {data_dir}")

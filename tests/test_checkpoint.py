@@ -183,7 +183,7 @@ def four_steps(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code",
-                                  "wrong_weights"])
+                                  "wrong_weights", "unreadable"])
 def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, four_steps, kind, monkeypatch,
                                                                 capsys):
     shutil.copytree(four_steps, tmp_path / "run")
@@ -199,6 +199,10 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
         state = torch.load(ckpt, weights_only=True)
         state["model"] = {"transformer.wte.weight": torch.ones(3)}
         torch.save(state, ckpt)
+    elif kind == "unreadable":  # (as chmod 000 makes it: root, as tests often run, reads such files anyway)
+        def refused(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+        monkeypatch.setattr(machinery.checkpoints.torch, "load", refused)
     else:
         ckpt.write_bytes(pickle.dumps(Exploit()))
     before, log_before = digest(ckpt), digest(tmp_path / "run" / "log.jsonl")
@@ -206,6 +210,7 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
                                   capsys=capsys)
     assert code == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "ckpt.pt" in err
+    assert ("cannot read" in err) == (kind == "unreadable")  # (not "truncated or corrupt?")
     assert digest(ckpt) == before and digest(tmp_path / "run" / "log.jsonl") == log_before
     assert not (tmp_path / "PWNED").exists()  # loading never runs code from the file
 

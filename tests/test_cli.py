@@ -54,6 +54,7 @@ def test_flags_accept_both_spellings_and_help_lists_defaults(tmp_path, text_file
 
 BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--input_file", "missing.txt"], "not found"),
+    (["--data_dir", "short.txt"], "--data_dir 'short.txt' is a file: a text file is read with --input_file"),
     (["--input_file", "."], "input file '.' is a folder (token shards are read with --data_dir)"),
     (["--input_file", "empty.txt"], "is empty"),
     (["--input_file", "binary.bin"], "not UTF-8"),
