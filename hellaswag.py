@@ -12,6 +12,9 @@ takes the model from train_gpt2.py, which never imports it.
 
 Without --data, the validation split (10,042 items) is fetched once through the `datasets` library
 (Rowan/hellaswag; the classic download URL on GitHub is gone) and cached as jsonl.
+
+Interrupted (Ctrl-C) or killed, the same command continues from the counts saved so far
+(machinery/hellaswag_eval.py: count_correct_resumably).
 """
 
 import argparse
@@ -21,7 +24,9 @@ import sys
 from machinery.checkpoints import load_checkpoint, load_weights
 from machinery.command_line import ArgumentParser
 from machinery.hardware import DTYPES
-from machinery.hellaswag_eval import N_VALIDATION, REFERENCE, count_correct, load_items
+from machinery.hellaswag_eval import (N_VALIDATION, REFERENCE, Interrupted, count_correct_resumably, load_items,
+                                      progress_path, vocab_size_of)
+from machinery.tokens import GPT2_VOCAB_SIZE
 from train_gpt2 import GPT, GPTConfig, make_precision, resolve_device
 
 
@@ -35,15 +40,20 @@ def load_model(args):
         model = GPT(GPTConfig(**ckpt["model_config"]))
         load_weights(model, ckpt, path)
         return model, args.out_dir
+    vocab_size = os.path.isdir(args.init_from) and vocab_size_of(args.init_from)
+    if vocab_size and vocab_size < GPT2_VOCAB_SIZE:  # the items are GPT-2 tokens: ids its table has no row for
+        raise ValueError(f"{args.init_from!r} has a vocabulary of {vocab_size:,} tokens, fewer than GPT-2's "
+                         f"{GPT2_VOCAB_SIZE:,}: it cannot score HellaSwag's GPT-2 tokens")
     return GPT.from_pretrained(args.init_from), args.init_from
 
 
 def main(argv=None):
     parser = ArgumentParser(description="HellaSwag accuracy of a GPT-2 model.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--init_from", default="gpt2",
-                        help="a GPT-2 name (gpt2 ... gpt2-xl) or a save_pretrained directory")
-    parser.add_argument("--out_dir", default="", help="evaluate the checkpoint a training run left here instead")
+    model = parser.add_mutually_exclusive_group()  # (both given: one line, not one of them ignored)
+    model.add_argument("--init_from", default="gpt2",
+                       help="a GPT-2 name (gpt2 ... gpt2-xl) or a save_pretrained directory")
+    model.add_argument("--out_dir", default="", help="evaluate the checkpoint a training run left here instead")
     parser.add_argument("--data", default="auto",
                         help="a local HellaSwag jsonl file; auto: the cached validation split")
     parser.add_argument("--limit", type=int, default=0, help="only the first N items (0: all)")
@@ -55,14 +65,21 @@ def main(argv=None):
         if args.limit < 0 or args.batch_size < 1:
             raise ValueError("--limit must not be negative and --batch_size must be positive")
         device, device_type = resolve_device(args.device)
-        _, autocast, _ = make_precision(args.dtype, device_type)
+        dtype, autocast, _ = make_precision(args.dtype, device_type)
         items = load_items(args.data)[: args.limit or None]
         model, name = load_model(args)
-        correct, correct_norm, n = count_correct(model.to(device), items, device, autocast, args.batch_size,
-                                                 progress=True)
+        path = progress_path(model, items, args.batch_size, dtype, device_type)
+        n, correct, correct_norm = count_correct_resumably(model.to(device), items, device, autocast,
+                                                           args.batch_size, path)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except Interrupted as e:  # (the progress bar has ended its line)
+        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted: before scoring began", file=sys.stderr, flush=True)
+        return 130
     print(f"hellaswag acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} ({n} items) | {name}")
     if name in REFERENCE and n == N_VALIDATION:
         acc, acc_norm = REFERENCE[name]

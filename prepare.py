@@ -37,12 +37,14 @@ during the run ends it in one line, and the same command continues once space is
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -341,7 +343,7 @@ def tokenized(batches, num_proc):
     if num_proc == 1:
         yield from map(tokenize_batch, batches)
         return
-    with multiprocessing.Pool(num_proc) as pool:
+    with multiprocessing.Pool(num_proc, initializer=quiet_worker) as pool:  # leaving it ends the workers
         in_flight = []
         for batch in batches:
             in_flight.append(pool.apply_async(tokenize_batch, (batch,)))
@@ -349,6 +351,14 @@ def tokenized(batches, num_proc):
                 yield in_flight.pop(0).get()
         for result in in_flight:
             yield result.get()
+
+
+def quiet_worker():
+    """A worker leaves signals to the main process: Ctrl-C (SIGINT to the whole process group) is ignored,
+    and SIGTERM, which the main process turns into an interruption (main) and sends its workers when it
+    ends the pool, ends a worker at once. Neither prints a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # -----------------------------------------------------------------------------
@@ -374,7 +384,7 @@ class ShardWriter:
     def __init__(self, out_dir, manifest, locate=None):
         self.out_dir, self.manifest, self.locate = out_dir, manifest, locate
         self.shard_size = manifest["shard_size"]
-        self.buffer = np.empty(self.shard_size, dtype=np.uint16)  # the one shard held in memory
+        self.buffer = np.empty(self.shard_size, dtype=np.uint16)  # the one shard held in memory (check_memory)
         self.filled = 0
         done = manifest["shards"][-1] if manifest["shards"] else dict(next_document=0, next_offset=0)
         self.position = sum(s["tokens"] for s in manifest["shards"])  # next token to place
@@ -497,6 +507,28 @@ def check_disk_space(out_dir, needed):
 
 
 # -----------------------------------------------------------------------------
+# Memory: one shard is held in memory while it fills
+
+
+def ram_bytes():
+    """The machine's RAM in bytes, or None where unknown (machinery/memory.py's device_memory says the
+    same, but importing it imports torch, which this script and its workers never need)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
+        return None
+
+
+def check_memory(shard_size):
+    """Refuse a shard that the machine's RAM cannot hold, before anything is written."""
+    ram = ram_bytes()
+    if ram is not None and 2 * shard_size > ram:
+        raise PrepareError(f"--shard_size {shard_size:,} needs {in_units(2 * shard_size, binary=True)} of memory "
+                           f"for the shard being filled (2 bytes a token), more than this machine's "
+                           f"{in_units(ram, binary=True)}; choose a smaller --shard_size")
+
+
+# -----------------------------------------------------------------------------
 # The whole preparation, and its command line
 
 
@@ -511,6 +543,7 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     if manifest["complete"]:
         return manifest
     check_disk_space(out_dir, needed_bytes(files, manifest))  # before anything is written
+    check_memory(shard_size)
     os.makedirs(out_dir, exist_ok=True)
     for leftover in glob.glob(os.path.join(out_dir, "*.tmp")):  # a write that a killed run left unfinished
         os.remove(leftover)
@@ -526,14 +559,19 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     documents = stream.documents() if hub else local_documents(files, skip_documents)
     total_bytes = 4 * FINEWEB_EDU_TOKENS if hub else sum(os.path.getsize(f) for f in files)  # ~4 bytes a token
     with tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not show_progress, smoothing=0.05,
-              desc=f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}") as progress:
-        for tokens, lengths in tokenized(batches_of(documents, progress), num_proc):
+              desc=f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}") as progress, \
+            contextlib.closing(tokenized(batches_of(documents, progress), num_proc)) as results:  # (ends the workers)
+        for tokens, lengths in results:
             writer.add(tokens, lengths)
             progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
     if writer.position == writer.documents:  # every document was empty: nothing but separators
         raise PrepareError(f"{source!r} holds no text")
     writer.finish()
     return manifest
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None):
@@ -545,6 +583,7 @@ def main(argv=None):
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or os.path.join("data", os.path.splitext(os.path.basename(os.path.normpath(args.source)))[0])
+    previous = signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: the workers ended, the complete shards kept
     try:
         if args.shard_size < 2 or args.num_proc < 1:
             raise PrepareError("--shard_size must be at least 2 and --num_proc at least 1")
@@ -558,6 +597,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted: the complete shards are kept; run the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     splits = [s["split"] for s in manifest["shards"]]
     print(f"{out_dir}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
           f"{splits.count('train')} train and {splits.count('val')} val shards")

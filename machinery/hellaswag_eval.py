@@ -14,8 +14,11 @@ does not favour short endings. Under torchrun, rank r scores items r, r + world_
 counts are added up.
 """
 
+import contextlib
+import hashlib
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -57,8 +60,12 @@ def read_items(path):
     if not os.path.isfile(path):
         raise ValueError(f"HellaSwag file {path!r} not found")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
+        for line_number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_number} is not UTF-8 text (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -192,3 +199,73 @@ def accuracy_across_ranks(model, items, device, autocast):
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     correct, correct_norm, n = counts.tolist()
     return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
+
+
+# -----------------------------------------------------------------------------
+# hellaswag.py's evaluation, which survives being interrupted or killed
+
+SAVE_EVERY_S = 10.0  # the counts so far are saved at most this often: a killed run loses at most this much
+
+
+class Interrupted(Exception):
+    """Ctrl-C while scoring: says how far it got (the counts are saved, the same command continues)."""
+
+
+def vocab_size_of(directory):
+    """The vocab_size in a save_pretrained directory's config.json (read before loading: transformers
+    warns about a small one first), or None: from_pretrained then says what is wrong."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            return int(json.load(f)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def progress_path(model, items, batch_size, dtype, device_type):
+    """Where the counts of this evaluation in progress are kept, named by a hash of all that decides them."""
+    digest = hashlib.sha256(json.dumps([items, batch_size, str(dtype), device_type, repr(model.config)]).encode())
+    for name, tensor in model.state_dict().items():  # ~2 GB/s: a fraction of a second for GPT-2 124M
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return os.path.join(os.path.dirname(cache_path()), f"hellaswag_progress_{digest.hexdigest()[:16]}.json")
+
+
+def read_progress(path):
+    """(items scored, correct, correct_norm) that an earlier run of the same evaluation saved, or zeros."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return saved["scored"], saved["correct"], saved["correct_norm"]
+    except (OSError, ValueError, KeyError, TypeError):  # none (or unreadable): from the start
+        return 0, 0, 0
+
+
+def save_progress(path, counts):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    text = json.dumps(dict(zip(("scored", "correct", "correct_norm"), counts)))
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def count_correct_resumably(model, items, device, autocast, batch_size, path):
+    """count_correct batch by batch, from the counts an interrupted or killed run saved in `path`: saved
+    there every SAVE_EVERY_S seconds and on Ctrl-C (which then raises Interrupted), removed at the end."""
+    from tqdm import tqdm
+
+    counts = read_progress(path)  # (items scored, correct, correct_norm)
+    saved_at = time.monotonic()
+    try:
+        with tqdm(total=len(items), initial=counts[0], unit="item",
+                  desc="resuming hellaswag" if counts[0] else "hellaswag") as bar:
+            for i in range(counts[0], len(items), batch_size):
+                correct, correct_norm, n = count_correct(model, items[i: i + batch_size], device, autocast, batch_size)
+                counts = (counts[0] + n, counts[1] + correct, counts[2] + correct_norm)
+                bar.update(n)
+                if time.monotonic() - saved_at >= SAVE_EVERY_S:
+                    save_progress(path, counts)
+                    saved_at = time.monotonic()
+    except KeyboardInterrupt:
+        save_progress(path, counts)
+        raise Interrupted(f"scored {counts[0]:,} of {len(items):,} items; run the same command to continue") from None
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    return counts

@@ -105,6 +105,7 @@ BAD = [  # (file content or None for a missing file, what the one line says)
     ('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n', ":1 is not a HellaSwag item"),
     ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 7}\n', ":1 is not a HellaSwag item"),
     ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1}\nnot json\n', ":2 is not JSON"),
+    (b'{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1}\n{"ctx": "\x80"}\n', "items.jsonl:2 is not UTF-8"),
 ]
 
 
@@ -114,10 +115,70 @@ def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message, cap
     path, _, _ = random_gpt2
     data = tmp_path / "items.jsonl"
     if content is not None:
-        data.write_text(content)
+        data.write_bytes(content) if isinstance(content, bytes) else data.write_text(content)
     assert hellaswag.main(["--init_from", str(path), "--data", str(data), "--device", "cpu"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+
+
+def test_a_model_with_fewer_rows_than_gpt2s_tokens_is_refused_in_one_line(items_file, hf_gpt2_dir, capfd):
+    """HellaSwag's items are GPT-2 tokens (ids up to 50256): a 100-token table cannot look them up."""
+    path, _ = hf_gpt2_dir(vocab_size=100)
+    assert hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--device", "cpu"]) == 1
+    out, err = capfd.readouterr()
+    assert err == (f"error: {str(path)!r} has a vocabulary of 100 tokens, fewer than GPT-2's 50,257: it cannot "
+                   "score HellaSwag's GPT-2 tokens\n") and out == ""
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (not even an except clause for KeyboardInterrupt)."""
+
+
+@pytest.mark.parametrize("how", ["ctrl_c", "killed"])
+def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(tmp_path, items_file, random_gpt2,
+                                                                                monkeypatch, capsys, how):
+    """Ctrl-C during the third batch: one line and 130, the counts of the first two saved; killed there
+    instead, the counts saved last (here after every batch) are kept. The same command then scores only
+    the items after them, prints what an uninterrupted run prints, and removes what it kept."""
+    path, _, _ = random_gpt2
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["--init_from", str(path), "--data", str(items_file), "--device", "cpu", "--dtype", "float32",
+            "--batch_size", "2"]
+    assert hellaswag.main(args) == 0
+    expected = capsys.readouterr().out
+    count_correct, scored = hellaswag_eval.count_correct, []
+
+    def recording(model, items, *args):
+        scored.extend(items)
+        return count_correct(model, items, *args)
+
+    def stopped_at_the_third_batch(model, items, *args):
+        if len(scored) == 4:
+            raise KeyboardInterrupt if how == "ctrl_c" else Killed
+        return recording(model, items, *args)
+
+    monkeypatch.setattr(hellaswag_eval, "count_correct", stopped_at_the_third_batch)
+    if how == "ctrl_c":
+        assert hellaswag.main(args) == 130
+        err = capsys.readouterr().err
+        assert err.endswith("\ninterrupted: scored 4 of 7 items; run the same command to continue\n"), err
+    else:
+        monkeypatch.setattr(hellaswag_eval, "SAVE_EVERY_S", 0.0)
+        with pytest.raises(Killed):
+            hellaswag.main(args)
+    monkeypatch.setattr(hellaswag_eval, "count_correct", recording)
+    scored.clear()
+    assert hellaswag.main(args) == 0
+    assert capsys.readouterr().out == expected
+    assert scored == hellaswag_eval.read_items(str(items_file))[4:]
+    assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_two_models_named_at_once_is_one_line(tmp_path, items_file, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        hellaswag.main(["--init_from", "gpt2-medium", "--out_dir", str(tmp_path), "--data", str(items_file)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "error: argument --out_dir: not allowed with argument --init_from (see --help)\n"
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path, items_file):

@@ -686,3 +686,60 @@ def test_sigkill_mid_preparation_then_the_same_command_finishes_the_same_shards(
     assert not manifest["complete"]  # it really was cut off
     assert run_script(*args, "--out_dir", "run", cwd=tmp_path, script="prepare.py").returncode == 0
     assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
+
+
+SLOW_PREPARE = """import sys, time
+sys.path.insert(0, {repo!r})
+import prepare
+
+tokenize_batch = prepare.tokenize_batch
+
+
+def slow_tokenize_batch(texts):  # (a module-level function: the workers find it, forked or spawned)
+    time.sleep(0.1)
+    return tokenize_batch(texts)
+
+
+if __name__ == "__main__":
+    prepare.BATCH_CHARS, prepare.tokenize_batch = 1000, slow_tokenize_batch
+    sys.exit(prepare.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl_c_to_the_group", "sigterm_to_the_main_process"])
+def test_a_signal_mid_preparation_with_workers_is_one_line_and_the_same_command_continues(tmp_path, signum,
+                                                                                          to_group):
+    """Ctrl-C in a terminal signals every process of the group, the workers too; SIGTERM (a scheduler,
+    kill) reaches the main process only. Either way: the one line, no worker's traceback, and the repeat
+    finishes with the uninterrupted run's shards. The workers are slowed so the signal comes mid-run."""
+    import sys
+
+    from conftest import REPO, Launched
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=8)))
+    (tmp_path / "slow_prepare.py").write_text(SLOW_PREPARE.format(repo=str(REPO)))
+    args = ["docs.jsonl", "--out_dir", "run", "--shard_size", "2000", "--num_proc", "2"]
+    with Launched([sys.executable, "slow_prepare.py", *args], tmp_path) as run:
+        deadline = time.time() + 60
+        while time.time() < deadline and run.proc.poll() is None and not list((tmp_path / "run").glob("*.npy")):
+            time.sleep(0.005)  # until the workers have tokenized a shard
+        os.killpg(run.proc.pid, signum) if to_group else run.send_signal(signum)
+        code, _, err = run.finish(60)
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and not l.startswith("tokenizing")]  # no bar
+    assert code == 130 and lines == ["interrupted: the complete shards are kept; run the same command to continue"], err
+    assert not json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]  # it really was cut off
+    for out in ("run", "ref"):
+        prepare.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / out), shard_size=2000, show_progress=False)
+    assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
+
+
+def test_a_shard_bigger_than_the_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """--shard_size 10**15 would be a 2 PB array: refused in one line, before any allocation or file."""
+    (tmp_path / "book.txt").write_text(" ".join(make_documents(30, seed=4)))
+    monkeypatch.chdir(tmp_path)
+    assert prepare.main(["book.txt", "--out_dir", "out", "--shard_size", str(10**15), "--num_proc", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --shard_size 1,000,000,000,000,000 needs 1,819.0 TiB of memory for the shard "
+                          "being filled (2 bytes a token), more than this machine's ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
