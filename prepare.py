@@ -12,19 +12,24 @@ What it writes in out_dir:
   (the last one the remainder); `np.load(path, mmap_mode="r")` reads one without loading it.
 - `manifest.json`: the tokenizer, the source, the shard size, one entry per shard in stream order
   (`file`, `split`, `tokens`, `sha256`, and where the next shard starts in the document stream:
-  `next_document` its index, `next_offset` how many of its tokens this shard took), the totals
-  `documents` and `tokens`, and `complete`. The shards concatenated in manifest order are the corpus's
-  tokens. For fineweb-edu also `source_files`, the dataset's parquet files as listed by the first run
-  (hf:// paths pinned to that commit; later runs read the list from here), and in each shard entry
-  `next_file` and `next_row`: the file and row where `next_document` is.
+  `next_document` its index, `next_offset` how many of its tokens the shards so far took, and when
+  that is past the first piece of a text file (below), `next_byte` where in the file that piece begins
+  and `next_byte_offset` the document's tokens before it), the totals `documents` and `tokens`, and
+  `complete`. The shards concatenated in manifest order are the corpus's tokens. For fineweb-edu also
+  `source_files`, the dataset's parquet files as listed by the first run (hf:// paths pinned to that
+  commit; later runs read the list from here), and in each shard entry `next_file` and `next_row`: the
+  file and row where `next_document` is.
 
 Every document is <|endoftext|> (50256) followed by its tokens, as GPT-2 was trained, and a document
-may run across two shards. The first shard is validation when the corpus fills more than one shard;
-a smaller corpus is split into train (its first 90%) and val (its last 10%).
+may run across two shards. A text file is one document, read and tokenized in pieces of about
+PIECE_BYTES, cut where the pieces' tokens are exactly the whole text's (safe_cut): a big one shows its
+progress and is held in memory a few pieces at a time. The first shard is validation when the corpus
+fills more than one shard; a smaller corpus is split into train (its first 90%) and val (its last 10%).
 
 Killed at any point, the same command continues: each shard is written under a temporary name and
 renamed when complete, the manifest lists only complete shards (checked against their SHA-256 when
-the command runs again), and it records where in the document stream the next shard begins. For
+the command runs again), and it records where in the document stream the next shard begins. Inside
+a text file that is also a byte, where a piece begins: a resumed run reads the file from there. For
 FineWeb-Edu that is also a source file and row, and a resumed run, or a retry after a network error,
 starts there: it reads again at most the row group it stopped in (at worst its one ~2 GB file), never
 the files before it. A dropped connection, a timeout or a server error is retried (one line each,
@@ -43,6 +48,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -59,6 +65,7 @@ FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-s
 EOT = 50256  # <|endoftext|>: starts every document
 VAL_FRACTION = 0.1  # of a corpus that fits in one shard
 BATCH_CHARS = 1_000_000  # text handed to a worker at once: big enough to amortise the hand-over
+PIECE_BYTES = 1 << 20  # a .txt document is read and tokenized in pieces of about this size (safe_cut)
 DOWNLOAD_RETRIES, RETRY_PAUSE_S = 5, 10.0  # hub streaming: tries in a row before giving up, pause between them
 STAND_IN_ENV = "PREPARE_FINEWEB_EDU_FOLDER"  # names a folder of parquet files read in place of the hub's (tests)
 TEXT_BYTES_PER_TOKEN = 4  # GPT-2 on English: ~4 bytes of UTF-8 a token; for the disk-space estimate only
@@ -86,22 +93,84 @@ def local_files(source):
     return files
 
 
-def read_documents(path):
-    """The documents of one file, as (text, bytes read) pairs."""
+def read_documents(path, start=0):
+    """The documents of one file in pieces: (text, bytes read, where the text starts in its document, in
+    bytes: 0 begins a document). A row or a line is a whole document; a text file is one document, read
+    from byte `start` (0, or where one of its pieces begins) in pieces (text_pieces)."""
+    if not path.endswith((".parquet", ".jsonl")):
+        yield from text_pieces(path, start)
+        return
     try:
         if path.endswith(".parquet"):
-            yield from read_parquet(path)
-        elif path.endswith(".jsonl"):
+            for text, n_bytes in read_parquet(path):
+                yield text, n_bytes, 0
+        else:
             with open(path, encoding="utf-8") as f:
                 for line_number, line in enumerate(f, 1):
                     if line.strip():
-                        yield jsonl_text(line, path, line_number), len(line)
-        else:  # a text file is one document
-            with open(path, "rb") as f:
-                raw = f.read()
-            yield raw.decode("utf-8"), len(raw)
+                        yield jsonl_text(line, path, line_number), len(line), 0
     except UnicodeDecodeError as e:
         raise PrepareError(f"{path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+# A place to cut a text: a whitespace character (ASCII) before one that is not whitespace: an ASCII one
+# from "!" to "~", or one whose first UTF-8 byte no whitespace character has (U+00C0 to U+0FFF, U+4000 on:
+# Unicode's other spaces, U+0085 to U+3000, begin with byte C2, E1, E2 or E3).
+CUT = re.compile(rb"[\t\n\x0b\x0c\r ](?=[!-~\xc3-\xe0\xe4-\xf4])")
+
+
+def safe_cut(data):
+    r"""Where UTF-8 `data` can be cut so that the two sides' tokens, one after the other, are the whole's:
+    before its last whitespace character that precedes a non-whitespace one (CUT; not at 0, which would
+    leave an empty piece). None if it has no such place.
+
+    Why that is exact: GPT-2's pre-tokenizer (tiktoken's r50k pattern, which has no look-behind) splits
+    the text into pre-tokens, and BPE merges only within one. Whitespace followed by a non-whitespace
+    character is in one pre-token only as the one space a word, number or punctuation may take in front,
+    and a run of whitespace before a non-whitespace character leaves its last one to what follows
+    (\s+(?!\S)), so a pre-token starts at the cut, and from there on the text is the same. Before the
+    cut the pre-tokens are the same when the text ends there: each stops at the cut either way, a run of
+    whitespace just before it included (\s++$ takes at the end of the text what \s+(?!\S) takes when it
+    goes on). A cut after the whole run is not exact: "a\n\n" ends in one pre-token, "\n\n", where
+    "a\n\nb" has two, "\n" and "\n"."""
+    window = 1 << 16  # the last place is near the end: look there first
+    while True:
+        start = max(1, len(data) - window)
+        places = [m.start() for m in CUT.finditer(data, start)]
+        if places:
+            return places[-1]
+        if start == 1:
+            return None
+        window *= 16
+
+
+def text_pieces(path, start=0):
+    """A text file, one document, from byte `start` on, in pieces: (text, bytes, its first byte in the
+    file). Each piece is the PIECE_BYTES from its first byte, cut back by safe_cut (a stretch with nowhere
+    to cut is read on until there is one), so memory stays about one piece, the pieces' tokens are the
+    whole text's, and where the pieces begin depends only on the file: a resumed run reading from one
+    of them cuts the rest where the first run did."""
+    with open(path, "rb") as f:
+        at = start
+        while True:
+            f.seek(at)
+            data = f.read(PIECE_BYTES)
+            while (cut := safe_cut(data)) is None and (more := f.read(PIECE_BYTES)):
+                data += more
+            if cut is None:  # the end of the file: the rest is the last piece (an empty file, an empty document)
+                if data or at == 0:
+                    yield utf8_text(data, path, at), len(data), at
+                return
+            yield utf8_text(data[:cut], path, at), cut, at
+            at += cut
+
+
+def utf8_text(data, path, at):
+    """`data`, bytes of `path` from byte `at`, as text (a cut by safe_cut falls between two characters)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path!r} is not UTF-8 text (byte {at + e.start}: {e.reason})") from None
 
 
 def jsonl_text(line, path, line_number):
@@ -130,14 +199,20 @@ def read_parquet(path):
         raise PrepareError(f"{path!r} is not a readable parquet file: {first_line(e)}") from None
 
 
-def local_documents(files, skip):
-    """Every document of `files` after the first `skip`."""
+def local_documents(files, skip, byte=0):
+    """Every document of `files` after the first `skip`, in pieces (read_documents); the first one from
+    `byte` on (where one of the pieces of a text file begins)."""
     seen = 0
     for path in files:
-        for text, n_bytes in read_documents(path):
+        if not path.endswith((".parquet", ".jsonl")):  # a text file, one document: skipped unread
             seen += 1
             if seen > skip:
-                yield text, n_bytes
+                yield from read_documents(path, byte if seen == skip + 1 else 0)
+            continue
+        for piece in read_documents(path):
+            seen += 1
+            if seen > skip:
+                yield piece
 
 
 # -----------------------------------------------------------------------------
@@ -202,13 +277,14 @@ class HubStream:
         self.starts = {}  # file index -> index in the stream of its row 0, for each file opened
 
     def documents(self):
-        """(text, characters) for each document, retrying transient errors from where the stream stopped."""
+        """(text, characters, 0) for each document (a whole one: it starts at 0), retrying transient errors
+        from where the stream stopped."""
         failures = 0
         while self.file < len(self.files):
             try:
                 for text in self.read_file():
                     failures = 0  # progress: the next error gets a full set of tries again
-                    yield text, len(text)
+                    yield text, len(text), 0
             except PrepareError:
                 raise
             except Exception as e:  # the hub's errors come from several libraries: retry_or_raise sorts them
@@ -310,22 +386,26 @@ def error_kind(error):
 # Tokenizing, in worker processes
 
 
-def tokenize_batch(texts):
-    """Each document as <|endoftext|> followed by its tokens: one uint16 array, and each one's length."""
+def tokenize_batch(pieces):
+    """The tokens of (text, where it starts in its document) pieces, <|endoftext|> first in a piece that
+    begins a document (at 0): one uint16 array, each piece's token count, and where each starts (handed
+    back with the tokens, for the writer)."""
     enc = get_tokenizer()
     # encode_to_numpy with no special tokens allowed is encode_ordinary straight into an array (uint32)
-    docs = [enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()) for text in texts]
+    texts = [enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()) for text, _ in pieces]
+    at = np.array([start for _, start in pieces], dtype=np.int64)
     eot = np.array([EOT], dtype=np.uint32)
-    tokens = np.concatenate([piece for d in docs for piece in (eot, d)])
+    tokens = np.concatenate([part for t, a in zip(texts, at) for part in ((eot, t) if a == 0 else (t,))])
     assert tokens.max() < 2**16, "a token id does not fit in uint16"
-    return tokens.astype(np.uint16), np.array([1 + len(d) for d in docs], dtype=np.int64)
+    return tokens.astype(np.uint16), np.array([(a == 0) + len(t) for t, a in zip(texts, at)], dtype=np.int64), at
 
 
-def batches_of(documents, progress):
-    """Documents grouped into lists of about BATCH_CHARS characters."""
+def batches_of(pieces, progress):
+    """Pieces of documents, as (text, where it starts in its document), in lists of about BATCH_CHARS
+    characters; the progress bar counts the bytes read."""
     batch, size = [], 0
-    for text, n_bytes in documents:
-        batch.append(text)
+    for text, n_bytes, at in pieces:
+        batch.append((text, at))
         size += len(text)
         progress.update(n_bytes)
         if size >= BATCH_CHARS:
@@ -376,10 +456,11 @@ def sha256_of(path):
 class ShardWriter:
     """Cuts the token stream into shards and keeps the manifest up to date after each one.
 
-    Positions are counted in the whole corpus's token stream. A shard is written only once the token
-    after it has arrived, so the writer knows whether the corpus fills more than one shard (then the
-    first shard is validation) or fits in one (then it is split 90/10 at the end). `locate`, when given,
-    turns a document's index into the (file, row) where the source holds it (HubStream.position)."""
+    Positions are counted in the whole corpus's token stream, which arrives in pieces of documents (a
+    whole one, or a part of a text file's: read_documents). A shard is written only once the token after
+    it has arrived, so the writer knows whether the corpus fills more than one shard (then the first
+    shard is validation) or fits in one (then it is split 90/10 at the end). `locate`, when given, turns
+    a document's index into the (file, row) where the source holds it (HubStream.position)."""
 
     def __init__(self, out_dir, manifest, locate=None):
         self.out_dir, self.manifest, self.locate = out_dir, manifest, locate
@@ -387,21 +468,26 @@ class ShardWriter:
         self.buffer = np.empty(self.shard_size, dtype=np.uint16)  # the one shard held in memory (check_memory)
         self.filled = 0
         done = manifest["shards"][-1] if manifest["shards"] else dict(next_document=0, next_offset=0)
+        # the stream goes on with document next_document, from its byte next_byte (absent: its start)
+        self.resume = done["next_document"], done.get("next_byte", 0)
         self.position = sum(s["tokens"] for s in manifest["shards"])  # next token to place
-        self.documents = done["next_document"]  # index of the next document the stream delivers
-        self.stream_position = self.position - done["next_offset"]  # where that document starts
+        self.documents = done["next_document"] + (self.resume[1] > 0)  # documents begun before the next piece
+        self.document_start = self.position - done["next_offset"]  # where the last one begun starts
+        self.stream_position = self.document_start + done.get("next_byte_offset", 0)  # where the next piece starts
 
     def resume_point(self):
-        """(documents to skip, tokens of the next document already in shards)."""
-        return self.documents, self.position - self.stream_position
+        """(documents to skip, the byte of the next one to read from)."""
+        return self.resume
 
-    def add(self, tokens, lengths):
-        """Append whole documents (the first may be partly written already, on a resume)."""
-        ends = self.stream_position + np.cumsum(lengths)  # stream position where each document ends
+    def add(self, tokens, lengths, at):
+        """Append pieces of documents, each `lengths` tokens, starting at byte `at` of its document (0
+        begins one). The first piece may be partly written already, on a resume."""
+        starts = self.stream_position + np.cumsum(lengths) - lengths  # stream position where each piece starts
         data = tokens[self.position - self.stream_position:]  # skip what earlier shards hold
         while len(data):
             if self.filled == self.shard_size:  # full, and a token follows: write it
-                self.write_shard(self.buffer, "val" if not self.manifest["shards"] else "train", ends)
+                self.write_shard(self.buffer, "val" if not self.manifest["shards"] else "train",
+                                 self.where(self.position, starts, at))
                 self.save_manifest()
                 self.filled = 0
             take = min(self.shard_size - self.filled, len(data))
@@ -409,8 +495,23 @@ class ShardWriter:
             self.filled += take
             self.position += take
             data = data[take:]
-        self.documents += len(lengths)
-        self.stream_position = int(ends[-1])
+        begun = np.flatnonzero(at == 0)
+        if len(begun):
+            self.document_start = int(starts[begun[-1]])
+        self.documents += len(begun)
+        self.stream_position = int(starts[-1] + lengths[-1])
+
+    def where(self, position, starts, at):
+        """Where in the documents a stream position within this batch's pieces is, as a shard entry records
+        it: the document, its tokens before the position, and when the piece holding it is not the
+        document's first, where that piece starts: its byte and the document's tokens before it."""
+        piece = int(np.searchsorted(starts, position, side="right")) - 1  # pieces are never empty
+        begun = np.flatnonzero(at[: piece + 1] == 0)  # the documents this batch begins, up to that piece
+        document_start = int(starts[begun[-1]]) if len(begun) else self.document_start
+        where = dict(next_document=self.documents + len(begun) - 1, next_offset=position - document_start)
+        if at[piece]:  # a resumed run reads from there
+            where.update(next_byte=int(at[piece]), next_byte_offset=int(starts[piece]) - document_start)
+        return where
 
     def finish(self):
         """Write what is left, and mark the manifest complete: in one manifest update, so a run killed
@@ -419,34 +520,30 @@ class ShardWriter:
             n_val = max(1, int(self.filled * VAL_FRACTION))
             if self.filled - n_val < 2:
                 raise PrepareError(f"the corpus has {self.filled} tokens: too few to split into train and val")
-            self.write_shard(self.buffer[: self.filled - n_val], "train", None)
-            self.write_shard(self.buffer[self.filled - n_val: self.filled], "val", None)
+            self.write_shard(self.buffer[: self.filled - n_val], "train", self.end())
+            self.write_shard(self.buffer[self.filled - n_val: self.filled], "val", self.end())
         elif self.filled:
-            self.write_shard(self.buffer[: self.filled], "train", None)
+            self.write_shard(self.buffer[: self.filled], "train", self.end())
         self.manifest["complete"] = True
         self.save_manifest()
 
-    def write_shard(self, tokens, split, ends):
-        """Write one shard and add it to the manifest (in memory: save_manifest writes it out)."""
+    def end(self):
+        """Where the end of the stream is, as write_shard records it (all documents whole)."""
+        return dict(next_document=self.documents, next_offset=0)
+
+    def write_shard(self, tokens, split, where):
+        """Write one shard and add it to the manifest (in memory: save_manifest writes it out), with
+        `where` the stream goes on after it (ShardWriter.where, or end)."""
         index = len(self.manifest["shards"])
         file = f"{split}_{index:06d}.npy"
         path = os.path.join(self.out_dir, file)
         write_atomically(path, lambda f: np.save(f, tokens))
-        end = sum(s["tokens"] for s in self.manifest["shards"]) + len(tokens)  # stream position after it
-        if ends is None:  # at the end of the stream
-            next_document, next_offset = self.documents, 0
-        else:  # the document the cut falls in, and how many of its tokens this shard took
-            inside = int(np.searchsorted(ends, end, side="right"))  # this batch's documents done by `end`
-            next_document = self.documents + inside
-            start = self.stream_position if inside == 0 else int(ends[inside - 1])
-            next_offset = end - start
-        entry = dict(file=file, split=split, tokens=len(tokens), sha256=sha256_of(path),
-                     next_document=next_document, next_offset=next_offset)
+        entry = dict(file=file, split=split, tokens=len(tokens), sha256=sha256_of(path), **where)
         if self.locate:
-            entry["next_file"], entry["next_row"] = self.locate(next_document)
+            entry["next_file"], entry["next_row"] = self.locate(where["next_document"])
         self.manifest["shards"].append(entry)
-        self.manifest["tokens"] = end
-        self.manifest["documents"] = next_document + (next_offset > 0)  # documents begun in the shards
+        self.manifest["tokens"] = sum(s["tokens"] for s in self.manifest["shards"])
+        self.manifest["documents"] = where["next_document"] + (where["next_offset"] > 0)  # begun in the shards
 
     def save_manifest(self):
         text = json.dumps(self.manifest, indent=1) + "\n"
@@ -555,14 +652,14 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
         stream = HubStream(manifest["source_files"], manifest["shards"])
     writer = ShardWriter(out_dir, manifest, stream.position if hub else None)
     writer.save_manifest()  # first of all: from now on the folder says whose shards it holds
-    skip_documents, _ = writer.resume_point()
-    documents = stream.documents() if hub else local_documents(files, skip_documents)
+    skip_documents, byte = writer.resume_point()
+    documents = stream.documents() if hub else local_documents(files, skip_documents, byte)
     total_bytes = 4 * FINEWEB_EDU_TOKENS if hub else sum(os.path.getsize(f) for f in files)  # ~4 bytes a token
     with tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not show_progress, smoothing=0.05,
               desc=f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}") as progress, \
             contextlib.closing(tokenized(batches_of(documents, progress), num_proc)) as results:  # (ends the workers)
-        for tokens, lengths in results:
-            writer.add(tokens, lengths)
+        for tokens, lengths, at in results:
+            writer.add(tokens, lengths, at)
             progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
     if writer.position == writer.documents:  # every document was empty: nothing but separators
         raise PrepareError(f"{source!r} holds no text")

@@ -120,20 +120,6 @@ def available_ram():
         return None
 
 
-def check_model_fits_in_ram(cfg):
-    """A model from scratch is made in RAM first, in float32: a shape whose weights (and attention masks)
-    the machine's RAM cannot hold stops here in one line, not in the allocator's traceback."""
-    if cfg.init_from != "scratch":
-        return
-    C = cfg.n_embd
-    n_params = (cfg.vocab_size + cfg.block_size) * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C
-    need = WEIGHT_BYTES * n_params + cfg.n_layer * cfg.block_size ** 2  # (the masks: a byte per position pair)
-    ram = device_memory("cpu")
-    if ram and need > ram:
-        raise ValueError(f"a model of {n_params:,} parameters, block_size {cfg.block_size}, needs {size(need)} of RAM "
-                         f"to be made; this machine has {size(ram)} (smaller --n_layer, --n_embd or --block_size)")
-
-
 def plan_memory(model, cfg, world_size, device, dtype):
     """The start-of-run line: what each process needs and where it lives, beside what the device has.
     A --cpu_offload run whose state the machine's RAM cannot hold stops here, in one line."""

@@ -208,6 +208,158 @@ def test_a_damaged_shard_is_redone_from_there(tmp_path, reference, capsys):
     assert folder_bytes(out) == expected
 
 
+# ----------------------------------------------------------------------------- a big text file, in pieces
+
+TRICKY = ("It's here.\n's and 'll at a line start\n\n\n'tis\n  indented\n \nspace before newline \n"
+          "tab\t\n\tx\r\nwindows\r\n\r\nlines\n\u00a0nbsp\n\u3000ideographic space\n\u2028sep\n"
+          "\x85nel\nnaïve café — «quoted» 日本語 🙂\n🙂 emoji line\n1603 numbers\n 42\n"
+          "<|endoftext|> literal\n!?...\n\n")
+
+
+def test_a_text_cut_where_safe_cut_may_cut_has_the_tokens_of_the_whole():
+    r"""Every place CUT finds in tricky text (runs of newlines, spaces before them, \r\n, Unicode spaces,
+    contractions at a line start) splits it into two texts whose tokens, one after the other, are the
+    whole's. Cutting after a run of newlines instead is not exact, which is why the cut is before its
+    last character. And CUT's right side holds no character the tokenizer counts as whitespace: after
+    "\n\n", each of them leaves the two newlines single tokens (198), where whitespace would join them."""
+    enc = get_tokenizer()
+    data = (TRICKY * 3).encode()
+    whole = enc.encode_ordinary(data.decode())
+    places = [m.start() for m in prepare.CUT.finditer(data, 1)]
+    assert len(places) > 80
+    for j in places:
+        assert enc.encode_ordinary(data[:j].decode()) + enc.encode_ordinary(data[j:].decode()) == whole, j
+    assert enc.encode_ordinary("a\n\n") + enc.encode_ordinary("b") != enc.encode_ordinary("a\n\nb")
+    sweep = [c for c in [*range(0x21, 0x7F), *range(0xC0, 0x1000), *range(0x4000, 0x10000, 7),
+                         *range(0x10000, 0x110000, 997)] if not 0xD800 <= c < 0xE000]
+    assert all(prepare.CUT.match(f" {chr(c)}".encode()) for c in sweep)  # the sweep is CUT's right side
+    tokens = enc.encode_ordinary("".join(f"\n\n{chr(c)}" for c in sweep))
+    assert tokens.count(198) == 2 * len(sweep)
+    spaces = [chr(c) for c in range(0x3100) if chr(c).isspace()]  # Unicode's whitespace is all below U+3100
+    assert not any(prepare.CUT.match(f" {s}".encode()) for s in spaces)
+    assert all(enc.encode_ordinary(f"\n\n{s}")[0] == 628 for s in "\t\n\x0b\x0c\r ")  # CUT's left side: whitespace
+
+
+@pytest.fixture
+def big_text(tmp_path, monkeypatch):
+    """A text file of ~25 pieces: PIECE_BYTES and BATCH_CHARS made small, as 1 MB is to a big file."""
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 1500)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)
+    lines = make_documents(400, seed=11, max_words=25)
+    text = TRICKY + "\n".join(("\n  " if i % 7 == 0 else "") + line for i, line in enumerate(lines))
+    path = tmp_path / "big.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    return path, text
+
+
+def test_a_text_file_is_read_in_pieces_whose_tokens_are_the_whole_texts(big_text):
+    path, text = big_text
+    pieces = list(prepare.read_documents(str(path)))
+    size = path.stat().st_size
+    assert len(pieces) > 10 and all(0 < n <= prepare.PIECE_BYTES for _, n, _ in pieces)
+    assert [at for _, _, at in pieces] == list(np.cumsum([0] + [n for _, n, _ in pieces[:-1]]))
+    assert sum(n for _, n, _ in pieces) == size and "".join(t for t, _, _ in pieces) == text
+    tokens, lengths, at = prepare.tokenize_batch([(t, at) for t, _, at in pieces])
+    assert np.array_equal(tokens, stream_of([text])) and lengths.sum() == len(tokens)
+    middle = pieces[5][2]  # from where a piece begins, the same pieces follow
+    assert list(prepare.read_documents(str(path), middle)) == pieces[5:]
+
+
+def test_a_big_text_file_is_tokenized_and_written_as_it_is_read(tmp_path, big_text, monkeypatch):
+    """The progress bar moves piece by piece, and tokens are written before the file is all read:
+    memory is a few pieces, not the file."""
+    import tqdm
+
+    path, text = big_text
+    events = []
+
+    class Bar(tqdm.tqdm):
+        def update(self, n=1):
+            events.append(("read", n))
+            return super().update(n)
+
+    tokenize_batch, write = prepare.tokenize_batch, prepare.write_atomically
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    monkeypatch.setattr(prepare, "tokenize_batch", lambda pieces: events.append(("tokenize", len(pieces)))
+                        or tokenize_batch(pieces))
+    monkeypatch.setattr(prepare, "write_atomically", lambda path, writer: events.append(("write", path))
+                        or write(path, writer))
+    prepare.prepare(str(path), str(tmp_path / "out"), shard_size=1000, num_proc=1, show_progress=False)
+    reads = [n for kind, n in events if kind == "read"]
+    assert len(reads) > 10 and sum(reads) == path.stat().st_size
+    last_read = max(i for i, (kind, _) in enumerate(events) if kind == "read")
+    assert sum(kind == "tokenize" for kind, _ in events[:last_read]) > 10
+    assert any(kind == "write" and str(p).endswith(".npy") for kind, p in events[:last_read])
+    assert np.array_equal(np.concatenate(read_shards(tmp_path / "out")[1]), stream_of([text]))
+
+
+def record_worker(pieces):  # (module-level: a worker finds it by name)
+    with open(os.environ["PIECES_LOG"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return TOKENIZE_BATCH(pieces)
+
+
+TOKENIZE_BATCH = prepare.tokenize_batch
+
+
+def test_a_text_file_in_pieces_gives_the_same_bytes_with_one_or_two_workers(tmp_path, big_text, monkeypatch):
+    """The workers tokenize the one document's pieces, and write what one process writes."""
+    path, text = big_text
+    monkeypatch.setenv("PIECES_LOG", str(tmp_path / "pids"))
+    monkeypatch.setattr(prepare, "tokenize_batch", record_worker)
+    for num_proc in (1, 2):
+        prepare.prepare(str(path), str(tmp_path / f"out{num_proc}"), shard_size=1000, num_proc=num_proc,
+                        show_progress=False)
+    assert folder_bytes(tmp_path / "out1") == folder_bytes(tmp_path / "out2")
+    in_workers = [pid for pid in (tmp_path / "pids").read_text().split() if pid != str(os.getpid())]
+    assert len(in_workers) > 10  # the one document reached the workers in pieces
+    assert np.array_equal(np.concatenate(read_shards(tmp_path / "out2")[1]), stream_of([text]))
+
+
+@pytest.mark.parametrize("kill_at", [4, 9])
+@pytest.mark.parametrize("older", [False, True], ids=["manifest", "older_manifest"])
+def test_a_text_file_killed_mid_document_resumes_from_the_piece_it_stopped_in(tmp_path, big_text, monkeypatch,
+                                                                              kill_at, older):
+    """The repeat reads the text from the piece the last shard ends in (next_byte), skips the tokens
+    of that piece the shards hold (next_offset - next_byte_offset), and ends with the uninterrupted
+    run's folder. A manifest without next_byte (an older prepare.py's) resumes from the document's
+    start, and ends with the same shards."""
+    path, _ = big_text
+    prepare.prepare(str(path), str(tmp_path / "ref"), shard_size=1000, show_progress=False)
+    expected = folder_bytes(tmp_path / "ref")
+    out = tmp_path / "run"
+    write, tokenize_batch = prepare.write_atomically, prepare.tokenize_batch
+    writes = []
+
+    def dying_write(path, writer):
+        writes.append(path)
+        if len(writes) == kill_at:
+            raise KeyboardInterrupt
+        write(path, writer)
+
+    monkeypatch.setattr(prepare, "write_atomically", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(str(path), str(out), shard_size=1000, show_progress=False)
+    monkeypatch.setattr(prepare, "write_atomically", write)
+    manifest = json.loads((out / "manifest.json").read_text())
+    last = manifest["shards"][-1]
+    assert last["next_document"] == 0 and last["next_byte"] > 0 and not manifest["complete"]
+    if older:
+        for shard in manifest["shards"]:
+            del shard["next_byte"], shard["next_byte_offset"]
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    tokenized = []
+    monkeypatch.setattr(prepare, "tokenize_batch", lambda pieces: tokenized.extend(pieces) or tokenize_batch(pieces))
+    prepare.prepare(str(path), str(out), shard_size=1000, show_progress=False)
+    assert tokenized[0][1] == (0 if older else last["next_byte"])
+    if older:  # the shards are the same; the kept entries stay as the older run wrote them
+        expected = {k: v for k, v in expected.items() if k != "manifest.json"}
+        assert {k: v for k, v in folder_bytes(out).items() if k != "manifest.json"} == expected
+    else:
+        assert sum(len(t.encode()) for t, _ in tokenized) == path.stat().st_size - last["next_byte"]
+        assert folder_bytes(out) == expected
+
+
 # ----------------------------------------------------------------------------- FineWeb-Edu, from a stand-in folder
 
 ROWS, ROW_GROUP = 60, 20  # the stand-in's rows per file, and per row group
@@ -659,14 +811,17 @@ def test_an_out_dir_of_another_source_or_shard_size_is_refused_untouched(tmp_pat
     assert "no manifest.json" in capsys.readouterr().err
 
 
-def test_importing_prepare_does_nothing_visible():
+def test_importing_prepare_does_nothing_visible_and_needs_no_torch():
+    """Nothing printed; and torch is not imported (seconds and 180 MB in every worker process, which
+    re-import the script where processes are spawned: macOS, Windows)."""
     import subprocess
     import sys
 
     from conftest import REPO
 
-    r = subprocess.run([sys.executable, "-c", "import prepare"], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    r = subprocess.run([sys.executable, "-c", "import sys, prepare; print('torch' in sys.modules)"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "False\n" and r.stderr == ""
 
 
 def test_sigkill_mid_preparation_then_the_same_command_finishes_the_same_shards(tmp_path):
