@@ -40,7 +40,7 @@ def load_model(args):
         model = GPT(GPTConfig(**ckpt["model_config"]))
         load_weights(model, ckpt, path)
         return model, args.out_dir
-    vocab_size = os.path.isdir(args.init_from) and vocab_size_of(args.init_from)
+    vocab_size = vocab_size_of(args.init_from)  # (None for a hub name)
     if vocab_size and vocab_size < GPT2_VOCAB_SIZE:  # the items are GPT-2 tokens: ids its table has no row for
         raise ValueError(f"{args.init_from!r} has a vocabulary of {vocab_size:,} tokens, fewer than GPT-2's "
                          f"{GPT2_VOCAB_SIZE:,}: it cannot score HellaSwag's GPT-2 tokens")
@@ -69,7 +69,7 @@ def main(argv=None):
         items = load_items(args.data)[: args.limit or None]
         model, name = load_model(args)
         path = progress_path(model, items, args.batch_size, dtype, device_type)
-        n, correct, correct_norm = count_correct_resumably(model.to(device), items, device, autocast,
+        correct, correct_norm, n = count_correct_resumably(model.to(device), items, device, autocast,
                                                            args.batch_size, path)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

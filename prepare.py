@@ -57,7 +57,7 @@ import time
 import numpy as np
 
 from machinery.command_line import ArgumentParser
-from machinery.files import DiskFull, exception_chain, first_line, in_units, write_atomically
+from machinery.files import DiskFull, exception_chain, first_line, in_units, ram_bytes, write_atomically
 from machinery.tokens import FINEWEB_EDU, MANIFEST, get_tokenizer
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16
@@ -238,7 +238,9 @@ def check_online():
         import datasets
     except ImportError:
         raise PrepareError("fineweb-edu needs the datasets library: pip install -r requirements.txt") from None
-    if datasets.config.HF_HUB_OFFLINE:
+    # (the hub's switch, and datasets' own, HF_DATASETS_OFFLINE, which older versions read instead)
+    switches = (getattr(datasets.config, name, False) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if any(switches):
         raise PrepareError(f"fineweb-edu streams {FINEWEB_EDU[0]} from the Hugging Face Hub, but offline mode is on "
                            "(HF_HUB_OFFLINE): unset it, or prepare a local copy with python prepare.py FOLDER")
 
@@ -605,15 +607,6 @@ def check_disk_space(out_dir, needed):
 
 # -----------------------------------------------------------------------------
 # Memory: one shard is held in memory while it fills
-
-
-def ram_bytes():
-    """The machine's RAM in bytes, or None where unknown (machinery/memory.py's device_memory says the
-    same, but importing it imports torch, which this script and its workers never need)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
-        return None
 
 
 def check_memory(shard_size):

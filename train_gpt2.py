@@ -615,7 +615,8 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     del ckpt  # free the CPU copy (or the file's mapping)
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
     if distributed and not fsdp_wrapped:  # DDP averages gradients across processes during backward
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
+                    broadcast_buffers=False)  # (the buffers, the causal masks, never change: no resending)
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
     step_times = []
@@ -628,9 +629,9 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
                 record.update(evaluate(raw_model, val_loader, hellaswag_items, step, cfg, device, autocast))
             if done or checkpoint_due(step, start_step, cfg.checkpoint_interval):
                 write_checkpoint(raw_model, optimizer, scaler, step, cfg, train_loader, sample_generator, master)
+                log.checkpointed()  # (a fresh run's log now replaces the other run's, if any: see RunLog)
             if done:
-                log.write({**record, "peak_memory_bytes": largest_peak_memory(device)})  # (of all processes)
-                log.draw()
+                log.write({**record, "peak_memory_bytes": largest_peak_memory(device)}, picture=True)  # (all ranks')
                 break
             if cfg.sample_interval and step > 0 and step % cfg.sample_interval == 0:
                 print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish_run samples the last)
@@ -656,10 +657,10 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
                           **hardware_use(flops_per_token, total_batch_size / world_size, dt, peak_tflops))
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
-            log.write(record, picture="val_loss" in record)  # progress.png redrawn with each validation loss
+            log.write(record, picture="val_loss" in record or stop_now)  # progress.png: with each val loss
             if stop_now and step + 1 < cfg.max_steps:  # (after the last update: on to done, as planned)
                 write_checkpoint(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
-                log.draw()
+                log.checkpointed()
                 print0(f"interrupted: saved step {step + 1} to {cfg.out_dir}/ckpt.pt; continue with --resume")
                 return 130  # (leaving the `with`: the log closed, the signal handlers restored)
     return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=True)

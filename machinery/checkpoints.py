@@ -121,15 +121,18 @@ def restore_training_state(ckpt, model, optimizer, scaler, train_loader, sample_
 
 
 def restore_data_position(loader, position):
-    """The loader where the run left it; a place this data does not have (other data, or a bigger batch
-    at a shard's end) is an error, before the run's log is touched."""
-    past_the_end = (f"the checkpoint's data position (shard {position['shard']}, token {position['position']}) is "
-                    f"past the end of this data's train split; resume with the data the run trained on")
-    if not 0 <= position["shard"] < len(loader.shards):
-        raise ValueError(past_the_end)
-    loader.load_state_dict(position)
-    if loader.position + loader.B * loader.T * loader.num_processes + 1 > len(loader.current):
-        raise ValueError(past_the_end)
+    """The loader where the run left it. A window that no longer fits the shard's end (a bigger --B or
+    more GPUs on resume) moves on to the next shard, as the loader itself would; a place this data does
+    not have (other data) is an error, before the run's log is touched."""
+    shard, token = int(position.get("shard", 0)), int(position.get("position", 0))  # (older checkpoints: 0)
+    if 0 <= shard < len(loader.shards):
+        loader.load_state_dict(position)
+        if token <= len(loader.current):
+            if loader.position + loader.B * loader.T * loader.num_processes + 1 > len(loader.current):
+                loader.advance_shard()  # (the next window would run past the end)
+            return
+    raise ValueError(f"the checkpoint's data position (shard {shard}, token {token}) is past the end of this "
+                     "data's train split; resume with the data the run trained on")
 
 
 def checkpoint_due(step, start_step, checkpoint_interval):

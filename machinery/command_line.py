@@ -14,7 +14,7 @@ import sys
 from dataclasses import field, fields
 from typing import get_args
 
-from machinery.files import in_binary_units
+from machinery.files import in_binary_units, ram_bytes
 from machinery.tokens import GPT2_VOCAB_SIZE
 
 
@@ -148,12 +148,12 @@ def check_model_fits_in_ram(cfg):
     """A model from scratch is made in RAM first, in float32: a shape whose weights (and attention masks)
     the machine's RAM cannot hold stops here in one line, not in the allocator's traceback. (Counted from
     the shape: this module, which prepare.py imports too, does not import torch.)"""
-    if cfg.init_from != "scratch" or not hasattr(os, "sysconf"):
+    ram = ram_bytes()
+    if cfg.init_from != "scratch" or ram is None:
         return
     C = cfg.n_embd
     n_params = (cfg.vocab_size + cfg.block_size) * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C
     need = 4 * n_params + cfg.n_layer * cfg.block_size ** 2  # float32 weights; the masks: a byte a position pair
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > ram:
         raise ValueError(f"a model of {n_params:,} parameters, block_size {cfg.block_size}, needs "
                          f"{in_binary_units(need)} of RAM to be made; this machine has {in_binary_units(ram)} "

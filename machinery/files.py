@@ -1,6 +1,6 @@
 """
 Files and errors: one-line error messages, atomic writes, a full disk said as such, sizes for people
-(files in powers of 1000, memory in powers of 1024).
+(files in powers of 1000, memory in powers of 1024), and the machine's RAM.
 
 Every script writes through write_atomically (checkpoints, the log, the picture, shards, the manifest,
 the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file. Used by all
@@ -81,3 +81,12 @@ def in_units(n_bytes, binary=False):
 
 def in_binary_units(n_bytes):
     return in_units(n_bytes, binary=True)
+
+
+def ram_bytes():
+    """The machine's RAM in bytes, or None where unknown. (Here, not in memory.py, whose torch the
+    scripts that only need this number, prepare.py and its workers, never import.)"""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
+        return None

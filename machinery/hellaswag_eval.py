@@ -161,26 +161,22 @@ def ending_losses(model, items, device, autocast):
     return total.view(-1, 4), mean.view(-1, 4)
 
 
-def predict(model, items, device, autocast, batch_size=8, progress=False):
+def predict(model, items, device, autocast, batch_size=8):
     """Per item, the ending chosen by total loss and by mean loss: two lists of ints."""
-    from tqdm import tqdm
-
     was_training = model.training
     model.eval()
     by_total, by_mean = [], []
-    with tqdm(total=len(items), unit="item", disable=not progress, desc="hellaswag") as bar:
-        for i in range(0, len(items), batch_size):
-            total, mean = ending_losses(model, items[i: i + batch_size], device, autocast)
-            by_total += total.argmin(dim=1).tolist()
-            by_mean += mean.argmin(dim=1).tolist()
-            bar.update(len(items[i: i + batch_size]))
+    for i in range(0, len(items), batch_size):
+        total, mean = ending_losses(model, items[i: i + batch_size], device, autocast)
+        by_total += total.argmin(dim=1).tolist()
+        by_mean += mean.argmin(dim=1).tolist()
     model.train(was_training)
     return by_total, by_mean
 
 
-def count_correct(model, items, device, autocast, batch_size=8, progress=False):
+def count_correct(model, items, device, autocast, batch_size=8):
     """(correct by acc, correct by acc_norm, items): counts, so ranks can add theirs up."""
-    by_total, by_mean = predict(model, items, device, autocast, batch_size, progress)
+    by_total, by_mean = predict(model, items, device, autocast, batch_size)
     labels = [item["label"] for item in items]
     return (sum(p == y for p, y in zip(by_total, labels)), sum(p == y for p, y in zip(by_mean, labels)), len(items))
 
@@ -247,8 +243,9 @@ def save_progress(path, counts):
 
 
 def count_correct_resumably(model, items, device, autocast, batch_size, path):
-    """count_correct batch by batch, from the counts an interrupted or killed run saved in `path`: saved
-    there every SAVE_EVERY_S seconds and on Ctrl-C (which then raises Interrupted), removed at the end."""
+    """count_correct's (correct, correct_norm, items), counted batch by batch from the counts an interrupted
+    or killed run saved in `path`: saved there every SAVE_EVERY_S seconds and on Ctrl-C (which then raises
+    Interrupted), removed at the end."""
     from tqdm import tqdm
 
     counts = read_progress(path)  # (items scored, correct, correct_norm)
@@ -268,4 +265,5 @@ def count_correct_resumably(model, items, device, autocast, batch_size, path):
         raise Interrupted(f"scored {counts[0]:,} of {len(items):,} items; run the same command to continue") from None
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    return counts
+    scored, correct, correct_norm = counts
+    return correct, correct_norm, scored

@@ -14,8 +14,11 @@ import socket
 import sys
 from urllib.parse import urlparse
 
-# where the hub's libraries keep their offline switch once imported
-OFFLINE_CONSTANTS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"))
+# the offline switches: environment variables the hub's libraries read when first imported, and the
+# constants they keep them in after (datasets before 3 has only its own, HF_DATASETS_OFFLINE)
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+OFFLINE_CONSTANTS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                     ("datasets.config", "HF_DATASETS_OFFLINE"))
 
 
 def hub_reachable():
@@ -37,10 +40,12 @@ def hub_or_cache():
     if hub_reachable():
         yield True
         return
-    # the libraries read the variable when first imported and keep it as a constant: set both
-    imported = [(sys.modules[name], attr) for name, attr in OFFLINE_CONSTANTS if name in sys.modules]
-    saved_env, saved = os.environ.get("HF_HUB_OFFLINE"), [getattr(module, attr) for module, attr in imported]
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    # the libraries read the variables when first imported and keep them as constants: set both
+    imported = [(sys.modules[name], attr) for name, attr in OFFLINE_CONSTANTS
+                if name in sys.modules and hasattr(sys.modules[name], attr)]
+    saved_env = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    saved = [getattr(module, attr) for module, attr in imported]
+    os.environ.update({name: "1" for name in OFFLINE_VARIABLES})
     for module, attr in imported:
         setattr(module, attr, True)
     try:
@@ -48,7 +53,8 @@ def hub_or_cache():
     finally:
         for (module, attr), value in zip(imported, saved):
             setattr(module, attr, value)
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

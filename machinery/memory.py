@@ -17,7 +17,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from machinery.files import in_binary_units as size
+from machinery.files import in_binary_units as size, ram_bytes
 from machinery.loss import CHUNK_ROWS
 from machinery.recompute import recomputed, setting
 
@@ -106,8 +106,8 @@ def device_memory(device):
         return torch.cuda.get_device_properties(device).total_memory
     if device_type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
         return torch.mps.recommended_max_memory()
-    if device_type == "cpu" and hasattr(os, "sysconf"):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device_type == "cpu":
+        return ram_bytes()
     return None
 
 

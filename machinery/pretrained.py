@@ -66,8 +66,8 @@ def shared_weight_names(ours, theirs, name_or_path):
 def export_to_transformers(config, state_dict, directory, conv1d_weights):
     """Write a model of this GPTConfig and state_dict as a transformers GPT-2 directory (config.json +
     model.safetensors) that GPT2LMHeadModel.from_pretrained and GPT.from_pretrained both read.
-    conv1d_weights: the keys that OpenAI's layout stores transposed. The files are made in a folder beside
-    `directory`, then moved in: a failure (a full disk) leaves what was there as it was."""
+    conv1d_weights: the keys that OpenAI's layout stores transposed. The files are made in a hidden folder
+    inside `directory`, then moved out of it: a failure (a full disk) leaves what was there as it was."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
     from transformers import GPT2Config
@@ -86,14 +86,12 @@ def export_to_transformers(config, state_dict, directory, conv1d_weights):
         tensors[k] = v.contiguous()
     staging = None
     try:
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+        os.makedirs(directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".export-", dir=directory)  # (inside: the same file system)
         GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                    n_head=c.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
                    attn_pdrop=0.0, tie_word_embeddings=True).save_pretrained(staging)
         save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
-        os.makedirs(directory, exist_ok=True)
         for name in os.listdir(staging):  # (renames in one file system: nothing left to fail for lack of space)
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
     except (OSError, SafetensorError) as e:

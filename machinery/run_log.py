@@ -19,15 +19,6 @@ from machinery.hellaswag_eval import GPT3_SMALL_HELLASWAG, REFERENCE
 from machinery.tokens import FINEWEB_EDU, MANIFEST
 
 
-def file_identity(path):
-    """What changes when a file is replaced (an atomic replace makes a new inode), or None if there is none."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 def parse_log_line(line):
     """One log record, or None for a line a killed run left half-written."""
     try:
@@ -71,20 +62,19 @@ class RunLog:
     Biases. Only rank 0 writes; on the other ranks this does nothing. A resume keeps the records before
     its checkpoint (sent to W&B again, so its run is whole) and redoes the rest.
 
-    A fresh run into an out_dir that holds another run's checkpoint leaves that run's log and picture
-    beside it until this run's own checkpoint replaces it: until then it writes log.new.jsonl and
-    progress.new.png, which then replace log.jsonl and progress.png (a run stopped before it saves
-    leaves the other run whole)."""
+    A fresh run into an out_dir that holds another run's checkpoint (or log) leaves that run's log and
+    picture as they are until this run's own checkpoint replaces it: until then it writes log.new.jsonl
+    and progress.new.png, which take the names log.jsonl and progress.png when train() says, through
+    checkpointed(), that its checkpoint is written. A run stopped before that leaves the other run whole."""
 
     def __init__(self, cfg, start_step):
         self.out_dir, self.file, self.tracker = cfg.out_dir, None, None
         if int(os.environ.get("RANK", 0)) != 0:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
-        self.checkpoint = os.path.join(cfg.out_dir, "ckpt.pt")
-        # the other run's checkpoint, as it is now (None: nothing to leave alone)
-        self.other_checkpoint = file_identity(self.checkpoint) if not cfg.resume else None
-        suffix = ".new" if self.other_checkpoint else ""
+        names = [os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl")]
+        self.beside_another_run = not cfg.resume and any(map(os.path.exists, names))  # (whose files stay for now)
+        suffix = ".new" if self.beside_another_run else ""
         self.path = os.path.join(cfg.out_dir, f"log{suffix}.jsonl")
         self.picture = os.path.join(cfg.out_dir, f"progress{suffix}.png")
         self.gpt2_val_loss = gpt2_val_loss_on(cfg.data_dir)
@@ -104,7 +94,6 @@ class RunLog:
         """Append one record; with picture=True also redraw progress.png."""
         if self.file is None:
             return
-        self.take_over_once_saved()
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -124,21 +113,21 @@ class RunLog:
         """out_dir/progress.png from the log; a failure to draw never stops training."""
         if self.file is None:
             return
-        self.take_over_once_saved()
         try:
             plot_log(self.path, self.picture, self.gpt2_val_loss)
         except Exception as e:  # no matplotlib, a full disk, ...: say so, train on
             print0(f"could not draw progress.png: {first_line(e)}")
 
-    def take_over_once_saved(self):
-        """Once this run's checkpoint has replaced the other run's, its log and picture take their names."""
-        if self.other_checkpoint is None or file_identity(self.checkpoint) == self.other_checkpoint:
+    def checkpointed(self):
+        """Called once the run's checkpoint is written: a fresh run's log and picture, kept apart until
+        now, take the names of the other run's (whose checkpoint is gone)."""
+        if self.file is None or not self.beside_another_run:
             return
         log, picture = os.path.join(self.out_dir, "log.jsonl"), os.path.join(self.out_dir, "progress.png")
         os.replace(self.path, log)  # (the open file moves with its name: appends go on into log.jsonl)
         if os.path.exists(self.picture):
             os.replace(self.picture, picture)
-        self.path, self.picture, self.other_checkpoint = log, picture, None
+        self.path, self.picture, self.beside_another_run = log, picture, False
 
     def close(self):
         if self.file is not None:

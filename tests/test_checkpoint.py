@@ -228,6 +228,28 @@ def test_resume_on_data_without_the_runs_position_is_a_clear_error(tmp_path, fou
     assert (digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")) == before
 
 
+def test_a_resumed_window_that_no_longer_fits_moves_to_the_next_shard(tmp_path):
+    """A run may resume with a bigger --B (the same tokens a step, fewer micro-steps): where its saved
+    place leaves room for the old window but not the new one, the loader goes on to the next shard (here:
+    the next epoch's), as it would have in training, instead of stopping the run. A place past the
+    data's end is still an error, and a checkpoint from before the position had all its keys reads
+    the missing ones as 0."""
+    (tmp_path / "text.txt").write_text(" word" * 212)
+    small = train_gpt2.DataLoaderLite(2, 16, str(tmp_path / "text.txt"), split="train")
+    n = len(small.current)  # 190 tokens: windows of 33 at 0, 32, ... 128 fit, and 160 not
+    big = train_gpt2.DataLoaderLite(4, 16, str(tmp_path / "text.txt"), split="train")
+    machinery.checkpoints.restore_data_position(small, {"epoch": 0, "shard": 0, "position": 128})
+    machinery.checkpoints.restore_data_position(big, {"epoch": 0, "shard": 0, "position": 128})
+    assert 128 + 33 <= n < 128 + 65
+    assert small.state_dict() == {"epoch": 0, "shard": 0, "position": 128}
+    assert big.state_dict() == {"epoch": 1, "shard": 0, "position": 0}
+    machinery.checkpoints.restore_data_position(big, {"position": 64})
+    assert big.state_dict() == {"epoch": 0, "shard": 0, "position": 64}
+    for past in ({"epoch": 0, "shard": 0, "position": n + 1}, {"epoch": 0, "shard": 1, "position": 0}):
+        with pytest.raises(ValueError, match="past the end of this data's train split"):
+            machinery.checkpoints.restore_data_position(big, past)
+
+
 def test_resume_with_a_different_model_is_a_clear_error(tmp_path, text_file, monkeypatch, capsys):
     """A resume's model is the checkpoint's: a shape flag typed on the command line that contradicts it
     is an error naming every contradiction in one line, and nothing is written; the same command
@@ -376,7 +398,7 @@ def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file
 
 
 def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_file, monkeypatch, capsys):
-    """The export is made beside --export_dir and moved in whole: a disk that fills up while the weights
+    """The export is made in a folder of its own and moved in whole: a disk that fills up while the weights
     are written is one line, and the model exported before is still the one there (and loads)."""
     import safetensors.torch
     from safetensors import SafetensorError
@@ -397,7 +419,7 @@ def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_fi
     assert code == 1 and err == ("error: could not export to 'hf': Error while serializing: No space left on device "
                                  "(os error 28); nothing there was changed\n")
     assert {path.name: digest(path) for path in (tmp_path / "hf").iterdir()} == exported
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []  # no half-made folder left
+    assert not [p for p in tmp_path.rglob(".export*")]  # no half-made folder left
 
 
 def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatch):

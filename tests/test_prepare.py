@@ -605,7 +605,8 @@ def test_errors_no_retry_can_fix_end_at_once_in_one_line(tmp_path, monkeypatch, 
     write_stand_in(tmp_path / "hub")
     files = sorted(str(p) for p in (tmp_path / "hub").glob("*.parquet"))
     monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)  # the hub's files, listed by (a fake) datasets
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # (datasets before 3 has only the second)
+        monkeypatch.setattr(datasets.config, switch, False, raising=False)
     monkeypatch.setattr(prepare, "RETRY_PAUSE_S", 0.0)
     monkeypatch.setattr(prepare, "FINEWEB_EDU_TOKENS", 10**6)  # for the disk-space estimate
     for error, calls, message in ((permanent_errors()[1], 1, "doesn't exist on the Hub or cannot be accessed"),
@@ -700,7 +701,7 @@ def test_too_little_disk_space_is_refused_before_anything_is_written(tmp_path, m
     usage = type(shutil.disk_usage(tmp_path))(10**12, 10**12 - free, free)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)  # FineWeb-Edu on the hub, refused before it is reached
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # (and if it were not: offline, at once)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)  # (and if it were not: offline, at once)
     monkeypatch.chdir(tmp_path)
     assert prepare.main([source, "--out_dir", "data/out", "--num_proc", "1"]) == 1
     err = capsys.readouterr().err
