@@ -48,12 +48,12 @@ from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_m
 from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2, shared_weight_names
 from machinery.recompute import MODES, checkpoint_options, recomputed
 from machinery.samples import finish_run, print_samples
-from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log, get_tokenizer: importable from here)
+from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log, and get_tokenizer below: importable here)
 from machinery.sharding import (builds_the_model, check_fsdp, from_rank0, full_model_state, full_optimizer_state,
                                 set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere
-from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, shard_files, text_file_split  # noqa: F401
+from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, open_shard, shard_files, text_file_split
 
 # -----------------------------------------------------------------------------
 # The model
@@ -294,7 +294,7 @@ class DataLoaderLite:
 
     def load_shard(self):
         shard = self.shards[self.order[self.shard]]
-        self.current = shard if isinstance(shard, np.ndarray) else np.load(shard, mmap_mode="r")
+        self.current = shard if isinstance(shard, np.ndarray) else open_shard(shard)  # (memory-mapped)
 
     def next_batch(self):
         B, T = self.B, self.T

@@ -1,7 +1,7 @@
 """
 Tokens: GPT-2's tokenizer built offline, a text file's tokens, and the folders of token shards that
 prepare.py writes (the manifest, checked against its files). train_gpt2.py's DataLoaderLite reads its
-batches through shard_files and text_file_split; prepare.py writes what read_manifest checks.
+batches through shard_files, open_shard and text_file_split; prepare.py writes what read_manifest checks.
 """
 
 import functools
@@ -110,6 +110,19 @@ def shard_files(data_dir, split, B, T, num_processes):
     paths, n_tokens = [path for path, tokens in shards if tokens >= window], sum(tokens for _, tokens in shards)
     check_one_window(paths, n_tokens, f"the {split} shards of {data_dir!r}", B, T, num_processes)
     return paths, n_tokens
+
+
+def open_shard(path):
+    """A shard's tokens, memory-mapped (read_manifest has checked its header). An id GPT-2's vocabulary
+    lacks (a damaged file, or another tokenizer's ids under a gpt2 manifest) is refused here, in one line,
+    and not by the embedding's index error, which on a GPU is a device-side assert that ends every process.
+    (One pass over the file, a fraction of a second for 100M tokens, once per shard.)"""
+    tokens = np.load(path, mmap_mode="r")
+    largest = int(tokens.max()) if tokens.size else 0
+    if largest >= GPT2_VOCAB_SIZE:
+        raise ValueError(f"shard {path!r} holds token id {largest}, past GPT-2's {GPT2_VOCAB_SIZE:,} tokens: "
+                         "it is damaged, or not GPT-2's tokens; prepare it again with prepare.py")
+    return tokens
 
 
 def text_file_split(path, split, val_fraction, B, T, num_processes):

@@ -230,6 +230,10 @@ def damage(data, how):
         (data / "manifest.json").unlink()
     elif how == "incomplete":
         (data / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    elif how == "ids":  # a token id past GPT-2's vocabulary (the header and size are right)
+        tokens = np.load(shard)
+        tokens[5] = 60000
+        np.save(shard, tokens)
     elif how == "tokenizer":  # another tokenizer's ids: the model's rows would mean other tokens
         (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "cl100k_base"}))
     return shard
@@ -242,12 +246,13 @@ def damage(data, how):
     ("no manifest", "has no manifest.json: prepare it with  python prepare.py"),
     ("incomplete", "is not fully prepared"),
     ("tokenizer", "holds cl100k_base tokens; train_gpt2.py reads GPT-2's (gpt2)"),
+    ("ids", "holds token id 60000, past GPT-2's 50,257 tokens: it is damaged"),
 ])
 def test_bad_data_dir_is_one_clear_line(tmp_path, how, message, monkeypatch, capsys):
     data = write_shards(tmp_path / "d", [300, 300, 300], ["val", "train", "train"])
     damage(data, how)
     code, _, err = run_in_process(*TINY, "--data_dir", data, "--B", "2", "--T", "16", "--max_steps", "1",
-                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+                                  "--no-shuffle", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
