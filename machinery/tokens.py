@@ -112,6 +112,11 @@ def shard_files(data_dir, split, B, T, num_processes):
     return paths, n_tokens
 
 
+class DamagedShard(OSError):
+    """A shard whose contents cannot be GPT-2's tokens. (An OSError, as gzip's BadGzipFile is: a damaged
+    validation shard stops the run, where a ValueError, too little data, only leaves out validation.)"""
+
+
 def open_shard(path):
     """A shard's tokens, memory-mapped (read_manifest has checked its header). An id GPT-2's vocabulary
     lacks (a damaged file, or another tokenizer's ids under a gpt2 manifest) is refused here, in one line,
@@ -120,7 +125,7 @@ def open_shard(path):
     tokens = np.load(path, mmap_mode="r")
     largest = int(tokens.max()) if tokens.size else 0
     if largest >= GPT2_VOCAB_SIZE:
-        raise ValueError(f"shard {path!r} holds token id {largest}, past GPT-2's {GPT2_VOCAB_SIZE:,} tokens: "
+        raise DamagedShard(f"shard {path!r} holds token id {largest}, past GPT-2's {GPT2_VOCAB_SIZE:,} tokens: "
                          "it is damaged, or not GPT-2's tokens; prepare it again with prepare.py")
     return tokens
 

@@ -219,7 +219,7 @@ def test_torchrun_two_processes_on_shards_equal_one(tmp_path, prepared, items_fi
 
 def damage(data, how):
     manifest = json.loads((data / "manifest.json").read_text())
-    shard = data / manifest["shards"][1]["file"]
+    shard = data / manifest["shards"][0 if how == "val ids" else 1]["file"]  # (the val shard, or train's first)
     if how == "missing":
         shard.unlink()
     elif how == "truncated":
@@ -230,7 +230,7 @@ def damage(data, how):
         (data / "manifest.json").unlink()
     elif how == "incomplete":
         (data / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
-    elif how == "ids":  # a token id past GPT-2's vocabulary (the header and size are right)
+    elif how in ("ids", "val ids"):  # a token id past GPT-2's vocabulary (the header and size are right)
         tokens = np.load(shard)
         tokens[5] = 60000
         np.save(shard, tokens)
@@ -247,6 +247,7 @@ def damage(data, how):
     ("incomplete", "is not fully prepared"),
     ("tokenizer", "holds cl100k_base tokens; train_gpt2.py reads GPT-2's (gpt2)"),
     ("ids", "holds token id 60000, past GPT-2's 50,257 tokens: it is damaged"),
+    ("val ids", "holds token id 60000, past GPT-2's 50,257 tokens: it is damaged"),  # (not "no validation")
 ])
 def test_bad_data_dir_is_one_clear_line(tmp_path, how, message, monkeypatch, capsys):
     data = write_shards(tmp_path / "d", [300, 300, 300], ["val", "train", "train"])
