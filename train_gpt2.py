@@ -84,7 +84,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.NANOGPT_SCALE_INIT = True  # adds to the residual stream: smaller init, see GPT._init_weights
         # the explicit path's causal mask: position t may attend to positions <= t. Not persistent: a constant
-        # of block_size, so checkpoints do not carry it ("bias" is GPT-2's name for it). Bool: 1 MB at 1024.
+        # of block_size, so checkpoints do not carry it ("bias" is GPT-2's name for it). Bool: 1 MB a layer at 1024.
         causal = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
         self.register_buffer("bias", causal.view(1, 1, config.block_size, config.block_size), persistent=False)
 
@@ -294,7 +294,8 @@ class DataLoaderLite:
 
     def load_shard(self):
         shard = self.shards[self.order[self.shard]]
-        self.current = shard if isinstance(shard, np.ndarray) else open_shard(shard)  # (memory-mapped)
+        self.file = None if isinstance(shard, np.ndarray) else os.path.basename(shard)  # (a text file's: None)
+        self.current = shard if self.file is None else open_shard(shard)  # (memory-mapped)
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -317,8 +318,8 @@ class DataLoaderLite:
     def reset(self):
         self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
 
-    def state_dict(self):
-        return {"epoch": self.epoch, "shard": self.shard, "position": self.position}
+    def state_dict(self):  # (with the shard's file name: a resume finds it by name, restore_data_position)
+        return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "file": self.file}
 
     def load_state_dict(self, state):
         self.epoch, self.shard, self.position = (int(state.get(k, 0)) for k in ("epoch", "shard", "position"))
@@ -488,7 +489,7 @@ def make_loader(cfg, split, rank, world_size):
         dict(input_file=cfg.input_file)
     try:
         return DataLoaderLite(cfg.B, cfg.T, split=split, process_rank=rank, num_processes=world_size, **source)
-    except ValueError as e:
+    except ValueError as e:  # too little data (a damaged shard is an OSError: the run stops)
         if split == "train":
             raise
         print0(f"no validation: {e}")  # train without
@@ -597,16 +598,15 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     else:
         raw_model.to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
+    hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
     if cfg.eval_only:  # the evaluation that ends a run, once: nothing trained, nothing written
         val_loader = make_loader(cfg, "val", rank, world_size)  # (the data may have no training split)
-        hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
         evaluate(raw_model, val_loader, hellaswag_items, start_step, cfg, device, autocast)
         return 0
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
         return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
     train_loader, val_loader = make_loader(cfg, "train", rank, world_size), make_loader(cfg, "val", rank, world_size)
     print0(describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps))
-    hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)  # (after sharding: its shards)
     print0(describe_optimizer(optimizer))
     print0(describe_plan(cfg, raw_model))  # what the run will write, and how big
@@ -657,7 +657,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
                           **hardware_use(flops_per_token, total_batch_size / world_size, dt, peak_tflops))
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
-            log.write(record, picture="val_loss" in record or stop_now)  # progress.png: with each val loss
+            log.write(record, picture="val_loss" in record or stop_now)  # progress.png: each val loss, and a stop
             if stop_now and step + 1 < cfg.max_steps:  # (after the last update: on to done, as planned)
                 write_checkpoint(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
                 log.checkpointed()

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 
 import torch
@@ -237,19 +238,25 @@ def read_progress(path):
 
 
 def save_progress(path, counts):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Save the counts so far: None, or why they could not be (a read-only home, a full disk), which
+    only costs the resume: scoring goes on."""
     text = json.dumps(dict(zip(("scored", "correct", "correct_norm"), counts)))
-    write_atomically(path, lambda f: f.write(text.encode()))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomically(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        return first_line(e)
+    return None
 
 
 def count_correct_resumably(model, items, device, autocast, batch_size, path):
     """count_correct's (correct, correct_norm, items), counted batch by batch from the counts an interrupted
     or killed run saved in `path`: saved there every SAVE_EVERY_S seconds and on Ctrl-C (which then raises
-    Interrupted), removed at the end."""
+    Interrupted), removed at the end. Where they cannot be saved, that is said once, and scoring goes on."""
     from tqdm import tqdm
 
     counts = read_progress(path)  # (items scored, correct, correct_norm)
-    saved_at = time.monotonic()
+    saved_at, failure = time.monotonic(), None
     try:
         with tqdm(total=len(items), initial=counts[0], unit="item",
                   desc="resuming hellaswag" if counts[0] else "hellaswag") as bar:
@@ -257,12 +264,15 @@ def count_correct_resumably(model, items, device, autocast, batch_size, path):
                 correct, correct_norm, n = count_correct(model, items[i: i + batch_size], device, autocast, batch_size)
                 counts = (counts[0] + n, counts[1] + correct, counts[2] + correct_norm)
                 bar.update(n)
-                if time.monotonic() - saved_at >= SAVE_EVERY_S:
-                    save_progress(path, counts)
-                    saved_at = time.monotonic()
+                if failure is None and time.monotonic() - saved_at >= SAVE_EVERY_S:
+                    failure, saved_at = save_progress(path, counts), time.monotonic()
+                    if failure:
+                        bar.write(f"cannot save the counts so far ({failure}): an interrupted run starts again",
+                                  file=sys.stderr)
     except KeyboardInterrupt:
-        save_progress(path, counts)
-        raise Interrupted(f"scored {counts[0]:,} of {len(items):,} items; run the same command to continue") from None
+        failure = save_progress(path, counts)
+        then = f"the counts could not be saved ({failure})" if failure else "run the same command to continue"
+        raise Interrupted(f"scored {counts[0]:,} of {len(items):,} items; {then}") from None
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
     scored, correct, correct_norm = counts

@@ -4,6 +4,7 @@ our model written back as a transformers GPT-2 directory. Used by GPT.from_pretr
 GPT.save_pretrained in train_gpt2.py.
 """
 
+import glob
 import os
 import shutil
 import tempfile
@@ -87,6 +88,8 @@ def export_to_transformers(config, state_dict, directory, conv1d_weights):
     staging = None
     try:
         os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(directory, ".export-*")):  # what a killed export left
+            shutil.rmtree(stale, ignore_errors=True)
         staging = tempfile.mkdtemp(prefix=".export-", dir=directory)  # (inside: the same file system)
         GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                    n_head=c.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,

@@ -127,6 +127,9 @@ class RunLog:
         os.replace(self.path, log)  # (the open file moves with its name: appends go on into log.jsonl)
         if os.path.exists(self.picture):
             os.replace(self.picture, picture)
+        else:  # (none drawn yet: no picture of the other run beside this run's log either)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(picture)
         self.path, self.picture, self.beside_another_run = log, picture, False
 
     def close(self):

@@ -117,13 +117,21 @@ class DamagedShard(OSError):
     validation shard stops the run, where a ValueError, too little data, only leaves out validation.)"""
 
 
+@functools.lru_cache(maxsize=None)
+def largest_token_id(path):
+    """The largest id in a shard file, read once per process (validation reopens its shards at every
+    evaluation)."""
+    tokens = np.load(path, mmap_mode="r")
+    return int(tokens.max()) if tokens.size else 0
+
+
 def open_shard(path):
     """A shard's tokens, memory-mapped (read_manifest has checked its header). An id GPT-2's vocabulary
     lacks (a damaged file, or another tokenizer's ids under a gpt2 manifest) is refused here, in one line,
     and not by the embedding's index error, which on a GPU is a device-side assert that ends every process.
-    (One pass over the file, a fraction of a second for 100M tokens, once per shard.)"""
+    (One pass over the file, a fraction of a second for 100M tokens, once per shard and process.)"""
     tokens = np.load(path, mmap_mode="r")
-    largest = int(tokens.max()) if tokens.size else 0
+    largest = largest_token_id(path)
     if largest >= GPT2_VOCAB_SIZE:
         raise DamagedShard(f"shard {path!r} holds token id {largest}, past GPT-2's {GPT2_VOCAB_SIZE:,} tokens: "
                          "it is damaged, or not GPT-2's tokens; prepare it again with prepare.py")

@@ -241,10 +241,10 @@ def test_a_resumed_window_that_no_longer_fits_moves_to_the_next_shard(tmp_path):
     machinery.checkpoints.restore_data_position(small, {"epoch": 0, "shard": 0, "position": 128})
     machinery.checkpoints.restore_data_position(big, {"epoch": 0, "shard": 0, "position": 128})
     assert 128 + 33 <= n < 128 + 65
-    assert small.state_dict() == {"epoch": 0, "shard": 0, "position": 128}
-    assert big.state_dict() == {"epoch": 1, "shard": 0, "position": 0}
+    assert small.state_dict() == {"epoch": 0, "shard": 0, "position": 128, "file": None}  # (a text: no file)
+    assert big.state_dict() == {"epoch": 1, "shard": 0, "position": 0, "file": None}
     machinery.checkpoints.restore_data_position(big, {"position": 64})
-    assert big.state_dict() == {"epoch": 0, "shard": 0, "position": 64}
+    assert big.state_dict() == {"epoch": 0, "shard": 0, "position": 64, "file": None}
     for past in ({"epoch": 0, "shard": 0, "position": n + 1}, {"epoch": 0, "shard": 1, "position": 0}):
         with pytest.raises(ValueError, match="past the end of this data's train split"):
             machinery.checkpoints.restore_data_position(big, past)
@@ -414,6 +414,8 @@ def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_fi
         raise SafetensorError("Error while serializing: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    (tmp_path / "hf" / ".export-killed").mkdir()  # what an export killed half way leaves: cleared by the next
+    (tmp_path / "hf" / ".export-killed" / "model.safetensors").write_bytes(b"half")
     code, out, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert "exports to hf at the end (replacing the model there)" in out
     assert code == 1 and err == ("error: could not export to 'hf': Error while serializing: No space left on device "

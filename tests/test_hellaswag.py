@@ -174,6 +174,39 @@ def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(
     assert not list((tmp_path / "cache").rglob("*.json"))
 
 
+def test_counts_that_cannot_be_saved_only_cost_the_resume(tmp_path, items_file, random_gpt2, monkeypatch, capsys):
+    """Where the cache cannot be written (a read-only home, a full disk), scoring goes on to the same
+    result, saying once that an interrupted run would start again; Ctrl-C then says the counts are lost."""
+    path, _, _ = random_gpt2
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["--init_from", str(path), "--data", str(items_file), "--device", "cpu", "--dtype", "float32",
+            "--batch_size", "2"]
+    assert hellaswag.main(args) == 0
+    expected = capsys.readouterr().out
+
+    def disk_full(path, write):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(hellaswag_eval, "write_atomically", disk_full)
+    monkeypatch.setattr(hellaswag_eval, "SAVE_EVERY_S", 0.0)  # (a save tried after every batch)
+    assert hellaswag.main(args) == 0
+    out, err = capsys.readouterr()
+    assert out == expected and err.count("cannot save the counts so far ([Errno 28] No space left on device") == 1
+    count_correct = hellaswag_eval.count_correct
+
+    def stopped_at_the_second_batch(model, items, *args):
+        stopped_at_the_second_batch.calls += 1
+        if stopped_at_the_second_batch.calls == 2:
+            raise KeyboardInterrupt
+        return count_correct(model, items, *args)
+
+    stopped_at_the_second_batch.calls = 0
+    monkeypatch.setattr(hellaswag_eval, "count_correct", stopped_at_the_second_batch)
+    assert hellaswag.main(args) == 130
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("interrupted: scored 2 of 7 items; the counts could not be saved ([Errno 28] No space")
+
+
 def test_two_models_named_at_once_is_one_line(tmp_path, items_file, capsys):
     with pytest.raises(SystemExit) as stopped:
         hellaswag.main(["--init_from", "gpt2-medium", "--out_dir", str(tmp_path), "--data", str(items_file)])
