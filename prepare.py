@@ -238,7 +238,7 @@ def check_online():
         import datasets
     except ImportError:
         raise PrepareError("fineweb-edu needs the datasets library: pip install -r requirements.txt") from None
-    # (the hub's switch, and datasets' own, HF_DATASETS_OFFLINE, which older versions read instead)
+    # (the hub's switch, and datasets' own, HF_DATASETS_OFFLINE)
     switches = (getattr(datasets.config, name, False) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if any(switches):
         raise PrepareError(f"fineweb-edu streams {FINEWEB_EDU[0]} from the Hugging Face Hub, but offline mode is on "

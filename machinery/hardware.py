@@ -6,7 +6,6 @@ train_gpt2.py calls these while it sets up. Measurements behind the choices: doc
 
 import contextlib
 import ctypes
-import inspect
 import logging
 import os
 import sys
@@ -124,8 +123,7 @@ def attention_kernels(device_type):
     the others after it, for what it cannot run (float32, say); elsewhere PyTorch's order stands."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if (device_type != "cuda" or torch.cuda.get_device_capability()[0] != 9
-            or "set_priority" not in inspect.signature(sdpa_kernel).parameters):  # torch < 2.6: no ordering
+    if device_type != "cuda" or torch.cuda.get_device_capability()[0] != 9:
         return contextlib.nullcontext()
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return sdpa_kernel(order, set_priority=True)

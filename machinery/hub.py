@@ -15,7 +15,7 @@ import sys
 from urllib.parse import urlparse
 
 # the offline switches: environment variables the hub's libraries read when first imported, and the
-# constants they keep them in after (datasets before 3 has only its own, HF_DATASETS_OFFLINE)
+# constants they keep them in after (datasets has its own too, HF_DATASETS_OFFLINE, which a user may set)
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 OFFLINE_CONSTANTS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
                      ("datasets.config", "HF_DATASETS_OFFLINE"))

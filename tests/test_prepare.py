@@ -605,7 +605,7 @@ def test_errors_no_retry_can_fix_end_at_once_in_one_line(tmp_path, monkeypatch, 
     write_stand_in(tmp_path / "hub")
     files = sorted(str(p) for p in (tmp_path / "hub").glob("*.parquet"))
     monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)  # the hub's files, listed by (a fake) datasets
-    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # (datasets before 3 has only the second)
+    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # (the hub's switch, and datasets' own)
         monkeypatch.setattr(datasets.config, switch, False, raising=False)
     monkeypatch.setattr(prepare, "RETRY_PAUSE_S", 0.0)
     monkeypatch.setattr(prepare, "FINEWEB_EDU_TOKENS", 10**6)  # for the disk-space estimate

@@ -227,6 +227,9 @@ def test_fsdp_shards_on_the_runs_device_even_where_cuda_exists(group_of_one, mon
     """CPU processes (--device cpu) on a machine with GPUs: without a mesh, fully_shard would pick CUDA."""
     from machinery.sharding import shard_model
 
+    if torch.version.cuda and not torch.cuda.is_available():
+        pytest.skip("a CUDA build of torch without a GPU: NCCL refuses the GPUs this test pretends there are")
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))  # fully_shard's default
@@ -318,7 +321,9 @@ def test_two_machines_train_as_one(tmp_path, monkeypatch, capsys):
         for node in nodes:
             node.kill()
     assert [code for code, _, _ in outputs] == [0, 0], outputs
-    assert "processes 2" in outputs[0][1] and outputs[1][1] == ""  # rank 0 (on node 0) prints
+    # rank 0 (on node 0) prints; the other nothing of ours (torch 2.8-2.10's gloo says it connected)
+    ours = [[line for line in out.splitlines() if not line.startswith("[Gloo] ")] for _, out, _ in outputs]
+    assert "device cpu | dtype float32 | processes 2" in ours[0] and ours[1] == []
     code, out, err = run_in_process(*common, "--B", "4", "--out_dir", "one", cwd=tmp_path, monkeypatch=monkeypatch,
                                     capsys=capsys)
     assert code == 0, err
