@@ -114,15 +114,18 @@ def read_documents(path, start=0):
 
 
 # A place to cut a text: a whitespace character (ASCII) before one that is not whitespace: an ASCII one
-# from "!" to "~", or one whose first UTF-8 byte no whitespace character has (U+00C0 to U+0FFF, U+4000 on:
-# Unicode's other spaces, U+0085 to U+3000, begin with byte C2, E1, E2 or E3).
-CUT = re.compile(rb"[\t\n\x0b\x0c\r ](?=[!-~\xc3-\xe0\xe4-\xf4])")
+# from "!" to "~", or any other but Unicode's other spaces, U+0085, U+00A0, U+1680, U+2000 to U+200A,
+# U+2028, U+2029, U+202F, U+205F and U+3000 (in UTF-8: C2 85, C2 A0, E1 9A 80, E2 80 80-8A, A8, A9, AF,
+# E2 81 9F and E3 80 80). So Japanese lines that begin with kana (E3 ...) can be cut before, too.
+# (Those are whole characters: a cut before the last bytes read waits for what follows them.)
+CUT = re.compile(rb"[\t\n\x0b\x0c\r ](?=[!-~\xc3-\xe0\xe4-\xf4]|\xc2[^\x85\xa0]|\xe1(?!\x9a\x80)..|\xe3(?!\x80\x80)..|"
+                 rb"\xe2(?!\x80[\x80-\x8a\xa8\xa9\xaf]|\x81\x9f)..)", re.DOTALL)
 
 
-def safe_cut(data):
+def safe_cut(data, since=1):
     r"""Where UTF-8 `data` can be cut so that the two sides' tokens, one after the other, are the whole's:
     before its last whitespace character that precedes a non-whitespace one (CUT; not at 0, which would
-    leave an empty piece). None if it has no such place.
+    leave an empty piece), at `since` or after. None if it has no such place.
 
     Why that is exact: GPT-2's pre-tokenizer (tiktoken's r50k pattern, which has no look-behind) splits
     the text into pre-tokens, and BPE merges only within one. Whitespace followed by a non-whitespace
@@ -135,11 +138,11 @@ def safe_cut(data):
     "a\n\nb" has two, "\n" and "\n"."""
     window = 1 << 16  # the last place is near the end: look there first
     while True:
-        start = max(1, len(data) - window)
+        start = max(since, len(data) - window)
         places = [m.start() for m in CUT.finditer(data, start)]
         if places:
             return places[-1]
-        if start == 1:
+        if start == since:
             return None
         window *= 16
 
@@ -154,8 +157,9 @@ def text_pieces(path, start=0):
         at = start
         while True:
             f.seek(at)
-            data = f.read(PIECE_BYTES)
-            while (cut := safe_cut(data)) is None and (more := f.read(PIECE_BYTES)):
+            data, since = bytearray(f.read(PIECE_BYTES)), 1  # (a bytearray grows in place: no copy a read)
+            while (cut := safe_cut(data, since)) is None and (more := f.read(PIECE_BYTES)):
+                since = max(1, len(data) - 3)  # only what is new is searched (a place's look-ahead: 3 bytes)
                 data += more
             if cut is None:  # the end of the file: the rest is the last piece (an empty file, an empty document)
                 if data or at == 0:

@@ -220,8 +220,9 @@ def test_a_text_cut_where_safe_cut_may_cut_has_the_tokens_of_the_whole():
     r"""Every place CUT finds in tricky text (runs of newlines, spaces before them, \r\n, Unicode spaces,
     contractions at a line start) splits it into two texts whose tokens, one after the other, are the
     whole's. Cutting after a run of newlines instead is not exact, which is why the cut is before its
-    last character. And CUT's right side holds no character the tokenizer counts as whitespace: after
-    "\n\n", each of them leaves the two newlines single tokens (198), where whitespace would join them."""
+    last character. CUT's right side is every character but whitespace (kana too, so Japanese text has
+    places to cut), and holds none the tokenizer counts as whitespace: after "\n\n", each of them leaves
+    the two newlines single tokens (198), where whitespace would join them."""
     enc = get_tokenizer()
     data = (TRICKY * 3).encode()
     whole = enc.encode_ordinary(data.decode())
@@ -230,9 +231,11 @@ def test_a_text_cut_where_safe_cut_may_cut_has_the_tokens_of_the_whole():
     for j in places:
         assert enc.encode_ordinary(data[:j].decode()) + enc.encode_ordinary(data[j:].decode()) == whole, j
     assert enc.encode_ordinary("a\n\n") + enc.encode_ordinary("b") != enc.encode_ordinary("a\n\nb")
-    sweep = [c for c in [*range(0x21, 0x7F), *range(0xC0, 0x1000), *range(0x4000, 0x10000, 7),
-                         *range(0x10000, 0x110000, 997)] if not 0xD800 <= c < 0xE000]
+    sweep = [c for c in [*range(0x21, 0x7F), *range(0x80, 0x4000), *range(0x4000, 0x10000, 7),
+                         *range(0x10000, 0x110000, 997)] if not 0xD800 <= c < 0xE000 and not chr(c).isspace()]
     assert all(prepare.CUT.match(f" {chr(c)}".encode()) for c in sweep)  # the sweep is CUT's right side
+    # a character cut short by the end of what was read is no place yet: it may be U+3000 (E3 80 80)
+    assert not any(prepare.CUT.match(f" {chr(c)}".encode()[:-1]) for c in (0x3042, 0x1681, 0x2010))
     tokens = enc.encode_ordinary("".join(f"\n\n{chr(c)}" for c in sweep))
     assert tokens.count(198) == 2 * len(sweep)
     spaces = [chr(c) for c in range(0x3100) if chr(c).isspace()]  # Unicode's whitespace is all below U+3100
@@ -263,6 +266,38 @@ def test_a_text_file_is_read_in_pieces_whose_tokens_are_the_whole_texts(big_text
     assert np.array_equal(tokens, stream_of([text])) and lengths.sum() == len(tokens)
     middle = pieces[5][2]  # from where a piece begins, the same pieces follow
     assert list(prepare.read_documents(str(path), middle)) == pieces[5:]
+
+
+def test_japanese_text_whose_lines_begin_with_kana_is_read_in_pieces_too(tmp_path, monkeypatch):
+    """Text without spaces has places to cut only at its line breaks; lines that begin with kana (UTF-8
+    E3 ..., the lead byte U+3000, the ideographic space, has too) are such places: the file is read a
+    few pieces at a time, not whole, with the whole text's tokens."""
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 1500)
+    text = "\n".join(f"{'あかさたなはまやらわ'[i % 10]}いうえお、かきくけこ「{i}」。" * 3 for i in range(200))
+    path = tmp_path / "ja.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = list(prepare.read_documents(str(path)))
+    assert len(pieces) > 10 and "".join(t for t, _, _ in pieces) == text
+    tokens, _, _ = prepare.tokenize_batch([(t, at) for t, _, at in pieces])
+    assert np.array_equal(tokens, stream_of([text]))
+
+
+def test_a_long_stretch_with_nowhere_to_cut_is_searched_once(tmp_path, monkeypatch):
+    """A stretch of 20 pieces without whitespace is read on until a place to cut: each piece read is
+    searched once (so a long stretch costs its length, not its length squared)."""
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 1500)
+    searched, safe_cut = [], prepare.safe_cut
+
+    def counting(data, since=1):
+        searched.append(len(data) - since)
+        return safe_cut(data, since)
+
+    monkeypatch.setattr(prepare, "safe_cut", counting)
+    text = "x" * 30_000 + " y" + " z" * 100
+    (tmp_path / "long.txt").write_text(text)
+    pieces = list(prepare.read_documents(str(tmp_path / "long.txt")))
+    assert "".join(t for t, _, _ in pieces) == text and pieces[0][1] > 30_000
+    assert sum(searched) < 2 * len(text)
 
 
 def test_a_big_text_file_is_tokenized_and_written_as_it_is_read(tmp_path, big_text, monkeypatch):
