@@ -37,14 +37,19 @@ def load_model(args):
         if not os.path.isfile(path):
             raise ValueError(f"no checkpoint in {args.out_dir!r} (looked for {path}); or evaluate --init_from")
         ckpt = load_checkpoint(path)
+        check_vocab_size(ckpt["model_config"]["vocab_size"], path)
         model = GPT(GPTConfig(**ckpt["model_config"]))
         load_weights(model, ckpt, path)
         return model, args.out_dir
-    vocab_size = vocab_size_of(args.init_from)  # (None for a hub name)
-    if vocab_size and vocab_size < GPT2_VOCAB_SIZE:  # the items are GPT-2 tokens: ids its table has no row for
-        raise ValueError(f"{args.init_from!r} has a vocabulary of {vocab_size:,} tokens, fewer than GPT-2's "
-                         f"{GPT2_VOCAB_SIZE:,}: it cannot score HellaSwag's GPT-2 tokens")
+    check_vocab_size(vocab_size_of(args.init_from), args.init_from)  # (read before transformers warns)
     return GPT.from_pretrained(args.init_from), args.init_from
+
+
+def check_vocab_size(vocab_size, name):
+    """The items are GPT-2 tokens: a table with fewer rows has none for some of them (None: not known)."""
+    if vocab_size is not None and vocab_size < GPT2_VOCAB_SIZE:
+        raise ValueError(f"{name!r} has a vocabulary of {vocab_size:,} tokens, fewer than GPT-2's "
+                         f"{GPT2_VOCAB_SIZE:,}: it cannot score HellaSwag's GPT-2 tokens")
 
 
 def main(argv=None):

@@ -121,13 +121,24 @@ def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message, cap
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
 
 
-def test_a_model_with_fewer_rows_than_gpt2s_tokens_is_refused_in_one_line(items_file, hf_gpt2_dir, capfd):
-    """HellaSwag's items are GPT-2 tokens (ids up to 50256): a 100-token table cannot look them up."""
+def test_a_model_with_fewer_rows_than_gpt2s_tokens_is_refused_in_one_line(tmp_path, items_file, hf_gpt2_dir, capfd):
+    """HellaSwag's items are GPT-2 tokens (ids up to 50256): a 100-token table cannot look them up, in a
+    save_pretrained directory or in a run's checkpoint (a model fine-tuned from such a directory)."""
+    from dataclasses import asdict
+
     path, _ = hf_gpt2_dir(vocab_size=100)
-    assert hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--device", "cpu"]) == 1
-    out, err = capfd.readouterr()
-    assert err == (f"error: {str(path)!r} has a vocabulary of 100 tokens, fewer than GPT-2's 50,257: it cannot "
-                   "score HellaSwag's GPT-2 tokens\n") and out == ""
+    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    state = {"model": model.state_dict(), "optimizer": {}, "steps_done": 0, "model_config": asdict(model.config),
+             "train_config": {}, "train_loader": {}, "rng": {}}
+    (tmp_path / "run").mkdir()
+    machinery.checkpoints.save_checkpoint(state, str(tmp_path / "run" / "ckpt.pt"))
+    capfd.readouterr()  # (what making them printed)
+    for flags, name in ((["--init_from", str(path)], str(path)), (["--out_dir", str(tmp_path / "run")],
+                                                                  str(tmp_path / "run" / "ckpt.pt"))):
+        assert hellaswag.main([*flags, "--data", str(items_file), "--device", "cpu"]) == 1
+        out, err = capfd.readouterr()
+        assert err == (f"error: {name!r} has a vocabulary of 100 tokens, fewer than GPT-2's 50,257: it cannot "
+                       "score HellaSwag's GPT-2 tokens\n") and out == ""
 
 
 class Killed(BaseException):
