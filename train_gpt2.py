@@ -289,18 +289,18 @@ class DataLoaderLite:
         """Indices of the shards in the order this epoch reads them."""
         if not self.shuffle:
             return list(range(len(self.shards)))
-        # one fixed file order would make the loss oscillate with a period of one shard
+        # a new order each epoch: a fixed one would feed every epoch the same shards in the same sequence
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
 
     def load_shard(self):
         shard = self.shards[self.order[self.shard]]
-        self.file = None if isinstance(shard, np.ndarray) else os.path.basename(shard)  # (a text file's: None)
+        self.file = None if isinstance(shard, np.ndarray) else os.path.basename(shard)  # (text: no file)
         self.current = shard if self.file is None else open_shard(shard)  # (memory-mapped)
 
     def next_batch(self):
         B, T = self.B, self.T
         start = self.position + self.process_rank * B * T
-        buf = torch.from_numpy(self.current[start: start + B * T + 1].astype(np.int64))  # (B*T+1,), a copy
+        buf = torch.from_numpy(self.current[start: start + B * T + 1].astype(np.int64))  # (B*T+1,) int64 ids, copied
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: the next token at every position
         self.position += B * T * self.num_processes
@@ -638,7 +638,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss = forward_backward(model, raw_model, train_loader, grad_accum_steps, autocast, scaler, device)
-            if distributed:  # each process saw its own part of the batch: the batch's loss is their mean
+            if distributed:  # for the log: each process saw its part of the batch; the batch's loss is their mean
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)  # of all processes' gradients
@@ -658,7 +658,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
             log.write(record, picture="val_loss" in record or stop_now)  # progress.png: each val loss, and a stop
-            if stop_now and step + 1 < cfg.max_steps:  # (after the last update: on to done, as planned)
+            if stop_now and step + 1 < cfg.max_steps:  # (a stop in the last step: done saves it anyway)
                 write_checkpoint(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
                 log.checkpointed()
                 print0(f"interrupted: saved step {step + 1} to {cfg.out_dir}/ckpt.pt; continue with --resume")

@@ -120,16 +120,17 @@ def restore_training_state(ckpt, model, optimizer, scaler, train_loader, sample_
     set_rng_state(ckpt["rng"], sample_generator)
 
 
-def restore_data_position(loader, position):
-    """The loader where the run left it: the same shard (found by its file name, as another --B or number
-    of processes passes over other short shards, and so shuffles another list), the same token. A window
-    that no longer fits the shard's end (a bigger --B) moves on to the next shard, as the loader itself
-    would. A place this data does not have (other data) is an error, before the run's log is touched."""
-    shard, token, file = int(position.get("shard", 0)), int(position.get("position", 0)), position.get("file")
+def restore_data_position(loader, saved):
+    """The loader where the run left it (`saved`: its state_dict): the same shard, found by file name,
+    not index (another --B or number of processes changes which short shards shard_files passes over,
+    so the shuffled list and its indices change), the same token. A window that no longer fits the
+    shard's end (a bigger --B) moves on to the next shard, as the loader itself would. A place this data
+    does not have (other data) is an error, before the run's log is touched."""
+    shard, token, file = int(saved.get("shard", 0)), int(saved.get("position", 0)), saved.get("file")
     past_the_end = ValueError(f"the checkpoint's data position (shard {shard}, token {token}) is past the "
                               "end of this data's train split; resume with the data the run trained on")
     if file is not None and loader.file is not None:  # (checkpoints before 2026-12-05 name no file)
-        files = [os.path.basename(loader.shards[i]) for i in loader.shard_order(int(position.get("epoch", 0)))]
+        files = [os.path.basename(loader.shards[i]) for i in loader.shard_order(int(saved.get("epoch", 0)))]
         if file not in files:  # not in the split, or now too short for one batch
             window = loader.B * loader.T * loader.num_processes + 1
             raise ValueError(f"the checkpoint's shard {file} is not among this data's train shards that hold one "
@@ -137,7 +138,7 @@ def restore_data_position(loader, position):
         shard = files.index(file)
     if not 0 <= shard < len(loader.shards):
         raise past_the_end
-    loader.load_state_dict({**position, "shard": shard})
+    loader.load_state_dict({**saved, "shard": shard})
     if token > len(loader.current):
         raise past_the_end
     if loader.position + loader.B * loader.T * loader.num_processes + 1 > len(loader.current):
