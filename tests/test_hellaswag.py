@@ -145,18 +145,24 @@ class Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs (not even an except clause for KeyboardInterrupt)."""
 
 
+def scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys):
+    """hellaswag.py's arguments for a random GPT-2 on 7 items in batches of 2 (its cache, where counts in
+    progress are kept, in tmp_path), and what a run that is not interrupted prints."""
+    path, _, _ = random_gpt2
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["--init_from", str(path), "--data", str(items_file), "--device", "cpu", "--dtype", "float32",
+            "--batch_size", "2"]
+    assert hellaswag.main(args) == 0
+    return args, capsys.readouterr().out
+
+
 @pytest.mark.parametrize("how", ["ctrl_c", "killed"])
 def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(tmp_path, items_file, random_gpt2,
                                                                                 monkeypatch, capsys, how):
     """Ctrl-C during the third batch: one line and 130, the counts of the first two saved; killed there
     instead, the counts saved last (here after every batch) are kept. The same command then scores only
     the items after them, prints what an uninterrupted run prints, and removes what it kept."""
-    path, _, _ = random_gpt2
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    args = ["--init_from", str(path), "--data", str(items_file), "--device", "cpu", "--dtype", "float32",
-            "--batch_size", "2"]
-    assert hellaswag.main(args) == 0
-    expected = capsys.readouterr().out
+    args, expected = scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
     count_correct, scored = hellaswag_eval.count_correct, []
 
     def recording(model, items, *args):
@@ -188,12 +194,7 @@ def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(
 def test_counts_that_cannot_be_saved_only_cost_the_resume(tmp_path, items_file, random_gpt2, monkeypatch, capsys):
     """Where the cache cannot be written (a read-only home, a full disk), scoring goes on to the same
     result, saying once that an interrupted run would start again; Ctrl-C then says the counts are lost."""
-    path, _, _ = random_gpt2
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    args = ["--init_from", str(path), "--data", str(items_file), "--device", "cpu", "--dtype", "float32",
-            "--batch_size", "2"]
-    assert hellaswag.main(args) == 0
-    expected = capsys.readouterr().out
+    args, expected = scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
 
     def disk_full(path, write):
         raise OSError(28, "No space left on device", path)

@@ -118,6 +118,32 @@ def reference(tmp_path, corpus_folder):
     return folder, folder_bytes(tmp_path / "ref")
 
 
+class DyingWrite:
+    """prepare.write_atomically stopped at its kill_at-th call by a KeyboardInterrupt, as Ctrl-C there
+    stops it (half_written: after half a temporary file, as a kill in the middle of a write leaves)."""
+
+    def __init__(self, kill_at, half_written=False):
+        self.kill_at, self.half_written, self.calls, self.write = kill_at, half_written, 0, prepare.write_atomically
+
+    def __call__(self, path, writer):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            if self.half_written:
+                with open(path + ".tmp", "wb") as f:
+                    f.write(b"\x93NUMPY half a file")
+            raise KeyboardInterrupt
+        self.write(path, writer)
+
+
+def prepare_killed_at_write(monkeypatch, kill_at, source, out, half_written=False, **settings):
+    """prepare.prepare(source, out, **settings), stopped at its kill_at-th file write (a shard or the
+    manifest); the real write_atomically is back afterwards."""
+    with monkeypatch.context() as patched:
+        patched.setattr(prepare, "write_atomically", DyingWrite(kill_at, half_written))
+        with pytest.raises(KeyboardInterrupt):
+            prepare.prepare(str(source), str(out), show_progress=False, **settings)
+
+
 @pytest.mark.parametrize("kill_at", range(1, 12))
 @pytest.mark.parametrize("half_written", [False, True], ids=["before_write", "mid_write"])
 def test_killed_then_repeated_gives_the_shards_of_an_uninterrupted_run(tmp_path, reference, monkeypatch,
@@ -126,23 +152,8 @@ def test_killed_then_repeated_gives_the_shards_of_an_uninterrupted_run(tmp_path,
     through it; the same command then finishes the job, and the folder is byte for byte the
     uninterrupted one's."""
     folder, expected = reference
-    write = prepare.write_atomically
-    writes = []
-
-    def dying_write(path, writer):
-        writes.append(path)
-        if len(writes) == kill_at:
-            if half_written:
-                with open(path + ".tmp", "wb") as f:
-                    f.write(b"\x93NUMPY half a file")
-            raise KeyboardInterrupt
-        write(path, writer)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(prepare, "write_atomically", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(str(folder), str(out), shard_size=1000, show_progress=False)
-    monkeypatch.setattr(prepare, "write_atomically", write)
+    prepare_killed_at_write(monkeypatch, kill_at, folder, out, half_written=half_written, shard_size=1000)
     prepare.prepare(str(folder), str(out), shard_size=1000, show_progress=False)
     assert folder_bytes(out) == expected
 
@@ -152,19 +163,7 @@ def test_a_small_corpus_killed_at_any_write_finishes_the_same(tmp_path, monkeypa
     """Within one shard: the manifest, the train shard, the val shard, the final manifest."""
     (tmp_path / "small.txt").write_text(" ".join(make_documents(30, seed=9)))
     prepare.prepare(str(tmp_path / "small.txt"), str(tmp_path / "ref"), shard_size=10**6, show_progress=False)
-    write = prepare.write_atomically
-    writes = []
-
-    def dying_write(path, writer):
-        writes.append(path)
-        if len(writes) == kill_at:
-            raise KeyboardInterrupt
-        write(path, writer)
-
-    monkeypatch.setattr(prepare, "write_atomically", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(str(tmp_path / "small.txt"), str(tmp_path / "run"), shard_size=10**6, show_progress=False)
-    monkeypatch.setattr(prepare, "write_atomically", write)
+    prepare_killed_at_write(monkeypatch, kill_at, tmp_path / "small.txt", tmp_path / "run", shard_size=10**6)
     prepare.prepare(str(tmp_path / "small.txt"), str(tmp_path / "run"), shard_size=10**6, show_progress=False)
     assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
 
@@ -173,19 +172,9 @@ def test_a_repeated_run_continues_after_the_complete_shards(tmp_path, reference,
     """Shards listed as complete are kept, not recomputed: the repeat tokenizes only the rest."""
     folder, expected = reference
     out = tmp_path / "run"
+    # the first manifest, then 4 shards and theirs: dies writing the 5th shard
+    prepare_killed_at_write(monkeypatch, 10, folder, out, shard_size=1000)
     write = prepare.write_atomically
-    writes = []
-
-    def dying_write(path, writer):
-        writes.append(path)
-        if len(writes) == 10:  # the first manifest, then 4 shards and theirs: dies writing the 5th shard
-            raise KeyboardInterrupt
-        write(path, writer)
-
-    monkeypatch.setattr(prepare, "write_atomically", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(str(folder), str(out), shard_size=1000, show_progress=False)
-    monkeypatch.setattr(prepare, "write_atomically", write)
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
     assert len(kept) == 4
     rewritten = []
@@ -363,19 +352,8 @@ def test_a_text_file_killed_mid_document_resumes_from_the_piece_it_stopped_in(tm
     prepare.prepare(str(path), str(tmp_path / "ref"), shard_size=1000, show_progress=False)
     expected = folder_bytes(tmp_path / "ref")
     out = tmp_path / "run"
-    write, tokenize_batch = prepare.write_atomically, prepare.tokenize_batch
-    writes = []
-
-    def dying_write(path, writer):
-        writes.append(path)
-        if len(writes) == kill_at:
-            raise KeyboardInterrupt
-        write(path, writer)
-
-    monkeypatch.setattr(prepare, "write_atomically", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(str(path), str(out), shard_size=1000, show_progress=False)
-    monkeypatch.setattr(prepare, "write_atomically", write)
+    prepare_killed_at_write(monkeypatch, kill_at, path, out, shard_size=1000)
+    tokenize_batch = prepare.tokenize_batch
     manifest = json.loads((out / "manifest.json").read_text())
     last = manifest["shards"][-1]
     assert last["next_document"] == 0 and last["next_byte"] > 0 and not manifest["complete"]
