@@ -565,7 +565,7 @@ def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sa
         "steps_done": steps_done,  # the next step to run
         "model_config": asdict(model.config),  # the shape: a checkpoint rebuilds its own model
         "train_config": asdict(cfg),
-        "train_loader": train_loader.state_dict(),  # epoch, shard and position
+        "train_loader": train_loader.state_dict(),  # epoch, shard (and its file name) and position
         "rng": get_rng_state(sample_generator),  # Python, NumPy, torch (CUDA) and sampling streams
         "scaler": scaler.state_dict(),  # float16's loss scale (empty for bf16 and float32)
     }
