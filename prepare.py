@@ -205,18 +205,22 @@ def read_parquet(path):
 
 def local_documents(files, skip, byte=0):
     """Every document of `files` after the first `skip`, in pieces (read_documents); the first one from
-    `byte` on (where one of the pieces of a text file begins)."""
+    `byte` on (where one of the pieces of a text file begins). What an earlier run did comes as
+    (None, its bytes, 0): not tokenized again, only counted, so a resumed run's progress bar starts
+    where the last one stopped."""
     seen = 0
     for path in files:
         if not path.endswith((".parquet", ".jsonl")):  # a text file, one document: skipped unread
             seen += 1
+            start = byte if seen == skip + 1 else 0
+            if seen <= skip or start:
+                yield None, os.path.getsize(path) if seen <= skip else start, 0
             if seen > skip:
-                yield from read_documents(path, byte if seen == skip + 1 else 0)
+                yield from read_documents(path, start)
             continue
-        for piece in read_documents(path):
+        for text, n_bytes, at in read_documents(path):
             seen += 1
-            if seen > skip:
-                yield piece
+            yield (text if seen > skip else None), n_bytes, at
 
 
 # -----------------------------------------------------------------------------
@@ -408,12 +412,14 @@ def tokenize_batch(pieces):
 
 def batches_of(pieces, progress):
     """Pieces of documents, as (text, where it starts in its document), in lists of about BATCH_CHARS
-    characters; the progress bar counts the bytes read."""
+    characters; the progress bar counts the bytes read (and those done before: text None)."""
     batch, size = [], 0
     for text, n_bytes, at in pieces:
+        progress.update(n_bytes)
+        if text is None:
+            continue
         batch.append((text, at))
         size += len(text)
-        progress.update(n_bytes)
         if size >= BATCH_CHARS:
             yield batch
             batch, size = [], 0
@@ -652,8 +658,10 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     skip_documents, byte = writer.resume_point()
     documents = stream.documents() if hub else local_documents(files, skip_documents, byte)
     total_bytes = 4 * FINEWEB_EDU_TOKENS if hub else sum(os.path.getsize(f) for f in files)  # ~4 bytes a token
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not show_progress, smoothing=0.05,
-              desc=f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}") as progress, \
+    done_bytes = 4 * writer.position if hub else 0  # (a resumed local run's documents count what was done)
+    desc = f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}"
+    with tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, smoothing=0.05, desc=desc,
+              disable=not show_progress) as progress, \
             contextlib.closing(tokenized(batches_of(documents, progress), num_proc)) as results:  # (ends the workers)
         for tokens, lengths, at in results:
             writer.add(tokens, lengths, at)

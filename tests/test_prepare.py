@@ -168,6 +168,34 @@ def test_a_small_corpus_killed_at_any_write_finishes_the_same(tmp_path, monkeypa
     assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
 
 
+@pytest.mark.parametrize("kind", ["text file", "folder"])
+def test_a_resumed_runs_progress_starts_where_the_killed_one_stopped(tmp_path, big_text, corpus_folder, monkeypatch,
+                                                                     kind):
+    """The progress bar counts the bytes read. A run killed part way, then resumed, counts at once what
+    the killed run did (not read again: a text file from the piece it stopped in, a folder's documents
+    skipped), then the rest as it reads it: it ends where an uninterrupted run's bar ends."""
+    import tqdm
+
+    source = big_text[0] if kind == "text file" else corpus_folder[0]
+    counted = []
+
+    class Bar(tqdm.tqdm):
+        def update(self, n=1):
+            counted.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    prepare.prepare(str(source), str(tmp_path / "ref"), shard_size=1000, show_progress=False)
+    whole, counted[:] = sum(counted), []
+    prepare_killed_at_write(monkeypatch, 4, source, tmp_path / "run", shard_size=1000)
+    counted.clear()
+    tokenized, tokenize_batch = [], prepare.tokenize_batch
+    monkeypatch.setattr(prepare, "tokenize_batch", lambda pieces: tokenized.extend(pieces) or tokenize_batch(pieces))
+    prepare.prepare(str(source), str(tmp_path / "run"), shard_size=1000, show_progress=False)
+    assert sum(counted) == whole
+    assert sum(len(text.encode()) for text, _ in tokenized) < whole  # (what the killed run did: not again)
+
+
 def test_a_repeated_run_continues_after_the_complete_shards(tmp_path, reference, monkeypatch):
     """Shards listed as complete are kept, not recomputed: the repeat tokenizes only the rest."""
     folder, expected = reference
