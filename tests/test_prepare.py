@@ -196,6 +196,25 @@ def test_a_resumed_runs_progress_starts_where_the_killed_one_stopped(tmp_path, b
     assert sum(len(text.encode()) for text, _ in tokenized) < whole  # (what the killed run did: not again)
 
 
+def test_a_resumed_fineweb_edu_run_starts_its_bar_at_what_was_done(tmp_path, stand_in, monkeypatch):
+    """FineWeb-Edu's bar counts bytes against an estimate (4 a token): a resumed run starts it at the
+    estimate for the tokens its shards already hold."""
+    import tqdm
+
+    starts = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *args, initial=0, **kwargs):
+            starts.append(initial)
+            super().__init__(*args, initial=initial, **kwargs)
+
+    prepare_killed_at_write(monkeypatch, 6, "fineweb-edu", tmp_path / "run", shard_size=1000)
+    done = sum(shard["tokens"] for shard in json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"])
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    prepare.prepare("fineweb-edu", str(tmp_path / "run"), shard_size=1000, show_progress=False)
+    assert done > 0 and starts == [4 * done]
+
+
 def test_a_repeated_run_continues_after_the_complete_shards(tmp_path, reference, monkeypatch):
     """Shards listed as complete are kept, not recomputed: the repeat tokenizes only the rest."""
     folder, expected = reference
