@@ -92,8 +92,9 @@ def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):
 
 
 def resumed_batch(cfg, given, saved, path, world_size):
-    """A resume continues its run: the same tokens a step, in sequences of the same T. --B may change
-    (the same tokens a step by more or less accumulation: the same arithmetic); those two may not."""
+    """A resume continues its run: the same tokens a step, in sequences of the same T, of the same data
+    unless the command names other. --B may change (the same tokens a step by more or less accumulation:
+    the same arithmetic); those two may not."""
     # (checkpoints before 2026-12 may hold 0, "one micro-batch a process": taken as this many processes)
     tokens = saved.get("total_batch_size") or saved["B"] * saved["T"] * world_size
     for name, run_value in (("T", saved["T"]), ("total_batch_size", tokens)):
@@ -101,7 +102,11 @@ def resumed_batch(cfg, given, saved, path, world_size):
             raise ValueError(f"--{name} {getattr(cfg, name)} instead of the run's {run_value}: a resume continues "
                              f"the run as it was; leave --{name} out, or start a new run from these weights "
                              f"with --init_from {path}")
-    return replace(cfg, B=cfg.B if "B" in given else saved["B"], T=saved["T"], total_batch_size=tokens)
+    # the run's data too, unless the command names some (a data_dir run resumed without --data_dir would
+    # otherwise read input.txt)
+    data = {} if {"data_dir", "input_file"} & set(given) else \
+        {name: saved[name] for name in ("data_dir", "input_file") if name in saved}
+    return replace(cfg, B=cfg.B if "B" in given else saved["B"], T=saved["T"], total_batch_size=tokens, **data)
 
 
 def load_weights(model, ckpt, path):

@@ -30,6 +30,7 @@ def load_transformers_gpt2(name_or_path, known_names):
     hub's retries kept quiet and every failure said in one line."""
     try:
         from huggingface_hub.utils import logging as hub_logging
+        from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel, __version__
         from transformers.utils import logging as hf_logging
     except ImportError as e:
@@ -44,7 +45,8 @@ def load_transformers_gpt2(name_or_path, known_names):
     except ImportError as e:  # transformers found a torch too old for it and disabled its PyTorch models
         raise ValueError(f"transformers {__version__} cannot load PyTorch models with torch {torch.__version__} "
                          f"({first_line(e)[:120]}): install versions that fit, pip install -r requirements.txt") from None
-    except (OSError, ValueError) as e:  # offline, or not a GPT-2 directory
+    # offline, not a GPT-2 directory, a truncated weights file, a config.json that does not fit them
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
         why = first_line(e) if online or name_or_path not in known_names else \
             "not in the hub's cache, and the Hugging Face hub cannot be reached"
         hint = " (offline? load from a save_pretrained directory instead)" if name_or_path in known_names else ""

@@ -92,8 +92,8 @@ def read_manifest(data_dir):
             array = np.load(shard, mmap_mode="r")  # reads the header; a short file fails to map
         except FileNotFoundError:
             raise ValueError(f"shard {shard!r} listed in the manifest is missing") from None
-        except ValueError as e:
-            raise ValueError(f"shard {shard!r} is truncated or not a .npy file: {first_line(e)}") from None
+        except (ValueError, EOFError) as e:  # (EOFError: an empty file)
+            raise ValueError(f"shard {shard!r} is truncated or not a .npy file: {first_line(e) or 'empty'}") from None
         if array.dtype != np.uint16 or array.shape != (tokens,):
             raise ValueError(f"shard {shard!r} holds {array.dtype} {array.shape}, the manifest says uint16 ({tokens},)")
     return manifest

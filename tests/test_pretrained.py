@@ -202,3 +202,13 @@ def test_transformers_that_cannot_load_pytorch_models_is_one_line(tmp_path, hf_g
     assert err.count("\n") == 1 and err.startswith("error: transformers "), err
     assert f"transformers {transformers.__version__}" in err and f"torch {torch.__version__}" in err
     assert "requires PyTorch >= 2.6" in err and "pip install -r requirements.txt" in err
+
+
+def test_a_truncated_weights_file_is_one_clear_error(hf_gpt2_dir, tmp_path):
+    """A save_pretrained directory whose model.safetensors was cut short (a copy that stopped): one
+    ValueError naming the directory, which the scripts print as one line, not safetensors' traceback."""
+    path, _ = hf_gpt2_dir()
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"could not load GPT-2 weights from {str(path)!r}"):
+        GPT.from_pretrained(str(path))

@@ -15,7 +15,7 @@ import machinery.console
 import machinery.run_log
 import machinery.tokens
 import train_gpt2
-from conftest import TINY, make_documents, one_process_and_two, run_in_process, run_script, step_losses
+from conftest import REPO, TINY, make_documents, one_process_and_two, run_in_process, run_script, step_losses
 from train_gpt2 import DataLoaderLite, main
 
 
@@ -160,7 +160,8 @@ def test_training_on_shards_prints_the_data_and_learns(tmp_path, prepared):
 
 def test_resume_on_shards_continues_exactly(tmp_path):
     """Stopped at step 7 (after the checkpoint of 5 steps done) and resumed: the same losses as one run,
-    across shard boundaries and into a second, reshuffled epoch (4 shards of 2 windows each)."""
+    across shard boundaries and into a second, reshuffled epoch (4 shards of 2 windows each). The resume
+    does not name --data_dir: it reads the run's data, not the input.txt beside it."""
     data = write_shards(tmp_path / "d", [600, 700, 700, 700, 700], ["val", "train", "train", "train", "train"])
     args = [*TINY, "--data_dir", str(data), "--B", "4", "--T", "64", "--max_steps", "12", "--lr", "3e-3",
             "--eval_interval", "4", "--eval_iters", "2", "--num_samples", "0", "--checkpoint_interval", "5"]
@@ -175,7 +176,12 @@ def test_resume_on_shards_continues_exactly(tmp_path):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(train_gpt2, "step_line", stop_at_7)
         assert main([*args, "--out_dir", str(tmp_path / "run")]) == 130
-    assert main([*args, "--out_dir", str(tmp_path / "run"), "--resume"]) == 0
+    # resumed without --data_dir, where an input.txt lies: the run's data all the same (the checkpoint's)
+    (tmp_path / "input.txt").write_text((REPO / "input.txt").read_text()[:20_000])
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(tmp_path)
+        resumed = [a for a in args if a not in ("--data_dir", str(data))]
+        assert main([*resumed, "--out_dir", str(tmp_path / "run"), "--resume"]) == 0
 
     def log(name):
         records = map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())
@@ -245,6 +251,8 @@ def damage(data, how):
         shard.unlink()
     elif how == "truncated":
         shard.write_bytes(shard.read_bytes()[:-100])
+    elif how == "empty":  # a copy cut off before its first byte
+        shard.write_bytes(b"")
     elif how == "dtype":
         np.save(shard, np.zeros(manifest["shards"][1]["tokens"], dtype=np.int32))
     elif how == "no manifest":
@@ -263,6 +271,7 @@ def damage(data, how):
 @pytest.mark.parametrize("how,message", [
     ("missing", "listed in the manifest is missing"),
     ("truncated", "is truncated or not a .npy file"),
+    ("empty", "is truncated or not a .npy file"),
     ("dtype", "holds int32"),
     ("no manifest", "has no manifest.json: prepare it with  python prepare.py"),
     ("incomplete", "is not fully prepared"),
