@@ -127,6 +127,8 @@ def check_config(cfg):
         raise ValueError(f"--min_lr {cfg.min_lr} must be between 0 and --lr {cfg.lr}")
     if not 0 <= cfg.seed < 2**32:
         raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {cfg.seed}")
+    if not cfg.out_dir:  # (the run's log and checkpoint need a folder; export_dir "" means no export)
+        raise ValueError("--out_dir is empty: name the folder the run writes its log and checkpoint to")
     for name in ("out_dir", "export_dir"):
         if getattr(cfg, name) and os.path.exists(getattr(cfg, name)) and not os.path.isdir(getattr(cfg, name)):
             raise ValueError(f"--{name} {getattr(cfg, name)!r} is a file, not a folder")

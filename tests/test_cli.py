@@ -80,6 +80,7 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--block_size", "10000000000", "--T", "16"], "block_size 10000000000, needs"),  # its attention masks
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
     (["--out_dir", "short.txt"], "--out_dir 'short.txt' is a file, not a folder"),
+    (["--out_dir", ""], "--out_dir is empty: name the folder"),  # (before a model is built, not after)
     (["--export_dir", "short.txt"], "--export_dir 'short.txt' is a file, not a folder"),
 ]
 
