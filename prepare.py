@@ -33,8 +33,8 @@ a text file that is also a byte, where a piece begins: a resumed run reads the f
 FineWeb-Edu that is also a source file and row, and a resumed run, or a retry after a network error,
 starts there: it reads again at most the row group it stopped in (at worst its one ~2 GB file), never
 the files before it. A dropped connection, a timeout or a server error is retried (one line each,
-DOWNLOAD_RETRIES tries in a row); offline mode, a dataset or subset the hub does not know, or a refused
-permission end the run at once, in one line.
+DOWNLOAD_RETRIES tries in a row); offline mode, a hub whose name does not resolve, a dataset or subset
+the hub does not know, or a refused permission end the run at once, in one line.
 
 Before writing, the free space in out_dir is checked against an estimate of what the shards need
 (2 bytes a token: about 20 GB for fineweb-edu, half the size of a local source); a disk that fills up
@@ -58,6 +58,7 @@ import numpy as np
 
 from machinery.command_line import ArgumentParser
 from machinery.files import DiskFull, exception_chain, first_line, in_units, ram_bytes, write_atomically
+from machinery.hub import hub_reachable
 from machinery.tokens import FINEWEB_EDU, MANIFEST, get_tokenizer
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16
@@ -240,8 +241,8 @@ def stand_in_files():
 
 
 def check_online():
-    """Offline mode (HF_HUB_OFFLINE) is one line at once: no retry can fix it, and datasets would only
-    say that it "couldn't reach" the hub."""
+    """Offline mode (HF_HUB_OFFLINE), or a hub whose name does not resolve, is one line at once: no retry
+    can fix it, and datasets would only say that it "couldn't reach" the hub after minutes of retries."""
     try:
         import datasets
     except ImportError:
@@ -251,6 +252,9 @@ def check_online():
     if any(switches):
         raise PrepareError(f"fineweb-edu streams {FINEWEB_EDU[0]} from the Hugging Face Hub, but offline mode is on "
                            "(HF_HUB_OFFLINE): unset it, or prepare a local copy with python prepare.py FOLDER")
+    if not hub_reachable():
+        raise PrepareError(f"fineweb-edu streams {FINEWEB_EDU[0]} from the Hugging Face Hub, but its host name "
+                           "does not resolve (no network?): connect, or prepare a local copy with python prepare.py FOLDER")
 
 
 def hub_files():
@@ -644,13 +648,13 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
         return manifest
     check_disk_space(out_dir, needed_bytes(files, manifest))  # before anything is written
     check_memory(shard_size)
+    if hub and files is None:  # FineWeb-Edu's files come from the hub: it must be there before a folder is made
+        check_online()
     os.makedirs(out_dir, exist_ok=True)
     for leftover in glob.glob(os.path.join(out_dir, "*.tmp")):  # a write that a killed run left unfinished
         os.remove(leftover)
     stream = None
     if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
-        if files is None:
-            check_online()
         manifest["source_files"] = manifest.get("source_files") or files or hub_files()
         stream = HubStream(manifest["source_files"], manifest["shards"])
     writer = ShardWriter(out_dir, manifest, stream.position if hub else None)

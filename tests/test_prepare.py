@@ -667,6 +667,7 @@ def test_errors_no_retry_can_fix_end_at_once_in_one_line(tmp_path, monkeypatch, 
     monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)  # the hub's files, listed by (a fake) datasets
     for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # (the hub's switch, and datasets' own)
         monkeypatch.setattr(datasets.config, switch, False, raising=False)
+    monkeypatch.setattr(prepare, "hub_reachable", lambda: True)  # (the hub's name resolves: the requests fail)
     monkeypatch.setattr(prepare, "RETRY_PAUSE_S", 0.0)
     monkeypatch.setattr(prepare, "FINEWEB_EDU_TOKENS", 10**6)  # for the disk-space estimate
     for error, calls, message in ((permanent_errors()[1], 1, "doesn't exist on the Hub or cannot be accessed"),
@@ -721,8 +722,29 @@ def test_fineweb_edu_offline_is_one_line_at_once(tmp_path):
     assert r.stderr.startswith("error: fineweb-edu streams HuggingFaceFW/fineweb-edu from the Hugging Face Hub, "
                                "but offline mode is on (HF_HUB_OFFLINE)") and r.stderr.count("\n") == 1, r.stderr
     assert time.time() - start < prepare.RETRY_PAUSE_S  # not a single pause
-    out = tmp_path / "data" / "fineweb-edu"  # the default out_dir
-    assert out.is_dir() and not list(out.glob("*"))
+    assert not (tmp_path / "data").exists()  # (the default out_dir is data/fineweb-edu): no folder made
+
+
+def test_fineweb_edu_with_no_network_is_one_line_at_once(tmp_path, monkeypatch, capsys, no_network):
+    """Offline mode is off, but the hub's name does not resolve (no network, no DNS): one line naming
+    that, before the dataset's files are asked for (datasets would retry each request for minutes) and
+    before a folder is made."""
+    import datasets
+
+    monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)
+    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setattr(datasets.config, switch, False, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(prepare, "FINEWEB_EDU_TOKENS", 10**6)  # the disk-space check passes on a small disk too
+    builder = FakeBuilder([], [])
+    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+    out = tmp_path / "fw"
+    assert prepare.main(["fineweb-edu", "--out_dir", str(out), "--num_proc", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: fineweb-edu streams HuggingFaceFW/fineweb-edu from the Hugging Face Hub, but its host "
+                   "name does not resolve (no network?): connect, or prepare a local copy with python prepare.py "
+                   "FOLDER\n")
+    assert builder.calls == [] and not out.exists()
 
 
 def test_an_older_manifest_without_positions_resumes_by_the_files_footers(tmp_path, stand_in, monkeypatch):
