@@ -611,7 +611,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     print0(describe_optimizer(optimizer))
     print0(describe_plan(cfg, raw_model))  # what the run will write, and how big
     if cfg.resume:  # the optimizer's moments, the data's position and the random streams, as they were
-        restore_training_state(ckpt, raw_model, optimizer, scaler, train_loader, sample_generator)
+        restore_training_state(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, sample_generator)
     del ckpt  # free the CPU copy (or the file's mapping)
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
     if distributed and not fsdp_wrapped:  # DDP averages gradients across processes during backward

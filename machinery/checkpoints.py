@@ -52,10 +52,11 @@ def save_checkpoint(state, path):
         raise DiskFull(f"{e}; {RESUME_HINT}") from None
 
 
-def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False):
+def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, resume=False):
     """Load a checkpoint on the CPU (a resume never holds two copies in GPU memory). weights_only:
     tensors and plain containers only, so loading a file can never run code from it. mmap: the tensors
-    stay in the file until read (under FSDP each process reads only its shards of them)."""
+    stay in the file until read (under FSDP each process reads only its shards of them). resume: its
+    training state is checked too, not only its model."""
     if not os.path.isfile(path):
         raise ValueError(f"{missing} at {path!r}")
     try:
@@ -73,7 +74,43 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False):
         ckpt["steps_done"] = ckpt.pop("step")  # the key's name before 2026-12
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise ValueError(f"{path!r} is not a train_gpt2 checkpoint")
+    problem = checkpoint_problem(ckpt, resume)
+    if problem:
+        raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {problem}")
     return ckpt
+
+
+def whole(value, least=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def checkpoint_problem(ckpt, resume):
+    """What in the checkpoint's plain parts is not as write_checkpoint makes them (a hand-edited or
+    foreign file), or None: said here in one line, not as a TypeError deep in the run. Only a resume
+    reads the training state (its batch, data position, optimizer and random streams)."""
+    numbers = {"steps_done": (ckpt, 0), **{f"model_config {name}": (ckpt["model_config"], 1) for name in SHAPE}}
+    if resume:
+        numbers.update({"train_config B": (ckpt["train_config"], 1), "train_config T": (ckpt["train_config"], 1),
+                        "train_config total_batch_size": (ckpt["train_config"], 0)})
+        numbers.update({f"train_loader {name}": (ckpt["train_loader"], 0) for name in ("epoch", "shard", "position")})
+    for where, (part, least) in numbers.items():
+        if not isinstance(part, dict):
+            return f"{where.split()[0]} is a {type(part).__name__}, not a dict"
+        optional = where.startswith("train_loader") or where.endswith("total_batch_size")  # (older files lack them)
+        value = part.get(where.split()[-1], 0 if optional else None)
+        if not whole(value, least):
+            return f"{where} is {value!r}, not a whole number >= {least}"
+    unknown = set(ckpt["model_config"]) - {*SHAPE, "sdpa"}
+    if unknown:
+        return f"model_config has {', '.join(sorted(map(str, unknown)))}, which GPTConfig does not"
+    if not resume:
+        return None
+    if not isinstance(ckpt["train_loader"].get("file"), (str, type(None))):
+        return f"train_loader file is {ckpt['train_loader']['file']!r}, not a shard's file name"
+    for name, keys in (("optimizer", ("state", "param_groups")), ("rng", ("python", "numpy", "torch", "sample"))):
+        if not isinstance(ckpt[name], dict) or set(keys) - set(ckpt[name]):
+            return f"{name} does not hold {', '.join(keys)}"
+    return None
 
 
 def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):
@@ -116,13 +153,16 @@ def load_weights(model, ckpt, path):
         raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(e)}") from None
 
 
-def restore_training_state(ckpt, model, optimizer, scaler, train_loader, sample_generator):
-    """Put the optimizer, loss scaler, data position and random streams back as the checkpoint saved them."""
-    load_optimizer_state(model, optimizer, ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, sample_generator):
+    """Put the optimizer, loss scaler, random streams and data position back as the checkpoint saved them."""
+    try:  # (what these hold was not checked on loading: one that does not fit this run is one line too)
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], sample_generator)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise ValueError(f"cannot resume from {path!r}: {first_line(e)}") from None
     restore_data_position(train_loader, ckpt["train_loader"])
-    set_rng_state(ckpt["rng"], sample_generator)
 
 
 def restore_data_position(loader, saved):
@@ -165,5 +205,5 @@ def starting_checkpoint(cfg, given, world_size):
         path, missing = cfg.init_from, "--init_from: no checkpoint"
     else:
         return None, None, cfg
-    ckpt = load_checkpoint(path, missing, mmap=cfg.fsdp or cfg.cpu_offload)
+    ckpt = load_checkpoint(path, missing, mmap=cfg.fsdp or cfg.cpu_offload, resume=cfg.resume)
     return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, cfg.resume, world_size)

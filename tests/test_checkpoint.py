@@ -215,6 +215,59 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
     assert not (tmp_path / "PWNED").exists()  # loading never runs code from the file
 
 
+# A hand-edited checkpoint: (the part edited, how, what the one line says is wrong)
+HAND_EDITS = [
+    ("steps_done", lambda c: c.update(steps_done=-1), "steps_done is -1, not a whole number >= 0"),
+    ("steps_done", lambda c: c.update(steps_done="4"), "steps_done is '4', not a whole number >= 0"),
+    ("model_config", lambda c: c["model_config"].update(n_layer="2"), "model_config n_layer is '2', not a whole"),
+    ("model_config", lambda c: c["model_config"].update(dropout=0.1), "model_config has dropout, which GPTConfig"),
+    ("train_config", lambda c: c["train_config"].pop("B"), "train_config B is None, not a whole number >= 1"),
+    ("train_config", lambda c: c.update(train_config=[]), "train_config is a list, not a dict"),
+    ("train_loader", lambda c: c["train_loader"].update(position=-32), "train_loader position is -32, not a whole"),
+    ("train_loader", lambda c: c["train_loader"].update(file=3), "train_loader file is 3, not a shard's file name"),
+    ("optimizer", lambda c: c.update(optimizer={}), "optimizer does not hold state, param_groups"),
+    ("rng", lambda c: c["rng"].pop("torch"), "rng does not hold python, numpy, torch, sample"),
+    ("rng", lambda c: c["rng"].update(python=(1, (), None)), "cannot resume from 'run/ckpt.pt': state with version 1"),
+]
+
+
+@pytest.mark.parametrize("part,edit,says", HAND_EDITS, ids=[f"{part}-{i}" for i, (part, _, _) in enumerate(HAND_EDITS)])
+def test_a_hand_edited_checkpoint_is_one_line_naming_what_is_wrong(tmp_path, text_file, four_steps, part, edit, says,
+                                                                   monkeypatch, capsys):
+    """Every key there, but one part not what write_checkpoint makes: the resume ends in one line naming
+    the file and the part (not a TypeError from deep in the run), and the checkpoint and log stay."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    state = torch.load(ckpt, weights_only=True)
+    edit(state)
+    torch.save(state, ckpt)
+    before = digest(ckpt), digest(tmp_path / "run" / "log.jsonl")
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", "run", "--resume", "--max_steps", "8",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and "'run/ckpt.pt'" in err and says in err, err
+    assert (digest(ckpt), digest(tmp_path / "run" / "log.jsonl")) == before
+
+
+def test_init_from_a_hand_edited_checkpoint_checks_its_model_not_its_training_state(tmp_path, text_file, four_steps,
+                                                                                     monkeypatch, capsys):
+    """--init_from takes only the weights and shape: a model_config GPTConfig cannot take is one line; an
+    optimizer state that is not there does not matter."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["optimizer"], state["rng"] = {}, {}
+    torch.save(state, ckpt)
+    args = (*RUN, "--input_file", text_file, "--out_dir", "new", "--init_from", "run/ckpt.pt", "--max_steps", "1")
+    code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    state["model_config"]["n_head"] = 0
+    torch.save(state, ckpt)
+    code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: 'run/ckpt.pt' is not a usable train_gpt2 checkpoint: model_config n_head "
+                                 "is 0, not a whole number >= 1\n")
+
+
 def test_resume_on_data_without_the_runs_position_is_a_clear_error(tmp_path, four_steps, monkeypatch, capsys):
     """The run stopped 4 x 32 tokens into its text; resumed on a text of 90 training tokens, that place is
     not there: one line, and the checkpoint and the log (whose records a resume rewrites) untouched."""
