@@ -59,7 +59,7 @@ import numpy as np
 from machinery.command_line import ArgumentParser
 from machinery.files import DiskFull, exception_chain, first_line, in_units, ram_bytes, write_atomically
 from machinery.hub import hub_reachable
-from machinery.tokens import FINEWEB_EDU, MANIFEST, get_tokenizer
+from machinery.tokens import FINEWEB_EDU, MANIFEST, get_tokenizer, manifest_problem
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16
 FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only
@@ -581,6 +581,9 @@ def start_manifest(out_dir, source_name, shard_size):
         mine = {k: manifest[k] for k in ("tokenizer", "source", "shard_size")}
     except (ValueError, KeyError, TypeError):
         raise PrepareError(f"{path!r} is not a manifest written by prepare.py; use another --out_dir") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise PrepareError(f"{path!r} is not a manifest as prepare.py writes it: {problem}; use another --out_dir")
     if mine != {k: fresh[k] for k in mine}:
         raise PrepareError(f"{out_dir!r} holds shards of {manifest['source']} (shard size {manifest['shard_size']:,}), "
                            f"not of {source_name} (shard size {shard_size:,}): use another --out_dir")

@@ -67,6 +67,35 @@ MANIFEST = "manifest.json"  # prepare.py's index of a folder of token shards; it
 FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # the reproduction's data: ~10B GPT-2 tokens
 
 
+# what prepare.py writes for each shard: always, and only where it applies (docs/data.md says what each means)
+SHARD_FIELDS = {"file": str, "split": str, "tokens": int, "sha256": str, "next_document": int, "next_offset": int}
+SHARD_FIELDS_WHERE_THEY_APPLY = {"next_byte": int, "next_byte_offset": int, "next_file": str, "next_row": int}
+
+
+def manifest_problem(manifest):
+    """What in a manifest is not as prepare.py writes it (a hand-edited or foreign file), or None."""
+    if not isinstance(manifest, dict) or type(manifest.get("shards")) is not list:
+        return "it holds no list of shards"
+    for name in ("documents", "tokens", "shard_size"):
+        if type(manifest.get(name)) is not int or manifest[name] < 0:
+            return f"its {name} is {manifest.get(name)!r}, not a whole number >= 0"
+    if type(manifest.get("complete")) is not bool:
+        return f"its complete is {manifest.get('complete')!r}, not true or false"
+    files = manifest.get("source_files", [])
+    if type(files) is not list or not all(isinstance(file, str) for file in files):
+        return "its source_files are not a list of file names"
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict):
+            return f"its shard {i} is {shard!r}, not an object"
+        if shard.get("split") not in ("train", "val"):
+            return f"its shard {i}'s split is {shard.get('split')!r}, not train or val"
+        for name, kind in {**SHARD_FIELDS, **SHARD_FIELDS_WHERE_THEY_APPLY}.items():
+            value, wanted = shard.get(name), "a text" if kind is str else "a whole number >= 0"
+            if (name in SHARD_FIELDS or name in shard) and not (type(value) is kind and (kind is str or value >= 0)):
+                return f"its shard {i}'s {name} is {value!r}, not {wanted}"
+    return None
+
+
 def read_manifest(data_dir):
     """prepare.py's manifest for data_dir, with each shard's size and dtype checked against its file."""
     path = os.path.join(data_dir, MANIFEST)
@@ -79,9 +108,12 @@ def read_manifest(data_dir):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        shards = [(s["file"], s["split"], int(s["tokens"])) for s in manifest["shards"]]
-    except (ValueError, KeyError, TypeError):
+    except ValueError:  # (not JSON, or not UTF-8)
         raise ValueError(f"{path!r} is not a manifest written by prepare.py") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ValueError(f"{path!r} is not a manifest as prepare.py writes it: {problem}")
+    shards = [(s["file"], s["split"], s["tokens"]) for s in manifest["shards"]]
     if manifest.get("tokenizer") != "gpt2":
         raise ValueError(f"{data_dir!r} holds {manifest.get('tokenizer')} tokens; train_gpt2.py reads GPT-2's (gpt2)")
     if not manifest.get("complete"):
@@ -94,6 +126,10 @@ def read_manifest(data_dir):
             raise ValueError(f"shard {shard!r} listed in the manifest is missing") from None
         except (ValueError, EOFError) as e:  # (EOFError: an empty file)
             raise ValueError(f"shard {shard!r} is truncated or not a .npy file: {first_line(e) or 'empty'}") from None
+        except OSError as e:  # a folder, or a file we may not read
+            raise ValueError(f"cannot read shard {shard!r}: {e.strerror or first_line(e)}") from None
+        if not isinstance(array, np.ndarray):  # (np.load opens a .npz archive too)
+            raise ValueError(f"shard {shard!r} is not a .npy file")
         if array.dtype != np.uint16 or array.shape != (tokens,):
             raise ValueError(f"shard {shard!r} holds {array.dtype} {array.shape}, the manifest says uint16 ({tokens},)")
     return manifest

@@ -894,6 +894,30 @@ def test_an_out_dir_of_another_source_or_shard_size_is_refused_untouched(tmp_pat
     assert "no manifest.json" in capsys.readouterr().err
 
 
+def test_a_hand_edited_manifest_is_one_line_naming_the_field_and_nothing_is_touched(tmp_path, monkeypatch, capsys):
+    """A manifest whose shard entry or totals are not what prepare.py writes (a number as text, a file
+    name as a number, a list where an object goes): the repeat says which field, and leaves the folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text(" ".join(make_documents(20, seed=5)))
+    assert prepare.main(["a.txt", "--out_dir", "out", "--shard_size", "500"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    capsys.readouterr()
+    for field, value, says in (("file", 7, "its shard 0's file is 7, not a text"),
+                               ("next_document", "3", "its shard 0's next_document is '3', not a whole number"),
+                               ("sha256", None, "its shard 0's sha256 is None, not a text"),
+                               ("documents", -1, "its documents is -1, not a whole number >= 0"),
+                               ("shards", {}, "it holds no list of shards")):
+        edited = json.loads(json.dumps(manifest))
+        (edited["shards"][0] if field in edited["shards"][0] else edited)[field] = value
+        (tmp_path / "out" / "manifest.json").write_text(json.dumps({**edited, "complete": False}))
+        before = folder_bytes(tmp_path / "out")
+        assert prepare.main(["a.txt", "--out_dir", "out", "--shard_size", "500"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: 'out/manifest.json' is not a manifest as prepare.py writes it: ") and \
+            says in err and err.endswith("; use another --out_dir\n"), err
+        assert folder_bytes(tmp_path / "out") == before
+
+
 def test_importing_prepare_does_nothing_visible_and_needs_no_torch():
     """Nothing printed; and torch is not imported (seconds and 180 MB in every worker process, which
     re-import the script where processes are spawned: macOS, Windows)."""

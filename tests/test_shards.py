@@ -265,6 +265,16 @@ def damage(data, how):
         np.save(shard, tokens)
     elif how == "tokenizer":  # another tokenizer's ids: the model's rows would mean other tokens
         (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "cl100k_base"}))
+    elif how == "npz":  # an archive of the tokens under the shard's name
+        np.savez(data / "archive", np.load(shard))
+        (data / "archive.npz").replace(shard)
+    elif how == "folder":
+        shard.unlink()
+        shard.mkdir()
+    elif how.startswith("edited"):  # a hand-edited manifest: a shard's tokens as text, its file a number
+        field, value = ("tokens", "300") if how == "edited tokens" else ("file", 1)
+        manifest["shards"][1][field] = value
+        (data / "manifest.json").write_text(json.dumps(manifest))
     return shard
 
 
@@ -278,6 +288,10 @@ def damage(data, how):
     ("tokenizer", "holds cl100k_base tokens; train_gpt2.py reads GPT-2's (gpt2)"),
     ("ids", "holds token id 60000, past GPT-2's 50,257 tokens: it is damaged"),
     ("val ids", "holds token id 60000, past GPT-2's 50,257 tokens: it is damaged"),  # (not "no validation")
+    ("npz", "train_000001.npy' is not a .npy file"),
+    ("folder", "cannot read shard"),
+    ("edited tokens", "is not a manifest as prepare.py writes it: its shard 1's tokens is '300', not a whole number"),
+    ("edited file", "is not a manifest as prepare.py writes it: its shard 1's file is 1, not a text"),
 ])
 def test_bad_data_dir_is_one_clear_line(tmp_path, how, message, monkeypatch, capsys):
     data = write_shards(tmp_path / "d", [300, 300, 300], ["val", "train", "train"])
