@@ -20,12 +20,14 @@ from machinery.tokens import FINEWEB_EDU, MANIFEST
 
 
 def parse_log_line(line):
-    """One log record, or None for a line a killed run left half-written."""
+    """One log record, or None for a line a killed run left half-written (or one damaged otherwise: not
+    JSON, bytes that are not UTF-8, no whole-number step)."""
     try:
         record = json.loads(line)
     except ValueError:
         return None
-    return record if isinstance(record, dict) and "step" in record else None
+    step = record.get("step") if isinstance(record, dict) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
 
 
 # The marks a GPT-2 (124M) reproduction is measured against, for the picture:
@@ -80,7 +82,7 @@ class RunLog:
         self.gpt2_val_loss = gpt2_val_loss_on(cfg.data_dir)
         kept = []
         if cfg.resume and os.path.exists(self.path):
-            with open(self.path) as f:
+            with open(self.path, errors="replace") as f:  # (a damaged line's bytes: then not JSON, skipped)
                 kept = [r for r in map(parse_log_line, f) if r is not None and r["step"] < start_step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         write_atomically(self.path, lambda f: f.write(text.encode()))  # a full disk loses no record
@@ -156,7 +158,7 @@ def plot_log(log_path, png_path, gpt2_val_loss=None):
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    with open(log_path) as f:
+    with open(log_path, errors="replace") as f:
         records = [r for r in map(parse_log_line, f) if r is not None]  # a half-written last line is skipped
     hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in records if "hellaswag_acc_norm" in r]
     fig, axes = plt.subplots(1, 2 if hellaswag else 1, figsize=(12, 4.5) if hellaswag else (7, 4.5), squeeze=False)

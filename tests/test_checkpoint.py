@@ -608,6 +608,24 @@ def test_a_file_that_cannot_grow_is_one_line_and_the_checkpoint_stays(tmp_path, 
     assert load_checkpoint(str(ckpt))["steps_done"] == 6
 
 
+def test_a_resume_skips_damaged_log_lines_as_it_skips_a_half_written_one(tmp_path, text_file, four_steps, monkeypatch,
+                                                                         capsys):
+    """four_steps' log (steps 0-3, and step 4's final evaluation) with damaged lines among its records:
+    bytes that are not UTF-8, a record whose step is text, one that is not an object. The resume keeps
+    the records it can read, drops the rest as it drops a line a killed run left half-written, and its
+    picture is drawn from the same log."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    log = tmp_path / "run" / "log.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:2]) + b'{"step": 1, "loss": \xff\xfe}\n' + b'{"step": "2", "loss": 1.0}\n'
+                    + b"[3]\n" + b"".join(lines[2:]) + b'{"step": 4, "lo')
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "6", "--out_dir", "run", "--resume",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert [r["step"] for r in read_log(tmp_path / "run")] == list(range(7))
+    assert (tmp_path / "run" / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_path, text_file, monkeypatch,
                                                                           capsys):
     """progress.png is only a picture of the log: when the disk cannot take it, each attempt (at every
