@@ -247,12 +247,12 @@ class GPT(nn.Module):
             idx_cond = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
             logits, _ = self(idx_cond)  # (B, T, V)
             logits = logits[:, -1, :n_vocab].float()  # (B, V): last position only, in float32
-            if temperature == 0:
+            if temperature < torch.finfo(torch.float32).tiny:  # 0, or too small to divide by: greedy, the limit
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
                 k = min(top_k, n_vocab) if top_k else n_vocab
-                top_logits, top_ids = torch.topk(logits / temperature, k, dim=-1)  # (B, k): sample among the k best
-                probs = F.softmax(top_logits, dim=-1).cpu()
+                top_logits, top_ids = torch.topk(logits, k, dim=-1)  # (B, k), best first: sample among the k best
+                probs = F.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1).cpu()  # best at 0: no NaN
                 choice = torch.multinomial(probs, 1, generator=generator).to(idx.device)  # (B, 1)
                 next_id = torch.gather(top_ids, -1, choice)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)

@@ -144,6 +144,21 @@ def test_greedy_generation_is_deterministic_and_argmax():
     assert torch.equal(model.generate(idx, 5, top_k=1), out)  # top-1 sampling is greedy too
 
 
+def test_a_temperature_near_zero_samples_the_greedy_tokens():
+    """Sampling's limit as the temperature goes to 0 is greedy. Logits of about 100 divided by 1e-37
+    overflow float32 (inf, and inf - inf is NaN in softmax): taken relative to the best first, they are 0
+    for it and -inf for the rest. 1e-300 is 0 in float32: greedy, the limit."""
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(1000)  # logits 1000 times as big
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert model(idx)[0].max() > 40  # over float32's largest, 3.4e38, once divided by 1e-37
+    greedy = model.generate(idx, 6, temperature=0)
+    for temperature in (1e-37, 1e-300):
+        assert torch.equal(model.generate(idx, 6, temperature=temperature), greedy), temperature
+
+
 def test_sampling_has_its_own_random_stream():
     """Sampling never draws from torch's global generator, so it cannot change training."""
     model = GPT(TINY).eval()
