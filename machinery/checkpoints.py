@@ -41,7 +41,15 @@ def set_rng_state(state, sample_generator):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-RESUME_HINT = "the last checkpoint is intact: free some space and continue with --resume"
+def disk_full_hint(path):
+    """What to do after a full disk stopped a run whose checkpoint is `path`: resume from it, or, when it
+    has none yet (None: the one there is another run's), start again."""
+    if path and os.path.isfile(path):
+        return "the last checkpoint is intact: free some space and continue with --resume"
+    return "no checkpoint was saved yet: free some space and run the same command again"
+
+
+SAVED_HERE = set()  # the checkpoints this process wrote: a fresh run's own, not another run's it replaces
 
 
 def save_checkpoint(state, path):
@@ -49,7 +57,9 @@ def save_checkpoint(state, path):
     try:
         write_atomically(path, lambda f: torch.save(state, f))
     except DiskFull as e:
-        raise DiskFull(f"{e}; {RESUME_HINT}") from None
+        ours = state.get("train_config", {}).get("resume") or os.path.abspath(path) in SAVED_HERE
+        raise DiskFull(f"{e}; {disk_full_hint(path if ours else None)}") from None
+    SAVED_HERE.add(os.path.abspath(path))
 
 
 def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, resume=False):

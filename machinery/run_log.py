@@ -12,9 +12,9 @@ from dataclasses import asdict
 
 import numpy as np
 
+from machinery.checkpoints import disk_full_hint
 from machinery.console import print0
 from machinery.files import DISK_FULL, DiskFull, first_line, write_atomically
-from machinery.checkpoints import RESUME_HINT
 from machinery.hellaswag_eval import GPT3_SMALL_HELLASWAG, REFERENCE
 from machinery.tokens import FINEWEB_EDU, MANIFEST
 
@@ -105,7 +105,8 @@ class RunLog:
             self.file = None
             error = DiskFull if e.errno in DISK_FULL else OSError
             what = "disk full: writing" if e.errno in DISK_FULL else "writing"
-            raise error(f"{what} {self.path} failed ({e.strerror}); {RESUME_HINT}") from None
+            hint = disk_full_hint(None if self.beside_another_run else os.path.join(self.out_dir, "ckpt.pt"))
+            raise error(f"{what} {self.path} failed ({e.strerror}); {hint}") from None
         if self.tracker is not None:
             self.tracker.log(record, step=record["step"])
         if picture:

@@ -18,6 +18,7 @@ import torch
 import machinery.checkpoints
 import machinery.console
 import machinery.files
+import machinery.run_log
 import train_gpt2
 from conftest import REPO, TINY, Launched, run_in_process, run_script, shakespeare_sample, step_losses
 from machinery.checkpoints import load_checkpoint, save_checkpoint
@@ -567,6 +568,30 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_the_same_command_continues(tm
     assert "resumed from" in capsys.readouterr().out
     assert [r["step"] for r in read_log(out)] == list(range(7))  # steps 0-5, and the final evaluation
     assert load_checkpoint(str(out / "ckpt.pt"))["steps_done"] == 6
+
+
+@pytest.mark.parametrize("fills", ["ckpt.pt", "log.jsonl"])
+def test_a_full_disk_before_a_runs_first_checkpoint_says_to_start_again_not_to_resume(tmp_path, text_file, four_steps,
+                                                                                      monkeypatch, capsys, fills):
+    """A fresh run whose first checkpoint, or first log record, finds the disk full has nothing to resume
+    from: the line says to run the command again. (Beside another run's files: its checkpoint is not this
+    run's either.)"""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for out_dir in ("fresh", "beside"):
+        if out_dir == "beside":
+            shutil.copytree(four_steps, tmp_path / out_dir)
+        with monkeypatch.context() as m:
+            if fills == "ckpt.pt":
+                m.setattr(machinery.checkpoints.torch, "save", full)
+            else:
+                m.setattr(machinery.run_log.json, "dumps", full)
+            code, _, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", out_dir, "--max_steps", "2",
+                                          cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 1 and err.count("\n") == 1, err
+        assert err.startswith("error: disk full: writing ") and err.endswith(
+            "(No space left on device); no checkpoint was saved yet: free some space and run the same command again\n"), err
 
 
 # A real limit on file size (what `ulimit -f` sets): a write past it fails with errno 27, EFBIG, as on a
