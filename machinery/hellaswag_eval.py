@@ -79,8 +79,9 @@ def read_items(path):
     return items
 
 
-def download_items(path):
-    """The validation split through `datasets`, written to `path` only once it is complete."""
+def download_items(path, flag="--data"):
+    """The validation split through `datasets`, written to `path` only once it is complete. `flag`: the
+    command's flag that names a local file instead."""
     try:
         from datasets import load_dataset
     except ImportError:
@@ -93,7 +94,7 @@ def download_items(path):
         raise
     except Exception as e:  # the hub's errors come from several libraries
         why = first_line(e) if online else "the Hugging Face hub cannot be reached (no network?)"
-        raise ValueError(f"downloading HellaSwag ({DATASET[0]}) failed: {why}; pass a local file with --data") from None
+        raise ValueError(f"downloading HellaSwag ({DATASET[0]}) failed: {why}; pass a local file with {flag}") from None
     if len(items) != N_VALIDATION:
         raise ValueError(f"downloaded {len(items)} HellaSwag items, expected {N_VALIDATION}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -101,12 +102,13 @@ def download_items(path):
     write_atomically(path, lambda f: f.write(text.encode("utf-8")))  # a partial download never looks like data
 
 
-def load_items(data="auto"):
-    """The items of a local jsonl file, or with "auto" the cached validation split (fetched if missing)."""
+def load_items(data="auto", flag="--data"):
+    """The items of a local jsonl file, or with "auto" the cached validation split (fetched if missing;
+    `flag` names a local file instead: hellaswag.py's --data, train_gpt2.py's --hellaswag)."""
     if data == "auto":
         data = cache_path()
         if not os.path.isfile(data):
-            download_items(data)
+            download_items(data, flag)
     return read_items(data)
 
 
@@ -114,9 +116,9 @@ def load_items_across_ranks(source):
     """load_items for a training run: under torchrun, rank 0 fetches the split while the others wait."""
     if source == "auto" and dist.is_initialized():
         if dist.get_rank() == 0 and not os.path.isfile(cache_path()):
-            load_items("auto")
+            load_items("auto", "--hellaswag")
         dist.barrier()
-    items = load_items(source)
+    items = load_items(source, "--hellaswag")
     print0(f"hellaswag {source} | {len(items):,} items at every evaluation")
     return items
 

@@ -244,7 +244,8 @@ def test_auto_download_failure_is_one_line_and_leaves_no_cache(tmp_path, random_
 def test_without_a_network_the_command_says_so_in_one_line_at_once(tmp_path, monkeypatch, capfd, no_network):
     """`python hellaswag.py` on a machine whose network is off: the hub's name does not resolve, so its
     libraries are told at once that they are offline (instead of retrying each request for half a
-    minute and printing every retry), the one line says why, and the offline switch is set back after."""
+    minute and printing every retry), the one line says why, and the offline switch is set back after.
+    A training run's --hellaswag auto says the same, naming its own flag."""
     import os
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -255,6 +256,11 @@ def test_without_a_network_the_command_says_so_in_one_line_at_once(tmp_path, mon
     assert err == ("error: downloading HellaSwag (Rowan/hellaswag) failed: the Hugging Face hub cannot be reached "
                    "(no network?); pass a local file with --data\n") and out == ""
     assert "HF_HUB_OFFLINE" not in os.environ
+    from conftest import REPO
+
+    code = main([*TINY, "--input_file", str(REPO / "input.txt"), "--hellaswag", "auto", "--max_steps", "1",
+                            "--out_dir", str(tmp_path / "run")])  # in training, the flag is --hellaswag
+    assert code == 1 and capfd.readouterr().err.endswith("(no network?); pass a local file with --hellaswag\n")
 
 
 def test_auto_download_converts_string_labels_and_caches(tmp_path, monkeypatch):
