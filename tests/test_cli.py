@@ -76,8 +76,13 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--temperature", "nan"], "--temperature must be a number >= 0, got nan"),
     (["--temperature", "-1"], "--temperature must be a number >= 0"),
     (["--min_lr", "1", "--lr", "1e-4"], "--min_lr 1.0 must be between 0 and --lr 0.0001"),
-    (["--n_embd", "1000000"], "parameters, block_size 64, needs"),  # 24 TB of weights: refused before making them
+    # 24T float32 weights (2 x 12 x C**2 in the blocks, (50257 + 64) x C in the tables), 87.5 TiB: refused before
+    # making them, naming the flags of the largest part
+    (["--n_embd", "1000000"], "24,050,349,000,000 parameters, block_size 64, needs 87.5 TiB"),
+    (["--n_embd", "1000000"], "(smaller --n_layer or --n_embd)"),
+    (["--vocab_size", "100000000000"], "(smaller --vocab_size or --n_embd)"),  # the token table
     (["--block_size", "10000000000", "--T", "16"], "block_size 10000000000, needs"),  # its attention masks
+    (["--block_size", "10000000000", "--T", "16"], "(smaller --block_size)"),
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
     (["--out_dir", "short.txt"], "--out_dir 'short.txt' is a file, not a folder"),
     (["--out_dir", ""], "--out_dir is empty: name the folder"),  # (before a model is built, not after)
