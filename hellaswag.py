@@ -7,7 +7,7 @@ takes the model from train_gpt2.py, which never imports it.
 
     python hellaswag.py --init_from gpt2                 # OpenAI's GPT-2 124M
     python hellaswag.py --init_from my-gpt2-dir --data hellaswag_val.jsonl
-    python hellaswag.py --out_dir out                    # the checkpoint a run wrote
+    python hellaswag.py --out_dir out                    # the checkpoint a run wrote (or --init_from out/ckpt.pt)
     python hellaswag.py --out_dir out --limit 200        # a quick look
 
 Without --data, the validation split (10,042 items) is fetched once through the `datasets` library
@@ -31,16 +31,18 @@ from train_gpt2 import GPT, GPTConfig, make_precision, resolve_device
 
 
 def load_model(args):
-    """The model of a run's checkpoint (--out_dir), or a GPT-2 name or save_pretrained directory."""
-    if args.out_dir:
-        path = os.path.join(args.out_dir, "ckpt.pt")
+    """The model of a run's checkpoint (--out_dir, or --init_from a .pt file as train_gpt2.py takes it),
+    or a GPT-2 name or save_pretrained directory."""
+    if args.out_dir or args.init_from.endswith(".pt"):
+        path = os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else args.init_from
         if not os.path.isfile(path):
-            raise ValueError(f"no checkpoint in {args.out_dir!r} (looked for {path}); or evaluate --init_from")
+            raise ValueError(f"no checkpoint in {args.out_dir!r} (looked for {path}); or evaluate --init_from"
+                             if args.out_dir else f"--init_from: no checkpoint at {path!r}")
         ckpt = load_checkpoint(path)
         check_vocab_size(ckpt["model_config"]["vocab_size"], path)
         model = GPT(GPTConfig(**ckpt["model_config"]))
         load_weights(model, ckpt, path)
-        return model, args.out_dir
+        return model, args.out_dir or path
     check_vocab_size(vocab_size_of(args.init_from), args.init_from)  # (read before transformers warns)
     return GPT.from_pretrained(args.init_from), args.init_from
 
@@ -57,7 +59,7 @@ def main(argv=None):
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_mutually_exclusive_group()  # (both given: one line, not one of them ignored)
     model.add_argument("--init_from", default="gpt2",
-                       help="a GPT-2 name (gpt2 ... gpt2-xl) or a save_pretrained directory")
+                       help="a GPT-2 name (gpt2 ... gpt2-xl), a save_pretrained directory or a run's ckpt.pt")
     model.add_argument("--out_dir", default="", help="evaluate the checkpoint a training run left here instead")
     parser.add_argument("--data", default="auto",
                         help="a local HellaSwag jsonl file; auto: the cached validation split")

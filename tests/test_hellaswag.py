@@ -91,12 +91,26 @@ def test_cli_prints_both_accuracies_with_counts_and_honours_limit(tmp_path, item
     assert "(3 items)" in capsys.readouterr().out
 
 
-def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_file):
+def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_file, capfd):
     assert main([*TINY, "--input_file", str(text_file), "--B", "2", "--T", "16", "--max_steps", "2",
                  "--num_samples", "0", "--out_dir", str(tmp_path / "run")]) == 0
     r = run_script("--out_dir", tmp_path / "run", "--data", items_file, cwd=tmp_path, script="hellaswag.py")
     assert r.returncode == 0, r.stderr
     assert f"({len(CONTEXTS)} items) | {tmp_path / 'run'}" in r.stdout
+    # the checkpoint named as train_gpt2.py's --init_from takes it: the same model, the same accuracies
+    capfd.readouterr()  # (what the run printed)
+    assert hellaswag.main(["--init_from", str(tmp_path / "run" / "ckpt.pt"), "--data", str(items_file)]) == 0
+    out, _ = capfd.readouterr()
+    assert out.split(" | ")[0] == r.stdout.split(" | ")[0] and out.endswith(f"| {tmp_path / 'run' / 'ckpt.pt'}\n")
+    # the run's folder named where a save_pretrained one goes: one line naming the checkpoint to pass,
+    # from either script
+    hint = (f"error: {str(tmp_path / 'run')!r} is a training run's folder, not a save_pretrained one: pass its "
+            f"checkpoint, {tmp_path / 'run' / 'ckpt.pt'}\n")
+    assert hellaswag.main(["--init_from", str(tmp_path / "run"), "--data", str(items_file)]) == 1
+    assert capfd.readouterr().err == hint
+    assert main([*TINY, "--input_file", str(text_file), "--init_from", str(tmp_path / "run"), "--max_steps", "0",
+                 "--out_dir", str(tmp_path / "other")]) == 1
+    assert capfd.readouterr().err == hint
 
 
 BAD = [  # (file content or None for a missing file, what the one line says)
