@@ -59,7 +59,7 @@ def check_item(item, where):
 
 def read_items(path):
     if not os.path.isfile(path):
-        raise ValueError(f"HellaSwag file {path!r} not found")
+        raise ValueError(f"HellaSwag file {path!r} " + ("is a folder" if os.path.isdir(path) else "not found"))
     items = []
     with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
         for line_number, raw in enumerate(f, 1):

@@ -113,8 +113,9 @@ def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_fil
     assert capfd.readouterr().err == hint
 
 
-BAD = [  # (file content or None for a missing file, what the one line says)
+BAD = [  # (file content, None for a missing file or a folder for one, what the one line says)
     (None, "not found"),
+    ("folder", "is a folder"),
     ("", "is empty"),
     ('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n', ":1 is not a HellaSwag item"),
     ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 7}\n', ":1 is not a HellaSwag item"),
@@ -128,7 +129,9 @@ def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message, cap
     """hellaswag.py's main(), as the command runs it (the tests above run the real command)."""
     path, _, _ = random_gpt2
     data = tmp_path / "items.jsonl"
-    if content is not None:
+    if content == "folder":
+        data.mkdir()
+    elif content is not None:
         data.write_bytes(content) if isinstance(content, bytes) else data.write_text(content)
     assert hellaswag.main(["--init_from", str(path), "--data", str(data), "--device", "cpu"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
