@@ -918,6 +918,27 @@ def test_a_hand_edited_manifest_is_one_line_naming_the_field_and_nothing_is_touc
         assert folder_bytes(tmp_path / "out") == before
 
 
+def test_more_processes_than_cpus_are_not_started_and_a_file_as_out_dir_is_one_line(tmp_path, monkeypatch, capsys):
+    """Tokenizing is all CPU: a --num_proc above the CPUs this process may use is lowered to them (said
+    once), not a pool of that many processes. An --out_dir that is a file: one line, the file as it was."""
+    import multiprocessing
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text(" ".join(make_documents(20, seed=5)))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    pools = []
+    pool = multiprocessing.Pool
+    monkeypatch.setattr(prepare.multiprocessing, "Pool", lambda n, **kwargs: pools.append(n) or pool(n, **kwargs))
+    assert prepare.main(["a.txt", "--out_dir", "out", "--shard_size", "500", "--num_proc", "100000"]) == 0
+    assert pools == ([cpus] if cpus > 1 else [])  # (one CPU: tokenized in this process)
+    assert capsys.readouterr().err.startswith(f"--num_proc 100000: this machine gives us {cpus} CPUs, so {cpus} "
+                                              "processes tokenize\n")
+    (tmp_path / "file").write_text("mine")
+    assert prepare.main(["a.txt", "--out_dir", "file"]) == 1
+    assert capsys.readouterr().err == "error: --out_dir 'file' is a file, not a folder\n"
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_importing_prepare_does_nothing_visible_and_needs_no_torch():
     """Nothing printed; and torch is not imported (seconds and 180 MB in every worker process, which
     re-import the script where processes are spawned: macOS, Windows)."""
