@@ -13,19 +13,22 @@ from machinery.tokens import get_tokenizer
 
 
 def print_samples(model, cfg, device, autocast, generator):
-    """Print num_samples continuations of cfg.prompt."""
+    """Print num_samples continuations of cfg.prompt, in batches of at most B (a big --num_samples takes
+    longer, never more memory)."""
     if cfg.num_samples == 0:
         return
     enc = get_tokenizer()
     prompt_ids = enc.encode_ordinary(cfg.prompt) or [enc.eot_token]  # an empty prompt starts a document
-    idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(cfg.num_samples, 1)
     model.eval()
-    with autocast:
-        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                             generator=generator)
+    for start in range(0, cfg.num_samples, cfg.B):  # B rows at a time at most: what a training forward holds
+        rows = min(cfg.B, cfg.num_samples - start)
+        idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(rows, 1)
+        with autocast:
+            out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                 generator=generator)
+        for row in out:
+            print0(f"> {enc.decode(row.tolist())}")
     model.train()
-    for row in out:
-        print0(f"> {enc.decode(row.tolist())}")
 
 
 def finish_run(model, cfg, device, autocast, generator, master, trained):

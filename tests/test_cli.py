@@ -135,6 +135,20 @@ def test_sample_only_from_a_local_gpt2_directory(tmp_path, hf_gpt2_dir):
     assert "step" not in r.stdout and not (tmp_path / "out").exists()
 
 
+def test_samples_are_made_b_rows_at_a_time(tmp_path, monkeypatch, capsys):
+    """--num_samples 5 at --B 2: three calls of generate, of 2, 2 and 1 rows (never more rows than a
+    training micro-batch: a big --num_samples takes longer, not more memory), and five samples."""
+    import train_gpt2
+
+    rows, generate = [], train_gpt2.GPT.generate
+    monkeypatch.setattr(train_gpt2.GPT, "generate", lambda self, idx, *a, **k: rows.append(len(idx)) or
+                        generate(self, idx, *a, **k))
+    code, out, err = run_in_process(*TINY, "--B", "2", "--max_steps", "0", "--num_samples", "5", "--max_new_tokens",
+                                    "3", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert rows == [2, 2, 1] and out.count("\n> ") == 5, out
+
+
 def test_gpt2_by_name_offline_is_one_clear_line(tmp_path):
     r = run_script("--init_from", "gpt2", "--max_steps", "0", cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
