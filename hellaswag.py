@@ -33,18 +33,24 @@ from train_gpt2 import GPT, GPTConfig, make_precision, resolve_device
 def load_model(args):
     """The model of a run's checkpoint (--out_dir, or --init_from a .pt file as train_gpt2.py takes it),
     or a GPT-2 name or save_pretrained directory."""
-    if args.out_dir or args.init_from.endswith(".pt"):
-        path = os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else args.init_from
+    if args.out_dir:
+        path = os.path.join(args.out_dir, "ckpt.pt")
         if not os.path.isfile(path):
-            raise ValueError(f"no checkpoint in {args.out_dir!r} (looked for {path}); or evaluate --init_from"
-                             if args.out_dir else f"--init_from: no checkpoint at {path!r}")
-        ckpt = load_checkpoint(path)
-        check_vocab_size(ckpt["model_config"]["vocab_size"], path)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        load_weights(model, ckpt, path)
-        return model, args.out_dir or path
+            raise ValueError(f"no checkpoint in {args.out_dir!r} (looked for {path}); or evaluate --init_from")
+        return model_of_checkpoint(path), args.out_dir
+    if args.init_from.endswith(".pt"):
+        return model_of_checkpoint(args.init_from), args.init_from
     check_vocab_size(vocab_size_of(args.init_from), args.init_from)  # (read before transformers warns)
     return GPT.from_pretrained(args.init_from), args.init_from
+
+
+def model_of_checkpoint(path):
+    """The model a train_gpt2.py checkpoint holds."""
+    ckpt = load_checkpoint(path, missing="--init_from: no checkpoint")
+    check_vocab_size(ckpt["model_config"]["vocab_size"], path)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    load_weights(model, ckpt, path)
+    return model
 
 
 def check_vocab_size(vocab_size, name):

@@ -680,12 +680,12 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     return manifest
 
 
-def usable_processes(num_proc):
-    """At most one tokenizer process a CPU this process may use: tokenizing is all CPU, so more only
-    cost memory and start-up (a mistyped 100000 would try to start that many)."""
+def tokenizer_processes(num_proc):
+    """--num_proc, but no more than the CPUs this process may run on: tokenizing keeps a CPU busy, so more
+    processes only cost memory and start-up (a mistyped 100000 would try to start that many)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if num_proc > cpus:
-        print(f"--num_proc {num_proc}: this machine gives us {cpus} CPUs, so {cpus} processes tokenize",
+        print(f"--num_proc {num_proc}: this process may run on {cpus} CPUs, so {cpus} processes tokenize",
               file=sys.stderr)
     return min(num_proc, cpus)
 
@@ -709,7 +709,7 @@ def main(argv=None):
             raise PrepareError("--shard_size must be at least 2 and --num_proc at least 1")
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise PrepareError(f"--out_dir {out_dir!r} is a file, not a folder")
-        args.num_proc = usable_processes(args.num_proc)
+        args.num_proc = tokenizer_processes(args.num_proc)
         manifest = prepare(args.source, out_dir, args.shard_size, args.num_proc)
     except DiskFull as e:  # the shards and manifest written so far are intact
         print(f"error: {e}; free some space and run the same command to continue", file=sys.stderr, flush=True)

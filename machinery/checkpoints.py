@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from machinery.files import DiskFull, first_line, write_atomically
+from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
 
 # the keys every checkpoint has (train_gpt2.write_checkpoint); "steps_done" was "step" before 2026-12
@@ -41,32 +42,20 @@ def set_rng_state(state, sample_generator):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def disk_full_hint(path):
-    """What to do after a full disk stopped a run whose checkpoint is `path`: resume from it, or, when it
-    has none yet (None: the one there is another run's), start again."""
-    if path and os.path.isfile(path):
-        return "the last checkpoint is intact: free some space and continue with --resume"
-    return "no checkpoint was saved yet: free some space and run the same command again"
-
-
-SAVED_HERE = set()  # the checkpoints this process wrote: a fresh run's own, not another run's it replaces
-
-
 def save_checkpoint(state, path):
     """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was."""
     try:
         write_atomically(path, lambda f: torch.save(state, f))
     except DiskFull as e:
-        ours = state.get("train_config", {}).get("resume") or os.path.abspath(path) in SAVED_HERE
-        raise DiskFull(f"{e}; {disk_full_hint(path if ours else None)}") from None
-    SAVED_HERE.add(os.path.abspath(path))
+        resumed = state.get("train_config", {}).get("resume", False)
+        raise DiskFull(f"{e}; {disk_full_hint(os.path.dirname(path), resumed)}") from None
 
 
 def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, resume=False):
     """Load a checkpoint on the CPU (a resume never holds two copies in GPU memory). weights_only:
     tensors and plain containers only, so loading a file can never run code from it. mmap: the tensors
-    stay in the file until read (under FSDP each process reads only its shards of them). resume: its
-    training state is checked too, not only its model."""
+    stay in the file until read (under FSDP each process reads only its shards of them). Its model's
+    settings are checked, and for a resume its training state's too."""
     if not os.path.isfile(path):
         raise ValueError(f"{missing} at {path!r}")
     try:
@@ -84,39 +73,55 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, re
         ckpt["steps_done"] = ckpt.pop("step")  # the key's name before 2026-12
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise ValueError(f"{path!r} is not a train_gpt2 checkpoint")
-    problem = checkpoint_problem(ckpt, resume)
+    problem = model_problem(ckpt) or (training_state_problem(ckpt) if resume else None)
     if problem:
         raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {problem}")
     return ckpt
 
 
-def whole(value, least=0):
+def is_whole_number(value, least=0):
+    """An int (not a bool, which is one in Python) of at least `least`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def checkpoint_problem(ckpt, resume):
-    """What in the checkpoint's plain parts is not as write_checkpoint makes them (a hand-edited or
-    foreign file), or None: said here in one line, not as a TypeError deep in the run. Only a resume
-    reads the training state (its batch, data position, optimizer and random streams)."""
-    numbers = {"steps_done": (ckpt, 0), **{f"model_config {name}": (ckpt["model_config"], 1) for name in SHAPE}}
-    if resume:
-        numbers.update({"train_config B": (ckpt["train_config"], 1), "train_config T": (ckpt["train_config"], 1),
-                        "train_config total_batch_size": (ckpt["train_config"], 0)})
-        numbers.update({f"train_loader {name}": (ckpt["train_loader"], 0) for name in ("epoch", "shard", "position")})
-    for where, (part, least) in numbers.items():
+def number_problem(numbers):
+    """What is wrong with the first of `numbers`, (part's name, part, key, least, default if missing),
+    whose part is not a dict or whose value is not a whole number >= least; None if none is."""
+    for name, part, key, least, default in numbers:
         if not isinstance(part, dict):
-            return f"{where.split()[0]} is a {type(part).__name__}, not a dict"
-        optional = where.startswith("train_loader") or where.endswith("total_batch_size")  # (older files lack them)
-        value = part.get(where.split()[-1], 0 if optional else None)
-        if not whole(value, least):
-            return f"{where} is {value!r}, not a whole number >= {least}"
-    unknown = set(ckpt["model_config"]) - {*SHAPE, "sdpa"}
+            return f"{name} is a {type(part).__name__}, not a dict"
+        if not is_whole_number(part.get(key, default), least):
+            return f"{name} {key} is {part.get(key, default)!r}, not a whole number >= {least}"
+    return None
+
+
+def model_problem(ckpt):
+    """What in the settings of the checkpoint's model is not as write_checkpoint makes them (a file
+    edited by hand, or another program's), or None: one line here, not a TypeError deep in the run."""
+    config = ckpt["model_config"]
+    if not is_whole_number(ckpt["steps_done"]):
+        return f"steps_done is {ckpt['steps_done']!r}, not a whole number >= 0"
+    problem = number_problem([("model_config", config, name, 1, None) for name in SHAPE])
+    if problem:
+        return problem
+    unknown = set(config) - {*SHAPE, "sdpa"}
     if unknown:
         return f"model_config has {', '.join(sorted(map(str, unknown)))}, which GPTConfig does not"
-    if not resume:
-        return None
-    if not isinstance(ckpt["train_loader"].get("file"), (str, type(None))):
-        return f"train_loader file is {ckpt['train_loader']['file']!r}, not a shard's file name"
+    return None
+
+
+def training_state_problem(ckpt):
+    """The same for what only a resume reads: its batch, data position, optimizer state and random streams.
+    (total_batch_size and the loader's epoch, shard and file are missing from older checkpoints.)"""
+    train_config, loader = ckpt["train_config"], ckpt["train_loader"]
+    numbers = [("train_config", train_config, "B", 1, None), ("train_config", train_config, "T", 1, None),
+               ("train_config", train_config, "total_batch_size", 0, 0)]
+    numbers += [("train_loader", loader, name, 0, 0) for name in ("epoch", "shard", "position")]
+    problem = number_problem(numbers)
+    if problem:
+        return problem
+    if not isinstance(loader.get("file"), (str, type(None))):
+        return f"train_loader file is {loader['file']!r}, not a shard's file name"
     for name, keys in (("optimizer", ("state", "param_groups")), ("rng", ("python", "numpy", "torch", "sample"))):
         if not isinstance(ckpt[name], dict) or set(keys) - set(ckpt[name]):
             return f"{name} does not hold {', '.join(keys)}"
@@ -170,6 +175,8 @@ def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, s
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], sample_generator)
+    except (torch.OutOfMemoryError, torch.distributed.DistError):
+        raise  # (the machine's, not the file's)
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
         raise ValueError(f"cannot resume from {path!r}: {first_line(e)}") from None
     restore_data_position(train_loader, ckpt["train_loader"])

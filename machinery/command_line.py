@@ -154,12 +154,13 @@ def check_model_fits_in_ram(cfg):
     if cfg.init_from != "scratch" or ram is None:
         return
     C = cfg.n_embd
-    n_params = (cfg.vocab_size + cfg.block_size) * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C
-    # bytes: float32 weights, and the masks, a byte a position pair; by the flags that would make each smaller
-    parts = {"--vocab_size or --n_embd": 4 * cfg.vocab_size * C, "--n_layer or --n_embd": 4 * cfg.n_layer * 12 * C * C,
-             "--block_size": 4 * cfg.block_size * C + cfg.n_layer * cfg.block_size ** 2}
-    need = 4 * n_params + cfg.n_layer * cfg.block_size ** 2
+    masks = cfg.n_layer * cfg.block_size ** 2  # the attention masks: a byte a position pair
+    # bytes (float32 weights), by the flags that would make each part smaller
+    parts = {"--vocab_size or --n_embd": 4 * cfg.vocab_size * C,  # the token table
+             "--n_layer or --n_embd": 4 * (cfg.n_layer * (12 * C * C + 13 * C) + 2 * C),  # the blocks, the last norm
+             "--block_size": 4 * cfg.block_size * C + masks}  # the position table, the masks
+    need = sum(parts.values())
     if need > ram:
-        raise ValueError(f"a model of {n_params:,} parameters, block_size {cfg.block_size}, needs "
+        raise ValueError(f"a model of {(need - masks) // 4:,} parameters, block_size {cfg.block_size}, needs "
                          f"{in_binary_units(need)} of RAM to be made; this machine has {in_binary_units(ram)} "
                          f"(smaller {max(parts, key=parts.get)})")

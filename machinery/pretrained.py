@@ -28,6 +28,10 @@ PRETRAINED = {
 def load_transformers_gpt2(name_or_path, known_names):
     """transformers' GPT2LMHeadModel from the hub (a name) or a save_pretrained directory, with the
     hub's retries kept quiet and every failure said in one line."""
+    ckpt = os.path.join(name_or_path, "ckpt.pt")  # (a run's out_dir named where a save_pretrained one goes)
+    if os.path.isfile(ckpt) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise ValueError(f"{name_or_path!r} is a training run's folder, not a save_pretrained one: pass its "
+                         f"checkpoint, {ckpt}")
     try:
         from huggingface_hub.utils import logging as hub_logging
         from safetensors import SafetensorError
@@ -36,10 +40,6 @@ def load_transformers_gpt2(name_or_path, known_names):
     except ImportError as e:
         raise ValueError(f"loading GPT-2 weights needs transformers: {first_line(e)}; "
                          "pip install -r requirements.txt") from None
-    ckpt = os.path.join(name_or_path, "ckpt.pt")  # (a run's out_dir named where a save_pretrained one goes)
-    if os.path.isfile(ckpt) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        raise ValueError(f"{name_or_path!r} is a training run's folder, not a save_pretrained one: pass its "
-                         f"checkpoint, {ckpt}")
     hf_logging.disable_progress_bar()
     hub_logging.set_verbosity_error()  # offline, the hub logs every retry: we say it once, below
     online = True

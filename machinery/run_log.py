@@ -12,7 +12,6 @@ from dataclasses import asdict
 
 import numpy as np
 
-from machinery.checkpoints import disk_full_hint
 from machinery.console import print0
 from machinery.files import DISK_FULL, DiskFull, first_line, write_atomically
 from machinery.hellaswag_eval import GPT3_SMALL_HELLASWAG, REFERENCE
@@ -28,6 +27,17 @@ def parse_log_line(line):
         return None
     step = record.get("step") if isinstance(record, dict) else None
     return record if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
+
+def disk_full_hint(out_dir, resumed):
+    """What to do after a full disk stopped a run writing to out_dir: continue from its checkpoint, or,
+    where it has none yet, run the same command again. A fresh run beside another run's files has none
+    of its own until its log, log.new.jsonl until then, takes log.jsonl's name (RunLog.checkpointed)."""
+    saved = os.path.isfile(os.path.join(out_dir, "ckpt.pt")) and \
+        (resumed or not os.path.exists(os.path.join(out_dir, "log.new.jsonl")))
+    if saved:
+        return "the last checkpoint is intact: free some space and continue with --resume"
+    return "no checkpoint of this run was saved yet: free some space and run the same command again"
 
 
 # The marks a GPT-2 (124M) reproduction is measured against, for the picture:
@@ -70,7 +80,7 @@ class RunLog:
     checkpointed(), that its checkpoint is written. A run stopped before that leaves the other run whole."""
 
     def __init__(self, cfg, start_step):
-        self.out_dir, self.file, self.tracker = cfg.out_dir, None, None
+        self.out_dir, self.resumed, self.file, self.tracker = cfg.out_dir, cfg.resume, None, None
         if int(os.environ.get("RANK", 0)) != 0:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -103,10 +113,10 @@ class RunLog:
             with contextlib.suppress(OSError):  # closing flushes the unwritten bytes, and fails again:
                 self.file.close()  # close now, so close() on the way out does not replace this error
             self.file = None
-            error = DiskFull if e.errno in DISK_FULL else OSError
-            what = "disk full: writing" if e.errno in DISK_FULL else "writing"
-            hint = disk_full_hint(None if self.beside_another_run else os.path.join(self.out_dir, "ckpt.pt"))
-            raise error(f"{what} {self.path} failed ({e.strerror}); {hint}") from None
+            if e.errno in DISK_FULL:
+                raise DiskFull(f"disk full: writing {self.path} failed ({e.strerror}); "
+                               f"{disk_full_hint(self.out_dir, self.resumed)}") from None
+            raise OSError(f"writing {self.path} failed ({e.strerror})") from None
         if self.tracker is not None:
             self.tracker.log(record, step=record["step"])
         if picture:

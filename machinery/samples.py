@@ -20,7 +20,7 @@ def print_samples(model, cfg, device, autocast, generator):
     enc = get_tokenizer()
     prompt_ids = enc.encode_ordinary(cfg.prompt) or [enc.eot_token]  # an empty prompt starts a document
     model.eval()
-    for start in range(0, cfg.num_samples, cfg.B):  # B rows at a time at most: what a training forward holds
+    for start in range(0, cfg.num_samples, cfg.B):  # B rows at a time: memory grows with B, not --num_samples
         rows = min(cfg.B, cfg.num_samples - start)
         idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(rows, 1)
         with autocast:

@@ -67,13 +67,15 @@ MANIFEST = "manifest.json"  # prepare.py's index of a folder of token shards; it
 FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # the reproduction's data: ~10B GPT-2 tokens
 
 
-# what prepare.py writes for each shard: always, and only where it applies (docs/data.md says what each means)
-SHARD_FIELDS = {"file": str, "split": str, "tokens": int, "sha256": str, "next_document": int, "next_offset": int}
-SHARD_FIELDS_WHERE_THEY_APPLY = {"next_byte": int, "next_byte_offset": int, "next_file": str, "next_row": int}
+# what prepare.py writes for each shard besides its split (train or val), in every manifest and in some
+# (a piece of a text file, a FineWeb-Edu file): its docstring says what each means
+SHARD_FIELDS = {"file": str, "tokens": int, "sha256": str, "next_document": int, "next_offset": int}
+OPTIONAL_SHARD_FIELDS = {"next_byte": int, "next_byte_offset": int, "next_file": str, "next_row": int}
 
 
 def manifest_problem(manifest):
-    """What in a manifest is not as prepare.py writes it (a hand-edited or foreign file), or None."""
+    """What in a manifest is not as prepare.py writes it (a file edited by hand, or another program's),
+    or None: one line, not a TypeError where the field is used."""
     if not isinstance(manifest, dict) or type(manifest.get("shards")) is not list:
         return "it holds no list of shards"
     for name in ("documents", "tokens", "shard_size"):
@@ -89,10 +91,14 @@ def manifest_problem(manifest):
             return f"its shard {i} is {shard!r}, not an object"
         if shard.get("split") not in ("train", "val"):
             return f"its shard {i}'s split is {shard.get('split')!r}, not train or val"
-        for name, kind in {**SHARD_FIELDS, **SHARD_FIELDS_WHERE_THEY_APPLY}.items():
-            value, wanted = shard.get(name), "a text" if kind is str else "a whole number >= 0"
-            if (name in SHARD_FIELDS or name in shard) and not (type(value) is kind and (kind is str or value >= 0)):
-                return f"its shard {i}'s {name} is {value!r}, not {wanted}"
+        for name, kind in {**SHARD_FIELDS, **OPTIONAL_SHARD_FIELDS}.items():
+            value = shard.get(name)
+            if name in OPTIONAL_SHARD_FIELDS and name not in shard:
+                continue  # (written where it applies)
+            if kind is str and type(value) is not str:
+                return f"its shard {i}'s {name} is {value!r}, not a text"
+            if kind is int and not (type(value) is int and value >= 0):  # (type, not isinstance: True is an int)
+                return f"its shard {i}'s {name} is {value!r}, not a whole number >= 0"
     return None
 
 

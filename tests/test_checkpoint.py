@@ -250,6 +250,21 @@ def test_a_hand_edited_checkpoint_is_one_line_naming_what_is_wrong(tmp_path, tex
     assert (digest(ckpt), digest(tmp_path / "run" / "log.jsonl")) == before
 
 
+def test_running_out_of_memory_while_restoring_is_not_blamed_on_the_checkpoint(tmp_path, text_file, four_steps,
+                                                                              monkeypatch, capsys):
+    """A resume that runs out of memory putting the optimizer state back: the out-of-memory line (what
+    to lower), not "cannot resume from ckpt.pt", which is for a file whose contents do not fit."""
+    shutil.copytree(four_steps, tmp_path / "run")
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(machinery.checkpoints, "load_optimizer_state", out_of_memory)
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", "run", "--resume", "--max_steps", "8",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.startswith("error: out of memory before training") and "cannot resume" not in err, err
+
+
 def test_init_from_a_hand_edited_checkpoint_checks_its_model_not_its_training_state(tmp_path, text_file, four_steps,
                                                                                      monkeypatch, capsys):
     """--init_from takes only the weights and shape: a model_config GPTConfig cannot take is one line; an
@@ -591,7 +606,8 @@ def test_a_full_disk_before_a_runs_first_checkpoint_says_to_start_again_not_to_r
                                           cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
         assert code == 1 and err.count("\n") == 1, err
         assert err.startswith("error: disk full: writing ") and err.endswith(
-            "(No space left on device); no checkpoint was saved yet: free some space and run the same command again\n"), err
+            "(No space left on device); no checkpoint of this run was saved yet: free some space and run the same "
+            "command again\n"), err
 
 
 # A real limit on file size (what `ulimit -f` sets): a write past it fails with errno 27, EFBIG, as on a

@@ -931,7 +931,7 @@ def test_more_processes_than_cpus_are_not_started_and_a_file_as_out_dir_is_one_l
     monkeypatch.setattr(prepare.multiprocessing, "Pool", lambda n, **kwargs: pools.append(n) or pool(n, **kwargs))
     assert prepare.main(["a.txt", "--out_dir", "out", "--shard_size", "500", "--num_proc", "100000"]) == 0
     assert pools == ([cpus] if cpus > 1 else [])  # (one CPU: tokenized in this process)
-    assert capsys.readouterr().err.startswith(f"--num_proc 100000: this machine gives us {cpus} CPUs, so {cpus} "
+    assert capsys.readouterr().err.startswith(f"--num_proc 100000: this process may run on {cpus} CPUs, so {cpus} "
                                               "processes tokenize\n")
     (tmp_path / "file").write_text("mine")
     assert prepare.main(["a.txt", "--out_dir", "file"]) == 1
