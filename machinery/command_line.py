@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 import sys
 from dataclasses import field, fields
 from typing import get_args
@@ -30,10 +31,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
+        self.recipe_of = {}  # a flag that only a recipe gave -> the recipe (named in an error about it)
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else [str(a) for a in args]
-        return super().parse_known_args(self.expand_recipes(args), namespace)
+        typed = {arg.split("=")[0] for arg in args}
+        expanded = self.expand_recipes(args)
+        self.recipe_of = {flag: path for flag, path in self.recipe_of.items() if flag not in typed}
+        return super().parse_known_args(expanded, namespace)
 
     def expand_recipes(self, args, reading=()):
         """args with each @FILE replaced by the flags in FILE (a recipe may name others, not itself)."""
@@ -53,6 +58,7 @@ class ArgumentParser(argparse.ArgumentParser):
             except UnicodeDecodeError:
                 self.error(f"recipe {path!r} is not UTF-8 text")
             flags = [word for line in lines for word in self.convert_arg_line_to_args(line)]
+            self.recipe_of.update({word.split("=")[0]: path for word in flags if word.startswith("-")})
             expanded += self.expand_recipes(flags, (*reading, path))
         return expanded
 
@@ -63,7 +69,9 @@ class ArgumentParser(argparse.ArgumentParser):
         return line.split(maxsplit=1)  # the flag, and its value with any spaces in it
 
     def error(self, message):  # one line, no usage dump
-        self.exit(2, f"error: {message}{self.did_you_mean(message)} (see --help)\n")
+        recipes = sorted({self.recipe_of[word] for word in re.findall(r"-[-\w]+", message) if word in self.recipe_of})
+        where = f" (in recipe {', '.join(recipes)})" if recipes else ""
+        self.exit(2, f"error: {message}{where}{self.did_you_mean(message)} (see --help)\n")
 
     def did_you_mean(self, message):
         """'; did you mean --max_steps?' when an unknown flag is close to a known one."""

@@ -75,7 +75,13 @@ def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch
     assert code == 2 and err.count("\n") == 1 and "no-such.args" in err
     (tmp_path / "bad.args").write_text("--max_step 5\n")
     code, out, err = run_in_process("@bad.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 2 and err.strip() == "error: unrecognized arguments: --max_step 5; did you mean --max_steps? (see --help)"
+    assert code == 2 and err.strip() == ("error: unrecognized arguments: --max_step 5 (in recipe bad.args); did you "
+                                         "mean --max_steps? (see --help)")
+    (tmp_path / "two.args").write_text("--B two\n")  # the line that is wrong is in the recipe, which is named
+    code, out, err = run_in_process("@two.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == "error: argument --B: invalid int value: 'two' (in recipe two.args) (see --help)"
+    code, out, err = run_in_process("--B", "two", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == "error: argument --B: invalid int value: 'two' (see --help)"  # typed: no recipe
     (tmp_path / "latin1.args").write_bytes(b"--prompt Caf\xe9\n")
     code, out, err = run_in_process("@latin1.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.strip() == "error: recipe 'latin1.args' is not UTF-8 text (see --help)"
