@@ -135,6 +135,25 @@ def test_sample_only_from_a_local_gpt2_directory(tmp_path, hf_gpt2_dir):
     assert "step" not in r.stdout and not (tmp_path / "out").exists()
 
 
+def test_an_input_file_too_big_to_tokenize_in_ram_points_to_prepare(tmp_path, text_file, monkeypatch, capsys):
+    """A text whose tokenizing at once (~12 bytes of RAM a byte of text) would not fit in the machine's
+    RAM: one line naming prepare.py, which reads it a piece at a time; nothing made. (The RAM is set to
+    just under what this text needs.)"""
+    import machinery.tokens
+
+    size = os.path.getsize(text_file)
+    monkeypatch.setattr(machinery.tokens, "ram_bytes", lambda: machinery.tokens.TOKENIZE_BYTES_PER_BYTE * size - 1)
+    code, _, err = run_in_process(*SMALL, "--input_file", text_file, "--max_steps", "1", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: input file {str(text_file)!r} (") and "of RAM to tokenize at once" in err
+    assert err.endswith(f"python prepare.py {text_file} --out_dir DIR  and train with --data_dir DIR\n")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(machinery.tokens, "ram_bytes", lambda: machinery.tokens.TOKENIZE_BYTES_PER_BYTE * size)
+    machinery.tokens._tokenize_file.cache_clear()
+    assert len(machinery.tokens.tokenize_file(text_file)) > 0  # enough RAM: tokenized
+
+
 def test_samples_are_made_b_rows_at_a_time(tmp_path, monkeypatch, capsys):
     """--num_samples 5 at --B 2: three calls of generate, of 2, 2 and 1 rows (never more rows than a
     training micro-batch: a big --num_samples takes longer, not more memory), and five samples."""
