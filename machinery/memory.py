@@ -122,7 +122,8 @@ def available_ram():
 
 def plan_memory(model, cfg, world_size, device, dtype):
     """The start-of-run line: what each process needs and where it lives, beside what the device has.
-    A --cpu_offload run whose state the machine's RAM cannot hold stops here, in one line."""
+    Training on CPUs that their RAM cannot hold, or a --cpu_offload run whose state it cannot hold, stops
+    here, in one line."""
     total = device_memory(device)
     has = f"{device_name(device)} has {size(total)}" if total else device_name(device)
     if cfg.eval_only or cfg.max_steps == 0:  # no gradients, no AdamW: the weights and a forward pass
@@ -130,6 +131,16 @@ def plan_memory(model, cfg, world_size, device, dtype):
     parts = memory_needs(model, cfg, world_size, dtype)  # [(what, bytes)]
     need = sum(bytes_ for _, bytes_ in parts)
     line = f"memory per process: {' + '.join(what for what, _ in parts)} = about {size(need)}{fit(need, total)} | {has}"
+    # on CPUs, refused where it cannot fit: the estimate runs low there (docs/memory.md), and a process that
+    # runs out of RAM is ended by the kernel without a word
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes sharing this machine's RAM
+    fits_here = not (device.startswith("cpu") and total and here * need > total)
+    if not everyone_agrees(fits_here, device):
+        where = f"this machine's {size(total)}" if not fits_here else "another machine of this run has"
+        tokens = cfg.total_batch_size or cfg.B * cfg.T * world_size
+        raise ValueError(f"training needs about {size(here * need)} of RAM ({here} x {size(need)}), more than {where}: "
+                         f"lower --B and keep --total_batch_size {tokens} (more accumulation, the same training), "
+                         "or add --activation_checkpointing")
     if cfg.cpu_offload:  # the state, in the machine's RAM
         line += "\n" + plan_ram(model, cfg, world_size, device)
     return line
@@ -167,6 +178,16 @@ def fit(need, total):
     return ": likely does not fit" if need > total else ": may not fit (within the estimate's error)"
 
 
+def everyone_agrees(fits, device):
+    """Whether `fits` holds in every process (their machines may differ): all stop, or none, so that no
+    process waits for another that stopped."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        agreed = torch.tensor(float(fits), device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        fits = bool(agreed.item())
+    return fits
+
+
 def page_locked_bytes(model, shards):
     """What one process's float32 shards of every weight take in page-locked (pinned) RAM: torch's
     allocator for it rounds each tensor up to a power of two (1.5x the bytes for GPT-2 1.5B)."""
@@ -187,12 +208,7 @@ def plan_ram(model, cfg, world_size, device):
     free = available_ram()
     if free is not None and not any(p.is_meta for p in model.parameters()):  # this process built the weights
         free += WEIGHT_BYTES * parameters_per_process(model)
-    fits = free is None or need <= free
-    if dist.is_initialized() and dist.get_world_size() > 1:  # all stop, or none: no process waits for another
-        agreed = torch.tensor(float(fits), device=device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        fits = bool(agreed.item())
-    if not fits:
+    if not everyone_agrees(free is None or need <= free, device):
         where = "more RAM than another machine of this run has free" if free is None or need <= free else \
             f"about {size(need)} of RAM on this machine, which has {size(free)} for it"
         raise ValueError(f"--cpu_offload needs {where} ({here} process(es)' share of the state" +

@@ -6,6 +6,7 @@ run really used."""
 
 import dataclasses
 import math
+import re
 import types
 
 import pytest
@@ -132,6 +133,33 @@ def test_cpu_offload_that_the_ram_cannot_hold_is_refused_before_step_0(small_tex
     assert err.startswith(f"error: --cpu_offload needs about 25.0 MiB of RAM on this machine, which has "
                           f"{(10 * MIB + 4 * N_TINY) / MIB:.1f} MiB for it (1 process(es)' share of the state): ")
     assert "step" not in out and not (small_text / "run").exists()  # nothing trained, nothing written
+
+
+def test_training_that_cannot_fit_in_a_cpus_ram_is_refused_before_step_0(small_text, monkeypatch, capsys):
+    """On a CPU, running out of RAM ends the process without a word (the kernel's OOM killer), and the
+    estimate runs low there: a run whose estimate is more than the RAM stops at once, in one line. TINY's
+    state alone is 25.0 MiB; the machine says it has 20 MiB. Under torchrun, the processes on one machine
+    share it: two that need half of it each fit, three do not."""
+    monkeypatch.setattr(machinery.memory, "ram_bytes", lambda: 20 * MIB)
+    code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "2", "--out_dir", "run",
+                                    cwd=small_text, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert re.fullmatch(r"error: training needs about ([\d.]+) MiB of RAM \(1 x \1 MiB\), more than this machine's "
+                        r"20\.0 MiB: lower --B and keep --total_batch_size 128 \(more accumulation, the same "
+                        r"training\), or add --activation_checkpointing\n", err), err
+    assert float(err.split("about ")[1].split()[0]) > 16 * N_TINY / MIB  # the state and the activations
+    assert "step" not in out and not (small_text / "run").exists()  # nothing trained, nothing written
+    model, cfg = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)), TrainConfig(B=4, T=32)
+    monkeypatch.setattr(machinery.memory, "ram_bytes", lambda: 1024 * GIB)
+    need = float(plan_memory(model, cfg, 1, "cpu", torch.float32).split("= about ")[1].split()[0]) * MIB
+    for processes, fits in ((2, True), (3, False)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        monkeypatch.setattr(machinery.memory, "ram_bytes", lambda: 2.5 * need)
+        if fits:
+            plan_memory(model, cfg, processes, "cpu", torch.float32)
+        else:
+            with pytest.raises(ValueError, match=r"\(3 x [\d.]+ MiB\), more than this machine's"):  # (+ DDP's buckets)
+                plan_memory(model, cfg, processes, "cpu", torch.float32)
 
 
 def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypatch, capsys):
