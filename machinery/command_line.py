@@ -31,13 +31,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
-        self.recipe_of = {}  # a flag that only a recipe gave -> the recipe (named in an error about it)
+        self.recipes_of = {}  # a flag that only recipes gave -> those recipes (named in an error about it)
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else [str(a) for a in args]
-        typed = {arg.split("=")[0] for arg in args}
+        self.recipes_of = {}
         expanded = self.expand_recipes(args)
-        self.recipe_of = {flag: path for flag, path in self.recipe_of.items() if flag not in typed}
+        for typed in args:  # (an error about a flag also typed may be about the typed one)
+            self.recipes_of.pop(typed.split("=")[0], None)
         return super().parse_known_args(expanded, namespace)
 
     def expand_recipes(self, args, reading=()):
@@ -57,8 +58,9 @@ class ArgumentParser(argparse.ArgumentParser):
                 self.error(f"cannot read recipe {path!r}: {e.strerror or e}")
             except UnicodeDecodeError:
                 self.error(f"recipe {path!r} is not UTF-8 text")
+            for line in filter(None, map(self.convert_arg_line_to_args, lines)):  # (a line's first word: its flag)
+                self.recipes_of.setdefault(line[0].split("=")[0], set()).add(path)
             flags = [word for line in lines for word in self.convert_arg_line_to_args(line)]
-            self.recipe_of.update({word.split("=")[0]: path for word in flags if word.startswith("-")})
             expanded += self.expand_recipes(flags, (*reading, path))
         return expanded
 
@@ -69,7 +71,7 @@ class ArgumentParser(argparse.ArgumentParser):
         return line.split(maxsplit=1)  # the flag, and its value with any spaces in it
 
     def error(self, message):  # one line, no usage dump
-        recipes = sorted({self.recipe_of[word] for word in re.findall(r"-[-\w]+", message) if word in self.recipe_of})
+        recipes = sorted(set().union(*(self.recipes_of.get(word, ()) for word in re.findall(r"-[-\w]+", message))))
         where = f" (in recipe {', '.join(recipes)})" if recipes else ""
         self.exit(2, f"error: {message}{where}{self.did_you_mean(message)} (see --help)\n")
 

@@ -1,11 +1,11 @@
 """
 Memory: what a run will need per process, said before it runs out (the model state exact from the
-counts, the activations from a formula fitted to measurements), a --cpu_offload run that the machine's
-RAM cannot hold refused before step 0, the peak a run really used, and a CUDA out-of-memory error said
-in one line with what to change. train_gpt2.py prints plan_memory at the start and logs
-largest_peak_memory at the end (samples.finish_run prints it on the run's last line); main() turns an
-out-of-memory error into describe_out_of_memory's line. docs/memory.md has the
-table for every GPT-2 size and the measurements behind the formula.
+counts, the activations from a formula fitted to measurements), training on CPUs, or a --cpu_offload
+run, that the machine's RAM cannot hold refused before step 0, the peak a run really used, and a CUDA
+out-of-memory error said in one line with what to change. train_gpt2.py prints plan_memory at the start
+and logs largest_peak_memory at the end (samples.finish_run prints it on the run's last line); main()
+turns an out-of-memory error into describe_out_of_memory's line. docs/memory.md has the table for every
+GPT-2 size and the measurements behind the formula.
 """
 
 import math
@@ -131,16 +131,12 @@ def plan_memory(model, cfg, world_size, device, dtype):
     parts = memory_needs(model, cfg, world_size, dtype)  # [(what, bytes)]
     need = sum(bytes_ for _, bytes_ in parts)
     line = f"memory per process: {' + '.join(what for what, _ in parts)} = about {size(need)}{fit(need, total)} | {has}"
-    # on CPUs, refused where it cannot fit: the estimate runs low there (docs/memory.md), and a process that
-    # runs out of RAM is ended by the kernel without a word
+    # on CPUs, refused when even the estimate, which runs low there (docs/memory.md), passes the RAM: a
+    # process that runs out of it is ended by the kernel without a word (a run under it may still be)
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes sharing this machine's RAM
     fits_here = not (device.startswith("cpu") and total and here * need > total)
     if not everyone_agrees(fits_here, device):
-        where = f"this machine's {size(total)}" if not fits_here else "another machine of this run has"
-        tokens = cfg.total_batch_size or cfg.B * cfg.T * world_size
-        raise ValueError(f"training needs about {size(here * need)} of RAM ({here} x {size(need)}), more than {where}: "
-                         f"lower --B and keep --total_batch_size {tokens} (more accumulation, the same training), "
-                         "or add --activation_checkpointing")
+        raise ValueError(too_little_ram(cfg, need, here, total if not fits_here else None, world_size))
     if cfg.cpu_offload:  # the state, in the machine's RAM
         line += "\n" + plan_ram(model, cfg, world_size, device)
     return line
@@ -178,11 +174,25 @@ def fit(need, total):
     return ": likely does not fit" if need > total else ": may not fit (within the estimate's error)"
 
 
+def too_little_ram(cfg, need, here, total, world_size):
+    """The line for training on CPUs whose RAM (`total` bytes on this machine; None: another machine's)
+    cannot hold `here` processes' `need` bytes each, with the ways to need less."""
+    where = f"this machine's {size(total)}" if total else "another machine of this run has"
+    each = f" ({here} processes x {size(need)})" if here > 1 else ""
+    tokens = cfg.total_batch_size or cfg.B * cfg.T * world_size
+    ways = [f"lower --B and keep --total_batch_size {tokens} (more accumulation, the same training)"]
+    ways += {"none": ["add --activation_checkpointing"], "full": []}.get(
+        setting(cfg.activation_checkpointing), ["recompute more with --activation_checkpointing full"])
+    ways += ["split the state with --fsdp", "start fewer processes a machine"] if here > 1 else []
+    options = ", ".join(ways[:-1]) + ("," if len(ways) > 2 else "") + " or " + ways[-1] if len(ways) > 1 else ways[0]
+    return f"training needs about {size(here * need)} of RAM{each}, more than {where}: {options}"
+
+
 def everyone_agrees(fits, device):
     """Whether `fits` holds in every process (their machines may differ): all stop, or none, so that no
-    process waits for another that stopped."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        agreed = torch.tensor(float(fits), device=device)
+    process waits for another that stopped. Every process must call it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:  # (NCCL reduces CUDA tensors; gloo CPU ones)
+        agreed = torch.tensor(float(fits), device=device if device.startswith("cuda") else "cpu")
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         fits = bool(agreed.item())
     return fits

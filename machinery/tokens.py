@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import json
 import os
+import shlex
 
 import numpy as np
 import tiktoken
@@ -55,7 +56,8 @@ def tokenize_file(path) -> np.ndarray:
     if ram is not None and need > ram:  # (prepare.py reads a text of any size a piece at a time)
         raise ValueError(f"input file {path!r} ({in_binary_units(stat.st_size)}) needs about {in_binary_units(need)} "
                          f"of RAM to tokenize at once, more than this machine's {in_binary_units(ram)}: make it into "
-                         f"shards with  python prepare.py {path} --out_dir DIR  and train with --data_dir DIR")
+                         f"shards with  python prepare.py {shlex.quote(path)} --out_dir DIR  and train with "
+                         "--data_dir DIR")
     return _tokenize_file(os.path.abspath(path), stat.st_mtime_ns, stat.st_size).copy()
 
 
