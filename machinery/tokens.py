@@ -52,7 +52,8 @@ def tokenize_file(path) -> np.ndarray:
     stat = os.stat(path) if os.path.isfile(path) else None
     if stat is None:
         raise ValueError(f"input file {path!r} not found")
-    ram, need = ram_bytes(), TOKENIZE_BYTES_PER_BYTE * stat.st_size
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # (under torchrun each tokenizes it, at once)
+    ram, need = ram_bytes(), TOKENIZE_BYTES_PER_BYTE * stat.st_size * processes
     if ram is not None and need > ram:  # (prepare.py reads a text of any size a piece at a time)
         raise ValueError(f"input file {path!r} ({in_binary_units(stat.st_size)}) needs about {in_binary_units(need)} "
                          f"of RAM to tokenize at once, more than this machine's {in_binary_units(ram)}: make it into "

@@ -152,6 +152,9 @@ def test_an_input_file_too_big_to_tokenize_in_ram_points_to_prepare(tmp_path, te
     monkeypatch.setattr(machinery.tokens, "ram_bytes", lambda: machinery.tokens.TOKENIZE_BYTES_PER_BYTE * size)
     machinery.tokens._tokenize_file.cache_clear()
     assert len(machinery.tokens.tokenize_file(text_file)) > 0  # enough RAM: tokenized
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine, each tokenizing it: not enough
+    with pytest.raises(ValueError, match="of RAM to tokenize at once"):
+        machinery.tokens.tokenize_file(text_file)
 
 
 def test_samples_are_made_b_rows_at_a_time(tmp_path, monkeypatch, capsys):
