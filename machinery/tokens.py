@@ -49,6 +49,7 @@ TOKENIZE_BYTES_PER_BYTE = 12
 
 def tokenize_file(path) -> np.ndarray:
     """All tokens of a UTF-8 text file, as uint16 (GPT-2's 50,257 ids fit; half the memory of int32)."""
+    path = os.fspath(path)
     stat = os.stat(path) if os.path.isfile(path) else None
     if stat is None:
         raise ValueError(f"input file {path!r} not found")
