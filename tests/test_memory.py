@@ -138,10 +138,10 @@ def test_cpu_offload_that_the_ram_cannot_hold_is_refused_before_step_0(small_tex
 def test_training_that_cannot_fit_in_a_cpus_ram_is_refused_before_step_0(small_text, monkeypatch, capsys):
     """On a CPU, running out of RAM ends the process without a word (the kernel's OOM killer), and the
     estimate runs low there: a run whose estimate is more than the RAM stops at once, in one line. TINY's
-    state alone is 25.0 MiB; the machine says it has 20 MiB. Under torchrun, the processes on one machine
-    share it: two that need half of it each fit, three do not."""
+    state alone is 25.0 MiB; the machine says it has 20 MiB. Several processes on one machine (as
+    LOCAL_WORLD_SIZE says) share it: two that need a bit under half of it each fit, three do not."""
     monkeypatch.setattr(machinery.memory, "ram_bytes", lambda: 20 * MIB)
-    code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "2", "--out_dir", "run",
+    code, out, err = run_in_process(*TINY, "--input_file", "text.txt", "--max_steps", "2", "--out_dir", "run",
                                     cwd=small_text, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err.count("\n") == 1, err
     assert re.fullmatch(r"error: training needs about ([\d.]+) MiB of RAM, more than this machine's 20\.0 MiB: lower "
