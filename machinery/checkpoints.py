@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from machinery.files import DiskFull, first_line, write_atomically
+from machinery.files import DiskFull, first_line, is_whole_number, write_atomically
 from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
 
@@ -77,11 +77,6 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, re
     if problem:
         raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {problem}")
     return ckpt
-
-
-def is_whole_number(value, least=0):
-    """An int (not a bool, which is one in Python) of at least `least`."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def number_problem(numbers):

@@ -1,6 +1,7 @@
 """
 Files and errors: one-line error messages, atomic writes, a full disk said as such, sizes for people
-(files in powers of 1000, memory in powers of 1024), and the machine's RAM.
+(files in powers of 1000, memory in powers of 1024), the machine's RAM, and is_whole_number for the
+counts a file read back holds (a checkpoint, a manifest, the log: each may have been edited by hand).
 
 Every script writes through write_atomically (checkpoints, the log, the picture, shards, the manifest,
 the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file. Used by all
@@ -90,3 +91,8 @@ def ram_bytes():
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
         return None
+
+
+def is_whole_number(value, least=0):
+    """An int (not a bool, which is one in Python) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least

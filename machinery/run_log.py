@@ -13,7 +13,7 @@ from dataclasses import asdict
 import numpy as np
 
 from machinery.console import print0
-from machinery.files import DISK_FULL, DiskFull, first_line, write_atomically
+from machinery.files import DISK_FULL, DiskFull, first_line, is_whole_number, write_atomically
 from machinery.hellaswag_eval import GPT3_SMALL_HELLASWAG, REFERENCE
 from machinery.tokens import FINEWEB_EDU, MANIFEST
 
@@ -25,8 +25,7 @@ def parse_log_line(line):
         record = json.loads(line)
     except ValueError:
         return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return record if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+    return record if isinstance(record, dict) and is_whole_number(record.get("step")) else None
 
 
 def disk_full_hint(out_dir, resumed):

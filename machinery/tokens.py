@@ -13,7 +13,7 @@ import shlex
 import numpy as np
 import tiktoken
 
-from machinery.files import first_line, in_binary_units, ram_bytes
+from machinery.files import first_line, in_binary_units, is_whole_number, ram_bytes
 
 
 GPT2_VOCAB_SIZE = 50257  # the tokenizer's ids; a table padded to 50304 has rows no token uses
@@ -93,7 +93,7 @@ def manifest_problem(manifest):
     if not isinstance(manifest, dict) or type(manifest.get("shards")) is not list:
         return "it holds no list of shards"
     for name in ("documents", "tokens", "shard_size"):
-        if type(manifest.get(name)) is not int or manifest[name] < 0:
+        if not is_whole_number(manifest.get(name)):
             return f"its {name} is {manifest.get(name)!r}, not a whole number >= 0"
     if type(manifest.get("complete")) is not bool:
         return f"its complete is {manifest.get('complete')!r}, not true or false"
@@ -111,7 +111,7 @@ def manifest_problem(manifest):
                 continue  # (written where it applies)
             if kind is str and type(value) is not str:
                 return f"its shard {i}'s {name} is {value!r}, not a text"
-            if kind is int and not (type(value) is int and value >= 0):  # (type, not isinstance: True is an int)
+            if kind is int and not is_whole_number(value):
                 return f"its shard {i}'s {name} is {value!r}, not a whole number >= 0"
     return None
 
