@@ -189,12 +189,16 @@ def jsonl_text(line, path, line_number):
 
 
 def read_parquet(path):
-    import pyarrow.parquet as pq  # comes with datasets; only parquet sources need it
+    import pyarrow as pa  # comes with datasets; only parquet sources need it
+    import pyarrow.parquet as pq
 
     try:
         table = pq.ParquetFile(path)
         if "text" not in table.schema_arrow.names:
             raise PrepareError(f"{path!r} has no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
+        kind = table.schema_arrow.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise PrepareError(f"{path!r} has a 'text' column of {kind}, not of strings")
         for batch in table.iter_batches(columns=["text"], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 yield text or "", len((text or "").encode("utf-8"))

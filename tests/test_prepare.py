@@ -859,7 +859,17 @@ BAD_SOURCES = [  # (source, setup, what the one line must say)
     ("latin1.txt", lambda p: (p / "latin1.txt").write_bytes("café".encode("latin-1")), "is not UTF-8"),
     ("badparquet", lambda p: (p / "badparquet").mkdir() or (p / "badparquet" / "a.parquet").write_bytes(b"PAR1junk"),
      "is not a readable parquet file"),
+    ("nocolumn", lambda p: parquet_of(p / "nocolumn", content=["a b"]), "has no 'text' column (columns: content)"),
+    ("numbers", lambda p: parquet_of(p / "numbers", text=[1, 2]), "has a 'text' column of int64, not of strings"),
 ]
+
+
+def parquet_of(folder, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    pq.write_table(pa.table(columns), folder / "a.parquet")
 
 
 @pytest.mark.parametrize("source,setup,message", BAD_SOURCES, ids=[m for _, _, m in BAD_SOURCES])
