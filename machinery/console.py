@@ -34,8 +34,8 @@ def step_line(record, step_times, max_steps):
 
 
 def describe_model(model, cfg, start_step, ckpt):
-    """The model's line: where it comes from, its shape; for a resume with another --B, what that changes;
-    for a fresh run, the checkpoint it will replace."""
+    """The model's line: where it comes from, its shape; for a resume with another --B, what that changes,
+    and with nothing left to train, so; for a fresh run, the checkpoint it will replace."""
     n_params = sum(p.numel() for p in model.parameters())  # the tied matrix counts once
     c = model.config
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -47,6 +47,9 @@ def describe_model(model, cfg, start_step, ckpt):
         accumulation = "more" if cfg.B < run_B else "less"
         lines.append(f"--B {cfg.B} instead of the run's {run_B}: the same {cfg.total_batch_size:,} tokens per step "
                      f"by {accumulation} accumulation")
+    if cfg.resume and start_step >= cfg.max_steps and not cfg.eval_only:  # (it only samples)
+        lines.append(f"nothing to train: the run has done {start_step} steps and --max_steps is {cfg.max_steps} "
+                     "(raise --max_steps to train on)")
     if not cfg.resume and os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
         lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own, "
                      f"and its log.jsonl then (until then this run logs to log.new.jsonl)")

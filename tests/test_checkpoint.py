@@ -265,6 +265,21 @@ def test_running_out_of_memory_while_restoring_is_not_blamed_on_the_checkpoint(t
     assert code == 1 and err.startswith("error: out of memory before training") and "cannot resume" not in err, err
 
 
+@pytest.mark.parametrize("max_steps", ["4", "2"])
+def test_a_resume_with_nothing_left_to_train_says_so_and_writes_nothing(tmp_path, text_file, four_steps, max_steps,
+                                                                       monkeypatch, capsys):
+    """four_steps' run has done 4 steps: resumed with --max_steps 4 (or a lower 2) it has nothing to train.
+    It says so, samples, and leaves the checkpoint and log as they were."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    before = digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")
+    code, out, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", "run", "--resume", "--max_steps",
+                                    max_steps, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert f"nothing to train: the run has done 4 steps and --max_steps is {max_steps} (raise --max_steps to " \
+           "train on)" in out and "step     4" not in out and "> " in out
+    assert (digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")) == before
+
+
 def test_init_from_a_hand_edited_checkpoint_checks_its_model_not_its_training_state(tmp_path, text_file, four_steps,
                                                                                      monkeypatch, capsys):
     """--init_from takes only the weights and shape: a model_config GPTConfig cannot take is one line; an
