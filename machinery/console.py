@@ -48,8 +48,8 @@ def describe_model(model, cfg, start_step, ckpt):
         lines.append(f"--B {cfg.B} instead of the run's {run_B}: the same {cfg.total_batch_size:,} tokens per step "
                      f"by {accumulation} accumulation")
     if cfg.resume and start_step >= cfg.max_steps and not cfg.eval_only:  # (it only samples)
-        lines.append(f"nothing to train: the run has done {start_step} steps and --max_steps is {cfg.max_steps} "
-                     "(raise --max_steps to train on)")
+        lines.append(f"nothing to train: the run has done {start_step} steps, --max_steps is {cfg.max_steps} "
+                     "(a higher one trains on)")
     if not cfg.resume and os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
         lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own, "
                      f"and its log.jsonl then (until then this run logs to log.new.jsonl)")

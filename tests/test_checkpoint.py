@@ -275,8 +275,8 @@ def test_a_resume_with_nothing_left_to_train_says_so_and_writes_nothing(tmp_path
     code, out, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", "run", "--resume", "--max_steps",
                                     max_steps, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
-    assert f"nothing to train: the run has done 4 steps and --max_steps is {max_steps} (raise --max_steps to " \
-           "train on)" in out and "step     4" not in out and "> " in out
+    assert f"nothing to train: the run has done 4 steps, --max_steps is {max_steps} (a higher one trains on)" \
+        in out and "step     4" not in out and "> " in out
     assert (digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")) == before
 
 
