@@ -41,7 +41,7 @@ from machinery.command_line import check_block_size, check_config, flag, parse_a
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
                                describe_plan, print0, step_line)
 from machinery.hardware import (DTYPES, attention_kernels, check_device, check_one_process_per_gpu, compile_model,
-                                cpu_allocator_for, resolve_dtype)
+                                cpu_allocator_for, resolve_dtype, torchrun_ranks)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
 from machinery.loss import linear_cross_entropy
 from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_memory
@@ -444,7 +444,7 @@ def join_process_group(device, device_type):
     and WORLD_SIZE in each; here a process joins the others: NCCL carries GPU tensors, gloo CPU ones."""
     if "RANK" not in os.environ:  # a plain `python train_gpt2.py`: rank 0 of 1
         return False, 0, 1, device
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    rank, local_rank, world_size = torchrun_ranks()  # from RANK, LOCAL_RANK and WORLD_SIZE
     if device_type == "cuda":
         check_one_process_per_gpu(world_size)
         device = f"cuda:{local_rank}"  # one GPU per process: the local rank numbers them on each machine

@@ -57,6 +57,16 @@ def check_device(name, device_type):
         raise ValueError(f"device {name!r} requested but MPS is not available")
 
 
+def torchrun_ranks():
+    """(RANK, LOCAL_RANK, WORLD_SIZE), as torchrun sets them in each process it starts: one line where
+    RANK is set but the others are not numbers beside it (RANK set by something else)."""
+    try:
+        return tuple(int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    except (KeyError, ValueError):
+        raise ValueError("RANK is set, but not with LOCAL_RANK and WORLD_SIZE as torchrun sets them: start the run "
+                         "with torchrun, or unset RANK for one process") from None
+
+
 def check_one_process_per_gpu(world_size):
     """torchrun must start at most one process per GPU of the node. Every rank checks the node's
     process count, not only its own rank, so that all of them stop with the same line instead of some

@@ -157,6 +157,18 @@ def test_an_input_file_too_big_to_tokenize_in_ram_points_to_prepare(tmp_path, te
         machinery.tokens.tokenize_file(text_file)
 
 
+def test_rank_set_without_torchruns_other_variables_is_one_line(tmp_path, text_file, monkeypatch, capsys):
+    """RANK in the environment (a scheduler's, say) but not LOCAL_RANK and WORLD_SIZE beside it, as torchrun
+    sets them: one line, not a KeyError."""
+    monkeypatch.setenv("RANK", "0")
+    for name in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run_in_process(*SMALL, "--input_file", text_file, "--max_steps", "1", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: RANK is set, but not with LOCAL_RANK and WORLD_SIZE as torchrun sets them: "
+                                 "start the run with torchrun, or unset RANK for one process\n")
+
+
 def test_samples_are_made_b_rows_at_a_time(tmp_path, monkeypatch, capsys):
     """--num_samples 5 at --B 2: three calls of generate, of 2, 2 and 1 rows (never more rows than a
     training micro-batch: a big --num_samples takes longer, not more memory), and five samples."""
