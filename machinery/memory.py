@@ -179,13 +179,24 @@ def too_little_ram(cfg, need, here, total, world_size):
     cannot hold `here` processes' `need` bytes each, with the ways to need less."""
     where = f"this machine's {size(total)}" if total else "another machine of this run has"
     each = f" ({here} processes x {size(need)})" if here > 1 else ""
-    tokens = cfg.total_batch_size or cfg.B * cfg.T * world_size
-    ways = [f"lower --B and keep --total_batch_size {tokens} (more accumulation, the same training)"]
-    ways += {"none": ["add --activation_checkpointing"], "full": []}.get(
-        setting(cfg.activation_checkpointing), ["recompute more with --activation_checkpointing full"])
+    ways = ways_to_need_less(cfg, cfg.total_batch_size or cfg.B * cfg.T * world_size)
     ways += ["split the state with --fsdp", "start fewer processes a machine"] if here > 1 else []
-    options = ", ".join(ways[:-1]) + ("," if len(ways) > 2 else "") + " or " + ways[-1] if len(ways) > 1 else ways[0]
-    return f"training needs about {size(here * need)} of RAM{each}, more than {where}: {options}"
+    return f"training needs about {size(here * need)} of RAM{each}, more than {where}: {one_of(ways)}"
+
+
+def ways_to_need_less(cfg, total_batch_size):
+    """The changes that make a run need less memory, whatever the device: a smaller micro-batch (the same
+    training), and recomputing activations where more can be."""
+    ways = [f"lower --B and keep --total_batch_size {total_batch_size} (more accumulation, the same training)"]
+    return ways + {"none": ["add --activation_checkpointing"], "full": []}.get(
+        setting(cfg.activation_checkpointing), ["recompute more with --activation_checkpointing full"])
+
+
+def one_of(ways):
+    """'a', 'a or b', 'a, b, or c'."""
+    if len(ways) == 1:
+        return ways[0]
+    return ", ".join(ways[:-1]) + ("," if len(ways) > 2 else "") + " or " + ways[-1]
 
 
 def everyone_agrees(fits, device):
@@ -274,8 +285,6 @@ def describe_out_of_memory(error, cfg, device):
         f"(micro-batch {cfg.B} x {cfg.T} on {device_name(device)}" + (f", {size(total)})" if total else ")")
     total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))
     saved = os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
-    recompute = {"none": "add --activation_checkpointing, ", "full": ""}.get(
-        setting(cfg.activation_checkpointing), "recompute more with --activation_checkpointing full, ")
-    return (f"out of memory {where}: lower --B and keep --total_batch_size {total_batch_size} (more accumulation, "
-            f"the same training), {recompute}split the model's state with --fsdp under "
-            f"torchrun, or keep it in RAM with --cpu_offload" + ("; the last checkpoint is intact" if saved else ""))
+    ways = ways_to_need_less(cfg, total_batch_size) + ["split the model's state with --fsdp under torchrun",
+                                                       "keep it in RAM with --cpu_offload"]
+    return f"out of memory {where}: {one_of(ways)}" + ("; the last checkpoint is intact" if saved else "")
