@@ -105,11 +105,14 @@ def download_items(path, flag="--data"):
 def load_items(data="auto", flag="--data"):
     """The items of a local jsonl file, or with "auto" the cached validation split (fetched if missing;
     `flag` names a local file instead: hellaswag.py's --data, train_gpt2.py's --hellaswag)."""
-    if data == "auto":
-        data = cache_path()
-        if not os.path.isfile(data):
-            download_items(data, flag)
-    return read_items(data)
+    if data != "auto":
+        return read_items(data)
+    if not os.path.isfile(cache_path()):
+        download_items(cache_path(), flag)
+    try:
+        return read_items(cache_path())
+    except ValueError as e:  # (written whole, so damaged since: by hand, or by the disk)
+        raise ValueError(f"{e}; it is the cached download: delete it, and the next run fetches it again") from None
 
 
 def load_items_across_ranks(source):

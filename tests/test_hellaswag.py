@@ -292,6 +292,11 @@ def test_auto_download_converts_string_labels_and_caches(tmp_path, monkeypatch):
     assert calls == [(("Rowan/hellaswag",), {"split": "validation"})]
     assert [item["label"] for item in items] == [l for _, _, l in CONTEXTS]
     assert hellaswag_eval.load_items("auto") == items and len(calls) == 1  # cached: fetched once
+    cache = tmp_path / "train_gpt2" / "hellaswag_val.jsonl"
+    cache.write_bytes(cache.read_bytes()[:-50])  # damaged since (written whole): says to delete it
+    with pytest.raises(ValueError, match=r"hellaswag_val.jsonl:7 is not JSON.*; it is the cached download: delete "
+                                         r"it, and the next run fetches it again$"):
+        hellaswag_eval.load_items("auto")
     monkeypatch.setattr(hellaswag_eval, "N_VALIDATION", 10_042)
     (tmp_path / "train_gpt2" / "hellaswag_val.jsonl").unlink()
     with pytest.raises(ValueError, match="downloaded 7 HellaSwag items, expected 10042"):
