@@ -48,7 +48,7 @@ from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_m
 from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2, shared_weight_names
 from machinery.recompute import MODES, checkpoint_options, recomputed
 from machinery.samples import finish_run, print_samples
-from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log, and get_tokenizer below: importable here)
+from machinery.run_log import RunLog, plot_log  # noqa: F401 (it and get_tokenizer: for importers)
 from machinery.sharding import (builds_the_model, check_fsdp, from_rank0, full_model_state, full_optimizer_state,
                                 set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
@@ -67,11 +67,6 @@ class GPTConfig:
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # channels of the residual stream
     sdpa: bool = True  # attention by F.scaled_dot_product_attention (fused); False: the explicit path
-
-
-# OpenAI's checkpoints use a Conv1D module that stores these weights as (in, out), the transpose of
-# nn.Linear's (out, in): loading and exporting transpose them, and only them.
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class CausalSelfAttention(nn.Module):
@@ -136,6 +131,11 @@ class Block(nn.Module):
         return x
 
 
+# OpenAI's checkpoints use a Conv1D module that stores these weights as (in, out), the transpose of
+# nn.Linear's (out, in): loading and exporting transpose them, and only them.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -147,7 +147,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.activation_checkpointing = "none"  # set by train(): how to run it, not its shape
+        self.activation_checkpointing = "none"  # set by train(): a way to run it, not its shape (GPTConfig)
         self.loss_in_chunks = False  # set by train() on CPUs: forward's loss without all the logits
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
@@ -174,14 +174,14 @@ class GPT(nn.Module):
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            # activation checkpointing: keep the block's input (selective: its matmul outputs too), rerun it in backward
+            # activation checkpointing: keep the block's input, not all its activations; backward reruns it
             if recomputed(self.activation_checkpointing, i) and torch.is_grad_enabled():  # (training only)
                 x = checkpoint(block, x, use_reentrant=False, **checkpoint_options(self.activation_checkpointing))
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
-        if targets is not None and self.loss_in_chunks:  # the same loss, a few rows of logits at a time
-            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+        if targets is not None and self.loss_in_chunks:  # CPUs: the loss below by rows, never all logits at once
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))  # (B*T, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -247,20 +247,20 @@ class GPT(nn.Module):
             idx_cond = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
             logits, _ = self(idx_cond)  # (B, T, V)
             logits = logits[:, -1, :n_vocab].float()  # (B, V): last position only, in float32
-            if temperature < torch.finfo(torch.float32).tiny:  # 0 (or 0 once float32: 0/0 is NaN): greedy, the limit
+            if temperature < torch.finfo(torch.float32).tiny:  # 0, or 0 in float32: greedy, sampling's limit
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
                 k = min(top_k, n_vocab) if top_k else n_vocab
                 top_logits, top_ids = torch.topk(logits, k, dim=-1)  # (B, k), best first: sample among the k best
-                probs = F.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1).cpu()  # best at 0: no NaN
+                probs = F.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1).cpu()  # best at 0: no inf-inf
                 choice = torch.multinomial(probs, 1, generator=generator).to(idx.device)  # (B, 1)
                 next_id = torch.gather(top_ids, -1, choice)  # (B, 1)
-            idx = torch.cat((idx, next_id), dim=1)
+            idx = torch.cat((idx, next_id), dim=1)  # (B, T + 1)
         return idx
 
 
 # -----------------------------------------------------------------------------
-# The data: batches of GPT-2 tokens (the tokenizer is built offline in machinery/tokens.py)
+# The data: batches of GPT-2 tokens (text_file_split tokenizes a text file with GPT-2's BPE, machinery/tokens.py)
 
 
 class DataLoaderLite:
@@ -282,7 +282,7 @@ class DataLoaderLite:
             self.shuffle = shuffle and split == "train"
         else:  # one array of tokens, in memory
             self.shards, self.n_tokens = text_file_split(input_file, split, val_fraction, B, T, num_processes)
-            self.tokens, self.shuffle = self.shards[0], False
+            self.shuffle = False
         self.reset()
 
     def shard_order(self, epoch):
@@ -478,7 +478,7 @@ def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped):
     else:
         model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
     if fsdp_wrapped and builds_the_model(fsdp_wrapped):
-        from_rank0(model.config)  # (to the others)
+        from_rank0(model.config)  # rank 0 sends its shape to the others' from_rank0(None)
     check_block_size(cfg.T, model.config.block_size)
     return model
 
@@ -507,10 +507,10 @@ def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scale
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
         x, y = x.to(device), y.to(device)  # (B, T) each
-        # DDP and FSDP average gradients across processes in backward. Only the last micro-batch needs that:
-        # DDP's no_sync (around forward too, where DDP decides) and FSDP's switch skip it on the others.
+        # DDP and FSDP average gradients across processes in backward. Only the last micro-batch needs that; on
+        # the others, DDP's no_sync (it must wrap forward too) and FSDP's set_gradient_sync skip it.
         syncing = micro_step == grad_accum_steps - 1
-        set_gradient_sync(raw_model, syncing)  # (FSDP only; --cpu_offload syncs each: gradients add up in RAM)
+        set_gradient_sync(raw_model, syncing)  # (FSDP only; --cpu_offload syncs every one: gradients add up in RAM)
         with model.no_sync() if isinstance(model, DDP) and not syncing else contextlib.nullcontext():
             with autocast:
                 _, loss = model(x, y)
@@ -592,7 +592,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     raw_model.loss_in_chunks = device_type == "cpu"  # where RAM runs out first (docs/performance.md)
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step, ckpt))
-    print0(plan_memory(raw_model, cfg, world_size, device, dtype))  # said before it runs out (CPU: RAM checked)
+    print0(plan_memory(raw_model, cfg, world_size, device, dtype))  # (all ranks; CPU: a run RAM can't hold stops here)
     if fsdp_wrapped:  # each process keeps 1/N of the state (in RAM with --cpu_offload) and joins every forward
         shard_model(raw_model, raw_model.transformer.h, device, cfg.cpu_offload)
     else:
@@ -610,7 +610,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)  # (after sharding: its shards)
     print0(describe_optimizer(optimizer))
     print0(describe_plan(cfg, raw_model))  # what the run will write, and how big
-    if cfg.resume:  # the optimizer's moments, the data's position and the random streams, as they were
+    if cfg.resume:  # the optimizer's moments, the loss scale, the data's position and the random streams, as they were
         restore_training_state(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, sample_generator)
     del ckpt  # free the CPU copy (or the file's mapping)
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
@@ -621,7 +621,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
     step_times = []
     with StopRequested() as stop, RunLog(cfg, start_step) as log:
-        # a record at step s: the model after s updates (its losses) and step s's update (lr, norm, tokens)
+        # step s's record (log.jsonl): the losses of the model after s updates, then update s's lr, norm, tokens
         for step in range(start_step, cfg.max_steps + 1):
             done = step == cfg.max_steps  # all steps done: evaluate and save the trained model, then stop
             record = {"step": step}
@@ -676,7 +676,7 @@ def main(argv=None):
         check_fsdp(cfg.fsdp, cfg.cpu_offload, world_size, device_type)  # on CUDA or CPUs; --fsdp: 2+ processes
         check_data(cfg)  # before anything heavy
         seed_everything(cfg.seed)
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
+        torch.set_float32_matmul_precision("high")  # float32 matmuls in TF32 on Ampere+ GPUs (bf16 ones are unaffected)
         with attention_kernels(device_type):  # cuDNN's attention first on Hopper GPUs, for the whole run
             code = train(cfg, flags_given, distributed, rank, world_size, device, device_type)
         if distributed:

@@ -35,7 +35,8 @@ def step_line(record, step_times, max_steps):
 
 def describe_model(model, cfg, start_step, ckpt):
     """The model's line: where it comes from, its shape; for a resume with another --B, what that changes,
-    and with nothing left to train, so; for a fresh run, the checkpoint it will replace."""
+    with nothing left to train, so, and with other optimisation settings, which; for a fresh run, the
+    checkpoint it will replace."""
     n_params = sum(p.numel() for p in model.parameters())  # the tied matrix counts once
     c = model.config
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -50,10 +51,28 @@ def describe_model(model, cfg, start_step, ckpt):
     if cfg.resume and start_step >= cfg.max_steps and not cfg.eval_only:  # (it only samples)
         lines.append(f"nothing to train: the run has done {start_step} steps, --max_steps is {cfg.max_steps} "
                      "(a higher one trains on)")
+    elif cfg.resume and not cfg.eval_only:
+        lines += changed_optimisation(cfg, ckpt["train_config"], start_step)
     if not cfg.resume and os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
         lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own, "
                      f"and its log.jsonl then (until then this run logs to log.new.jsonl)")
     return "\n".join(lines)
+
+
+# the settings a resume takes from its command, not the checkpoint, that change the steps it trains
+OPTIMISATION = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+
+
+def changed_optimisation(cfg, saved, start_step):
+    """A resume is the run's command with --resume. Where its optimisation settings differ from the run's
+    (a higher --max_steps to train on, or a flag left out), one line says so: the learning-rate schedule is
+    get_lr's for the new settings, so from start_step the rate is not what the run's would have been."""
+    changes = [f"--{name} {getattr(cfg, name)} (the run's: {saved[name]})" for name in OPTIMISATION
+               if name in saved and saved[name] != getattr(cfg, name)]
+    if not changes:
+        return []
+    return [f"note: resumed with {', '.join(changes)}: from step {start_step} on, training follows these "
+            "settings (get_lr's schedule for them), not the run's"]
 
 
 def checkpoint_bytes(model):
