@@ -5,6 +5,7 @@ GPT.save_pretrained in train_gpt2.py.
 """
 
 import glob
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +33,9 @@ def load_transformers_gpt2(name_or_path, known_names):
     if os.path.isfile(ckpt) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
         raise ValueError(f"{name_or_path!r} is a training run's folder, not a save_pretrained one: pass its "
                          f"checkpoint, {ckpt}")
+    model_type = model_type_of(name_or_path)
+    if model_type not in (None, "gpt2"):  # transformers would load it anyway, leaving every weight random
+        raise ValueError(f"{name_or_path!r} is a {model_type} model, not GPT-2")
     try:
         from huggingface_hub.utils import logging as hub_logging
         from safetensors import SafetensorError
@@ -42,10 +46,11 @@ def load_transformers_gpt2(name_or_path, known_names):
                          "pip install -r requirements.txt") from None
     hf_logging.disable_progress_bar()
     hub_logging.set_verbosity_error()  # offline, the hub logs every retry: we say it once, below
+    hf_logging.set_verbosity_error()  # its table of missing keys: check_complete says it in one line
     online = True
     try:
         with hub_or_cache() as online:  # no network: the hub's cache only, at once instead of after retries
-            return GPT2LMHeadModel.from_pretrained(name_or_path)
+            model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
     except ImportError as e:  # transformers found a torch too old for it and disabled its PyTorch models
         raise ValueError(f"transformers {__version__} cannot load PyTorch models with torch {torch.__version__} "
                          f"({first_line(e)[:120]}): install versions that fit, pip install -r requirements.txt") from None
@@ -55,6 +60,29 @@ def load_transformers_gpt2(name_or_path, known_names):
             "not in the hub's cache, and the Hugging Face hub cannot be reached"
         hint = " (offline? load from a save_pretrained directory instead)" if name_or_path in known_names else ""
         raise ValueError(f"could not load GPT-2 weights from {name_or_path!r}: {why}{hint}") from None
+    check_complete(model, info["missing_keys"], name_or_path)
+    return model
+
+
+def model_type_of(directory):
+    """The model_type in a save_pretrained directory's config.json, or None (a hub name, no readable
+    config, or none named in it: from_pretrained then says what is wrong)."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
+def check_complete(model, missing, name_or_path):
+    """transformers fills the tensors a weights file lacks with random numbers and only warns: a
+    ValueError instead, naming how many and the first (lm_head.weight, tied to the token table, aside)."""
+    needed = [k for k in model.state_dict() if k != "lm_head.weight"]
+    lacking = [k for k in needed if k in missing]
+    if lacking:
+        raise ValueError(f"{name_or_path!r} lacks {len(lacking)} of GPT-2's {len(needed)} tensors, "
+                         f"e.g. {lacking[0]}")
 
 
 def shared_weight_names(ours, theirs, name_or_path):

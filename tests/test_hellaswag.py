@@ -158,6 +158,18 @@ def test_a_model_with_fewer_rows_than_gpt2s_tokens_is_refused_in_one_line(tmp_pa
                        "score HellaSwag's GPT-2 tokens\n") and out == ""
 
 
+def test_a_model_that_is_not_gpt2_is_refused_in_one_line(tmp_path, items_file, capfd):
+    """A BERT saved with save_pretrained: one line, not HellaSwag scored with random GPT-2 weights."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(vocab_size=50257, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    capfd.readouterr()  # (what making it printed)
+    assert hellaswag.main(["--init_from", str(tmp_path / "bert"), "--data", str(items_file), "--device", "cpu"]) == 1
+    out, err = capfd.readouterr()
+    assert err == f"error: {str(tmp_path / 'bert')!r} is a bert model, not GPT-2\n" and out == ""
+
+
 class Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs (not even an except clause for KeyboardInterrupt)."""
 

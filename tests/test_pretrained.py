@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 import train_gpt2
-from conftest import step_losses
+from conftest import run_script, step_losses
 from machinery.tokens import GPT2_VOCAB_SIZE, tokenize_file
 from train_gpt2 import GPT, PRETRAINED, GPTConfig, main
 
@@ -68,14 +68,14 @@ def test_transformers_4_style_state_dict_loads(hf_gpt2_dir, monkeypatch):
     load = GPT2LMHeadModel.from_pretrained
 
     def load_v4_style(*args, **kwargs):
-        model = load(*args, **kwargs)
+        model, info = load(*args, **kwargs)  # (output_loading_info=True: what the file lacked)
         sd = dict(model.state_dict())
         for i in range(model.config.n_layer):
             sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
             sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
         sd.pop("lm_head.weight")
         model.state_dict = lambda *a, **k: sd
-        return model
+        return model, info
 
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", load_v4_style)
     ours = GPT.from_pretrained(str(path))
@@ -212,3 +212,45 @@ def test_a_truncated_weights_file_is_one_clear_error(hf_gpt2_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=f"could not load GPT-2 weights from {str(path)!r}"):
         GPT.from_pretrained(str(path))
+
+
+def bert_dir(folder):
+    """A BERT saved with save_pretrained: a transformers directory, but not GPT-2's."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(folder)
+    return folder
+
+
+def without_a_tensor(hf_gpt2_dir):
+    """A GPT-2 directory whose model.safetensors lost one tensor (an edit, a converter that dropped it)."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = hf_gpt2_dir()
+    tensors = load_file(path / "model.safetensors")
+    del tensors["transformer.h.0.attn.c_attn.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_a_folder_that_is_not_gpt2_is_refused_in_one_line(tmp_path, capfd, monkeypatch):
+    """transformers loads a BERT into GPT-2 with random numbers for every weight it lacks: training would
+    start from noise. One line instead, from the config's model_type, before any loading."""
+    path = bert_dir(tmp_path / "bert")
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()  # (what making it printed)
+    assert main(["--init_from", str(path), "--max_steps", "0", "--device", "cpu"]) == 1
+    assert capfd.readouterr().err == f"error: {str(path)!r} is a bert model, not GPT-2\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_weights_file_that_lacks_a_tensor_is_refused_in_one_line(tmp_path, hf_gpt2_dir):
+    """transformers fills a tensor missing from model.safetensors with random numbers, after a table of
+    what it lacked. The command (its stderr as a user sees it: the table is transformers' logging) says
+    it in one line instead."""
+    path = without_a_tensor(hf_gpt2_dir)
+    r = run_script("--init_from", path, "--max_steps", "0", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr == (f"error: {str(path)!r} lacks 1 of GPT-2's 28 tensors, "
+                                              "e.g. transformer.h.0.attn.c_attn.weight\n"), r.stderr
+    assert not (tmp_path / "out").exists()
