@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from machinery.console import print0
-from machinery.files import first_line, write_atomically
+from machinery.files import first_line, is_whole_number, write_atomically
 from machinery.hub import hub_or_cache
 from machinery.tokens import get_tokenizer
 
@@ -232,14 +232,19 @@ def progress_path(model, items, batch_size, dtype, device_type):
     return os.path.join(os.path.dirname(cache_path()), f"hellaswag_progress_{digest.hexdigest()[:16]}.json")
 
 
-def read_progress(path):
-    """(items scored, correct, correct_norm) that an earlier run of the same evaluation saved, or zeros."""
+def read_progress(path, n_items):
+    """(items scored, correct, correct_norm) that an earlier run of the same evaluation saved, or zeros:
+    where there are none, or they cannot be read, or they are not counts of n_items items (a file damaged
+    since: it would print another accuracy, or stop on a count that is not a number), scoring starts over."""
     try:
         with open(path) as f:
             saved = json.load(f)
-        return saved["scored"], saved["correct"], saved["correct_norm"]
-    except (OSError, ValueError, KeyError, TypeError):  # none (or unreadable): from the start
+        counts = (saved["scored"], saved["correct"], saved["correct_norm"])
+    except (OSError, ValueError, KeyError, TypeError):
         return 0, 0, 0
+    scored, correct, correct_norm = counts
+    fits = all(is_whole_number(c) for c in counts) and max(correct, correct_norm) <= scored <= n_items
+    return counts if fits else (0, 0, 0)
 
 
 def save_progress(path, counts):
@@ -260,7 +265,7 @@ def count_correct_resumably(model, items, device, autocast, batch_size, path):
     Interrupted), removed at the end. Where they cannot be saved, that is said once, and scoring goes on."""
     from tqdm import tqdm
 
-    counts = read_progress(path)  # (items scored, correct, correct_norm)
+    counts = read_progress(path, len(items))  # (items scored, correct, correct_norm)
     saved_at, failure = time.monotonic(), None
     try:
         with tqdm(total=len(items), initial=counts[0], unit="item",
@@ -278,7 +283,7 @@ def count_correct_resumably(model, items, device, autocast, batch_size, path):
         failure = save_progress(path, counts)
         then = f"the counts could not be saved ({failure})" if failure else "run the same command to continue"
         raise Interrupted(f"scored {counts[0]:,} of {len(items):,} items; {then}") from None
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # none saved, or a cache that cannot be written: the counts are whole
         os.remove(path)
     scored, correct, correct_norm = counts
     return correct, correct_norm, scored

@@ -248,6 +248,34 @@ def test_counts_that_cannot_be_saved_only_cost_the_resume(tmp_path, items_file, 
     assert last.startswith("interrupted: scored 2 of 7 items; the counts could not be saved ([Errno 28] No space")
 
 
+def test_a_cache_that_is_not_a_folder_only_costs_the_resume(tmp_path, items_file, random_gpt2, monkeypatch, capsys):
+    """$XDG_CACHE_HOME a file: the counts can be neither saved nor removed at the end; the accuracy is
+    still printed, once said that an interrupted run would start again."""
+    args, expected = scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))
+    monkeypatch.setattr(hellaswag_eval, "SAVE_EVERY_S", 0.0)  # (a save tried after every batch)
+    assert hellaswag.main(args) == 0
+    out, err = capsys.readouterr()
+    assert out == expected and err.count("cannot save the counts so far ([Errno 20] Not a directory") == 1, err
+
+
+DAMAGED = [{"scored": 100, "correct": 50, "correct_norm": 50},  # more than the 7 items: another accuracy
+           {"scored": "4", "correct": 1, "correct_norm": 1},  # not a number: scoring could not go on
+           {"scored": 4, "correct": 5, "correct_norm": 0}]  # more correct than scored
+
+
+@pytest.mark.parametrize("saved", DAMAGED, ids=["too_many", "a_string", "more_correct"])
+def test_saved_counts_damaged_since_start_the_scoring_over(tmp_path, items_file, random_gpt2, monkeypatch, capsys,
+                                                            saved):
+    args, expected = scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
+    progress = tmp_path / "progress.json"
+    progress.write_text(json.dumps(saved))
+    monkeypatch.setattr(hellaswag, "progress_path", lambda *args: str(progress))
+    assert hellaswag.main(args) == 0
+    assert capsys.readouterr().out == expected and not progress.exists()
+
+
 def test_two_models_named_at_once_is_one_line(tmp_path, items_file, capsys):
     with pytest.raises(SystemExit) as stopped:
         hellaswag.main(["--init_from", "gpt2-medium", "--out_dir", str(tmp_path), "--data", str(items_file)])
