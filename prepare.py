@@ -10,11 +10,12 @@ file writes).
 What it writes in out_dir:
 - shards: `val_000000.npy`, `train_000001.npy`, ... each a 1-D uint16 array of `--shard_size` tokens
   (the last one the remainder); `np.load(path, mmap_mode="r")` reads one without loading it.
-- `manifest.json`: the tokenizer, the source, the shard size, one entry per shard in stream order
-  (`file`, `split`, `tokens`, `sha256`, and where the next shard starts in the document stream:
-  `next_document` its index, `next_offset` how many of its tokens the shards so far took, and when
-  that is past the first piece of a text file (below), `next_byte` where in the file that piece begins
-  and `next_byte_offset` the document's tokens before it), the totals `documents` and `tokens`, and
+- `manifest.json`: the tokenizer, the source, the shard size, for a local source `source_fingerprint`
+  (each file's name, size and mtime_ns), one entry per shard in stream order (`file`, `split`,
+  `tokens`, `sha256`, and where the next shard starts in the document stream: `next_document` its
+  index, `next_offset` how many of its tokens the shards so far took, and when that is past the first
+  piece of a text file (below), `next_byte` where in the file that piece begins and
+  `next_byte_offset` the document's tokens before it), the totals `documents` and `tokens`, and
   `complete`. The shards concatenated in manifest order are the corpus's tokens. For fineweb-edu also
   `source_files`, the dataset's parquet files as listed by the first run (hf:// paths pinned to that
   commit; later runs read the list from here), and in each shard entry `next_file` and `next_row`: the
@@ -34,7 +35,9 @@ FineWeb-Edu that is also a source file and row, and a resumed run, or a retry af
 starts there: it reads again at most the row group it stopped in (at worst its one ~2 GB file), never
 the files before it. A dropped connection, a timeout or a server error is retried (one line each,
 DOWNLOAD_RETRIES tries in a row); offline mode, a hub whose name does not resolve, a dataset or subset
-the hub does not know, or a refused permission end the run at once, in one line.
+the hub does not know, or a refused permission end the run at once, in one line. A local source whose
+files changed since the shards were begun (source_fingerprint), or while it was read, is refused in
+one line: the shards would be of the old version, or mix both.
 
 Before writing, the free space in out_dir is checked against an estimate of what the shards need
 (2 bytes a token: about 20 GB for fineweb-edu, half the size of a local source); a disk that fills up
@@ -81,17 +84,65 @@ class PrepareError(Exception):
 # Documents: a stream of texts from local files
 
 
+SOURCE_TYPES = (".txt", ".jsonl", ".parquet")  # what a folder source's files may be
+
+
 def local_files(source):
-    """The files that make up a local source, in the order their documents are read."""
+    """The files that make up a local source, in the order their documents are read: the file, or the
+    folder's source files in sorted order. A file that two links (or a link and its own name) reach is
+    read once, under the name that sorts first."""
     if os.path.isfile(source):
         return [source]
     if not os.path.isdir(source):
         raise PrepareError(f"source {source!r} not found (a .txt file, a folder, or fineweb-edu)")
-    files = sorted(f for pattern in ("*.txt", "*.jsonl", "*.parquet")
-                   for f in glob.glob(os.path.join(source, "**", pattern), recursive=True))
+    files, seen = [], set()
+    for path in sorted(folder_files(source)):
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            files.append(path)
     if not files:
         raise PrepareError(f"folder {source!r} has no .txt, .jsonl or .parquet files")
     return files
+
+
+def folder_files(folder):
+    """The source files in a folder and its subfolders (a folder named like a file, "sub.txt", is walked
+    as a folder). Links are followed, but each real folder is walked once: a link to a folder above it
+    would loop. Hidden files and folders (named ".something") are left out, as a shell's * leaves them
+    out. A link to nothing is refused: the corpus would silently lack a file."""
+    walked = {os.path.realpath(folder)}
+    for top, folders, names in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(folders):  # (os.walk descends into what is left in `folders`)
+            real = os.path.realpath(os.path.join(top, name))
+            if not name.startswith(".") and real not in walked:
+                walked.add(real)
+                kept.append(name)
+        folders[:] = kept
+        for name in names:
+            path = os.path.join(top, name)
+            if name.startswith(".") or not name.endswith(SOURCE_TYPES):
+                continue
+            if not os.path.exists(path):  # (os.walk lists a link to nothing among the files)
+                raise PrepareError(f"{path!r} is a link to {os.readlink(path)!r}, which does not exist: "
+                                   "remove the link or restore its file")
+            if not os.path.isfile(path):
+                raise PrepareError(f"{path!r} is not a regular file (a pipe or a device?): move it out of the folder")
+            yield path
+
+
+def source_fingerprint(source, files):
+    """[name, size, mtime_ns] of each file of a local source, the name relative to the folder (a file
+    source: its own name). An edited, added, removed or renamed file changes it, and taking it reads no
+    file: a resumed run, or a repeat on a finished out_dir, compares it with the manifest's."""
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    return [file_fingerprint(path, folder) for path in files]
+
+
+def file_fingerprint(path, folder):
+    stat = os.stat(path)  # (a link's: its file's size and time)
+    return [os.path.relpath(path, folder), stat.st_size, stat.st_mtime_ns]
 
 
 def read_documents(path, start=0):
@@ -410,13 +461,24 @@ def tokenize_batch(pieces):
     begins a document (at 0): one uint16 array, each piece's token count, and where each starts (handed
     back with the tokens, for the writer)."""
     enc = get_tokenizer()
-    # encode_to_numpy with no special tokens allowed is encode_ordinary straight into an array (uint32)
-    texts = [enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()) for text, _ in pieces]
+    texts = [text_tokens(enc, text) for text, _ in pieces]
     at = np.array([start for _, start in pieces], dtype=np.int64)
     eot = np.array([EOT], dtype=np.uint32)
     tokens = np.concatenate([part for t, a in zip(texts, at) for part in ((eot, t) if a == 0 else (t,))])
     assert tokens.max() < 2**16, "a token id does not fit in uint16"
     return tokens.astype(np.uint16), np.array([(a == 0) + len(t) for t, a in zip(texts, at)], dtype=np.int64), at
+
+
+def text_tokens(enc, text):
+    """A text's tokens, as uint32: encode_ordinary straight into an array (encode_to_numpy with no special
+    tokens allowed). A lone surrogate ("\\ud800", valid JSON and common in scraped text, but no character,
+    so no UTF-8 for the tokenizer) becomes U+FFFD, as tiktoken's encode_ordinary does: only a text that
+    holds one pays for the fix-up."""
+    try:
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # (a pair becomes its character)
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
 
 def batches_of(pieces, progress):
@@ -571,11 +633,14 @@ class ShardWriter:
         write_atomically(os.path.join(self.out_dir, MANIFEST), lambda f: f.write(text.encode()))
 
 
-def start_manifest(out_dir, source_name, shard_size):
-    """The manifest to continue: the one in out_dir (its shards checked), or a new one."""
+def start_manifest(out_dir, source_name, shard_size, fingerprint=None):
+    """The manifest to continue: the one in out_dir (its shards checked, and for a local source its
+    fingerprint: source_fingerprint), or a new one."""
     path = os.path.join(out_dir, MANIFEST)
-    fresh = dict(tokenizer="gpt2", dtype="uint16", source=source_name, shard_size=shard_size,
-                 shards=[], documents=0, tokens=0, complete=False)
+    fresh = dict(tokenizer="gpt2", dtype="uint16", source=source_name, shard_size=shard_size)
+    if fingerprint is not None:  # (FineWeb-Edu's files are pinned to a commit instead: source_files)
+        fresh["source_fingerprint"] = fingerprint
+    fresh.update(shards=[], documents=0, tokens=0, complete=False)
     if not os.path.exists(path):
         if glob.glob(os.path.join(out_dir, "*.npy")):
             raise PrepareError(f"{out_dir!r} holds .npy files but no {MANIFEST}: use an empty or new --out_dir")
@@ -592,6 +657,11 @@ def start_manifest(out_dir, source_name, shard_size):
     if mine != {k: fresh[k] for k in mine}:
         raise PrepareError(f"{out_dir!r} holds shards of {manifest['source']} (shard size {manifest['shard_size']:,}), "
                            f"not of {source_name} (shard size {shard_size:,}): use another --out_dir")
+    change = fingerprint_change(manifest.get("source_fingerprint"), fingerprint, path)
+    if change:
+        raise PrepareError(f"{source_name} has changed since {out_dir!r} was prepared from it ({change}): delete "
+                           f"{out_dir!r} to prepare it again, or choose another --out_dir")
+    manifest = {**fresh, **manifest}  # an older prepare.py's manifest has no fingerprint: from now on, this one
     for i, shard in enumerate(manifest["shards"]):  # keep the shards that are intact, redo from the first that is not
         shard_path = os.path.join(out_dir, shard["file"])
         if not os.path.isfile(shard_path) or sha256_of(shard_path) != shard["sha256"]:
@@ -599,6 +669,31 @@ def start_manifest(out_dir, source_name, shard_size):
             manifest["shards"], manifest["complete"] = manifest["shards"][:i], False
             break
     return manifest
+
+
+def fingerprint_change(recorded, now, path):
+    """What differs between a manifest's fingerprint (at `path`) and the source's now, in a few words (the
+    first file that differs), or None: the same, or nothing to compare (an older prepare.py's manifest,
+    without one, or FineWeb-Edu)."""
+    if recorded is None or now is None or recorded == now:
+        return None
+    if type(recorded) is not list or not all(is_fingerprint_entry(entry) for entry in recorded):
+        raise PrepareError(f"{path!r} is not a manifest as prepare.py writes it: its source_fingerprint is not a "
+                           "list of [file, size, mtime_ns]; use another --out_dir")
+    before, after = {name: rest for name, *rest in recorded}, {name: rest for name, *rest in now}
+    for name in sorted(before.keys() | after.keys()):
+        if name not in after:
+            return f"{name} removed"
+        if name not in before:
+            return f"{name} added"
+        if before[name] != after[name]:
+            return f"{name} has another size or modification time"
+    return "its files are in another order"
+
+
+def is_fingerprint_entry(entry):
+    return (type(entry) is list and len(entry) == 3 and isinstance(entry[0], str)
+            and all(type(number) is int for number in entry[1:]))
 
 
 # -----------------------------------------------------------------------------
@@ -651,7 +746,8 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     hub = source == "fineweb-edu"
     files = stand_in_files() if hub else local_files(source)  # None: FineWeb-Edu's files, listed on the hub below
     source_name = f"{FINEWEB_EDU[0]}:{FINEWEB_EDU[1]}" if hub else os.path.abspath(source)
-    manifest = start_manifest(out_dir, source_name, shard_size)
+    fingerprint = None if hub else source_fingerprint(source, files)
+    manifest = start_manifest(out_dir, source_name, shard_size, fingerprint)
     if manifest["complete"]:
         return manifest
     check_disk_space(out_dir, needed_bytes(files, manifest))  # before anything is written
@@ -659,8 +755,7 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     if hub and files is None:  # FineWeb-Edu's files come from the hub: it must be there before a folder is made
         check_online()
     os.makedirs(out_dir, exist_ok=True)
-    for leftover in glob.glob(os.path.join(out_dir, "*.tmp")):  # a write that a killed run left unfinished
-        os.remove(leftover)
+    remove_unfinished_writes(out_dir)
     stream = None
     if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
         manifest["source_files"] = manifest.get("source_files") or files or hub_files()
@@ -680,8 +775,23 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
             progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
     if writer.position == writer.documents:  # every document was empty: nothing but separators
         raise PrepareError(f"{source!r} holds no text")
+    if fingerprint is not None and source_fingerprint(source, files) != fingerprint:  # (not marked complete)
+        raise PrepareError(f"{source_name} changed while it was read: the shards in {out_dir!r} may mix both "
+                           f"versions; delete {out_dir!r} and run the command again")
     writer.finish()
     return manifest
+
+
+# what write_atomically leaves of a write a killed run did not finish: a shard's or the manifest's name + ".tmp"
+UNFINISHED_WRITE = re.compile(rf"(train|val)_\d{{6,}}\.npy\.tmp|{re.escape(MANIFEST)}\.tmp")
+
+
+def remove_unfinished_writes(out_dir):
+    """Remove the temporary files of writes a killed run left unfinished, and no other file: out_dir may
+    hold the user's own (a draft.tmp)."""
+    for name in os.listdir(out_dir):
+        if UNFINISHED_WRITE.fullmatch(name):
+            os.remove(os.path.join(out_dir, name))
 
 
 def tokenizer_processes(num_proc):

@@ -158,6 +158,35 @@ def test_killed_then_repeated_gives_the_shards_of_an_uninterrupted_run(tmp_path,
     assert folder_bytes(out) == expected
 
 
+def test_only_its_own_unfinished_writes_are_removed_from_out_dir(tmp_path, reference, monkeypatch):
+    """A repeat removes the temporary file a killed write left (a shard's name + .tmp), and no other:
+    the user's own .tmp files in out_dir are kept."""
+    folder, expected = reference
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = {"draft.tmp": b"mine", "notes.npy.tmp": b"mine too", "train_1.npy.tmp": b"and mine"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    # the first manifest, the val shard, the manifest, then half of train_000001.npy
+    prepare_killed_at_write(monkeypatch, 4, folder, out, half_written=True, shard_size=1000)
+    assert (out / "train_000001.npy.tmp").exists()
+    prepare.prepare(str(folder), str(out), shard_size=1000, show_progress=False)
+    assert folder_bytes(out) == {**expected, **mine}
+
+
+def test_an_older_manifest_without_a_fingerprint_resumes_and_records_one(tmp_path, reference, monkeypatch):
+    """A manifest of a prepare.py from before source_fingerprint resumes as before; the repeat records the
+    fingerprint, so its folder is the uninterrupted run's byte for byte."""
+    folder, expected = reference
+    out = tmp_path / "run"
+    prepare_killed_at_write(monkeypatch, 6, folder, out, shard_size=1000)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["source_fingerprint"]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    prepare.prepare(str(folder), str(out), shard_size=1000, show_progress=False)
+    assert folder_bytes(out) == expected
+
+
 @pytest.mark.parametrize("kill_at", range(1, 5))
 def test_a_small_corpus_killed_at_any_write_finishes_the_same(tmp_path, monkeypatch, kill_at):
     """Within one shard: the manifest, the train shard, the val shard, the final manifest."""
@@ -861,6 +890,10 @@ BAD_SOURCES = [  # (source, setup, what the one line must say)
      "is not a readable parquet file"),
     ("nocolumn", lambda p: parquet_of(p / "nocolumn", content=["a b"]), "has no 'text' column (columns: content)"),
     ("numbers", lambda p: parquet_of(p / "numbers", text=[1, 2]), "has a 'text' column of int64, not of strings"),
+    ("broken", lambda p: (p / "broken").mkdir() or (p / "broken" / "gone.txt").symlink_to("nowhere.txt") or
+     (p / "broken" / "a.txt").write_text("fine"), "'broken/gone.txt' is a link to 'nowhere.txt', which "
+     "does not exist: remove the link or restore its file"),
+    ("pipe", lambda p: (p / "pipe").mkdir() or os.mkfifo(p / "pipe" / "a.txt"), "'pipe/a.txt' is not a regular file"),
 ]
 
 
@@ -904,6 +937,54 @@ def test_an_out_dir_of_another_source_or_shard_size_is_refused_untouched(tmp_pat
     assert "no manifest.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("state", ["finished", "interrupted"])
+@pytest.mark.parametrize("source,edit,change", [
+    ("corpus/a.txt", "edit a.txt", "a.txt has another size or modification time"),
+    ("corpus", "add b.txt", "b.txt added"),
+    ("corpus", "remove a.txt", "a.txt removed")])
+def test_a_source_changed_since_its_shards_were_made_is_refused_untouched(tmp_path, monkeypatch, capsys, state,
+                                                                          source, edit, change):
+    """The manifest records each source file's size and modification time: a repeat after the source
+    changed (on a finished out_dir it would report the old shards, on an interrupted one mix both
+    versions) is one line naming the source, the out_dir and what to do, and the folder is as it was."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(" ".join(make_documents(40, seed=5)))
+    (tmp_path / "corpus" / "c.txt").write_text("another document")
+    args = [source, "--out_dir", "out", "--shard_size", "500", "--num_proc", "1"]
+    if state == "finished":
+        assert prepare.main(args) == 0
+    else:  # the first manifest, a shard, the manifest listing it, then killed at the next shard
+        prepare_killed_at_write(monkeypatch, 4, source, "out", shard_size=500)
+    if edit == "edit a.txt":
+        (tmp_path / "corpus" / "a.txt").write_text(" ".join(make_documents(40, seed=6)))
+    elif edit == "add b.txt":
+        (tmp_path / "corpus" / "b.txt").write_text("new")
+    else:
+        (tmp_path / "corpus" / "a.txt").unlink()
+    before = folder_bytes(tmp_path / "out")
+    capsys.readouterr()
+    assert prepare.main(args) == 1
+    assert capsys.readouterr().err == (f"error: {os.path.abspath(source)} has changed since 'out' was prepared "
+                                       f"from it ({change}): delete 'out' to prepare it again, or choose another "
+                                       "--out_dir\n")
+    assert folder_bytes(tmp_path / "out") == before
+
+
+def test_a_source_changed_while_it_is_read_is_not_marked_complete(tmp_path, corpus_folder, monkeypatch):
+    """A file of the source touched during the run: the shards may mix two versions, so the manifest is
+    not marked complete (training refuses it) and the repeat refuses to continue."""
+    folder, _ = corpus_folder
+    tokenize_batch = prepare.tokenize_batch
+    monkeypatch.setattr(prepare, "tokenize_batch",
+                        lambda pieces: os.utime(folder / "a.txt", ns=(1, 1)) or tokenize_batch(pieces))
+    with pytest.raises(prepare.PrepareError, match=r"corpus changed while it was read: the shards in '.*out' may"):
+        prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1000, show_progress=False)
+    assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+    with pytest.raises(prepare.PrepareError, match=r"a.txt has another size or modification time"):
+        prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1000, show_progress=False)
+
+
 def test_a_hand_edited_manifest_is_one_line_naming_the_field_and_nothing_is_touched(tmp_path, monkeypatch, capsys):
     """A manifest whose shard entry or totals are not what prepare.py writes (a number as text, a file
     name as a number, a list where an object goes): the repeat says which field, and leaves the folder."""
@@ -916,6 +997,8 @@ def test_a_hand_edited_manifest_is_one_line_naming_the_field_and_nothing_is_touc
                                ("next_document", "3", "its shard 0's next_document is '3', not a whole number"),
                                ("sha256", None, "its shard 0's sha256 is None, not a text"),
                                ("documents", -1, "its documents is -1, not a whole number >= 0"),
+                               ("source_fingerprint", [["a.txt", "12", 3]],
+                                "its source_fingerprint is not a list of [file, size, mtime_ns]"),
                                ("shards", {}, "it holds no list of shards")):
         edited = json.loads(json.dumps(manifest))
         (edited["shards"][0] if field in edited["shards"][0] else edited)[field] = value
@@ -926,6 +1009,37 @@ def test_a_hand_edited_manifest_is_one_line_naming_the_field_and_nothing_is_touc
         assert err.startswith("error: 'out/manifest.json' is not a manifest as prepare.py writes it: ") and \
             says in err and err.endswith("; use another --out_dir\n"), err
         assert folder_bytes(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_lone_surrogate_in_json_text_is_tokenized_as_a_replacement_character(tmp_path, num_proc):
+    """A lone surrogate, "\\ud800", is valid JSON but no character (it has no UTF-8): as tiktoken's
+    encode_ordinary does, each becomes U+FFFD, and an escaped pair is its character; in a worker too."""
+    (tmp_path / "s.jsonl").write_text('{"text": "\\ud800 bad surrogate"}\n'
+                                      '{"text": "a pair \\ud83d\\ude00, one \\udfff"}\n')
+    prepare.prepare(str(tmp_path / "s.jsonl"), str(tmp_path / "out"), shard_size=10**6, num_proc=num_proc,
+                    show_progress=False)
+    _, arrays = read_shards(tmp_path / "out")
+    expected = stream_of(["\ufffd bad surrogate", "a pair \U0001f600, one \ufffd"])
+    assert np.array_equal(np.concatenate(arrays), expected)
+
+
+def test_a_folder_with_link_loops_and_a_folder_named_like_a_file_reads_each_file_once(tmp_path):
+    """A link to a folder above (a loop), a second link to a file, and a folder named sub.txt: each real
+    file is read once, under the name that sorts first, and sub.txt is walked as a folder."""
+    folder = tmp_path / "corpus"
+    (folder / "d" / "sub.txt").mkdir(parents=True)
+    docs = ["the c file", "the a file", "the b file"]
+    (folder / "c.txt").write_text(docs[0])
+    (folder / "d" / "a.txt").write_text(docs[1])
+    (folder / "d" / "sub.txt" / "b.txt").write_text(docs[2])
+    (folder / "d" / "up").symlink_to("..")
+    (folder / "copy.txt").symlink_to("c.txt")
+    files = prepare.local_files(str(folder))
+    assert files == [str(folder / name) for name in ("c.txt", "d/a.txt", "d/sub.txt/b.txt")]
+    prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=10**6, show_progress=False)
+    _, arrays = read_shards(tmp_path / "out")
+    assert np.array_equal(np.concatenate(arrays), stream_of(docs))
 
 
 def test_more_processes_than_cpus_are_not_started_and_a_file_as_out_dir_is_one_line(tmp_path, monkeypatch, capsys):
