@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from machinery.checkpoints import load_checkpoint, load_weights
+from machinery.checkpoints import load_checkpoint, load_weights, names_a_checkpoint
 from machinery.command_line import ArgumentParser
 from machinery.hardware import DTYPES
 from machinery.hellaswag_eval import (N_VALIDATION, REFERENCE, Interrupted, count_correct_resumably, load_items,
@@ -31,14 +31,14 @@ from train_gpt2 import GPT, GPTConfig, make_precision, resolve_device
 
 
 def load_model(args):
-    """The model of a run's checkpoint (--out_dir, or --init_from a .pt file as train_gpt2.py takes it),
+    """The model of a run's checkpoint (--out_dir, or --init_from a file as train_gpt2.py takes it),
     or a GPT-2 name or save_pretrained directory."""
     if args.out_dir:
         path = os.path.join(args.out_dir, "ckpt.pt")
         if not os.path.isfile(path):
             raise ValueError(f"no checkpoint in {args.out_dir!r} (looked for {path}); or evaluate --init_from")
         return model_of_checkpoint(path), args.out_dir
-    if args.init_from.endswith(".pt"):
+    if names_a_checkpoint(args.init_from):  # (a .pt name, or any file)
         return model_of_checkpoint(args.init_from), args.init_from
     check_vocab_size(vocab_size_of(args.init_from), args.init_from)  # (read before transformers warns)
     return GPT.from_pretrained(args.init_from), args.init_from
@@ -46,8 +46,7 @@ def load_model(args):
 
 def model_of_checkpoint(path):
     """The model a train_gpt2.py checkpoint holds."""
-    ckpt = load_checkpoint(path, missing="--init_from: no checkpoint")
-    check_vocab_size(ckpt["model_config"]["vocab_size"], path)
+    ckpt = load_checkpoint(path, missing="--init_from: no checkpoint")  # (a vocabulary below GPT-2's: refused)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     load_weights(model, ckpt, path)
     return model

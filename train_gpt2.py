@@ -49,8 +49,8 @@ from machinery.pretrained import PRETRAINED, export_to_transformers, load_transf
 from machinery.recompute import MODES, checkpoint_options, recomputed
 from machinery.samples import finish_run, print_samples
 from machinery.run_log import RunLog, plot_log  # noqa: F401 (it and get_tokenizer: for importers)
-from machinery.sharding import (builds_the_model, check_fsdp, from_rank0, full_model_state, full_optimizer_state,
-                                set_gradient_sync, shard_model)
+from machinery.sharding import (buffers_not_resent, builds_the_model, check_fsdp, from_rank0, full_model_state,
+                                full_optimizer_state, set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, open_shard, shard_files, text_file_split
@@ -282,7 +282,7 @@ class DataLoaderLite:
             self.shuffle = shuffle and split == "train"
         else:  # one array of tokens, in memory
             self.shards, self.n_tokens = text_file_split(input_file, split, val_fraction, B, T, num_processes)
-            self.shuffle = False
+            self.tokens, self.shuffle = self.shards[0], False  # (self.tokens: the split, to look at)
         self.reset()
 
     def shard_order(self, epoch):
@@ -379,7 +379,7 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 
 # -----------------------------------------------------------------------------
-# The settings: edit the defaults here, or set any of them on the command line (--name value)
+# The settings: edit the defaults here, or set any on the command line (--name value); flag(default, help)
 
 
 @dataclass
@@ -616,7 +616,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
     if distributed and not fsdp_wrapped:  # DDP averages gradients across processes during backward
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
-                    broadcast_buffers=False)  # (the buffers, the causal masks, never change: no resending)
+                    **buffers_not_resent())  # (the buffers, the causal masks, never change: no resending)
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
     step_times = []
@@ -674,7 +674,7 @@ def main(argv=None):
         cpu_allocator_for(device_type, cfg.fsdp)  # glibc's freed memory: kept for the next step, or given back
         distributed, rank, world_size, device = join_process_group(device, device_type)
         check_fsdp(cfg.fsdp, cfg.cpu_offload, world_size, device_type)  # on CUDA or CPUs; --fsdp: 2+ processes
-        check_data(cfg)  # before anything heavy
+        check_data(cfg, flags_given)  # before anything heavy (a resume's own data: once its checkpoint is read)
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # float32 matmuls in TF32 on Ampere+ GPUs (bf16 ones are unaffected)
         with attention_kernels(device_type):  # cuDNN's attention first on Hopper GPUs, for the whole run

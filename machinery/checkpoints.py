@@ -15,6 +15,7 @@ import torch
 from machinery.files import DiskFull, first_line, is_whole_number, write_atomically
 from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
+from machinery.tokens import GPT2_VOCAB_SIZE, check_data
 
 # the keys every checkpoint has (train_gpt2.write_checkpoint); "steps_done" was "step" before 2026-12
 CHECKPOINT_KEYS = ("model", "optimizer", "steps_done", "model_config", "train_config", "train_loader", "rng")
@@ -102,6 +103,8 @@ def model_problem(ckpt):
     unknown = set(config) - {*SHAPE, "sdpa"}
     if unknown:
         return f"model_config has {', '.join(sorted(map(str, unknown)))}, which GPTConfig does not"
+    if config["vocab_size"] < GPT2_VOCAB_SIZE:  # GPT-2's tokens would index past its table
+        return f"model_config vocab_size is {config['vocab_size']}, below the tokenizer's {GPT2_VOCAB_SIZE} ids"
     return None
 
 
@@ -153,14 +156,21 @@ def resumed_batch(cfg, given, saved, path, world_size):
     # otherwise read input.txt)
     data = {} if {"data_dir", "input_file"} & set(given) else \
         {name: saved[name] for name in ("data_dir", "input_file") if name in saved}
-    return replace(cfg, B=cfg.B if "B" in given else saved["B"], T=saved["T"], total_batch_size=tokens, **data)
+    cfg = replace(cfg, B=cfg.B if "B" in given else saved["B"], T=saved["T"], total_batch_size=tokens, **data)
+    micro_batch = cfg.B * cfg.T * world_size  # tokens of one forward pass over all processes
+    if tokens % micro_batch:  # (another --B, or another number of processes)
+        raise ValueError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = {cfg.B}*{cfg.T}*"
+                         f"{world_size} = {micro_batch:,}: resume with a --B that makes them one")
+    check_data(cfg)  # the data it will read, now that the checkpoint has said which
+    return cfg
 
 
 def load_weights(model, ckpt, path):
     try:
         model.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError) as e:  # the right keys, but not what we saved
-        raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(e)}") from None
+        what = " ".join(str(e).split()).removeprefix("Error(s) in loading state_dict for GPT: ")  # (torch's lines)
+        raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(what)[:300]}") from None
 
 
 def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, sample_generator):
@@ -208,12 +218,18 @@ def checkpoint_due(step, start_step, checkpoint_interval):
     return bool(checkpoint_interval) and step > start_step and step % checkpoint_interval == 0
 
 
+def names_a_checkpoint(init_from):
+    """Whether --init_from names a checkpoint file: a .pt name, or any file (a model by name or a
+    save_pretrained folder is never one file)."""
+    return init_from.endswith(".pt") or os.path.isfile(init_from)
+
+
 def starting_checkpoint(cfg, given, world_size):
     """(the checkpoint a run starts from, its path, cfg with its model shape, and for a resume its batch):
     the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none."""
     if cfg.resume:
         path, missing = os.path.join(cfg.out_dir, "ckpt.pt"), "no checkpoint to resume from"
-    elif cfg.init_from.endswith(".pt"):
+    elif names_a_checkpoint(cfg.init_from):
         path, missing = cfg.init_from, "--init_from: no checkpoint"
     else:
         return None, None, cfg

@@ -15,13 +15,28 @@ import sys
 from dataclasses import field, fields
 from typing import get_args
 
-from machinery.files import in_binary_units, ram_bytes
+from machinery.files import folder_problem, in_binary_units, ram_bytes
 from machinery.tokens import GPT2_VOCAB_SIZE
+
+
+# the settings that name files or folders (a ~ in them is the home folder, as in the shell)
+PATHS = {"input_file", "data_dir", "init_from", "out_dir", "export_dir", "hellaswag"}
 
 
 def flag(default, help, **kwargs):
     """A settings field with its --help text (and argparse extras such as choices)."""
     return field(default=default, metadata=dict(help=help, **kwargs))
+
+
+class NoneOr:
+    """argparse's type for an Optional setting (--min_lr): the word None (the default's meaning, which a
+    flag after a recipe may want back), or a value of `kind`."""
+
+    def __init__(self, kind):
+        self.kind, self.__name__ = kind, kind.__name__  # (argparse names the type in its errors: "invalid float")
+
+    def __call__(self, text):
+        return None if text.strip().lower() == "none" else self.kind(text)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -52,14 +67,15 @@ class ArgumentParser(argparse.ArgumentParser):
             if path in reading:
                 self.error(f"recipe {path!r} includes itself")
             try:
-                with open(path, encoding="utf-8") as f:
+                with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark some editors add)
                     lines = f.read().splitlines()
             except OSError as e:
                 self.error(f"cannot read recipe {path!r}: {e.strerror or e}")
             except UnicodeDecodeError:
                 self.error(f"recipe {path!r} is not UTF-8 text")
             for line in filter(None, map(self.convert_arg_line_to_args, lines)):  # (a line's first word: its flag)
-                self.recipes_of.setdefault(line[0].split("=")[0], set()).add(path)
+                for word in (line[0], *line[1:2]):  # (and a value that looks like a flag: two flags on a line)
+                    self.recipes_of.setdefault(word.split()[0].split("=")[0], set()).add(path)
             flags = [word for line in lines for word in self.convert_arg_line_to_args(line)]
             expanded += self.expand_recipes(flags, (*reading, path))
         return expanded
@@ -81,6 +97,8 @@ class ArgumentParser(argparse.ArgumentParser):
             return ""
         known = [option for action in self._actions for option in action.option_strings]
         typed = [word.split("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("-")]
+        if set(typed) & set(known):  # a known flag, unrecognized: a recipe line's value after a flag that takes none
+            return "; a recipe line holds one flag and its value: put each flag on a line of its own"
         meant = [close for word in typed for close in difflib.get_close_matches(word, known, n=1, cutoff=0.7)]
         return f"; did you mean {' '.join(meant)}?" if meant else ""
 
@@ -93,6 +111,7 @@ def settings_parser(config_class, description, defaults=True):
                             argument_default=None if defaults else argparse.SUPPRESS)
     for f in fields(config_class):
         kind = (get_args(f.type) or (f.type,))[0]  # Optional[float] -> float
+        convert = NoneOr(kind) if type(None) in get_args(f.type) else kind
         default = f.default if defaults else argparse.SUPPRESS
         help = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if kind is bool:
@@ -103,7 +122,7 @@ def settings_parser(config_class, description, defaults=True):
             parser.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const=f.default,
                                 default=default, help=argparse.SUPPRESS)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, help=help,
+            parser.add_argument(f"--{f.name}", type=convert, default=default, help=help,
                                 choices=f.metadata.get("choices"),
                                 metavar=None if "choices" in f.metadata else kind.__name__.upper())
     return parser
@@ -112,9 +131,11 @@ def settings_parser(config_class, description, defaults=True):
 def parse_args(config_class, argv=None, description="Train or sample GPT-2."):
     """(the settings, the names of the flags that were given): a run started from a checkpoint takes
     the model's shape from it, and only a shape flag the user gave can contradict it."""
-    settings = settings_parser(config_class, description).parse_args(argv)
+    settings = vars(settings_parser(config_class, description).parse_args(argv))
     given = settings_parser(config_class, description, defaults=False).parse_args(argv)
-    return config_class(**vars(settings)), set(vars(given))
+    for name in PATHS & settings.keys():  # ~ is the shell's: in a recipe or --out_dir=~/run it reaches us as typed
+        settings[name] = os.path.expanduser(settings[name])
+    return config_class(**settings), set(vars(given))
 
 
 def check_config(cfg):
@@ -139,9 +160,16 @@ def check_config(cfg):
         raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {cfg.seed}")
     if not cfg.out_dir:  # (the run's log and checkpoint need a folder; export_dir "" means no export)
         raise ValueError("--out_dir is empty: name the folder the run writes its log and checkpoint to")
-    for name in ("out_dir", "export_dir"):
-        if getattr(cfg, name) and os.path.exists(getattr(cfg, name)) and not os.path.isdir(getattr(cfg, name)):
-            raise ValueError(f"--{name} {getattr(cfg, name)!r} is a file, not a folder")
+    writes_run = cfg.max_steps and not cfg.eval_only  # (sampling or evaluating writes nothing to out_dir)
+    for name, written in (("out_dir", writes_run), ("export_dir", cfg.export_dir)):
+        problem = folder_problem(getattr(cfg, name)) if written else None
+        if problem:
+            raise ValueError(f"--{name} {getattr(cfg, name)!r} {problem}")
+    if writes_run and os.path.isdir(os.path.join(cfg.out_dir, "ckpt.pt")):
+        raise ValueError(f"{os.path.join(cfg.out_dir, 'ckpt.pt')!r} is a folder: the run's checkpoint is written there")
+    if cfg.eval_only and cfg.export_dir:
+        raise ValueError("--eval_only writes nothing, so --export_dir would not be written: export with --max_steps 0 "
+                         "instead of --eval_only")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if cfg.vocab_size < GPT2_VOCAB_SIZE and cfg.init_from == "scratch":

@@ -96,3 +96,21 @@ def ram_bytes():
 def is_whole_number(value, least=0):
     """An int (not a bool, which is one in Python) of at least `least`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def folder_problem(path):
+    """Why a run could not write its files into the folder `path` (made if missing), or None: a file
+    there, a link to nowhere, a file where a folder would be made, no permission to write. Checked before
+    a run starts, so that no training is lost to it at the first save."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a link to {os.readlink(path)!r}, which does not exist"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    existing = path
+    while not os.path.exists(existing):  # the folder it would be made in
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        return f"cannot be made: {existing!r} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: no permission to write in {existing!r}"
+    return None

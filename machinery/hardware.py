@@ -61,10 +61,14 @@ def torchrun_ranks():
     """(RANK, LOCAL_RANK, WORLD_SIZE), as torchrun sets them in each process it starts: one line where
     RANK is set but the others are not numbers beside it (RANK set by something else)."""
     try:
-        return tuple(int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     except (KeyError, ValueError):
         raise ValueError("RANK is set, but not with LOCAL_RANK and WORLD_SIZE as torchrun sets them: start the run "
                          "with torchrun, or unset RANK for one process") from None
+    if not 0 <= local_rank <= rank < world_size:  # (a process numbered past the group waits for it forever)
+        raise ValueError(f"RANK {rank}, LOCAL_RANK {local_rank} and WORLD_SIZE {world_size} do not fit together "
+                         "(0 <= LOCAL_RANK <= RANK < WORLD_SIZE): start the run with torchrun")
+    return rank, local_rank, world_size
 
 
 def check_one_process_per_gpu(world_size):

@@ -3,8 +3,11 @@ Sharding: FSDP2 (torch's fully_shard) for models whose state does not fit one GP
 activations, CPU offload (FSDP2's CPUOffloadPolicy) for a state that does not fit the GPU at all,
 and the full state dicts that make a checkpoint the same file in every mode (one process, DDP, FSDP,
 offload), so a run saved in one resumes in another. train_gpt2.py shards its model with --fsdp or
---cpu_offload and builds each checkpoint's weights and optimizer state here.
+--cpu_offload and builds each checkpoint's weights and optimizer state here (and gives DDP, plain data
+parallelism, the one setting it changes: buffers_not_resent).
 """
+
+import inspect
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -12,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # whole tensors, on the CPU: a GPU never holds a second copy of the model to save it
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -138,3 +142,11 @@ def set_gradient_sync(model, syncing):
     whole model's float32 gradients (5.8 GiB for GPT-2 1.5B) would sit there between micro-batches."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(syncing or model.offloaded)
+
+
+def buffers_not_resent():
+    """DDP's setting that stops it sending rank 0's buffers to the others before every forward pass:
+    forward_sync_buffers=False from torch 2.13, which deprecates the older broadcast_buffers=False (it
+    warns); both still send them once, when DDP wraps the model."""
+    renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}

@@ -221,12 +221,18 @@ def check_one_window(shards, n_tokens, what, B, T, num_processes):
         raise ValueError(f"no shard among {what} holds {needs}")
 
 
-def check_data(cfg):
-    """The data a run will read is there (checked before a model is built for it)."""
+def check_data(cfg, given=None):
+    """The data a run will read is there (checked before a model is built for it). A resume reads its run's
+    data unless the command (`given`: the flags typed) names some; the checkpoint says which, and the
+    data is checked once it is read (given None: always)."""
+    if cfg.resume and given is not None and not {"data_dir", "input_file"} & set(given):
+        return
     reads_data = cfg.max_steps or cfg.eval_only
     if reads_data and cfg.data_dir:
         read_manifest(cfg.data_dir)
     elif reads_data and os.path.isdir(cfg.input_file):
         raise ValueError(f"input file {cfg.input_file!r} is a folder (token shards are read with --data_dir)")
-    elif reads_data and not os.path.isfile(cfg.input_file):
+    elif reads_data and not os.path.exists(cfg.input_file):
         raise ValueError(f"input file {cfg.input_file!r} not found")
+    elif reads_data and not os.path.isfile(cfg.input_file):  # a device or a pipe: no end, or read only once
+        raise ValueError(f"input file {cfg.input_file!r} is not a regular file")

@@ -202,6 +202,7 @@ def one_process_and_two(tmp_path, *args):
     ddp = run_script(*args, "--B", "1", "--out_dir", "ddp", cwd=tmp_path, runner=torchrun,
                      env_extra={"OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr
+    assert "Warning" not in ddp.stderr, ddp.stderr  # (torch's deprecations included: a run's output stays clean)
     logs = [[json.loads(l) for l in (tmp_path / name / "log.jsonl").read_text().splitlines()]
             for name in ("single", "ddp")]
     return ddp.stdout, *logs

@@ -298,6 +298,25 @@ def test_a_resume_with_other_optimisation_settings_says_which_and_follows_them(t
     assert lrs[4] == lrs[5] == pytest.approx(train_gpt2.get_lr(5, 3e-3, 3e-3, 4, 6)) == pytest.approx(3e-3)
 
 
+def test_a_resume_that_names_no_data_reads_the_runs_own_from_any_folder(tmp_path, four_steps, monkeypatch, capsys):
+    """The run's data is named in its checkpoint: a resume started in a folder with no input.txt (a
+    scheduler's job folder) trains on it; where that data is gone, the line names the run's file."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    assert not (tmp_path / "input.txt").exists()
+    code, out, err = run_in_process(*RUN, "--out_dir", "run", "--resume", "--max_steps", "5", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert list(step_losses(out)) == [4]
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["train_config"]["input_file"] = str(tmp_path / "gone.txt")
+    torch.save(state, ckpt)
+    code, out, err = run_in_process(*RUN, "--out_dir", "run", "--resume", "--max_steps", "6", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == f"error: input file {str(tmp_path / 'gone.txt')!r} not found\n"
+    assert "model resumed" not in out  # (said before the model is built)
+
+
 def test_init_from_a_hand_edited_checkpoint_checks_its_model_not_its_training_state(tmp_path, text_file, four_steps,
                                                                                      monkeypatch, capsys):
     """--init_from takes only the weights and shape: a model_config GPTConfig cannot take is one line; an
@@ -315,6 +334,28 @@ def test_init_from_a_hand_edited_checkpoint_checks_its_model_not_its_training_st
     code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == ("error: 'run/ckpt.pt' is not a usable train_gpt2 checkpoint: model_config n_head "
                                  "is 0, not a whole number >= 1\n")
+    # a vocabulary smaller than GPT-2's (the tokens would index past the table), and weights with a tensor missing
+    state["model_config"]["n_head"], state["model_config"]["vocab_size"] = 2, 100
+    weights = dict(state["model"])
+    for name in ("transformer.wte.weight", "lm_head.weight"):  # (the tied matrix, trimmed to fit the config)
+        state["model"][name] = weights[name][:100].clone()
+    torch.save(state, ckpt)
+    code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: 'run/ckpt.pt' is not a usable train_gpt2 checkpoint: model_config "
+                                 "vocab_size is 100, below the tokenizer's 50257 ids\n")
+    state["model_config"]["vocab_size"] = 50257
+    state["model"] = weights
+    del state["model"]["transformer.ln_f.weight"]
+    torch.save(state, ckpt)
+    code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.startswith("error: 'run/ckpt.pt' is not a usable train_gpt2 checkpoint: Missing key(s) "
+                                        "in state_dict: \"transformer.ln_f.weight\"")
+    # a checkpoint file is one whatever its name ends with (a model name or a save_pretrained folder is no file)
+    shutil.copy(four_steps / "ckpt.pt", tmp_path / "run" / "model.ckpt")
+    code, out, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", "new", "--init_from",
+                                    "run/model.ckpt", "--max_steps", "1", cwd=tmp_path, monkeypatch=monkeypatch,
+                                    capsys=capsys)
+    assert code == 0 and "model run/model.ckpt | 2 layers" in out, err
 
 
 def test_resume_on_data_without_the_runs_position_is_a_clear_error(tmp_path, four_steps, monkeypatch, capsys):
@@ -417,6 +458,11 @@ def test_a_resume_continues_the_runs_batch_and_names_another_B(tmp_path, text_fi
         assert code == 1 and err == (f"error: {flag} {value} instead of the run's {run_value}: a resume continues the "
                                      f"run as it was; leave {flag} out, or start a new run from these weights with "
                                      f"--init_from same/ckpt.pt\n")
+    # a --B whose micro-batch does not divide the run's tokens per step is said in the run's terms
+    code, _, err = run_in_process(*common, "--max_steps", "6", "--resume", "--B", "4", "--out_dir", "same",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: the run's 32 tokens per step are not a multiple of B*T*processes = 4*16*1 = "
+                                 "64: resume with a --B that makes them one\n")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys):

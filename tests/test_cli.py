@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
+import machinery.files
 from conftest import REPO, TINY, one_process_and_two, run_in_process, run_script, step_losses
+from machinery.files import folder_problem
 
 SMALL = [*TINY, "--B", "2", "--T", "16", "--num_samples", "2", "--max_new_tokens", "8"]
 
@@ -87,6 +89,12 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--out_dir", "short.txt"], "--out_dir 'short.txt' is a file, not a folder"),
     (["--out_dir", ""], "--out_dir is empty: name the folder"),  # (before a model is built, not after)
     (["--export_dir", "short.txt"], "--export_dir 'short.txt' is a file, not a folder"),
+    # where the run writes, checked before it trains (not at its first save)
+    (["--out_dir", "short.txt/run"], "--out_dir 'short.txt/run' cannot be made: "),
+    (["--out_dir", "dangling"], "--out_dir 'dangling' is a link to 'gone', which does not exist"),
+    (["--out_dir", "holder"], "'holder/ckpt.pt' is a folder: the run's checkpoint is written there"),
+    (["--eval_only", "--export_dir", "exported"], "--eval_only writes nothing, so --export_dir would not be written"),
+    (["--input_file", "/dev/zero"], "input file '/dev/zero' is not a regular file"),
 ]
 
 
@@ -97,6 +105,8 @@ def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeyp
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "short.txt").write_text("Too short.")
+    os.symlink("gone", tmp_path / "dangling")
+    (tmp_path / "holder" / "ckpt.pt").mkdir(parents=True)
     code, out, err = run_in_process(*SMALL, "--max_steps", "1", *args, cwd=tmp_path, monkeypatch=monkeypatch,
                                     capsys=capsys)
     assert code != 0
@@ -106,6 +116,17 @@ def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeyp
     assert message in lines[0]
     assert not (tmp_path / "out").exists()  # a failed start writes nothing
     assert (tmp_path / "short.txt").read_text() == "Too short."  # (nor touches a file named as a folder)
+
+
+def test_an_out_dir_that_cannot_be_written_is_named_before_the_run(tmp_path, monkeypatch):
+    """No permission to write in the folder (or in the one it would be made in): said at the start, not at
+    the first save after hours of training. (Tests run as root, who may write anywhere: os.access is
+    made to say no.)"""
+    monkeypatch.setattr(machinery.files.os, "access", lambda path, mode: False)
+    assert folder_problem(str(tmp_path)) == f"cannot be written: no permission to write in {str(tmp_path)!r}"
+    assert folder_problem(str(tmp_path / "a" / "b")) == f"cannot be written: no permission to write in {str(tmp_path)!r}"
+    monkeypatch.undo()
+    assert folder_problem(str(tmp_path / "a" / "b")) is None  # (made when the run saves)
 
 
 def test_unknown_device_cuda_without_cuda(tmp_path, text_file):
@@ -167,6 +188,14 @@ def test_rank_set_without_torchruns_other_variables_is_one_line(tmp_path, text_f
                                   monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == ("error: RANK is set, but not with LOCAL_RANK and WORLD_SIZE as torchrun sets them: "
                                  "start the run with torchrun, or unset RANK for one process\n")
+    # numbers that cannot come from torchrun: rank 5 of 2 would wait forever for a group it is not in
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    code, _, err = run_in_process(*SMALL, "--input_file", text_file, "--max_steps", "1", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: RANK 5, LOCAL_RANK 0 and WORLD_SIZE 2 do not fit together (0 <= LOCAL_RANK "
+                                 "<= RANK < WORLD_SIZE): start the run with torchrun\n")
 
 
 def test_samples_are_made_b_rows_at_a_time(tmp_path, monkeypatch, capsys):

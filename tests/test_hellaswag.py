@@ -3,6 +3,7 @@ GPT2LMHeadModel, one ending at a time; the picture of a run (plot_log). Under to
 checked with the shards in test_shards.py (one pair of runs checks both)."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -102,6 +103,9 @@ def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_fil
     assert hellaswag.main(["--init_from", str(tmp_path / "run" / "ckpt.pt"), "--data", str(items_file)]) == 0
     out, _ = capfd.readouterr()
     assert out.split(" | ")[0] == r.stdout.split(" | ")[0] and out.endswith(f"| {tmp_path / 'run' / 'ckpt.pt'}\n")
+    shutil.copy(tmp_path / "run" / "ckpt.pt", tmp_path / "model.ckpt")  # (a checkpoint by any other name)
+    assert hellaswag.main(["--init_from", str(tmp_path / "model.ckpt"), "--data", str(items_file)]) == 0
+    assert capfd.readouterr().out.split(" | ")[0] == r.stdout.split(" | ")[0]
     # the run's folder named where a save_pretrained one goes: one line naming the checkpoint to pass,
     # from either script
     hint = (f"error: {str(tmp_path / 'run')!r} is a training run's folder, not a save_pretrained one: pass its "
@@ -140,7 +144,8 @@ def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message, cap
 
 def test_a_model_with_fewer_rows_than_gpt2s_tokens_is_refused_in_one_line(tmp_path, items_file, hf_gpt2_dir, capfd):
     """HellaSwag's items are GPT-2 tokens (ids up to 50256): a 100-token table cannot look them up, in a
-    save_pretrained directory or in a run's checkpoint (a model fine-tuned from such a directory)."""
+    save_pretrained directory or in a run's checkpoint (a model fine-tuned from such a directory; refused
+    as every train_gpt2 checkpoint with such a table is)."""
     from dataclasses import asdict
 
     path, _ = hf_gpt2_dir(vocab_size=100)
@@ -150,12 +155,14 @@ def test_a_model_with_fewer_rows_than_gpt2s_tokens_is_refused_in_one_line(tmp_pa
     (tmp_path / "run").mkdir()
     machinery.checkpoints.save_checkpoint(state, str(tmp_path / "run" / "ckpt.pt"))
     capfd.readouterr()  # (what making them printed)
-    for flags, name in ((["--init_from", str(path)], str(path)), (["--out_dir", str(tmp_path / "run")],
-                                                                  str(tmp_path / "run" / "ckpt.pt"))):
+    checkpoint = str(tmp_path / "run" / "ckpt.pt")
+    for flags, says in ((["--init_from", str(path)], f"{str(path)!r} has a vocabulary of 100 tokens, fewer than "
+                         "GPT-2's 50,257: it cannot score HellaSwag's GPT-2 tokens"),
+                        (["--out_dir", str(tmp_path / "run")], f"{checkpoint!r} is not a usable train_gpt2 checkpoint: "
+                         "model_config vocab_size is 100, below the tokenizer's 50257 ids")):
         assert hellaswag.main([*flags, "--data", str(items_file), "--device", "cpu"]) == 1
         out, err = capfd.readouterr()
-        assert err == (f"error: {name!r} has a vocabulary of 100 tokens, fewer than GPT-2's 50,257: it cannot "
-                       "score HellaSwag's GPT-2 tokens\n") and out == ""
+        assert err == f"error: {says}\n" and out == ""
 
 
 def test_a_model_that_is_not_gpt2_is_refused_in_one_line(tmp_path, items_file, capfd):

@@ -68,6 +68,23 @@ def test_flags_after_a_recipe_override_it_and_comments_and_spaces_are_read(tmp_p
     cfg, given = parse_args(TrainConfig, [f"@{path}", "--lr", "2e-3"])
     assert (cfg.lr, cfg.prompt, cfg.shuffle, cfg.max_steps) == (2e-3, "Once upon a time", False, 7)
     assert given == {"lr", "prompt", "shuffle", "max_steps"}
+    # a byte-order mark (some Windows editors write one) is not part of the first flag
+    path.write_bytes("--max_steps 9\n--min_lr 1e-5\n".encode("utf-8-sig"))
+    assert parse_args(TrainConfig, [f"@{path}"])[0].max_steps == 9
+    # --min_lr None gives a recipe's min_lr back its default meaning (None: a constant rate)
+    assert parse_args(TrainConfig, [f"@{path}"])[0].min_lr == 1e-5
+    assert parse_args(TrainConfig, [f"@{path}", "--min_lr", "None"])[0].min_lr is None
+
+
+def test_a_tilde_in_a_path_setting_is_the_home_folder_as_in_the_shell(tmp_path, monkeypatch):
+    """The shell expands ~ in `--out_dir ~/run`, not in `--out_dir=~/run` or in a recipe: the script does,
+    for the settings that name files and folders (and nowhere else: a prompt may start with ~)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.args").write_text("--input_file ~/corpus.txt\n--prompt ~ a wave\n")
+    cfg, _ = parse_args(TrainConfig, [f"@{tmp_path / 'mine.args'}", "--out_dir=~/run", "--init_from", "~/ckpt.pt"])
+    assert (cfg.input_file, cfg.out_dir, cfg.init_from) == (str(tmp_path / "corpus.txt"), str(tmp_path / "run"),
+                                                            str(tmp_path / "ckpt.pt"))
+    assert cfg.prompt == "~ a wave"
 
 
 def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch, capsys):
@@ -89,6 +106,11 @@ def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch
     (tmp_path / "b.args").write_text("@a.args\n")
     code, out, err = run_in_process("@a.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.strip() == "error: recipe 'a.args' includes itself (see --help)"
+    (tmp_path / "two_on_a_line.args").write_text("--no-shuffle --max_steps 2\n")  # one flag a line: the rest is a value
+    code, out, err = run_in_process("@two_on_a_line.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == ("error: unrecognized arguments: --max_steps 2 (in recipe two_on_a_line.args); "
+                                         "a recipe line holds one flag and its value: put each flag on a line of its "
+                                         "own (see --help)")
 
 
 def test_learner_recipe(stand_in, tmp_path, monkeypatch, capsys):
