@@ -75,6 +75,17 @@ def model_type_of(directory):
     return config.get("model_type") if isinstance(config, dict) else None
 
 
+def export_problem(directory):
+    """Why exporting into `directory` would replace a file of the user's, or None. An export writes
+    config.json and model.safetensors: where either is there already, it must be an earlier export (a
+    GPT-2 config.json), not another model's or another program's."""
+    replaced = [name for name in ("config.json", "model.safetensors") if os.path.exists(os.path.join(directory, name))]
+    if replaced and model_type_of(directory) != "gpt2":
+        return (f"--export_dir {directory!r} holds {' and '.join(replaced)}, not a GPT-2 export's, which the export "
+                "would replace: choose another folder")
+    return None
+
+
 def check_complete(model, missing, name_or_path):
     """transformers fills the tensors a weights file lacks with random numbers and only warns: a
     ValueError instead, naming how many and the first (lm_head.weight, tied to the token table, aside)."""

@@ -95,6 +95,8 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--out_dir", "holder"], "'holder/ckpt.pt' is a folder: the run's checkpoint is written there"),
     (["--eval_only", "--export_dir", "exported"], "--eval_only writes nothing, so --export_dir would not be written"),
     (["--input_file", "/dev/zero"], "input file '/dev/zero' is not a regular file"),
+    (["--export_dir", "mine"], "--export_dir 'mine' holds config.json, not a GPT-2 export's, which the export would "
+                               "replace: choose another folder"),
 ]
 
 
@@ -107,6 +109,8 @@ def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeyp
     (tmp_path / "short.txt").write_text("Too short.")
     os.symlink("gone", tmp_path / "dangling")
     (tmp_path / "holder" / "ckpt.pt").mkdir(parents=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text('{"my": "settings"}')
     code, out, err = run_in_process(*SMALL, "--max_steps", "1", *args, cwd=tmp_path, monkeypatch=monkeypatch,
                                     capsys=capsys)
     assert code != 0
@@ -116,6 +120,7 @@ def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeyp
     assert message in lines[0]
     assert not (tmp_path / "out").exists()  # a failed start writes nothing
     assert (tmp_path / "short.txt").read_text() == "Too short."  # (nor touches a file named as a folder)
+    assert (tmp_path / "mine" / "config.json").read_text() == '{"my": "settings"}'  # (nor a folder's files)
 
 
 def test_an_out_dir_that_cannot_be_written_is_named_before_the_run(tmp_path, monkeypatch):
