@@ -52,7 +52,7 @@ from machinery.run_log import RunLog, plot_log  # noqa: F401 (it and get_tokeniz
 from machinery.sharding import (buffers_not_resent, builds_the_model, check_fsdp, from_rank0, full_model_state,
                                 full_optimizer_state, set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
-from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere
+from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere, stopped_at_once
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, open_shard, shard_files, text_file_split
 
 # -----------------------------------------------------------------------------
@@ -689,7 +689,7 @@ def main(argv=None):
         print(f"error: {describe_out_of_memory(e, cfg, device)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # Ctrl-C outside the loop, or a second one in it: stop at once, without saving
-        return 130
+        return stopped_at_once(cfg.out_dir)
     finally:
         if dist.is_initialized():
             gc.collect()  # FSDP's modules (in reference cycles) hold the group: free them before it goes

@@ -3,7 +3,9 @@ Stopping: by a signal (Ctrl-C, or the SIGTERM that torchrun and cluster schedule
 process at the same step, or because the loss diverged. train_gpt2.py's loop asks these after each step.
 """
 
+import os
 import signal
+import sys
 
 import numpy as np
 import torch
@@ -54,3 +56,12 @@ def check_finite(loss, step, out_dir):
     if not np.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss} at step {step}; stopping. "
                                f"The checkpoint in {out_dir!r}, if any, is left untouched")
+
+
+def stopped_at_once(out_dir):
+    """Ctrl-C outside the training loop (building the model, the last samples, the export) or a second one
+    in it stops at once, without saving: one line (from rank 0) on what is kept. Returns the exit code."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"interrupted: stopped at once, without saving or exporting; {os.path.join(out_dir, 'ckpt.pt')} "
+              "holds the last checkpoint written, if any", file=sys.stderr, flush=True)
+    return 130  # (128 + SIGINT, as a shell reports it)

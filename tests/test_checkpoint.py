@@ -572,7 +572,7 @@ def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_fi
     assert not [p for p in tmp_path.rglob(".export*")]  # no half-made folder left
 
 
-def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatch):
+def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatch, capsys):
     """float16 training scales the loss by a factor the GradScaler adapts: it doubles after every
     growth_interval steps without overflow, and halves (skipping that step) on an overflow. A resumed
     run carries on with the saved scaler: after every step the same scaler state, and the same losses
@@ -610,7 +610,9 @@ def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatc
 
     with monkeypatch.context() as m:
         m.setattr(train_gpt2, "step_line", stop_at_4)
-        assert main([*args, "--out_dir", str(tmp_path / "run")]) == 130
+        assert main([*args, "--out_dir", str(tmp_path / "run")]) == 130  # (a second Ctrl-C: at once, one line)
+    assert capsys.readouterr().err == (f"interrupted: stopped at once, without saving or exporting; "
+                                       f"{tmp_path / 'run' / 'ckpt.pt'} holds the last checkpoint written, if any\n")
     assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["scaler"] == ref_states[2]  # saved after step 2
     states.clear()
     assert main([*args, "--out_dir", str(tmp_path / "run"), "--resume"]) == 0
