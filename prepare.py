@@ -62,9 +62,8 @@ import numpy as np
 from machinery.command_line import ArgumentParser
 from machinery.files import DiskFull, exception_chain, first_line, in_units, ram_bytes, write_atomically
 from machinery.hub import hub_reachable
-from machinery.tokens import FINEWEB_EDU, MANIFEST, get_tokenizer, manifest_problem
+from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE, get_tokenizer, manifest_problem
 
-SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16
 FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only
 EOT = 50256  # <|endoftext|>: starts every document
 VAL_FRACTION = 0.1  # of a corpus that fits in one shard

@@ -592,7 +592,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     raw_model.loss_in_chunks = device_type == "cpu"  # where RAM runs out first (docs/performance.md)
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step, ckpt))
-    print0(plan_memory(raw_model, cfg, world_size, device, dtype))  # (all ranks; CPU: a run RAM can't hold stops here)
+    print0(plan_memory(raw_model, cfg, world_size, device, dtype, start_step))  # (CPU: a run RAM can't hold stops)
     if fsdp_wrapped:  # each process keeps 1/N of the state (in RAM with --cpu_offload) and joins every forward
         shard_model(raw_model, raw_model.transformer.h, device, cfg.cpu_offload)
     else:

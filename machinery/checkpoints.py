@@ -1,7 +1,10 @@
 """
 Checkpoint files: written atomically, read safely (tensors and plain data only) with one-line errors,
 checked against the command line, and the random streams they carry. What a checkpoint holds is said
-in train_gpt2.py (write_checkpoint); this module writes, reads and checks the file.
+in train_gpt2.py (write_checkpoint); this module writes, reads and checks the file, and puts a resumed
+run back where it was: its batch and data (resumed_batch), optimizer, loss scale and random streams
+(restore_training_state) and the loader's place in the data (restore_data_position). Also when
+--checkpoint_interval saves (checkpoint_due).
 """
 
 import os

@@ -3,9 +3,11 @@ Files and errors: one-line error messages, atomic writes, a full disk said as su
 (files in powers of 1000, memory in powers of 1024), the machine's RAM, and is_whole_number for the
 counts a file read back holds (a checkpoint, a manifest, the log: each may have been edited by hand).
 
-Every script writes through write_atomically (checkpoints, the log, the picture, shards, the manifest,
-the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file. Used by all
-the modules here and by the scripts.
+Every script writes whole files through write_atomically (checkpoints, the picture, shards, the
+manifest, the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file
+(the log is appended a line at a time; a half-written last line is dropped when it is read back).
+folder_problem says why a run could not write into a folder, before it starts. Used by all the
+modules here and by the scripts.
 """
 
 import contextlib

@@ -1,6 +1,7 @@
 """
-Hardware: which device and precision a run gets and why, and the quirks of each device: glibc's
-memory on CPUs, cuDNN's attention on Hopper GPUs, torch.compile with a fallback, one process per GPU.
+Hardware: which device and precision a run gets and why (train_gpt2.py's resolve_device asks check_device),
+and the quirks of each device: glibc's memory on CPUs, cuDNN's attention on Hopper GPUs, torch.compile
+with a fallback, torchrun's process numbers (torchrun_ranks), one process per GPU.
 train_gpt2.py calls these while it sets up. Measurements behind the choices: docs/performance.md.
 """
 

@@ -17,6 +17,7 @@ counts are added up.
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -195,7 +196,7 @@ def accuracy_across_ranks(model, items, device, autocast):
     counts = torch.tensor(count_correct(model, mine, device, autocast, batch_size), dtype=torch.long, device=device)
     # Under FSDP every forward pass needs every process: one with a batch less scores one more, uncounted,
     # so that all make the same number of passes
-    if -(-len(mine) // batch_size) < -(-len(items[0::world_size]) // batch_size):
+    if math.ceil(len(mine) / batch_size) < math.ceil(len(items[0::world_size]) / batch_size):  # (rank 0: most)
         count_correct(model, items[:1], device, autocast, batch_size)
     if dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)

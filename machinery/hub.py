@@ -5,7 +5,8 @@ looks the hub's name up each time it is entered; where that fails (no network, n
 libraries in their offline mode, so that what the hub's cache holds still loads and anything else fails
 at once, in our one line. A name that resolves behind a firewall that drops the connection is not
 caught: the libraries' own retries then run as before. Used around
-GPT-2's weights (pretrained.py) and HellaSwag's download (hellaswag_eval.py).
+GPT-2's weights (pretrained.py) and HellaSwag's download (hellaswag_eval.py); prepare.py asks
+hub_reachable() before it lists FineWeb-Edu's files.
 """
 
 import contextlib

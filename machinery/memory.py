@@ -120,13 +120,14 @@ def available_ram():
         return None
 
 
-def plan_memory(model, cfg, world_size, device, dtype):
+def plan_memory(model, cfg, world_size, device, dtype, start_step=0):
     """The start-of-run line: what each process needs and where it lives, beside what the device has.
     Training on CPUs that their RAM cannot hold, or a --cpu_offload run whose state it cannot hold, stops
-    here, in one line."""
+    here, in one line. A run with nothing to train (--max_steps 0, --eval_only, a resume past its
+    --max_steps) only needs the weights. Every process must call it (they agree on a refusal)."""
     total = device_memory(device)
     has = f"{device_name(device)} has {size(total)}" if total else device_name(device)
-    if cfg.eval_only or cfg.max_steps == 0:  # no gradients, no AdamW: the weights and a forward pass
+    if cfg.eval_only or start_step >= cfg.max_steps:  # no gradients, no AdamW: the weights and a forward pass
         return f"memory per process: weights {size(WEIGHT_BYTES * parameters_per_process(model))} (no training) | {has}"
     parts = memory_needs(model, cfg, world_size, dtype)  # [(what, bytes)]
     need = sum(bytes_ for _, bytes_ in parts)

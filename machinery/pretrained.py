@@ -1,7 +1,8 @@
 """
 OpenAI's GPT-2 through transformers: its weights loaded quietly, with every failure in one line, and
 our model written back as a transformers GPT-2 directory. Used by GPT.from_pretrained and
-GPT.save_pretrained in train_gpt2.py.
+GPT.save_pretrained in train_gpt2.py; check_config asks export_problem whether an export would replace
+a file that is not an earlier export's.
 """
 
 import glob

@@ -15,7 +15,7 @@ import numpy as np
 from machinery.console import print0
 from machinery.files import DISK_FULL, DiskFull, first_line, is_whole_number, write_atomically
 from machinery.hellaswag_eval import GPT3_SMALL_HELLASWAG, REFERENCE
-from machinery.tokens import FINEWEB_EDU, MANIFEST
+from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE
 
 
 def parse_log_line(line):
@@ -47,12 +47,14 @@ GPT2_FINEWEB_EDU_VAL_LOSS = 3.2924
 
 def gpt2_val_loss_on(data_dir):
     """GPT-2 124M's published validation loss on data_dir's first shard, where it is known: FineWeb-Edu
-    sample-10BT prepared by prepare.py. None for other data (get it with --init_from gpt2 --eval_only)."""
+    sample-10BT prepared by prepare.py in shards of its default size (another size makes another first
+    shard). None for other data (get it with --init_from gpt2 --eval_only)."""
     if not data_dir:
         return None
     with open(os.path.join(data_dir, MANIFEST)) as f:
         manifest = json.load(f)
-    fineweb = manifest.get("source") == ":".join(FINEWEB_EDU) and manifest.get("tokenizer") == "gpt2"
+    fineweb = manifest.get("source") == ":".join(FINEWEB_EDU) and manifest.get("tokenizer") == "gpt2" and \
+        manifest.get("shard_size") == SHARD_SIZE
     return GPT2_FINEWEB_EDU_VAL_LOSS if fineweb else None
 
 

@@ -1,7 +1,8 @@
 """
 Samples and the end of a run. print_samples: the model's own continuations of --prompt through
-GPT.generate (in train_gpt2.py), every --sample_interval steps and at the end. finish_run: what every
-run ends with. Every process calls both: under FSDP each forward pass needs them all; rank 0 prints.
+GPT.generate (in train_gpt2.py), every --sample_interval steps and at the end. finish_run: what a run
+that trained to the end (or had nothing to train) ends with: samples, the export, what it wrote. Every
+process calls both: under FSDP each forward pass needs them all; rank 0 prints.
 """
 
 import torch
@@ -32,8 +33,9 @@ def print_samples(model, cfg, device, autocast, generator):
 
 
 def finish_run(model, cfg, device, autocast, generator, master, trained):
-    """Every run ends with a few samples (every process takes part: under FSDP each forward needs all),
-    the export if one was asked for, and what it wrote and the memory it used at most."""
+    """The end of a run that did not stop early: a few samples (--num_samples, 0 for none; every process
+    takes part: under FSDP each forward needs all), the export if --export_dir asks for one, and what it
+    wrote and the memory it used at most. (--eval_only and a stopped run return before this.)"""
     print_samples(model, cfg, device, autocast, generator)
     state = full_model_state(model) if cfg.export_dir else None  # (under FSDP: gathered from every process)
     if master and cfg.export_dir:

@@ -103,8 +103,9 @@ def send_buffers(model, device):
 
 
 def full_model_state(model):
-    """The model's state_dict as whole CPU tensors. Under FSDP it is gathered from every process (all
-    must call this; rank 0 gets the tensors, the others {}); otherwise it is the module's own."""
+    """The model's state_dict as whole tensors. Under FSDP it is gathered from every process onto the CPU
+    (all must call this; rank 0 gets the tensors, the others {}); otherwise it is the module's own, on its
+    device (torch.save writes GPU tensors as they are; load_checkpoint maps them to the CPU)."""
     if not isinstance(model, FSDPModule):
         return model.state_dict()
     state = get_model_state_dict(model, options=FULL_ON_CPU)
@@ -114,8 +115,8 @@ def full_model_state(model):
 
 
 def full_optimizer_state(model, optimizer):
-    """AdamW's state keyed by parameter names, as whole CPU tensors, in every mode alike (under FSDP
-    gathered as full_model_state is). torch's plain optimizer.state_dict() numbers the parameters
+    """AdamW's state keyed by parameter names, as whole tensors, in every mode alike (under FSDP
+    gathered onto the CPU as full_model_state is). torch's plain optimizer.state_dict() numbers the parameters
     instead, and a sharded model cannot load that: it would silently start from fresh moments."""
     sharded = isinstance(model, FSDPModule)  # (unsharded: the tensors themselves, no copy, as state_dict())
     return get_optimizer_state_dict(model, optimizer, options=FULL_ON_CPU if sharded else StateDictOptions())

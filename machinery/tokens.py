@@ -1,7 +1,8 @@
 """
 Tokens: GPT-2's tokenizer built offline, a text file's tokens, and the folders of token shards that
-prepare.py writes (the manifest, checked against its files). train_gpt2.py's DataLoaderLite reads its
-batches through shard_files, open_shard and text_file_split; prepare.py writes what read_manifest checks.
+prepare.py writes (the manifest, checked against its files). train_gpt2.py checks a run's data with
+check_data before it builds a model, and its DataLoaderLite reads batches through shard_files,
+open_shard and text_file_split; prepare.py writes what read_manifest checks.
 """
 
 import functools
@@ -79,6 +80,7 @@ def _tokenize_file(path, mtime_ns, size):
 
 MANIFEST = "manifest.json"  # prepare.py's index of a folder of token shards; its format is described there
 FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # the reproduction's data: ~10B GPT-2 tokens
+SHARD_SIZE = 100_000_000  # prepare.py's tokens per shard (200 MB as uint16): its first val shard, 100M tokens
 
 
 # what prepare.py writes for each shard besides its split (train or val), in every manifest and in some
@@ -227,12 +229,13 @@ def check_data(cfg, given=None):
     data is checked once it is read (given None: always)."""
     if cfg.resume and given is not None and not {"data_dir", "input_file"} & set(given):
         return
-    reads_data = cfg.max_steps or cfg.eval_only
-    if reads_data and cfg.data_dir:
+    if not (cfg.max_steps or cfg.eval_only):  # (sampling only: no data read)
+        return
+    if cfg.data_dir:
         read_manifest(cfg.data_dir)
-    elif reads_data and os.path.isdir(cfg.input_file):
+    elif os.path.isdir(cfg.input_file):
         raise ValueError(f"input file {cfg.input_file!r} is a folder (token shards are read with --data_dir)")
-    elif reads_data and not os.path.exists(cfg.input_file):
+    elif not os.path.exists(cfg.input_file):
         raise ValueError(f"input file {cfg.input_file!r} not found")
-    elif reads_data and not os.path.isfile(cfg.input_file):  # a device or a pipe: no end, or read only once
+    elif not os.path.isfile(cfg.input_file):  # a device or a pipe: no end, or read only once
         raise ValueError(f"input file {cfg.input_file!r} is not a regular file")

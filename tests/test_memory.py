@@ -161,6 +161,8 @@ def test_training_that_cannot_fit_in_a_cpus_ram_is_refused_before_step_0(small_t
             with pytest.raises(ValueError, match=r"\(3 processes x [\d.]+ MiB\), more than this machine's .*, "
                                                  r"split the state with --fsdp, or start fewer processes a machine$"):
                 plan_memory(model, cfg, processes, "cpu", torch.float32)
+    # a resume with no step left to train (--max_steps reached: it only samples) needs only the weights
+    assert "(no training)" in plan_memory(model, cfg, 3, "cpu", torch.float32, start_step=cfg.max_steps)
 
 
 def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypatch, capsys):

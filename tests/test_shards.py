@@ -306,15 +306,20 @@ def test_bad_data_dir_is_one_clear_line(tmp_path, how, message, monkeypatch, cap
 
 def test_the_picture_marks_gpt2s_val_loss_only_on_fineweb_edu(tmp_path, prepared, text_file, monkeypatch):
     """GPT-2 124M's validation loss on FineWeb-Edu (3.2924, on prepare.py's first val shard) is a line on
-    the picture of a run on shards whose manifest says they are FineWeb-Edu sample-10BT (a copy of the
-    prepared corpus, its source edited to what prepare.py fineweb-edu records); on other shards, and on
-    a text file, GPT-2's loss is not known: no line."""
+    the picture of a run on shards whose manifest says they are FineWeb-Edu sample-10BT in shards of
+    prepare.py's default size (a copy of the prepared corpus, its source and shard size edited to what
+    prepare.py fineweb-edu records); on other shards (FineWeb-Edu's in shards of another size included:
+    another first shard), and on a text file, GPT-2's loss is not known: no line."""
     import shutil
 
     fineweb = tmp_path / "fineweb-edu"
     shutil.copytree(prepared, fineweb)
     manifest = json.loads((fineweb / "manifest.json").read_text())
-    (fineweb / "manifest.json").write_text(json.dumps({**manifest, "source": ":".join(machinery.tokens.FINEWEB_EDU)}))
+    (fineweb / "manifest.json").write_text(json.dumps({**manifest, "source": ":".join(machinery.tokens.FINEWEB_EDU),
+                                                       "shard_size": 100_000_000}))
+    resized = tmp_path / "fineweb-edu-resized"
+    shutil.copytree(prepared, resized)
+    (resized / "manifest.json").write_text(json.dumps({**manifest, "source": ":".join(machinery.tokens.FINEWEB_EDU)}))
     assert machinery.tokens.FINEWEB_EDU == ("HuggingFaceFW/fineweb-edu", "sample-10BT")
     plot_log, drawn = machinery.run_log.plot_log, []
 
@@ -325,6 +330,7 @@ def test_the_picture_marks_gpt2s_val_loss_only_on_fineweb_edu(tmp_path, prepared
     monkeypatch.setattr(machinery.run_log, "plot_log", spy)
     for name, data, gpt2_val_loss in (("fineweb", ["--data_dir", str(fineweb)], 3.2924),
                                       ("other", ["--data_dir", str(prepared)], None),
+                                      ("resized", ["--data_dir", str(resized)], None),
                                       ("text", ["--input_file", str(text_file)], None)):
         drawn.clear()
         assert main([*TINY, *data, "--B", "2", "--T", "16", "--max_steps", "1", "--eval_iters", "1",
