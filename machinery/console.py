@@ -34,29 +34,36 @@ def step_line(record, step_times, max_steps):
 
 
 def describe_model(model, cfg, start_step, ckpt):
-    """The model's line: where it comes from, its shape; for a resume with another --B, what that changes,
-    with nothing left to train, so, and with other optimisation settings, which; for a fresh run, the
-    checkpoint it will replace."""
+    """The model's line: where it comes from, its shape. Under it, for a resume, what differs from the
+    run (describe_resume); for a fresh run into another run's out_dir, that its checkpoint will be replaced."""
     n_params = sum(p.numel() for p in model.parameters())  # the tied matrix counts once
     c = model.config
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     source = f"resumed from {ckpt_path} at step {start_step}" if cfg.resume else cfg.init_from
     lines = [f"model {source} | {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, "
              f"vocab {c.vocab_size}, block {c.block_size} | {n_params:,} parameters"]
-    run_B = ckpt["train_config"]["B"] if cfg.resume else cfg.B
-    if run_B != cfg.B:
-        accumulation = "more" if cfg.B < run_B else "less"
-        lines.append(f"--B {cfg.B} instead of the run's {run_B}: the same {cfg.total_batch_size:,} tokens per step "
-                     f"by {accumulation} accumulation")
-    if cfg.resume and start_step >= cfg.max_steps and not cfg.eval_only:  # (it only samples)
-        lines.append(f"nothing to train: the run has done {start_step} steps, --max_steps is {cfg.max_steps} "
-                     "(a higher one trains on)")
-    elif cfg.resume and not cfg.eval_only:
-        lines += changed_optimisation(cfg, ckpt["train_config"], start_step)
-    if not cfg.resume and os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
+    if cfg.resume:
+        lines += describe_resume(cfg, start_step, ckpt["train_config"])
+    elif os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
         lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own, "
                      f"and its log.jsonl then (until then this run logs to log.new.jsonl)")
     return "\n".join(lines)
+
+
+def describe_resume(cfg, start_step, saved):
+    """The lines under a resumed model's: another --B than the run's (what that changes), nothing left to
+    train, or optimisation settings other than the run's (changed_optimisation)."""
+    lines = []
+    if saved["B"] != cfg.B:
+        accumulation = "more" if cfg.B < saved["B"] else "less"
+        lines.append(f"--B {cfg.B} instead of the run's {saved['B']}: the same {cfg.total_batch_size:,} tokens per "
+                     f"step by {accumulation} accumulation")
+    if cfg.eval_only:
+        return lines
+    if start_step >= cfg.max_steps:  # (it only samples)
+        return lines + [f"nothing to train: the run has done {start_step} steps, --max_steps is {cfg.max_steps} "
+                        "(a higher one trains on)"]
+    return lines + changed_optimisation(cfg, saved, start_step)
 
 
 # the settings a resume takes from its command, not the checkpoint, that change the steps it trains
