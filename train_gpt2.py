@@ -181,7 +181,7 @@ class GPT(nn.Module):
                 x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None and self.loss_in_chunks:  # CPUs: the loss below by rows, never all logits at once
-            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))  # (B*T, C)
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))  # x: (B*T, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
