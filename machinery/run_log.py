@@ -45,6 +45,10 @@ def disk_full_hint(out_dir, resumed):
 GPT2_FINEWEB_EDU_VAL_LOSS = 3.2924
 
 
+# the parts of a log record that evaluate the model (the rest describe the step that trained it)
+EVALUATION = ("val_loss", "hellaswag_acc", "hellaswag_acc_norm")
+
+
 def gpt2_val_loss_on(data_dir):
     """GPT-2 124M's published validation loss on data_dir's first shard, where it is known: FineWeb-Edu
     sample-10BT prepared by prepare.py in shards of its default size (another size makes another first
@@ -73,7 +77,8 @@ class RunLog:
     """out_dir/log.jsonl, one JSON object per step (pandas.read_json(path, lines=True) reads it back),
     out_dir/progress.png drawn from it, and with --wandb_project the same records sent to Weights &
     Biases. Only rank 0 writes; on the other ranks this does nothing. A resume keeps the records before
-    its checkpoint (sent to W&B again, so its run is whole) and redoes the rest.
+    its checkpoint (sent to W&B again, so its run is whole) and redoes the rest, keeping the evaluation
+    at the checkpoint's own step (the end of the run it continues) in its first record.
 
     A fresh run into an out_dir that holds another run's checkpoint (or log) leaves that run's log and
     picture as they are until this run's own checkpoint replaces it: until then it writes log.new.jsonl
@@ -82,6 +87,7 @@ class RunLog:
 
     def __init__(self, cfg, start_step):
         self.out_dir, self.resumed, self.file, self.tracker = cfg.out_dir, cfg.resume, None, None
+        self.start_step, self.carried = start_step, {}
         if int(os.environ.get("RANK", 0)) != 0:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -91,10 +97,14 @@ class RunLog:
         self.path = os.path.join(cfg.out_dir, f"log{suffix}.jsonl")
         self.picture = os.path.join(cfg.out_dir, f"progress{suffix}.png")
         self.gpt2_val_loss = gpt2_val_loss_on(cfg.data_dir)
-        kept = []
+        kept, self.carried = [], {}
         if cfg.resume and os.path.exists(self.path):
             with open(self.path, errors="replace") as f:  # (a damaged line's bytes: then not JSON, skipped)
-                kept = [r for r in map(parse_log_line, f) if r is not None and r["step"] < start_step]
+                records = [r for r in map(parse_log_line, f) if r is not None]
+            kept = [r for r in records if r["step"] < start_step]
+            # the evaluation of the checkpoint's own model (the last record of a run that ended there): the
+            # resumed run's first record carries it on, where that step is not an evaluation step of its own
+            self.carried = {k: v for r in records if r["step"] == start_step for k, v in r.items() if k in EVALUATION}
         text = "".join(json.dumps(r) + "\n" for r in kept)
         write_atomically(self.path, lambda f: f.write(text.encode()))  # a full disk loses no record
         self.file = open(self.path, "a")
@@ -107,6 +117,8 @@ class RunLog:
         """Append one record; with picture=True also redraw progress.png."""
         if self.file is None:
             return
+        if self.carried and record["step"] == self.start_step:
+            record, self.carried = {**record, **{k: v for k, v in self.carried.items() if k not in record}}, {}
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()

@@ -296,6 +296,11 @@ def test_a_resume_with_other_optimisation_settings_says_which_and_follows_them(t
             "training follows these settings") in out
     lrs = {r["step"]: r["lr"] for r in read_log(tmp_path / "run") if "lr" in r}
     assert lrs[4] == lrs[5] == pytest.approx(train_gpt2.get_lr(5, 3e-3, 3e-3, 4, 6)) == pytest.approx(3e-3)
+    # the run's last evaluation (of its step-4 model, the checkpoint's) stays in the log: step 4 is not an
+    # evaluation step of the longer run (--eval_interval 5), so its record carries it on
+    ended = read_log(four_steps)[-1]
+    assert ended["step"] == 4 and "val_loss" in ended
+    assert [r for r in read_log(tmp_path / "run") if r["step"] == 4][0]["val_loss"] == ended["val_loss"]
 
 
 def test_a_resume_that_names_no_data_reads_the_runs_own_from_any_folder(tmp_path, four_steps, monkeypatch, capsys):
