@@ -184,16 +184,31 @@ def largest_token_id(path):
 
 
 def open_shard(path):
-    """A shard's tokens, memory-mapped (read_manifest has checked its header). An id GPT-2's vocabulary
-    lacks (a damaged file, or another tokenizer's ids under a gpt2 manifest) is refused here, in one line,
-    and not by the embedding's index error, which on a GPU is a device-side assert that ends every process.
-    (One pass over the file, a fraction of a second for 100M tokens, once per shard and process.)"""
-    tokens = np.load(path, mmap_mode="r")
+    """A shard's tokens, memory-mapped (read_manifest checked its header when the run began). A shard
+    changed since (deleted, cut short, rewritten with another length: a batch would not fit it) and an
+    id GPT-2's vocabulary lacks (a damaged file, or another tokenizer's ids under a gpt2 manifest) are
+    refused here, in one line naming the file: not by a reshape's error, or the embedding's index error,
+    which on a GPU is a device-side assert that ends every process. (The ids: one pass over the file, a
+    fraction of a second for 100M tokens, once per shard and process.)"""
+    try:
+        tokens, listed = np.load(path, mmap_mode="r"), listed_tokens(path)
+    except (OSError, ValueError, EOFError, KeyError, StopIteration) as e:  # (EOFError: emptied; the others: unlisted)
+        raise DamagedShard(f"shard {path!r} can no longer be read ({first_line(e) or 'empty'}): it changed since "
+                           "the run began; prepare it again with prepare.py") from None
+    if len(tokens) != listed:
+        raise DamagedShard(f"shard {path!r} holds {len(tokens):,} tokens, not the {listed:,} its {MANIFEST} lists: it "
+                           "changed since prepare.py wrote it; prepare it again with prepare.py")
     largest = largest_token_id(path)
     if largest >= GPT2_VOCAB_SIZE:
         raise DamagedShard(f"shard {path!r} holds token id {largest}, past GPT-2's {GPT2_VOCAB_SIZE:,} tokens: "
                          "it is damaged, or not GPT-2's tokens; prepare it again with prepare.py")
     return tokens
+
+
+def listed_tokens(path):
+    """The token count the manifest beside a shard lists for it."""
+    with open(os.path.join(os.path.dirname(path), MANIFEST)) as f:
+        return next(s["tokens"] for s in json.load(f)["shards"] if s["file"] == os.path.basename(path))
 
 
 def text_file_split(path, split, val_fraction, B, T, num_processes):

@@ -337,3 +337,25 @@ def test_the_picture_marks_gpt2s_val_loss_only_on_fineweb_edu(tmp_path, prepared
                      "--num_samples", "0", "--out_dir", str(tmp_path / name)]) == 0
         assert (tmp_path / name / "progress.png").exists()
         assert drawn == [gpt2_val_loss, gpt2_val_loss], name  # drawn at each evaluation: steps 0 and 1
+
+
+@pytest.mark.parametrize("change", ["shorter", "cut_short", "deleted"])
+def test_a_shard_changed_while_training_runs_is_one_line_naming_it(tmp_path, prepared, change):
+    """The manifest and every shard's header are checked when a run begins; a shard changed after that
+    (rewritten shorter, cut short, deleted: another prepare.py, a full disk, a cleanup) is found when the
+    loader opens it, and said naming the file: not a reshape's RuntimeError, nor numpy's nameless EOF."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    loader = DataLoaderLite(2, 16, split="train", data_dir=str(data), shuffle=False)
+    second = data / json.loads((data / "manifest.json").read_text())["shards"][2]["file"]  # (shard 0 is val)
+    if change == "shorter":
+        np.save(second, np.arange(10, dtype=np.uint16))
+    elif change == "cut_short":
+        second.write_bytes(second.read_bytes()[:100])
+    else:
+        second.unlink()
+    with pytest.raises(machinery.tokens.DamagedShard, match=f"^shard {str(second)!r} "):
+        for _ in range(1000):  # past the first shard's batches, to the second
+            loader.next_batch()
