@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from machinery.files import in_units
+from machinery.files import free_bytes, in_units
 from machinery.memory import ADAM_BYTES, WEIGHT_BYTES
 
 
@@ -89,13 +89,18 @@ def checkpoint_bytes(model):
 
 
 def describe_plan(cfg, model):
-    """Said before the first step: what the run will write, and how big the checkpoint will be."""
+    """Said before the first step: what the run will write, and how big the checkpoint will be. Where the
+    disk has less room than one checkpoint, the run stops here, not at its first save (rank 0 saves)."""
+    need, free = checkpoint_bytes(model), free_bytes(cfg.out_dir)
+    if int(os.environ.get("RANK", 0)) == 0 and free < need:  # (the write replaces the last one only when whole)
+        raise ValueError(f"--out_dir {cfg.out_dir!r} has {in_units(free)} free, less than the run's checkpoint "
+                         f"needs (about {in_units(need)}): free some space, or choose another --out_dir")
     when = f"every {cfg.checkpoint_interval} steps and at the end" if cfg.checkpoint_interval else "at the end"
     export = ""
     if cfg.export_dir:  # (a model already there is replaced, file by file, only once the new one is made)
         holds_a_model = os.path.exists(os.path.join(cfg.export_dir, "model.safetensors"))
         export = f"; exports to {cfg.export_dir} at the end{' (replacing the model there)' if holds_a_model else ''}"
-    return (f"writes {os.path.join(cfg.out_dir, 'ckpt.pt')} {when} (about {in_units(checkpoint_bytes(model))}: "
+    return (f"writes {os.path.join(cfg.out_dir, 'ckpt.pt')} {when} (about {in_units(need)}: "
             f"weights and AdamW moments), {os.path.join(cfg.out_dir, 'log.jsonl')} and "
             f"{os.path.join(cfg.out_dir, 'progress.png')}{export}")
 

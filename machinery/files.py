@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 
 
 # a period that ends an abbreviation, not a sentence
@@ -108,11 +109,21 @@ def folder_problem(path):
         return f"is a link to {os.readlink(path)!r}, which does not exist"
     if os.path.exists(path) and not os.path.isdir(path):
         return "is a file, not a folder"
-    existing = path
-    while not os.path.exists(existing):  # the folder it would be made in
-        existing = os.path.dirname(os.path.abspath(existing))
+    existing = nearest_existing(path)  # (the folder it would be made in, if it is not there)
     if not os.path.isdir(existing):
         return f"cannot be made: {existing!r} is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"cannot be written: no permission to write in {existing!r}"
     return None
+
+
+def nearest_existing(path):
+    """path, or the nearest folder above it that exists."""
+    while not os.path.exists(path):
+        path = os.path.dirname(os.path.abspath(path))
+    return path
+
+
+def free_bytes(path):
+    """The free space where `path` is (or would be made)."""
+    return shutil.disk_usage(nearest_existing(path)).free

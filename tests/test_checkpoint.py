@@ -671,6 +671,18 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_the_same_command_continues(tm
     assert load_checkpoint(str(out / "ckpt.pt"))["steps_done"] == 6
 
 
+def test_a_disk_with_less_room_than_a_checkpoint_is_said_before_training(tmp_path, text_file, monkeypatch, capsys):
+    """The checkpoint's size is known before the first step (12 bytes a parameter): a disk with less free
+    space than that stops the run there, in one line, not after hours of training at its first save."""
+    usage = machinery.files.shutil.disk_usage
+    monkeypatch.setattr(machinery.files.shutil, "disk_usage", lambda path: usage(path)._replace(free=10 ** 6))
+    code, out, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run",
+                                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: --out_dir 'run' has 1.0 MB free, less than the run's checkpoint needs "
+                                 "(about 19.6 MB): free some space, or choose another --out_dir\n")
+    assert "step    0" not in out and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
 @pytest.mark.parametrize("fills", ["ckpt.pt", "log.jsonl"])
 def test_a_full_disk_before_a_runs_first_checkpoint_says_to_start_again_not_to_resume(tmp_path, text_file, four_steps,
                                                                                       monkeypatch, capsys, fills):
