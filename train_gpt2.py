@@ -52,7 +52,8 @@ from machinery.run_log import RunLog, plot_log  # noqa: F401 (it and get_tokeniz
 from machinery.sharding import (buffers_not_resent, builds_the_model, check_fsdp, from_rank0, full_model_state,
                                 full_optimizer_state, set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
-from machinery.stopping import StopRequested, TrainingDiverged, check_finite, stop_requested_anywhere, stopped_at_once
+from machinery.stopping import (StopRequested, TrainingDiverged, another_process_stopped, check_finite,
+                                stop_requested_anywhere, stopped_at_once)
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, open_shard, shard_files, text_file_split
 
 # -----------------------------------------------------------------------------
@@ -131,8 +132,7 @@ class Block(nn.Module):
         return x
 
 
-# OpenAI's checkpoints use a Conv1D module that stores these weights as (in, out), the transpose of
-# nn.Linear's (out, in): loading and exporting transpose them, and only them.
+# OpenAI's Conv1D stores these as (in, out), nn.Linear's (out, in) transposed: loading and exporting transpose them
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -440,8 +440,7 @@ class TrainConfig:
 
 
 def join_process_group(device, device_type):
-    """(distributed, rank, world_size, device). torchrun starts one process per GPU and sets RANK, LOCAL_RANK
-    and WORLD_SIZE in each; here a process joins the others: NCCL carries GPU tensors, gloo CPU ones."""
+    """(distributed, rank, world_size, device): torchrun's processes (one per GPU) join one group of them."""
     if "RANK" not in os.environ:  # a plain `python train_gpt2.py`: rank 0 of 1
         return False, 0, 1, device
     rank, local_rank, world_size = torchrun_ranks()  # from RANK, LOCAL_RANK and WORLD_SIZE
@@ -449,7 +448,7 @@ def join_process_group(device, device_type):
         check_one_process_per_gpu(world_size)
         device = f"cuda:{local_rank}"  # one GPU per process: the local rank numbers them on each machine
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo")
+    dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo")  # GPU: NCCL, CPU: gloo
     return True, rank, world_size, device
 
 
@@ -553,8 +552,7 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
 
 
 def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master):
-    """Rank 0 writes out_dir/ckpt.pt: everything an exact resume needs, not the weights alone, and the
-    settings, so that a resumed run is the same run and a checkpoint says what it is."""
+    """Rank 0 writes out_dir/ckpt.pt: everything an exact resume needs, not the weights alone, and the settings."""
     if not (master or cfg.fsdp):  # (under FSDP every process takes part: the state is gathered from all)
         return
     state = {
@@ -688,6 +686,8 @@ def main(argv=None):
     except torch.OutOfMemoryError as e:  # what ran out, and what to change
         print(f"error: {describe_out_of_memory(e, cfg, device)}", file=sys.stderr, flush=True)
         return 1
+    except RuntimeError as e:  # under torchrun, a collective whose peer stopped first: one line (others: raised)
+        return another_process_stopped(e)
     except KeyboardInterrupt:  # Ctrl-C outside the loop, or a second one in it: stop at once, without saving
         return stopped_at_once(cfg.out_dir)
     finally:

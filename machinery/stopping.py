@@ -65,3 +65,18 @@ def stopped_at_once(out_dir):
         print(f"interrupted: stopped at once, without saving or exporting; {os.path.join(out_dir, 'ckpt.pt')} "
               "holds the last checkpoint written, if any", file=sys.stderr, flush=True)
     return 130  # (128 + SIGINT, as a shell reports it)
+
+
+# what a collective says when another process of the run has gone: gloo over TCP, NCCL
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def another_process_stopped(error):
+    """For main, under torchrun: a collective that failed because another process stopped first (with its
+    own line saying why) is one line from this process too, and exit code 1. Any other error is raised
+    again, with its traceback: it is not one of the run's expected faults."""
+    if not (dist.is_initialized() and any(words in str(error) for words in PEER_GONE)):
+        raise error
+    print(f"error: process {dist.get_rank()} stopped: another process of the run stopped first (its line says why)",
+          file=sys.stderr, flush=True)
+    return 1

@@ -262,6 +262,21 @@ def test_ddp_two_processes_match_one(tmp_path, text_file):
         assert abs(r.get("val_loss", 0) - s.get("val_loss", 0)) <= 1e-5
 
 
+def test_a_fault_only_one_torchrun_process_meets_is_one_line_from_each(tmp_path, text_file):
+    """Under torchrun, HellaSwag is downloaded by rank 0 alone (here offline: its one line), while rank 1
+    waits for it in a collective that then fails: rank 1 says so in one line too, not in gloo's traceback.
+    (What torchrun itself prints after a process fails is the launcher's.)"""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_script(*TINY, "--input_file", text_file, "--B", "1", "--T", "16", "--max_steps", "2", "--num_samples",
+                   "0", "--hellaswag", "auto", cwd=tmp_path, runner=torchrun, env_extra={"OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 2 and "error: process 1 stopped: another process of the run stopped first (its line says " \
+        "why)" in ours, r.stderr
+    assert any(line.startswith("error: downloading HellaSwag (Rowan/hellaswag) failed") for line in ours), r.stderr
+    assert "[rank1]" not in r.stderr and "Connection closed by peer" not in r.stderr, r.stderr
+
+
 def test_readme_documents_every_option():
     from dataclasses import fields
 
