@@ -543,7 +543,7 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     if val_loader is not None:
         results["val_loss"] = estimate_val_loss(model, val_loader, cfg.eval_iters, device, autocast)
     if hellaswag_items is not None:
-        results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast))
+        results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast, resumable=cfg.eval_only))
     if not results and cfg.eval_only:
         raise ValueError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
     if results:  # (a run without validation data or HellaSwag has nothing to say)
@@ -688,8 +688,8 @@ def main(argv=None):
         return 1
     except RuntimeError as e:  # under torchrun, a collective whose peer stopped first: one line (others: raised)
         return another_process_stopped(e)
-    except KeyboardInterrupt:  # Ctrl-C outside the loop, or a second one in it: stop at once, without saving
-        return stopped_at_once(cfg.out_dir)
+    except KeyboardInterrupt as e:  # Ctrl-C outside the loop, or a second one in it: stop at once, without saving
+        return stopped_at_once(e, cfg.out_dir)
     finally:
         if dist.is_initialized():
             gc.collect()  # FSDP's modules (in reference cycles) hold the group: free them before it goes

@@ -188,11 +188,18 @@ def count_correct(model, items, device, autocast, batch_size=8):
     return (sum(p == y for p, y in zip(by_total, labels)), sum(p == y for p, y in zip(by_mean, labels)), len(items))
 
 
-def accuracy_across_ranks(model, items, device, autocast):
+def accuracy_across_ranks(model, items, device, autocast, resumable=False):
     """{"hellaswag_acc": ..., "hellaswag_acc_norm": ...} over all items: rank r scores items r,
-    r + world_size, ..., and the counts add up to the whole set. Every rank must call it."""
+    r + world_size, ..., and the counts add up to the whole set. Every rank must call it. resumable (an
+    evaluation that is the whole job, --eval_only) in one process: as hellaswag.py scores, with a progress
+    bar and counts that a Ctrl-C or a kill leaves for the same command to continue from."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine, batch_size = items[rank::world_size], 8
+    if resumable and not dist.is_initialized():  # (not under torchrun, nor --cpu_offload's group of one)
+        dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
+        path = progress_path(model, items, batch_size, dtype, torch.device(device).type)
+        correct, correct_norm, n = count_correct_resumably(model, items, device, autocast, batch_size, path)
+        return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
     counts = torch.tensor(count_correct(model, mine, device, autocast, batch_size), dtype=torch.long, device=device)
     # Under FSDP every forward pass needs every process: one with a batch less scores one more, uncounted,
     # so that all make the same number of passes
@@ -210,7 +217,7 @@ def accuracy_across_ranks(model, items, device, autocast):
 SAVE_EVERY_S = 10.0  # the counts so far are saved at most this often: a killed run loses at most this much
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """Ctrl-C while scoring: says how far it got (the counts are saved, the same command continues)."""
 
 

@@ -58,12 +58,15 @@ def check_finite(loss, step, out_dir):
                                f"The checkpoint in {out_dir!r}, if any, is left untouched")
 
 
-def stopped_at_once(out_dir):
+def stopped_at_once(interrupt, out_dir):
     """Ctrl-C outside the training loop (building the model, the last samples, the export) or a second one
-    in it stops at once, without saving: one line (from rank 0) on what is kept. Returns the exit code."""
+    in it stops at once, without saving: one line (from rank 0) on what is kept, or the interrupt's own
+    (an --eval_only HellaSwag's: how far it got). Returns the exit code."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"interrupted: stopped at once, without saving or exporting; {os.path.join(out_dir, 'ckpt.pt')} "
-              "holds the last checkpoint written, if any", file=sys.stderr, flush=True)
+        kept = os.path.join(out_dir, "ckpt.pt")
+        said = str(interrupt) or f"stopped at once, without saving or exporting; {kept} holds the last checkpoint " \
+            "written, if any"
+        print(f"interrupted: {said}", file=sys.stderr, flush=True)
     return 130  # (128 + SIGINT, as a shell reports it)
 
 

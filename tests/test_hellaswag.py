@@ -429,6 +429,43 @@ def test_eval_only_scores_hellaswag_as_a_run_would(tmp_path, random_gpt2, lopsid
     assert "no validation" in stdout and not (tmp_path / "out").exists()
 
 
+def test_eval_only_hellaswag_is_shown_and_a_ctrl_c_continues(tmp_path, random_gpt2, lopsided_items_file, monkeypatch,
+                                                             capsys):
+    """--eval_only's HellaSwag is the whole job (tens of minutes for its 10,042 items on a CPU): it is
+    scored as hellaswag.py scores, with a progress bar, and a Ctrl-C after the first batch of 8 is one line
+    saying how far it got; the same command then scores only the rest and prints the same accuracy."""
+    path, _, _ = random_gpt2
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # (where counts in progress are kept)
+    (tmp_path / "many.jsonl").write_text(lopsided_items_file.read_text() * 3)  # 24 items: 3 batches of 8
+    (tmp_path / "small.txt").write_text(" word" * 1000)  # (too short for a validation batch)
+    args = ["--init_from", str(path), "--input_file", "small.txt", "--B", "2", "--T", "64", "--eval_only",
+            "--hellaswag", "many.jsonl", "--device", "cpu", "--dtype", "float32"]
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    expected = [line for line in out.splitlines() if line.startswith("step")]
+    assert "hellaswag: 100%" in err and "24/24" in err  # (tqdm's bar)
+    count_correct, scored = hellaswag_eval.count_correct, []
+
+    def recording(model, items, *args):
+        scored.extend(items)
+        return count_correct(model, items, *args)
+
+    def stopped_at_the_second_batch(model, items, *args):
+        if scored:
+            raise KeyboardInterrupt
+        return recording(model, items, *args)
+
+    monkeypatch.setattr(hellaswag_eval, "count_correct", stopped_at_the_second_batch)
+    assert main(args) == 130
+    assert capsys.readouterr().err.endswith("\ninterrupted: scored 8 of 24 items; run the same command to continue\n")
+    monkeypatch.setattr(hellaswag_eval, "count_correct", recording)
+    scored.clear()
+    assert main(args) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")] == expected
+    assert len(scored) == 16 and not list((tmp_path / "cache").rglob("*.json"))
+
+
 # ----------------------------------------------------------------------------- the picture
 
 
