@@ -318,8 +318,8 @@ class DataLoaderLite:
     def reset(self):
         self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
 
-    def state_dict(self):  # (with the shard's file name: a resume finds it by name, restore_data_position)
-        return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "file": self.file}
+    def state_dict(self):  # (a resume finds the shard by its file's name, and checks the split's token count)
+        return dict(epoch=self.epoch, shard=self.shard, position=self.position, file=self.file, tokens=self.n_tokens)
 
     def load_state_dict(self, state):
         self.epoch, self.shard, self.position = (int(state.get(k, 0)) for k in ("epoch", "shard", "position"))

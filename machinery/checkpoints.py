@@ -117,7 +117,7 @@ def training_state_problem(ckpt):
     train_config, loader = ckpt["train_config"], ckpt["train_loader"]
     numbers = [("train_config", train_config, "B", 1, None), ("train_config", train_config, "T", 1, None),
                ("train_config", train_config, "total_batch_size", 0, 0)]
-    numbers += [("train_loader", loader, name, 0, 0) for name in ("epoch", "shard", "position")]
+    numbers += [("train_loader", loader, name, 0, 0) for name in ("epoch", "shard", "position", "tokens")]
     problem = number_problem(numbers)
     if problem:
         return problem
@@ -194,8 +194,13 @@ def restore_data_position(loader, saved):
     """The loader where the run left it (`saved`: its state_dict): the same shard, found by file name,
     not index (another --B or number of processes changes which short shards shard_files passes over,
     so the shuffled list and its indices change), the same token. A window that no longer fits the
-    shard's end (a bigger --B) moves on to the next shard, as the loader itself would. A place this data
-    does not have (other data) is an error, before the run's log is touched."""
+    shard's end (a bigger --B) moves on to the next shard, as the loader itself would. Other data (a train
+    split of another token count than the run's) or a place this data does not have is an error, before
+    the run's log is touched."""
+    if saved.get("tokens", loader.n_tokens) != loader.n_tokens:  # (older checkpoints hold no count)
+        raise ValueError(f"the run trained on a train split of {saved['tokens']:,} tokens, and this data's has "
+                         f"{loader.n_tokens:,}: resume with the data the run trained on, or start a new run from "
+                         "these weights with --init_from")
     shard, token, file = int(saved.get("shard", 0)), int(saved.get("position", 0)), saved.get("file")
     past_the_end = ValueError(f"the checkpoint's data position (shard {shard}, token {token}) is past the "
                               "end of this data's train split; resume with the data the run trained on")

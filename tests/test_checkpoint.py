@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -364,15 +365,17 @@ def test_init_from_a_hand_edited_checkpoint_checks_its_model_not_its_training_st
 
 
 def test_resume_on_data_without_the_runs_position_is_a_clear_error(tmp_path, four_steps, monkeypatch, capsys):
-    """The run stopped 4 x 32 tokens into its text; resumed on a text of 90 training tokens, that place is
-    not there: one line, and the checkpoint and the log (whose records a resume rewrites) untouched."""
+    """The run stopped 4 x 32 tokens into its text; resumed on other data (a text of 90 training tokens,
+    where that place is not there either), its train split's token count is not the run's: one line, and
+    the checkpoint and the log (whose records a resume rewrites) untouched."""
     shutil.copytree(four_steps, tmp_path / "run")
     (tmp_path / "small.txt").write_text(" word" * 100)  # 100 tokens: 90 to train on
     before = digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")
     code, _, err = run_in_process(*TRAINING, "--input_file", "small.txt", "--max_steps", "6", "--out_dir", "run",
                                   "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 1 and err == ("error: the checkpoint's data position (shard 0, token 128) is past the end of this "
-                                 "data's train split; resume with the data the run trained on\n")
+    assert code == 1 and re.fullmatch(r"error: the run trained on a train split of [\d,]+ tokens, and this data's "
+                                      r"has 90: resume with the data the run trained on, or start a new run from "
+                                      r"these weights with --init_from\n", err), err
     assert (digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")) == before
 
 
@@ -389,10 +392,10 @@ def test_a_resumed_window_that_no_longer_fits_moves_to_the_next_shard(tmp_path):
     machinery.checkpoints.restore_data_position(small, {"epoch": 0, "shard": 0, "position": 128})
     machinery.checkpoints.restore_data_position(big, {"epoch": 0, "shard": 0, "position": 128})
     assert 128 + 33 <= n < 128 + 65
-    assert small.state_dict() == {"epoch": 0, "shard": 0, "position": 128, "file": None}  # (a text: no file)
-    assert big.state_dict() == {"epoch": 1, "shard": 0, "position": 0, "file": None}
+    assert small.state_dict() == {"epoch": 0, "shard": 0, "position": 128, "file": None, "tokens": n}  # (no file)
+    assert big.state_dict() == {"epoch": 1, "shard": 0, "position": 0, "file": None, "tokens": n}
     machinery.checkpoints.restore_data_position(big, {"position": 64})
-    assert big.state_dict() == {"epoch": 0, "shard": 0, "position": 64, "file": None}
+    assert big.state_dict() == {"epoch": 0, "shard": 0, "position": 64, "file": None, "tokens": n}
     for past in ({"epoch": 0, "shard": 0, "position": n + 1}, {"epoch": 0, "shard": 1, "position": 0}):
         with pytest.raises(ValueError, match="past the end of this data's train split"):
             machinery.checkpoints.restore_data_position(big, past)
