@@ -179,6 +179,9 @@ def check_config(cfg):
     if cfg.vocab_size < GPT2_VOCAB_SIZE and cfg.init_from == "scratch":
         raise ValueError(f"--vocab_size {cfg.vocab_size} is below the tokenizer's {GPT2_VOCAB_SIZE} ids")
     check_model_fits_in_ram(cfg)
+    if cfg.wandb_run_name and not cfg.wandb_project:
+        raise ValueError("--wandb_run_name names a run in --wandb_project, which is not set: add it, or leave "
+                         "both out")
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ValueError("--wandb_project needs the wandb package, which is not installed: pip install wandb")
 

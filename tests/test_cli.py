@@ -93,6 +93,7 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--out_dir", "short.txt/run"], "--out_dir 'short.txt/run' cannot be made: "),
     (["--out_dir", "dangling"], "--out_dir 'dangling' is a link to 'gone', which does not exist"),
     (["--out_dir", "holder"], "'holder/ckpt.pt' is a folder: the run's checkpoint is written there"),
+    (["--wandb_run_name", "first"], "--wandb_run_name names a run in --wandb_project, which is not set"),
     (["--eval_only", "--export_dir", "exported"], "--eval_only writes nothing, so --export_dir would not be written"),
     (["--input_file", "/dev/zero"], "input file '/dev/zero' is not a regular file"),
     (["--export_dir", "mine"], "--export_dir 'mine' holds config.json, not a GPT-2 export's, which the export would "
