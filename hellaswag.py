@@ -78,8 +78,8 @@ def main(argv=None):
             raise ValueError("--limit must not be negative and --batch_size must be positive")
         device, device_type = resolve_device(args.device)
         dtype, autocast, _ = make_precision(args.dtype, device_type)
+        model, name = load_model(args)  # (first: a model that is not there is said before any download)
         items = load_items(args.data)[: args.limit or None]
-        model, name = load_model(args)
         path = progress_path(model, items, args.batch_size, dtype, device_type)
         correct, correct_norm, n = count_correct_resumably(model.to(device), items, device, autocast,
                                                            args.batch_size, path)

@@ -305,17 +305,24 @@ def test_auto_download_failure_is_one_line_and_leaves_no_cache(tmp_path, random_
     assert not (tmp_path / "cache" / "train_gpt2" / "hellaswag_val.jsonl").exists()
 
 
-def test_without_a_network_the_command_says_so_in_one_line_at_once(tmp_path, monkeypatch, capfd, no_network):
+def test_without_a_network_the_command_says_so_in_one_line_at_once(tmp_path, monkeypatch, capfd, no_network,
+                                                                    random_gpt2):
     """`python hellaswag.py` on a machine whose network is off: the hub's name does not resolve, so its
     libraries are told at once that they are offline (instead of retrying each request for half a
     minute and printing every retry), the one line says why, and the offline switch is set back after.
+    The model is loaded first (GPT-2's weights, from the hub by default: that is the line), then the items.
     A training run's --hellaswag auto says the same, naming its own flag."""
     import os
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
+    capfd.readouterr()  # (what making the local model printed)
     assert hellaswag.main([]) == 1
+    assert capfd.readouterr().err == ("error: could not load GPT-2 weights from 'gpt2': not in the hub's cache, and "
+                                      "the Hugging Face hub cannot be reached (offline? load from a save_pretrained "
+                                      "directory instead)\n")
+    assert hellaswag.main(["--init_from", str(random_gpt2[0])]) == 1  # a local model: the items' download fails
     out, err = capfd.readouterr()
     assert err == ("error: downloading HellaSwag (Rowan/hellaswag) failed: the Hugging Face hub cannot be reached "
                    "(no network?); pass a local file with --data\n") and out == ""
