@@ -127,3 +127,20 @@ def nearest_existing(path):
 def free_bytes(path):
     """The free space where `path` is (or would be made)."""
     return shutil.disk_usage(nearest_existing(path)).free
+
+
+def lock_folder(path, flag="--out_dir"):
+    """A handle that holds an exclusive lock on the folder `path` until it is closed or the process ends
+    (flock on the folder itself: no lock file is left behind), or one line when another process holds
+    it: two runs writing one folder would overwrite each other's files. None where there is no flock."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        return None
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise ValueError(f"another run is writing {path!r} now: wait for it to end, or choose another {flag}") from None
+    return handle

@@ -13,7 +13,7 @@ from dataclasses import asdict
 import numpy as np
 
 from machinery.console import print0
-from machinery.files import DISK_FULL, DiskFull, first_line, is_whole_number, write_atomically
+from machinery.files import DISK_FULL, DiskFull, first_line, is_whole_number, lock_folder, write_atomically
 from machinery.hellaswag_eval import GPT3_SMALL_HELLASWAG, REFERENCE
 from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE
 
@@ -87,10 +87,11 @@ class RunLog:
 
     def __init__(self, cfg, start_step):
         self.out_dir, self.resumed, self.file, self.tracker = cfg.out_dir, cfg.resume, None, None
-        self.start_step, self.carried = start_step, {}
+        self.start_step, self.carried, self.lock = start_step, {}, None
         if int(os.environ.get("RANK", 0)) != 0:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
+        self.lock = lock_folder(cfg.out_dir)  # (held until close: a second run into this folder is refused)
         names = [os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl")]
         self.beside_another_run = not cfg.resume and any(map(os.path.exists, names))  # (whose files stay for now)
         suffix = ".new" if self.beside_another_run else ""
@@ -161,6 +162,9 @@ class RunLog:
     def close(self):
         if self.file is not None:
             self.file.close()
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
         if self.tracker is not None:
             self.tracker.finish()
 

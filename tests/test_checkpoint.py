@@ -674,6 +674,24 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_the_same_command_continues(tm
     assert load_checkpoint(str(out / "ckpt.pt"))["steps_done"] == 6
 
 
+def test_a_second_run_into_a_folder_another_run_is_writing_is_refused(tmp_path, text_file, four_steps, monkeypatch,
+                                                                       capsys):
+    """Two runs writing one out_dir would overwrite each other's checkpoint and log: the second is refused
+    in one line (the first holds a lock on the folder while it writes; held here as the first run would),
+    and the folder's files are untouched. Once the first has ended, the same command runs."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    before = {p.name: digest(p) for p in (tmp_path / "run").iterdir()}
+    first = machinery.files.lock_folder(str(tmp_path / "run"))
+    args = (*RUN, "--input_file", text_file, "--max_steps", "6", "--out_dir", "run", "--resume")
+    code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: another run is writing 'run' now: wait for it to end, or choose another "
+                                 "--out_dir\n")
+    assert {p.name: digest(p) for p in (tmp_path / "run").iterdir()} == before
+    os.close(first)
+    code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+
+
 def test_a_disk_with_less_room_than_a_checkpoint_is_said_before_training(tmp_path, text_file, monkeypatch, capsys):
     """The checkpoint's size is known before the first step (12 bytes a parameter): a disk with less free
     space than that stops the run there, in one line, not after hours of training at its first save."""
