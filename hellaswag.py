@@ -25,7 +25,8 @@ from machinery.checkpoints import load_checkpoint, load_weights, names_a_checkpo
 from machinery.command_line import ArgumentParser
 from machinery.hardware import DTYPES
 from machinery.hellaswag_eval import (N_VALIDATION, REFERENCE, Interrupted, count_correct_resumably, load_items,
-                                      progress_path, vocab_size_of)
+                                      progress_path)
+from machinery.pretrained import vocab_size_of
 from machinery.tokens import GPT2_VOCAB_SIZE
 from train_gpt2 import GPT, GPTConfig, make_precision, resolve_device
 

@@ -221,16 +221,6 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C while scoring: says how far it got (the counts are saved, the same command continues)."""
 
 
-def vocab_size_of(directory):
-    """The vocab_size in a save_pretrained directory's config.json (read before loading: transformers
-    warns about a small one first), or None: from_pretrained then says what is wrong."""
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            return int(json.load(f)["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def progress_path(model, items, batch_size, dtype, device_type):
     """Where the counts of this evaluation in progress are kept, named by a hash of all that decides them."""
     digest = hashlib.sha256(json.dumps([items, batch_size, str(dtype), device_type, repr(model.config)]).encode())

@@ -65,15 +65,28 @@ def load_transformers_gpt2(name_or_path, known_names):
     return model
 
 
-def model_type_of(directory):
-    """The model_type in a save_pretrained directory's config.json, or None (a hub name, no readable
-    config, or none named in it: from_pretrained then says what is wrong)."""
+def saved_config(directory):
+    """A save_pretrained directory's config.json as a dict, or {} (a hub name, or no readable config:
+    from_pretrained then says what is wrong). Read before loading: transformers warns first otherwise."""
     try:
         with open(os.path.join(directory, "config.json")) as f:
             config = json.load(f)
     except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def model_type_of(directory):
+    """The model_type a save_pretrained directory's config names, or None."""
+    return saved_config(directory).get("model_type")
+
+
+def vocab_size_of(directory):
+    """The vocab_size a save_pretrained directory's config names, or None."""
+    try:
+        return int(saved_config(directory)["vocab_size"])
+    except (KeyError, TypeError, ValueError):
         return None
-    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def export_problem(directory):
