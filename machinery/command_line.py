@@ -169,8 +169,9 @@ def check_config(cfg):
         raise ValueError(f"{os.path.join(cfg.out_dir, 'ckpt.pt')!r} is a folder: the run's checkpoint is written there")
     if cfg.export_dir:
         from machinery.pretrained import export_problem  # (here, not above: prepare.py imports this module, not torch)
-        if export_problem(cfg.export_dir):
-            raise ValueError(export_problem(cfg.export_dir))
+        problem = export_problem(cfg.export_dir)
+        if problem:
+            raise ValueError(problem)
     if cfg.eval_only and cfg.export_dir:
         raise ValueError("--eval_only writes nothing, so --export_dir would not be written: export with --max_steps 0 "
                          "instead of --eval_only")

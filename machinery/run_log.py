@@ -98,7 +98,7 @@ class RunLog:
         self.path = os.path.join(cfg.out_dir, f"log{suffix}.jsonl")
         self.picture = os.path.join(cfg.out_dir, f"progress{suffix}.png")
         self.gpt2_val_loss = gpt2_val_loss_on(cfg.data_dir)
-        kept, self.carried = [], {}
+        kept = []
         if cfg.resume and os.path.exists(self.path):
             with open(self.path, errors="replace") as f:  # (a damaged line's bytes: then not JSON, skipped)
                 records = [r for r in map(parse_log_line, f) if r is not None]

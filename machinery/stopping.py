@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from machinery.console import print0
+
 
 class TrainingDiverged(Exception):
     """The loss became inf or nan: nothing from this point on is worth saving."""
@@ -62,11 +64,10 @@ def stopped_at_once(interrupt, out_dir):
     """Ctrl-C outside the training loop (building the model, the last samples, the export) or a second one
     in it stops at once, without saving: one line (from rank 0) on what is kept, or the interrupt's own
     (an --eval_only HellaSwag's: how far it got). Returns the exit code."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        kept = os.path.join(out_dir, "ckpt.pt")
-        said = str(interrupt) or f"stopped at once, without saving or exporting; {kept} holds the last checkpoint " \
-            "written, if any"
-        print(f"interrupted: {said}", file=sys.stderr, flush=True)
+    kept = os.path.join(out_dir, "ckpt.pt")
+    said = str(interrupt) or \
+        f"stopped at once, without saving or exporting; {kept} holds the last checkpoint written, if any"
+    print0(f"interrupted: {said}", file=sys.stderr)
     return 130  # (128 + SIGINT, as a shell reports it)
 
 
