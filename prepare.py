@@ -1,7 +1,8 @@
 """
 Tokenize a corpus into shards of GPT-2 tokens, for `python train_gpt2.py --data_dir DIR`. A sibling of
-train_gpt2.py (the story) that needs only the package machinery/ (the tokenizer, the manifest's name,
-file writes).
+train_gpt2.py (the story) that needs only the package machinery/: the documents come from
+machinery/corpus.py (local files) or machinery/fineweb.py (the hub), and this file tokenizes them in
+worker processes and cuts the tokens into shards, in that order.
 
     python prepare.py fineweb-edu                      # HuggingFaceFW/fineweb-edu, sample-10BT -> data/fineweb-edu
     python prepare.py my_texts/ --out_dir data/mine    # every *.txt, *.jsonl, *.parquet in a folder
@@ -22,8 +23,8 @@ What it writes in out_dir:
   file and row where `next_document` is.
 
 Every document is <|endoftext|> (50256) followed by its tokens, as GPT-2 was trained, and a document
-may run across two shards. A text file is one document, read and tokenized in pieces of about
-PIECE_BYTES, cut where the pieces' tokens are exactly the whole text's (safe_cut): a big one shows its
+may run across two shards. A text file is one document, read and tokenized in pieces of about 1 MB,
+cut where the pieces' tokens are exactly the whole text's (corpus.safe_cut): a big one shows its
 progress and is held in memory a few pieces at a time. The first shard is validation when the corpus
 fills more than one shard; a smaller corpus is split into train (its first 90%) and val (its last 10%).
 
@@ -33,11 +34,11 @@ the command runs again), and it records where in the document stream the next sh
 a text file that is also a byte, where a piece begins: a resumed run reads the file from there. For
 FineWeb-Edu that is also a source file and row, and a resumed run, or a retry after a network error,
 starts there: it reads again at most the row group it stopped in (at worst its one ~2 GB file), never
-the files before it. A dropped connection, a timeout or a server error is retried (one line each,
-DOWNLOAD_RETRIES tries in a row); offline mode, a hub whose name does not resolve, a dataset or subset
-the hub does not know, or a refused permission end the run at once, in one line. A local source whose
-files changed since the shards were begun (source_fingerprint), or while it was read, is refused in
-one line: the shards would be of the old version, or mix both.
+the files before it. A dropped connection, a timeout or a server error is retried (one line each, a
+few tries in a row); offline mode, a hub whose name does not resolve, a dataset or subset the hub
+does not know, or a refused permission end the run at once, in one line. A local source whose files
+changed since the shards were begun (its fingerprint), or while it was read, is refused in one line:
+the shards would be of the old version, or mix both.
 
 Before writing, the free space in out_dir is checked against an estimate of what the shards need
 (2 bytes a token: about 20 GB for fineweb-edu, half the size of a local source); a disk that fills up
@@ -55,400 +56,21 @@ import re
 import shutil
 import signal
 import sys
-import time
 
 import numpy as np
 
 from machinery.command_line import ArgumentParser
-from machinery.files import DiskFull, exception_chain, first_line, in_units, ram_bytes, write_atomically
-from machinery.hub import hub_reachable
+from machinery.corpus import PrepareError, local_documents, local_files, source_fingerprint
+from machinery.files import DiskFull, in_units, lock_folder, ram_bytes, write_atomically
+from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
 from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE, get_tokenizer, manifest_problem
 
 FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only
 EOT = 50256  # <|endoftext|>: starts every document
 VAL_FRACTION = 0.1  # of a corpus that fits in one shard
 BATCH_CHARS = 1_000_000  # text handed to a worker at once: big enough to amortise the hand-over
-PIECE_BYTES = 1 << 20  # a .txt document is read and tokenized in pieces of about this size (safe_cut)
-DOWNLOAD_RETRIES, RETRY_PAUSE_S = 5, 10.0  # hub streaming: tries in a row before giving up, pause between them
-STAND_IN_ENV = "PREPARE_FINEWEB_EDU_FOLDER"  # names a folder of parquet files read in place of the hub's (tests)
 TEXT_BYTES_PER_TOKEN = 4  # GPT-2 on English: ~4 bytes of UTF-8 a token; for the disk-space estimate only
 DISK_SLACK = 0.9  # refuse to start below 90% of the estimated space: it is an estimate, and a full disk is survivable
-
-
-class PrepareError(Exception):
-    """Bad input: reported as one line."""
-
-
-# -----------------------------------------------------------------------------
-# Documents: a stream of texts from local files
-
-
-SOURCE_TYPES = (".txt", ".jsonl", ".parquet")  # what a folder source's files may be
-
-
-def local_files(source):
-    """The files that make up a local source, in the order their documents are read: the file, or the
-    folder's source files in sorted order. A file that two links (or a link and its own name) reach is
-    read once, under the name that sorts first."""
-    if os.path.isfile(source):
-        return [source]
-    if not os.path.isdir(source):
-        raise PrepareError(f"source {source!r} not found (a .txt file, a folder, or fineweb-edu)")
-    files, seen = [], set()
-    for path in sorted(folder_files(source)):
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            files.append(path)
-    if not files:
-        raise PrepareError(f"folder {source!r} has no .txt, .jsonl or .parquet files")
-    return files
-
-
-def folder_files(folder):
-    """The source files in a folder and its subfolders (a folder named like a file, "sub.txt", is walked
-    as a folder). Links are followed, but each real folder is walked once: a link to a folder above it
-    would loop. Hidden files and folders (named ".something") are left out, as a shell's * leaves them
-    out. A link to nothing is refused: the corpus would silently lack a file."""
-    walked = {os.path.realpath(folder)}
-    for top, folders, names in os.walk(folder, followlinks=True):
-        kept = []
-        for name in sorted(folders):  # (os.walk descends into what is left in `folders`)
-            real = os.path.realpath(os.path.join(top, name))
-            if not name.startswith(".") and real not in walked:
-                walked.add(real)
-                kept.append(name)
-        folders[:] = kept
-        for name in names:
-            path = os.path.join(top, name)
-            if name.startswith(".") or not name.endswith(SOURCE_TYPES):
-                continue
-            if not os.path.exists(path):  # (os.walk lists a link to nothing among the files)
-                raise PrepareError(f"{path!r} is a link to {os.readlink(path)!r}, which does not exist: "
-                                   "remove the link or restore its file")
-            if not os.path.isfile(path):
-                raise PrepareError(f"{path!r} is not a regular file (a pipe or a device?): move it out of the folder")
-            yield path
-
-
-def source_fingerprint(source, files):
-    """[name, size, mtime_ns] of each file of a local source, the name relative to the folder (a file
-    source: its own name). An edited, added, removed or renamed file changes it, and taking it reads no
-    file: a resumed run, or a repeat on a finished out_dir, compares it with the manifest's."""
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    return [file_fingerprint(path, folder) for path in files]
-
-
-def file_fingerprint(path, folder):
-    stat = os.stat(path)  # (a link's: its file's size and time)
-    return [os.path.relpath(path, folder), stat.st_size, stat.st_mtime_ns]
-
-
-def read_documents(path, start=0):
-    """The documents of one file in pieces: (text, bytes read, where the text starts in its document, in
-    bytes: 0 begins a document). A row or a line is a whole document; a text file is one document, read
-    from byte `start` (0, or where one of its pieces begins) in pieces (text_pieces)."""
-    if not path.endswith((".parquet", ".jsonl")):
-        yield from text_pieces(path, start)
-        return
-    try:
-        if path.endswith(".parquet"):
-            for text, n_bytes in read_parquet(path):
-                yield text, n_bytes, 0
-        else:
-            with open(path, encoding="utf-8") as f:
-                for line_number, line in enumerate(f, 1):
-                    if line.strip():
-                        yield jsonl_text(line, path, line_number), len(line), 0
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-
-
-# A place to cut a text: a whitespace character (ASCII) before one that is not whitespace: an ASCII one
-# from "!" to "~", or any other but Unicode's other spaces, U+0085, U+00A0, U+1680, U+2000 to U+200A,
-# U+2028, U+2029, U+202F, U+205F and U+3000 (in UTF-8: C2 85, C2 A0, E1 9A 80, E2 80 80-8A, A8, A9, AF,
-# E2 81 9F and E3 80 80). So Japanese lines that begin with kana (E3 ...) can be cut before, too.
-# (Those are whole characters: a cut before the last bytes read waits for what follows them.)
-CUT = re.compile(rb"[\t\n\x0b\x0c\r ](?=[!-~\xc3-\xe0\xe4-\xf4]|\xc2[^\x85\xa0]|\xe1(?!\x9a\x80)..|\xe3(?!\x80\x80)..|"
-                 rb"\xe2(?!\x80[\x80-\x8a\xa8\xa9\xaf]|\x81\x9f)..)", re.DOTALL)
-
-
-def safe_cut(data, since=1):
-    r"""Where UTF-8 `data` can be cut so that the two sides' tokens, one after the other, are the whole's:
-    before its last whitespace character that precedes a non-whitespace one (CUT; not at 0, which would
-    leave an empty piece), at `since` or after. None if it has no such place.
-
-    Why that is exact: GPT-2's pre-tokenizer (tiktoken's r50k pattern, which has no look-behind) splits
-    the text into pre-tokens, and BPE merges only within one. Whitespace followed by a non-whitespace
-    character is in one pre-token only as the one space a word, number or punctuation may take in front,
-    and a run of whitespace before a non-whitespace character leaves its last one to what follows
-    (\s+(?!\S)), so a pre-token starts at the cut, and from there on the text is the same. Before the
-    cut the pre-tokens are the same when the text ends there: each stops at the cut either way, a run of
-    whitespace just before it included (\s++$ takes at the end of the text what \s+(?!\S) takes when it
-    goes on). A cut after the whole run is not exact: "a\n\n" ends in one pre-token, "\n\n", where
-    "a\n\nb" has two, "\n" and "\n"."""
-    window = 1 << 16  # the last place is near the end: look there first
-    while True:
-        start = max(since, len(data) - window)
-        places = [m.start() for m in CUT.finditer(data, start)]
-        if places:
-            return places[-1]
-        if start == since:
-            return None
-        window *= 16
-
-
-def text_pieces(path, start=0):
-    """A text file, one document, from byte `start` on, in pieces: (text, bytes, its first byte in the
-    file). Each piece is the PIECE_BYTES from its first byte, cut back by safe_cut (a stretch with nowhere
-    to cut is read on until there is one), so memory stays about one piece, the pieces' tokens are the
-    whole text's, and where the pieces begin depends only on the file: a resumed run reading from one
-    of them cuts the rest where the first run did."""
-    with open(path, "rb") as f:
-        at = start
-        while True:
-            f.seek(at)
-            data, since = bytearray(f.read(PIECE_BYTES)), 1  # (a bytearray grows in place: no copy a read)
-            while (cut := safe_cut(data, since)) is None and (more := f.read(PIECE_BYTES)):
-                since = max(1, len(data) - 3)  # only what is new is searched (a place's look-ahead: 3 bytes)
-                data += more
-            if cut is None:  # the end of the file: the rest is the last piece (an empty file, an empty document)
-                if data or at == 0:
-                    yield utf8_text(data, path, at), len(data), at
-                return
-            yield utf8_text(data[:cut], path, at), cut, at
-            at += cut
-
-
-def utf8_text(data, path, at):
-    """`data`, bytes of `path` from byte `at`, as text (a cut by safe_cut falls between two characters)."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path!r} is not UTF-8 text (byte {at + e.start}: {e.reason})") from None
-
-
-def jsonl_text(line, path, line_number):
-    try:
-        record = json.loads(line)
-    except ValueError as e:
-        raise PrepareError(f"{path}:{line_number} is not JSON: {first_line(e)}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise PrepareError(f"{path}:{line_number} has no \"text\" string field")
-    return record["text"]
-
-
-def read_parquet(path):
-    import pyarrow as pa  # comes with datasets; only parquet sources need it
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.ParquetFile(path)
-        if "text" not in table.schema_arrow.names:
-            raise PrepareError(f"{path!r} has no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
-        kind = table.schema_arrow.field("text").type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise PrepareError(f"{path!r} has a 'text' column of {kind}, not of strings")
-        for batch in table.iter_batches(columns=["text"], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                yield text or "", len((text or "").encode("utf-8"))
-    except PrepareError:
-        raise
-    except Exception as e:  # pyarrow's own errors: not a parquet file, truncated, ...
-        raise PrepareError(f"{path!r} is not a readable parquet file: {first_line(e)}") from None
-
-
-def local_documents(files, skip, byte=0):
-    """Every document of `files` after the first `skip`, in pieces (read_documents); the first one from
-    `byte` on (where one of the pieces of a text file begins). What an earlier run did comes as
-    (None, its bytes, 0): not tokenized again, only counted, so a resumed run's progress bar starts
-    where the last one stopped."""
-    seen = 0
-    for path in files:
-        if not path.endswith((".parquet", ".jsonl")):  # a text file, one document: skipped unread
-            seen += 1
-            start = byte if seen == skip + 1 else 0
-            if seen <= skip or start:
-                yield None, os.path.getsize(path) if seen <= skip else start, 0
-            if seen > skip:
-                yield from read_documents(path, start)
-            continue
-        for text, n_bytes, at in read_documents(path):
-            seen += 1
-            yield (text if seen > skip else None), n_bytes, at
-
-
-# -----------------------------------------------------------------------------
-# FineWeb-Edu: its parquet files read one after another, from the position the manifest records
-
-
-def stand_in_files():
-    """The parquet files, sorted, of the folder STAND_IN_ENV names, which stand in for the hub's and are
-    read by the same code (the tests' FineWeb-Edu, offline); None when it is not set."""
-    folder = os.environ.get(STAND_IN_ENV)
-    if not folder:
-        return None
-    files = sorted(glob.glob(os.path.join(os.path.abspath(folder), "*.parquet")))
-    if not files:
-        raise PrepareError(f"{STAND_IN_ENV}={folder!r} names no folder of .parquet files")
-    return files
-
-
-def check_online():
-    """Offline mode (HF_HUB_OFFLINE), or a hub whose name does not resolve, is one line at once: no retry
-    can fix it, and datasets would only say that it "couldn't reach" the hub after minutes of retries."""
-    try:
-        import datasets
-    except ImportError:
-        raise PrepareError("fineweb-edu needs the datasets library: pip install -r requirements.txt") from None
-    # (the hub's switch, and datasets' own, HF_DATASETS_OFFLINE)
-    switches = (getattr(datasets.config, name, False) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if any(switches):
-        raise PrepareError(f"fineweb-edu streams {FINEWEB_EDU[0]} from the Hugging Face Hub, but offline mode is on "
-                           "(HF_HUB_OFFLINE): unset it, or prepare a local copy with python prepare.py FOLDER")
-    if not hub_reachable():
-        raise PrepareError(f"fineweb-edu streams {FINEWEB_EDU[0]} from the Hugging Face Hub, but its host name "
-                           "does not resolve (no network?): connect, or prepare a local copy with "
-                           "python prepare.py FOLDER")
-
-
-def hub_files():
-    """FineWeb-Edu's parquet files (hf:// paths, pinned to the commit they were listed at), in the order
-    `load_dataset(..., streaming=True)` reads them."""
-    import datasets
-
-    name, subset = FINEWEB_EDU
-    failures = 0
-    while True:
-        try:  # one listing of the dataset's files (a few small requests): the dataset card says which are the subset's
-            return list(datasets.load_dataset_builder(name, subset).config.data_files["train"])
-        except Exception as e:  # the hub's errors come from several libraries: retry_or_raise sorts them
-            failures += 1
-            retry_or_raise(e, failures, f"listing the files of {name} ({subset})")
-
-
-class HubStream:
-    """The documents of a list of parquet files, read file by file from a (file, row) position.
-
-    A file is opened where the stream is, and only the row groups from the one holding that row are read
-    (the file's footer says how many rows each holds), so a resumed run, or a retry after a network
-    error, reads again at most one row group of one file, not the documents before it. `position` turns
-    a document's index in the stream back into the (file, row) to start from, for the manifest."""
-
-    def __init__(self, files, shards):
-        self.files = files
-        last = shards[-1] if shards else dict(next_document=0, next_file=files[0], next_row=0)
-        self.document = last["next_document"]  # index in the stream of the next document to deliver
-        if "next_file" in last:
-            self.file, self.row = files.index(last["next_file"]), last["next_row"]
-        else:  # a manifest of an older prepare.py: from the first file, whole files skipped by their footers
-            self.file, self.row = 0, self.document
-        self.starts = {}  # file index -> index in the stream of its row 0, for each file opened
-
-    def documents(self):
-        """(text, characters, 0) for each document (a whole one: it starts at 0), retrying transient errors
-        from where the stream stopped."""
-        failures = 0
-        while self.file < len(self.files):
-            try:
-                for text in self.read_file():
-                    failures = 0  # progress: the next error gets a full set of tries again
-                    yield text, len(text), 0
-            except PrepareError:
-                raise
-            except Exception as e:  # the hub's errors come from several libraries: retry_or_raise sorts them
-                failures += 1
-                where = f"reading {source_file_name(self.files[self.file])} at row {self.row:,}"
-                retry_or_raise(e, failures, where)
-
-    def read_file(self):
-        """The texts of the current file from the current row on; the position moves past each one
-        before it is handed out, and to the next file at the end."""
-        import fsspec  # comes with datasets; opens hf:// paths (huggingface_hub's file system) and local ones
-        import pyarrow.parquet as pq
-
-        path = self.files[self.file]
-        with fsspec.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            if "text" not in parquet.schema_arrow.names:
-                raise PrepareError(f"{path!r} has no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
-            self.starts[self.file] = self.document - self.row
-            for row, text in parquet_texts(parquet, self.row):
-                self.row, self.document = row + 1, self.document + 1
-                yield text
-            rows = parquet.metadata.num_rows
-        self.file, self.row = self.file + 1, max(0, self.row - rows)  # past the end only from an older manifest
-
-    def position(self, document):
-        """(file, row) of a document that has been read: the last file opened that starts at or before it."""
-        file = max(i for i, start in self.starts.items() if start <= document)
-        return self.files[file], document - self.starts[file]
-
-
-def parquet_texts(parquet, start_row):
-    """(row, text) for the rows of a parquet file from start_row on. The row groups before the one that
-    holds start_row are skipped unread; each group is read on its own, so memory stays one group."""
-    first = 0  # the current row group's first row
-    for group in range(parquet.num_row_groups):
-        rows = parquet.metadata.row_group(group).num_rows
-        if first + rows <= start_row:
-            first += rows
-            continue
-        for batch in parquet.iter_batches(batch_size=1024, row_groups=[group], columns=["text"]):
-            for text in batch.column(0).to_pylist():
-                if first >= start_row:
-                    yield first, text or ""
-                first += 1
-
-
-def source_file_name(path):
-    """A hub file's path in its dataset (sample/10BT/000_00000.parquet), or a local file's name."""
-    if path.startswith("hf://") and "@" in path:  # hf://datasets/NAME@COMMIT/PATH
-        return path.split("@", 1)[1].split("/", 1)[1]
-    return os.path.basename(path)
-
-
-def retry_or_raise(error, failures, what):
-    """After `failures` failures in a row of `what`: pause and return, with one line saying so, when
-    another try may help; else raise the one line that ends the run."""
-    name, subset = FINEWEB_EDU
-    if not is_transient(error):
-        raise PrepareError(f"{what}: {first_line(error)}") from None
-    if failures >= DOWNLOAD_RETRIES:
-        raise PrepareError(f"downloading {name} ({subset}) failed {failures} times: {first_line(error)}") from None
-    print(f"\n{what} failed ({type(error).__name__}: {first_line(error)[:100]}); "
-          f"retrying in {RETRY_PAUSE_S:.0f} s (try {failures + 1} of {DOWNLOAD_RETRIES})", file=sys.stderr)
-    time.sleep(RETRY_PAUSE_S)
-
-
-def is_transient(error):
-    """Whether trying again may help. The root cause decides (the deepest exception of the chain that
-    says anything): a dataset card that cannot be fetched is a "not found" caused by a dropped
-    connection, and a "couldn't reach the hub" can be caused by offline mode."""
-    verdict = False  # an error nothing recognises is not retried: the run continues from here when run again
-    for cause in exception_chain(error):
-        kind = error_kind(cause)
-        verdict = kind if kind is not None else verdict
-    return verdict
-
-
-def error_kind(error):
-    """True: transient (a dropped connection, a timeout, a server error, too many requests); False: no
-    retry can fix it (offline mode, not found, no permission, a bad value); None: says nothing."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    status = getattr(getattr(error, "response", None), "status_code", None)  # an HTTP error's (hub, httpx, requests)
-    if isinstance(error, OfflineModeIsEnabled):
-        return False
-    if isinstance(status, int):
-        return status == 429 or status >= 500
-    if isinstance(error, (FileNotFoundError, PermissionError, ValueError)):  # datasets' not-found, an unknown subset
-        return False
-    if isinstance(error, OSError):  # connection errors, timeouts, broken reads; requests' errors are OSErrors too
-        return True
-    if any(c.__name__ == "TransportError" for c in type(error).__mro__):  # httpx's (huggingface_hub's client) errors
-        return True
-    return None
 
 
 # -----------------------------------------------------------------------------
@@ -740,8 +362,6 @@ def check_memory(shard_size):
 
 def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=True):
     """Tokenize `source` into shards in out_dir; returns the manifest. Continues an interrupted run."""
-    from tqdm import tqdm
-
     hub = source == "fineweb-edu"
     files = stand_in_files() if hub else local_files(source)  # None: FineWeb-Edu's files, listed on the hub below
     source_name = f"{FINEWEB_EDU[0]}:{FINEWEB_EDU[1]}" if hub else os.path.abspath(source)
@@ -754,11 +374,30 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     if hub and files is None:  # FineWeb-Edu's files come from the hub: it must be there before a folder is made
         check_online()
     os.makedirs(out_dir, exist_ok=True)
-    remove_unfinished_writes(out_dir)
-    stream = None
-    if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
-        manifest["source_files"] = manifest.get("source_files") or files or hub_files()
-        stream = HubStream(manifest["source_files"], manifest["shards"])
+    lock = lock_out_dir(out_dir)  # held to the end: a second prepare.py into this folder is refused
+    try:
+        remove_unfinished_writes(out_dir)
+        if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
+            manifest["source_files"] = manifest.get("source_files") or files or hub_files()
+        writer = write_shards(source, out_dir, manifest, files, num_proc, show_progress)
+        if fingerprint is not None and source_fingerprint(source, files) != fingerprint:  # (not marked complete)
+            raise PrepareError(f"{source_name} changed while it was read: the shards in {out_dir!r} may mix both "
+                               f"versions; delete {out_dir!r} and run the command again")
+        writer.finish()
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return manifest
+
+
+def write_shards(source, out_dir, manifest, files, num_proc, show_progress):
+    """Read the documents from where the manifest stops, tokenize them in num_proc processes and cut the
+    tokens into shards (ShardWriter), with a progress bar. Returns the writer, holding the last shard's
+    tokens: its finish() writes them and marks the manifest complete."""
+    from tqdm import tqdm
+
+    hub = source == "fineweb-edu"
+    stream = HubStream(manifest["source_files"], manifest["shards"]) if hub else None
     writer = ShardWriter(out_dir, manifest, stream.position if hub else None)
     writer.save_manifest()  # first of all: from now on the folder says whose shards it holds
     skip_documents, byte = writer.resume_point()
@@ -774,11 +413,15 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
             progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
     if writer.position == writer.documents:  # every document was empty: nothing but separators
         raise PrepareError(f"{source!r} holds no text")
-    if fingerprint is not None and source_fingerprint(source, files) != fingerprint:  # (not marked complete)
-        raise PrepareError(f"{source_name} changed while it was read: the shards in {out_dir!r} may mix both "
-                           f"versions; delete {out_dir!r} and run the command again")
-    writer.finish()
-    return manifest
+    return writer
+
+
+def lock_out_dir(out_dir):
+    """files.lock_folder's handle on out_dir, its refusal as prepare.py's one line."""
+    try:
+        return lock_folder(out_dir)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
 
 
 # what write_atomically leaves of a write a killed run did not finish: a shard's or the manifest's name + ".tmp"

@@ -7,6 +7,8 @@ say what happens; prepare.py and hellaswag.py use them too. Nothing here imports
     console.py         print0 and the lines a run prints (the step line, the model, the data, ...)
     command_line.py    the flags from TrainConfig, recipes (@configs/NAME.args), settings checks
     tokens.py          GPT-2's tokenizer offline, a text file's tokens, token shards and their manifest
+    corpus.py          a local corpus's documents for prepare.py (.txt, .jsonl, .parquet), and its fingerprint
+    fineweb.py         FineWeb-Edu streamed from the hub for prepare.py: resumable, retried, one line when it fails
     pretrained.py      OpenAI's GPT-2 through transformers, and our model exported back to it
     hub.py             the Hugging Face hub out of reach: its cache only, said at once
     hardware.py        device, precision and each device's quirks (memory, kernels, compile)

@@ -13,6 +13,7 @@ import pytest
 
 import prepare
 from conftest import make_documents, run_script
+from machinery import corpus, fineweb
 from machinery.tokens import get_tokenizer
 
 EOT = 50256
@@ -174,6 +175,30 @@ def test_only_its_own_unfinished_writes_are_removed_from_out_dir(tmp_path, refer
     assert folder_bytes(out) == {**expected, **mine}
 
 
+def test_a_second_prepare_into_a_folder_another_is_writing_is_refused_untouched(tmp_path, reference, monkeypatch,
+                                                                                capsys):
+    """Two prepare.py runs into one out_dir would remove each other's unfinished writes and rewrite the
+    manifest under each other: while one run holds its out_dir (a lock on the folder, taken here as that
+    run takes it, beside its half-written shard) a second is refused in one line and changes nothing.
+    Once the first has ended, the same command finishes the shards."""
+    from machinery.files import lock_folder
+
+    folder, expected = reference
+    out = tmp_path / "run"
+    prepare_killed_at_write(monkeypatch, 4, folder, out, half_written=True, shard_size=1000)
+    before = folder_bytes(out)
+    assert "train_000001.npy.tmp" in before  # the shard the first run is writing
+    first = lock_folder(str(out))  # (taken: the killed run let go of its own lock)
+    args = [str(folder), "--out_dir", str(out), "--shard_size", "1000", "--num_proc", "1"]
+    assert prepare.main(args) == 1
+    assert capsys.readouterr().err == (f"error: another run is writing {str(out)!r} now: wait for it to end, or "
+                                       "choose another --out_dir\n")
+    assert folder_bytes(out) == before
+    os.close(first)
+    assert prepare.main(args) == 0
+    assert folder_bytes(out) == expected
+
+
 def test_an_older_manifest_without_a_fingerprint_resumes_and_records_one(tmp_path, reference, monkeypatch):
     """A manifest of a prepare.py from before source_fingerprint resumes as before; the repeat records the
     fingerprint, so its folder is the uninterrupted run's byte for byte."""
@@ -291,27 +316,27 @@ def test_a_text_cut_where_safe_cut_may_cut_has_the_tokens_of_the_whole():
     enc = get_tokenizer()
     data = (TRICKY * 3).encode()
     whole = enc.encode_ordinary(data.decode())
-    places = [m.start() for m in prepare.CUT.finditer(data, 1)]
+    places = [m.start() for m in corpus.CUT.finditer(data, 1)]
     assert len(places) > 80
     for j in places:
         assert enc.encode_ordinary(data[:j].decode()) + enc.encode_ordinary(data[j:].decode()) == whole, j
     assert enc.encode_ordinary("a\n\n") + enc.encode_ordinary("b") != enc.encode_ordinary("a\n\nb")
     sweep = [c for c in [*range(0x21, 0x7F), *range(0x80, 0x4000), *range(0x4000, 0x10000, 7),
                          *range(0x10000, 0x110000, 997)] if not 0xD800 <= c < 0xE000 and not chr(c).isspace()]
-    assert all(prepare.CUT.match(f" {chr(c)}".encode()) for c in sweep)  # the sweep is CUT's right side
+    assert all(corpus.CUT.match(f" {chr(c)}".encode()) for c in sweep)  # the sweep is CUT's right side
     # a character cut short by the end of what was read is no place yet: it may be U+3000 (E3 80 80)
-    assert not any(prepare.CUT.match(f" {chr(c)}".encode()[:-1]) for c in (0x3042, 0x1681, 0x2010))
+    assert not any(corpus.CUT.match(f" {chr(c)}".encode()[:-1]) for c in (0x3042, 0x1681, 0x2010))
     tokens = enc.encode_ordinary("".join(f"\n\n{chr(c)}" for c in sweep))
     assert tokens.count(198) == 2 * len(sweep)
     spaces = [chr(c) for c in range(0x3100) if chr(c).isspace()]  # Unicode's whitespace is all below U+3100
-    assert not any(prepare.CUT.match(f" {s}".encode()) for s in spaces)
+    assert not any(corpus.CUT.match(f" {s}".encode()) for s in spaces)
     assert all(enc.encode_ordinary(f"\n\n{s}")[0] == 628 for s in "\t\n\x0b\x0c\r ")  # CUT's left side: whitespace
 
 
 @pytest.fixture
 def big_text(tmp_path, monkeypatch):
     """A text file of ~25 pieces: PIECE_BYTES and BATCH_CHARS made small, as 1 MB is to a big file."""
-    monkeypatch.setattr(prepare, "PIECE_BYTES", 1500)
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 1500)
     monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)
     lines = make_documents(400, seed=11, max_words=25)
     text = TRICKY + "\n".join(("\n  " if i % 7 == 0 else "") + line for i, line in enumerate(lines))
@@ -322,26 +347,26 @@ def big_text(tmp_path, monkeypatch):
 
 def test_a_text_file_is_read_in_pieces_whose_tokens_are_the_whole_texts(big_text):
     path, text = big_text
-    pieces = list(prepare.read_documents(str(path)))
+    pieces = list(corpus.read_documents(str(path)))
     size = path.stat().st_size
-    assert len(pieces) > 10 and all(0 < n <= prepare.PIECE_BYTES for _, n, _ in pieces)
+    assert len(pieces) > 10 and all(0 < n <= corpus.PIECE_BYTES for _, n, _ in pieces)
     assert [at for _, _, at in pieces] == list(np.cumsum([0] + [n for _, n, _ in pieces[:-1]]))
     assert sum(n for _, n, _ in pieces) == size and "".join(t for t, _, _ in pieces) == text
     tokens, lengths, at = prepare.tokenize_batch([(t, at) for t, _, at in pieces])
     assert np.array_equal(tokens, stream_of([text])) and lengths.sum() == len(tokens)
     middle = pieces[5][2]  # from where a piece begins, the same pieces follow
-    assert list(prepare.read_documents(str(path), middle)) == pieces[5:]
+    assert list(corpus.read_documents(str(path), middle)) == pieces[5:]
 
 
 def test_japanese_text_whose_lines_begin_with_kana_is_read_in_pieces_too(tmp_path, monkeypatch):
     """Text without spaces has places to cut only at its line breaks; lines that begin with kana (UTF-8
     E3 ..., the lead byte U+3000, the ideographic space, has too) are such places: the file is read a
     few pieces at a time, not whole, with the whole text's tokens."""
-    monkeypatch.setattr(prepare, "PIECE_BYTES", 1500)
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 1500)
     text = "\n".join(f"{'あかさたなはまやらわ'[i % 10]}いうえお、かきくけこ「{i}」。" * 3 for i in range(200))
     path = tmp_path / "ja.txt"
     path.write_text(text, encoding="utf-8")
-    pieces = list(prepare.read_documents(str(path)))
+    pieces = list(corpus.read_documents(str(path)))
     assert len(pieces) > 10 and "".join(t for t, _, _ in pieces) == text
     tokens, _, _ = prepare.tokenize_batch([(t, at) for t, _, at in pieces])
     assert np.array_equal(tokens, stream_of([text]))
@@ -350,17 +375,17 @@ def test_japanese_text_whose_lines_begin_with_kana_is_read_in_pieces_too(tmp_pat
 def test_a_long_stretch_with_nowhere_to_cut_is_searched_once(tmp_path, monkeypatch):
     """A stretch of 20 pieces without whitespace is read on until a place to cut: each piece read is
     searched once (so a long stretch costs its length, not its length squared)."""
-    monkeypatch.setattr(prepare, "PIECE_BYTES", 1500)
-    searched, safe_cut = [], prepare.safe_cut
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 1500)
+    searched, safe_cut = [], corpus.safe_cut
 
     def counting(data, since=1):
         searched.append(len(data) - since)
         return safe_cut(data, since)
 
-    monkeypatch.setattr(prepare, "safe_cut", counting)
+    monkeypatch.setattr(corpus, "safe_cut", counting)
     text = "x" * 30_000 + " y" + " z" * 100
     (tmp_path / "long.txt").write_text(text)
-    pieces = list(prepare.read_documents(str(tmp_path / "long.txt")))
+    pieces = list(corpus.read_documents(str(tmp_path / "long.txt")))
     assert "".join(t for t, _, _ in pieces) == text and pieces[0][1] > 30_000
     assert sum(searched) < 2 * len(text)
 
@@ -456,7 +481,7 @@ ROWS, ROW_GROUP = 60, 20  # the stand-in's rows per file, and per row group
 
 def write_stand_in(folder, n_files=4, rows=ROWS, max_words=120):
     """FineWeb-Edu offline: parquet files with its columns and small row groups, in a folder that
-    prepare.STAND_IN_ENV names in place of the hub's files. Each text starts with where it is,
+    fineweb.STAND_IN_ENV names in place of the hub's files. Each text starts with where it is,
     "doc FILE.ROW", so a test can tell which rows were read. Returns the documents in stream order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -477,8 +502,8 @@ def stand_in(tmp_path, monkeypatch):
     """A stand-in of 4 files of 60 rows (~24k tokens), and an uninterrupted run's folder from it."""
     folder = tmp_path / "hub"
     docs = write_stand_in(folder)
-    monkeypatch.setenv(prepare.STAND_IN_ENV, str(folder))
-    monkeypatch.setattr(prepare, "RETRY_PAUSE_S", 0.0)
+    monkeypatch.setenv(fineweb.STAND_IN_ENV, str(folder))
+    monkeypatch.setattr(fineweb, "RETRY_PAUSE_S", 0.0)
     prepare.prepare("fineweb-edu", str(tmp_path / "ref"), shard_size=1000, show_progress=False)
     return docs, sorted(str(p) for p in folder.glob("*.parquet")), folder_bytes(tmp_path / "ref")
 
@@ -560,7 +585,7 @@ def test_fineweb_edu_sigkilled_then_repeated_gives_the_same_shards_reading_only_
 
     write_stand_in(tmp_path / "hub", n_files=4, rows=250, max_words=200)
     files = sorted(str(p) for p in (tmp_path / "hub").glob("*.parquet"))
-    env = {**os.environ, **OFFLINE_ENV, prepare.STAND_IN_ENV: str(tmp_path / "hub")}
+    env = {**os.environ, **OFFLINE_ENV, fineweb.STAND_IN_ENV: str(tmp_path / "hub")}
     args = ["fineweb-edu", "--shard_size", "2000", "--num_proc", "1"]
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import prepare; "
             "prepare.BATCH_CHARS = 5000; "  # small batches: reading and writing interleave, as on FineWeb-Edu
@@ -573,7 +598,7 @@ def test_fineweb_edu_sigkilled_then_repeated_gives_the_same_shards_reading_only_
     stopped_in = files.index(manifest["shards"][-1]["next_file"])
     assert stopped_in >= 1
 
-    monkeypatch.setenv(prepare.STAND_IN_ENV, str(tmp_path / "hub"))
+    monkeypatch.setenv(fineweb.STAND_IN_ENV, str(tmp_path / "hub"))
     prepare.prepare("fineweb-edu", str(tmp_path / "ref"), shard_size=2000, show_progress=False)
     reads = record_reads(monkeypatch)  # the repeat, in this process, to count the rows it reads
     prepare.prepare("fineweb-edu", str(tmp_path / "run"), shard_size=2000, show_progress=False)
@@ -683,7 +708,7 @@ def permanent_errors():
 @pytest.mark.parametrize("transient", [True, False])
 def test_which_errors_are_retried(transient):
     for error in transient_errors() if transient else permanent_errors():
-        assert prepare.is_transient(error) is transient, repr(error)
+        assert fineweb.is_transient(error) is transient, repr(error)
 
 
 def test_errors_no_retry_can_fix_end_at_once_in_one_line(tmp_path, monkeypatch, capsys, no_network):
@@ -693,11 +718,11 @@ def test_errors_no_retry_can_fix_end_at_once_in_one_line(tmp_path, monkeypatch, 
 
     write_stand_in(tmp_path / "hub")
     files = sorted(str(p) for p in (tmp_path / "hub").glob("*.parquet"))
-    monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)  # the hub's files, listed by (a fake) datasets
+    monkeypatch.delenv(fineweb.STAND_IN_ENV, raising=False)  # the hub's files, listed by (a fake) datasets
     for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # (the hub's switch, and datasets' own)
         monkeypatch.setattr(datasets.config, switch, False, raising=False)
-    monkeypatch.setattr(prepare, "hub_reachable", lambda: True)  # (the hub's name resolves: the requests fail)
-    monkeypatch.setattr(prepare, "RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(fineweb, "hub_reachable", lambda: True)  # (the hub's name resolves: the requests fail)
+    monkeypatch.setattr(fineweb, "RETRY_PAUSE_S", 0.0)
     monkeypatch.setattr(prepare, "FINEWEB_EDU_TOKENS", 10**6)  # for the disk-space estimate
     for error, calls, message in ((permanent_errors()[1], 1, "doesn't exist on the Hub or cannot be accessed"),
                                   (http_error(503), 2, None)):
@@ -743,14 +768,14 @@ def test_fineweb_edu_offline_is_one_line_at_once(tmp_path):
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import prepare; "
             "prepare.FINEWEB_EDU_TOKENS = 10**6; "  # the disk-space check passes on a small disk too
             "sys.exit(prepare.main(['fineweb-edu', '--num_proc', '1']))")
-    env = {k: v for k, v in os.environ.items() if k != prepare.STAND_IN_ENV}
+    env = {k: v for k, v in os.environ.items() if k != fineweb.STAND_IN_ENV}
     start = time.time()
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**env, **OFFLINE_ENV})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: fineweb-edu streams HuggingFaceFW/fineweb-edu from the Hugging Face Hub, "
                                "but offline mode is on (HF_HUB_OFFLINE)") and r.stderr.count("\n") == 1, r.stderr
-    assert time.time() - start < prepare.RETRY_PAUSE_S  # not a single pause
+    assert time.time() - start < fineweb.RETRY_PAUSE_S  # not a single pause
     assert not (tmp_path / "data").exists()  # (the default out_dir is data/fineweb-edu): no folder made
 
 
@@ -760,7 +785,7 @@ def test_fineweb_edu_with_no_network_is_one_line_at_once(tmp_path, monkeypatch, 
     before a folder is made."""
     import datasets
 
-    monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)
+    monkeypatch.delenv(fineweb.STAND_IN_ENV, raising=False)
     for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setattr(datasets.config, switch, False, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -811,7 +836,7 @@ def test_too_little_disk_space_is_refused_before_anything_is_written(tmp_path, m
     free = 10_000 if source == "book.txt" else 10 * 10**9
     usage = type(shutil.disk_usage(tmp_path))(10**12, 10**12 - free, free)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
-    monkeypatch.delenv(prepare.STAND_IN_ENV, raising=False)  # FineWeb-Edu on the hub, refused before it is reached
+    monkeypatch.delenv(fineweb.STAND_IN_ENV, raising=False)  # FineWeb-Edu on the hub, refused before it is reached
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)  # (and if it were not: offline, at once)
     monkeypatch.chdir(tmp_path)
     assert prepare.main([source, "--out_dir", "data/out", "--num_proc", "1"]) == 1
@@ -883,6 +908,8 @@ BAD_SOURCES = [  # (source, setup, what the one line must say)
      "holds no text"),
     ("notext", lambda p: (p / "notext").mkdir() or (p / "notext" / "a.jsonl").write_text(
         '{"text": "fine"}\n{"content": "no text field"}\n'), 'a.jsonl:2 has no "text" string field'),
+    ("numbertext", lambda p: (p / "numbertext").mkdir() or (p / "numbertext" / "a.jsonl").write_text(
+        '{"text": 5}\n'), 'a.jsonl:1 has no "text" string field'),
     ("badjson", lambda p: (p / "badjson").mkdir() or (p / "badjson" / "a.jsonl").write_text("{oops\n"),
      "a.jsonl:1 is not JSON"),
     ("latin1.txt", lambda p: (p / "latin1.txt").write_bytes("café".encode("latin-1")), "is not UTF-8"),
@@ -916,6 +943,25 @@ def test_bad_input_is_one_clear_line(tmp_path, source, setup, message, monkeypat
     last = err.strip().splitlines()[-1]  # after the progress bar, if it started
     assert last.startswith("error:") and message in last, err
     assert not list((tmp_path / "out").glob("*.npy")) if (tmp_path / "out").exists() else True
+
+
+def test_a_null_text_is_an_empty_document_in_jsonl_and_parquet_alike(tmp_path):
+    """A record whose text is null (JSON's null, a parquet null) has no text: an empty document, its
+    <|endoftext|> alone, in either format, as if its text were "" (the shards against stream_of)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = make_documents(2, seed=3)
+    texts = [docs[0], None, docs[1], None]
+    (tmp_path / "jsonl").mkdir()
+    (tmp_path / "jsonl" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.table({"text": texts}), tmp_path / "parquet" / "a.parquet")
+    for kind in ("jsonl", "parquet"):
+        prepare.prepare(str(tmp_path / kind), str(tmp_path / f"out_{kind}"), shard_size=10**6, show_progress=False)
+        manifest, arrays = read_shards(tmp_path / f"out_{kind}")
+        assert np.array_equal(np.concatenate(arrays), stream_of([t or "" for t in texts])), kind
+        assert manifest["documents"] == 4
 
 
 def test_an_out_dir_of_another_source_or_shard_size_is_refused_untouched(tmp_path, monkeypatch, capsys):
@@ -1035,7 +1081,7 @@ def test_a_folder_with_link_loops_and_a_folder_named_like_a_file_reads_each_file
     (folder / "d" / "sub.txt" / "b.txt").write_text(docs[2])
     (folder / "d" / "up").symlink_to("..")
     (folder / "copy.txt").symlink_to("c.txt")
-    files = prepare.local_files(str(folder))
+    files = corpus.local_files(str(folder))
     assert files == [str(folder / name) for name in ("c.txt", "d/a.txt", "d/sub.txt/b.txt")]
     prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=10**6, show_progress=False)
     _, arrays = read_shards(tmp_path / "out")
