@@ -39,7 +39,7 @@ from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, 
                                    save_checkpoint, starting_checkpoint)
 from machinery.command_line import check_block_size, check_config, flag, parse_args
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
-                               describe_plan, print0, step_line)
+                               describe_plan, print0, say_error, step_line)
 from machinery.hardware import (DTYPES, attention_kernels, check_device, check_one_process_per_gpu, compile_model,
                                 cpu_allocator_for, resolve_dtype, torchrun_ranks)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
@@ -681,7 +681,7 @@ def main(argv=None):
             dist.barrier()  # no rank leaves while rank 0 still samples or saves (that can abort the group)
         return code
     except (ValueError, OSError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        say_error(e)  # (a bad setting under torchrun: one line, not one from each process)
         return 1
     except torch.OutOfMemoryError as e:  # what ran out, and what to change
         print(f"error: {describe_out_of_memory(e, cfg, device)}", file=sys.stderr, flush=True)

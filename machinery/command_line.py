@@ -15,7 +15,7 @@ import sys
 from dataclasses import field, fields
 from typing import get_args
 
-from machinery.files import folder_problem, in_binary_units, ram_bytes
+from machinery.files import SettingError, folder_problem, in_binary_units, ram_bytes, say_once
 from machinery.tokens import GPT2_VOCAB_SIZE
 
 
@@ -89,7 +89,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         recipes = sorted(set().union(*(self.recipes_of.get(word, ()) for word in re.findall(r"-[-\w]+", message))))
         where = f" (in recipe {', '.join(recipes)})" if recipes else ""
-        self.exit(2, f"error: {message}{where}{self.did_you_mean(message)} (see --help)\n")
+        say_once(f"error: {message}{where}{self.did_you_mean(message)} (see --help)")  # (torchrun: one line)
+        self.exit(2)
 
     def did_you_mean(self, message):
         """'; did you mean --max_steps?' when an unknown flag is close to a known one."""
@@ -139,52 +140,54 @@ def parse_args(config_class, argv=None, description="Train or sample GPT-2."):
 
 
 def check_config(cfg):
-    """Bad settings stop the run before anything heavy, each with a line that names the flag."""
+    """Bad settings stop the run before anything heavy, each with a line that names the flag (a
+    SettingError: under torchrun, said once)."""
     for name in ("B", "T", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "eval_iters", "eval_interval"):
         if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+            raise SettingError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("max_steps", "warmup_steps", "total_batch_size", "sample_interval",
                  "checkpoint_interval", "num_samples", "max_new_tokens", "top_k"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+            raise SettingError(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if not 0 < cfg.lr < math.inf:  # (NaN fails every comparison)
-        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+        raise SettingError(f"--lr must be a positive number, got {cfg.lr}")
     if not cfg.grad_clip > 0:
-        raise ValueError(f"--grad_clip must be positive (inf: no clipping), got {cfg.grad_clip}")
+        raise SettingError(f"--grad_clip must be positive (inf: no clipping), got {cfg.grad_clip}")
     for name in ("weight_decay", "temperature"):
         if not 0 <= getattr(cfg, name) < math.inf:
-            raise ValueError(f"--{name} must be a number >= 0, got {getattr(cfg, name)}")
+            raise SettingError(f"--{name} must be a number >= 0, got {getattr(cfg, name)}")
     if cfg.min_lr is not None and not 0 <= cfg.min_lr <= cfg.lr:
-        raise ValueError(f"--min_lr {cfg.min_lr} must be between 0 and --lr {cfg.lr}")
+        raise SettingError(f"--min_lr {cfg.min_lr} must be between 0 and --lr {cfg.lr}")
     if not 0 <= cfg.seed < 2**32:
-        raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {cfg.seed}")
+        raise SettingError(f"--seed must be between 0 and 2**32 - 1, got {cfg.seed}")
     if not cfg.out_dir:  # (the run's log and checkpoint need a folder; export_dir "" means no export)
-        raise ValueError("--out_dir is empty: name the folder the run writes its log and checkpoint to")
+        raise SettingError("--out_dir is empty: name the folder the run writes its log and checkpoint to")
     writes_run = cfg.max_steps and not cfg.eval_only  # (sampling or evaluating writes nothing to out_dir)
     for name, written in (("out_dir", writes_run), ("export_dir", cfg.export_dir)):
         problem = folder_problem(getattr(cfg, name)) if written else None
         if problem:
-            raise ValueError(f"--{name} {getattr(cfg, name)!r} {problem}")
+            raise SettingError(f"--{name} {getattr(cfg, name)!r} {problem}")
     if writes_run and os.path.isdir(os.path.join(cfg.out_dir, "ckpt.pt")):
-        raise ValueError(f"{os.path.join(cfg.out_dir, 'ckpt.pt')!r} is a folder: the run's checkpoint is written there")
+        raise SettingError(f"{os.path.join(cfg.out_dir, 'ckpt.pt')!r} is a folder: the run's checkpoint is written "
+                           "there")
     if cfg.export_dir:
         from machinery.pretrained import export_problem  # (here, not above: prepare.py imports this module, not torch)
         problem = export_problem(cfg.export_dir)
         if problem:
-            raise ValueError(problem)
+            raise SettingError(problem)
     if cfg.eval_only and cfg.export_dir:
-        raise ValueError("--eval_only writes nothing, so --export_dir would not be written: export with --max_steps 0 "
-                         "instead of --eval_only")
+        raise SettingError("--eval_only writes nothing, so --export_dir would not be written: export with "
+                           "--max_steps 0 instead of --eval_only")
     if cfg.n_embd % cfg.n_head:
-        raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
+        raise SettingError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if cfg.vocab_size < GPT2_VOCAB_SIZE and cfg.init_from == "scratch":
-        raise ValueError(f"--vocab_size {cfg.vocab_size} is below the tokenizer's {GPT2_VOCAB_SIZE} ids")
+        raise SettingError(f"--vocab_size {cfg.vocab_size} is below the tokenizer's {GPT2_VOCAB_SIZE} ids")
     check_model_fits_in_ram(cfg)
     if cfg.wandb_run_name and not cfg.wandb_project:
-        raise ValueError("--wandb_run_name names a run in --wandb_project, which is not set: add it, or leave "
-                         "both out")
+        raise SettingError("--wandb_run_name names a run in --wandb_project, which is not set: add it, or leave "
+                           "both out")
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
-        raise ValueError("--wandb_project needs the wandb package, which is not installed: pip install wandb")
+        raise SettingError("--wandb_project needs the wandb package, which is not installed: pip install wandb")
 
 
 def check_block_size(T, block_size):
@@ -207,6 +210,6 @@ def check_model_fits_in_ram(cfg):
              "--block_size": 4 * cfg.block_size * C + masks}  # the position table, the masks
     need = sum(parts.values())
     if need > ram:
-        raise ValueError(f"a model of {(need - masks) // 4:,} parameters, block_size {cfg.block_size}, needs "
-                         f"{in_binary_units(need)} of RAM to be made; this machine has {in_binary_units(ram)} "
-                         f"(smaller {max(parts, key=parts.get)})")
+        raise SettingError(f"a model of {(need - masks) // 4:,} parameters, block_size {cfg.block_size}, needs "
+                           f"{in_binary_units(need)} of RAM to be made; this machine has {in_binary_units(ram)} "
+                           f"(smaller {max(parts, key=parts.get)})")

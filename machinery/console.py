@@ -1,13 +1,15 @@
 """
-The lines a run prints: print0 (rank 0 speaks), one line per step, and the lines that describe the
-model, the data, the optimizer, an evaluation and what the run wrote. train_gpt2.py prints them.
+The lines a run prints: print0 (rank 0 speaks), say_error (the line that ends a run), one line per
+step, and the lines that describe the model, the data, the optimizer, an evaluation and what the run
+wrote. train_gpt2.py prints them.
 """
 
 import os
+import sys
 
 import numpy as np
 
-from machinery.files import free_bytes, in_units
+from machinery.files import SettingError, free_bytes, in_units, say_once
 from machinery.memory import ADAM_BYTES, WEIGHT_BYTES
 
 
@@ -15,6 +17,15 @@ def print0(*args, **kwargs):
     """print(), from one process only: torchrun gives each process it starts a RANK, and rank 0 speaks."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def say_error(error):
+    """`error: ...` on stderr for an error that ends a run: once on each machine for a SettingError
+    (say_once), from every process that meets it otherwise."""
+    if isinstance(error, SettingError):
+        say_once(f"error: {error}")
+    else:
+        print(f"error: {error}", file=sys.stderr, flush=True)
 
 
 def format_seconds(seconds):

@@ -1,7 +1,8 @@
 """
-Files and errors: one-line error messages, atomic writes, a full disk said as such, sizes for people
-(files in powers of 1000, memory in powers of 1024), the machine's RAM, and is_whole_number for the
-counts a file read back holds (a checkpoint, a manifest, the log: each may have been edited by hand).
+Files and errors: one-line error messages (said once under torchrun where every process meets them
+alike: say_once), atomic writes, a full disk said as such, sizes for people (files in powers of
+1000, memory in powers of 1024), the machine's RAM, and is_whole_number for the counts a file read
+back holds (a checkpoint, a manifest, the log: each may have been edited by hand).
 
 Every script writes whole files through write_atomically (checkpoints, the picture, shards, the
 manifest, the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file
@@ -15,6 +16,8 @@ import errno
 import os
 import re
 import shutil
+import sys
+import time
 
 
 # a period that ends an abbreviation, not a sentence
@@ -31,6 +34,24 @@ def first_line(error):
         if not line[:end.start()].lower().endswith(ABBREVIATIONS):
             return line[:end.start()]
     return line
+
+
+class SettingError(ValueError):
+    """A bad flag or setting: every process of a torchrun run meets it alike, as they parse one command line."""
+
+
+SETTING_ERROR_WAIT_S = 30  # how long a process other than the first waits for torchrun to stop it (say_once)
+
+
+def say_once(line):
+    """Print an error line that every process of a torchrun run meets alike (a SettingError) once on each
+    machine: the first process (LOCAL_RANK 0, or the only one) prints it. Every other one waits to be
+    stopped, as torchrun stops the rest once a process has failed, and prints it only if it still runs
+    after SETTING_ERROR_WAIT_S. (Ending at once, silent, it could get the first one stopped before that
+    one has printed.)"""
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # (as a string: this may be the line about a bad LOCAL_RANK)
+        time.sleep(SETTING_ERROR_WAIT_S)
+    print(line, file=sys.stderr, flush=True)
 
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, too large, quota

@@ -17,20 +17,22 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from machinery.files import SettingError
+
 # whole tensors, on the CPU: a GPU never holds a second copy of the model to save it
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def check_fsdp(fsdp, cpu_offload, world_size, device_type):
     if device_type == "mps" and (fsdp or cpu_offload):
-        raise ValueError(f"--{'fsdp' if fsdp else 'cpu_offload'} needs CUDA GPUs (or CPU processes): MPS has no "
-                         "process group to shard over")
+        raise SettingError(f"--{'fsdp' if fsdp else 'cpu_offload'} needs CUDA GPUs (or CPU processes): MPS has no "
+                           "process group to shard over")
     if fsdp and world_size < 2:
-        raise ValueError("--fsdp splits the model's state across processes: start two or more with torchrun, "
-                         "e.g. torchrun --standalone --nproc_per_node=2 train_gpt2.py --fsdp (one GPU: --cpu_offload)")
+        raise SettingError("--fsdp splits the model's state across processes: start two or more with torchrun, e.g. "
+                           "torchrun --standalone --nproc_per_node=2 train_gpt2.py --fsdp (one GPU: --cpu_offload)")
     if cpu_offload and world_size > 1 and not fsdp:
-        raise ValueError(f"--cpu_offload with {world_size} processes needs --fsdp too: each process offloads its "
-                         "own share of the state")
+        raise SettingError(f"--cpu_offload with {world_size} processes needs --fsdp too: each process offloads its "
+                           "own share of the state")
 
 
 def builds_the_model(fsdp_wrapped):

@@ -14,7 +14,7 @@ import shlex
 import numpy as np
 import tiktoken
 
-from machinery.files import first_line, in_binary_units, is_whole_number, ram_bytes
+from machinery.files import SettingError, first_line, in_binary_units, is_whole_number, ram_bytes
 
 
 GPT2_VOCAB_SIZE = 50257  # the tokenizer's ids; a table padded to 50304 has rows no token uses
@@ -122,38 +122,39 @@ def read_manifest(data_dir):
     """prepare.py's manifest for data_dir, with each shard's size and dtype checked against its file."""
     path = os.path.join(data_dir, MANIFEST)
     if os.path.isfile(data_dir):
-        raise ValueError(f"--data_dir {data_dir!r} is a file: a text file is read with --input_file, or made into "
-                         f"shards with  python prepare.py {data_dir} --out_dir DIR")
+        raise SettingError(f"--data_dir {data_dir!r} is a file: a text file is read with --input_file, or made into "
+                           f"shards with  python prepare.py {data_dir} --out_dir DIR")
     if not os.path.isfile(path):
-        raise ValueError(f"{data_dir!r} has no {MANIFEST}: prepare it with  "
-                         f"python prepare.py SOURCE --out_dir {data_dir}")
+        raise SettingError(f"{data_dir!r} has no {MANIFEST}: prepare it with  "
+                           f"python prepare.py SOURCE --out_dir {data_dir}")
     try:
         with open(path) as f:
             manifest = json.load(f)
     except ValueError:  # (not JSON, or not UTF-8)
-        raise ValueError(f"{path!r} is not a manifest written by prepare.py") from None
+        raise SettingError(f"{path!r} is not a manifest written by prepare.py") from None
     problem = manifest_problem(manifest)
     if problem:
-        raise ValueError(f"{path!r} is not a manifest as prepare.py writes it: {problem}")
+        raise SettingError(f"{path!r} is not a manifest as prepare.py writes it: {problem}")
     shards = [(s["file"], s["split"], s["tokens"]) for s in manifest["shards"]]
     if manifest.get("tokenizer") != "gpt2":
-        raise ValueError(f"{data_dir!r} holds {manifest.get('tokenizer')} tokens; train_gpt2.py reads GPT-2's (gpt2)")
+        raise SettingError(f"{data_dir!r} holds {manifest.get('tokenizer')} tokens; train_gpt2.py reads GPT-2's (gpt2)")
     if not manifest.get("complete"):
-        raise ValueError(f"{data_dir!r} is not fully prepared: run its prepare.py command again to finish it")
+        raise SettingError(f"{data_dir!r} is not fully prepared: run its prepare.py command again to finish it")
     for file, split, tokens in shards:
         shard = os.path.join(data_dir, file)
         try:
             array = np.load(shard, mmap_mode="r")  # reads the header; a short file fails to map
         except FileNotFoundError:
-            raise ValueError(f"shard {shard!r} listed in the manifest is missing") from None
+            raise SettingError(f"shard {shard!r} listed in the manifest is missing") from None
         except (ValueError, EOFError) as e:  # (EOFError: an empty file)
-            raise ValueError(f"shard {shard!r} is truncated or not a .npy file: {first_line(e) or 'empty'}") from None
+            raise SettingError(f"shard {shard!r} is truncated or not a .npy file: {first_line(e) or 'empty'}") from None
         except OSError as e:  # a folder, or a file we may not read
-            raise ValueError(f"cannot read shard {shard!r}: {e.strerror or first_line(e)}") from None
+            raise SettingError(f"cannot read shard {shard!r}: {e.strerror or first_line(e)}") from None
         if not isinstance(array, np.ndarray):  # (np.load opens a .npz archive too)
-            raise ValueError(f"shard {shard!r} is not a .npy file")
+            raise SettingError(f"shard {shard!r} is not a .npy file")
         if array.dtype != np.uint16 or array.shape != (tokens,):
-            raise ValueError(f"shard {shard!r} holds {array.dtype} {array.shape}, the manifest says uint16 ({tokens},)")
+            raise SettingError(f"shard {shard!r} holds {array.dtype} {array.shape}, the manifest says uint16 "
+                               f"({tokens},)")
     return manifest
 
 
@@ -249,8 +250,8 @@ def check_data(cfg, given=None):
     if cfg.data_dir:
         read_manifest(cfg.data_dir)
     elif os.path.isdir(cfg.input_file):
-        raise ValueError(f"input file {cfg.input_file!r} is a folder (token shards are read with --data_dir)")
+        raise SettingError(f"input file {cfg.input_file!r} is a folder (token shards are read with --data_dir)")
     elif not os.path.exists(cfg.input_file):
-        raise ValueError(f"input file {cfg.input_file!r} not found")
+        raise SettingError(f"input file {cfg.input_file!r} not found")
     elif not os.path.isfile(cfg.input_file):  # a device or a pipe: no end, or read only once
-        raise ValueError(f"input file {cfg.input_file!r} is not a regular file")
+        raise SettingError(f"input file {cfg.input_file!r} is not a regular file")

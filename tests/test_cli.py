@@ -278,6 +278,22 @@ def test_a_fault_only_one_torchrun_process_meets_is_one_line_from_each(tmp_path,
     assert "[rank1]" not in r.stderr and "Connection closed by peer" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("args,line", [
+    (["--max_step", "5"], "error: unrecognized arguments: --max_step 5; did you mean --max_steps? (see --help)"),
+    (["--B", "0"], "error: --B must be positive, got 0"),
+], ids=["misspelled_flag", "bad_value"])
+def test_a_bad_setting_under_torchrun_is_one_line_not_one_from_each_process(tmp_path, text_file, args, line):
+    """Every process of a torchrun run parses the same command line, so a misspelled flag or a bad value
+    stops them all alike: the first process says so once, and the others wait to be stopped with it
+    (files.say_once) rather than each print the same line."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_script(*TINY, "--input_file", text_file, *args, cwd=tmp_path, runner=torchrun,
+                   env_extra={"OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert [ours for ours in r.stderr.splitlines() if ours.startswith("error: ")] == [line], r.stderr
+    assert 'train_gpt2.py", line' not in r.stderr and "machinery" not in r.stderr  # (torchrun's own traceback: its)
+
+
 def test_readme_documents_every_option():
     from dataclasses import fields
 
