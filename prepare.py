@@ -69,7 +69,7 @@ FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-s
 EOT = 50256  # <|endoftext|>: starts every document
 VAL_FRACTION = 0.1  # of a corpus that fits in one shard
 BATCH_CHARS = 1_000_000  # text handed to a worker at once: big enough to amortise the hand-over
-TEXT_BYTES_PER_TOKEN = 4  # GPT-2 on English: ~4 bytes of UTF-8 a token; for the disk-space estimate only
+TEXT_BYTES_PER_TOKEN = 4  # GPT-2 on English: ~4 bytes of UTF-8 a token; for the estimates of disk space and ETA
 DISK_SLACK = 0.9  # refuse to start below 90% of the estimated space: it is an estimate, and a full disk is survivable
 
 
@@ -78,16 +78,18 @@ DISK_SLACK = 0.9  # refuse to start below 90% of the estimated space: it is an e
 
 
 def tokenize_batch(pieces):
-    """The tokens of (text, where it starts in its document) pieces, <|endoftext|> first in a piece that
-    begins a document (at 0): one uint16 array, each piece's token count, and where each starts (handed
-    back with the tokens, for the writer)."""
+    """The tokens of (text, at) pieces, `at` the byte where the piece starts in its document (0: it begins
+    one; a big .txt document comes in several pieces), <|endoftext|> first in a piece that begins a
+    document: one uint16 array, each piece's token count, and each `at` (handed back with the tokens,
+    for the writer)."""
     enc = get_tokenizer()
     texts = [text_tokens(enc, text) for text, _ in pieces]
     at = np.array([start for _, start in pieces], dtype=np.int64)
-    eot = np.array([EOT], dtype=np.uint32)
+    eot = np.array([EOT], dtype=np.uint32)  # (the dtype of encode_to_numpy's arrays)
     tokens = np.concatenate([part for t, a in zip(texts, at) for part in ((eot, t) if a == 0 else (t,))])
     assert tokens.max() < 2**16, "a token id does not fit in uint16"
-    return tokens.astype(np.uint16), np.array([(a == 0) + len(t) for t, a in zip(texts, at)], dtype=np.int64), at
+    lengths = np.array([(a == 0) + len(t) for t, a in zip(texts, at)], dtype=np.int64)  # (+1: the <|endoftext|>)
+    return tokens.astype(np.uint16), lengths, at
 
 
 def text_tokens(enc, text):
@@ -104,7 +106,8 @@ def text_tokens(enc, text):
 
 def batches_of(pieces, progress):
     """Pieces of documents, as (text, where it starts in its document), in lists of about BATCH_CHARS
-    characters; the progress bar counts the bytes read (and those done before: text None)."""
+    characters; the progress bar counts the bytes read, and those an earlier run did, which the source
+    hands over as pieces with text None (corpus.local_documents)."""
     batch, size = [], 0
     for text, n_bytes, at in pieces:
         progress.update(n_bytes)
@@ -122,8 +125,8 @@ def batches_of(pieces, progress):
 def tokenized(batches, num_proc):
     """tokenize_batch over `batches`, in order, in num_proc processes with a few batches in flight
     (reading runs ahead of tokenizing by at most that much, so memory stays flat). The platform's
-    start method: fork on Linux; spawn on macOS and Windows, where each worker imports this file
-    afresh, which is why nothing in it runs at import."""
+    start method: fork or forkserver on Linux, spawn on macOS and Windows; the last two start each
+    worker by importing this file afresh, which is why nothing in it runs at import."""
     if num_proc == 1:
         yield from map(tokenize_batch, batches)
         return
@@ -131,7 +134,7 @@ def tokenized(batches, num_proc):
         in_flight = []
         for batch in batches:
             in_flight.append(pool.apply_async(tokenize_batch, (batch,)))
-            if len(in_flight) >= 2 * num_proc:
+            if len(in_flight) >= 2 * num_proc:  # (two a worker: each has its next batch waiting)
                 yield in_flight.pop(0).get()
         for result in in_flight:
             yield result.get()
@@ -161,7 +164,7 @@ class ShardWriter:
     """Cuts the token stream into shards and keeps the manifest up to date after each one.
 
     Positions are counted in the whole corpus's token stream, which arrives in pieces of documents (a
-    whole one, or a part of a text file's: read_documents). A shard is written only once the token after
+    whole one, or a part of a text file's: corpus.read_documents). A shard is written only once the token after
     it has arrived, so the writer knows whether the corpus fills more than one shard (then the first
     shard is validation) or fits in one (then it is split 90/10 at the end). `locate`, when given, turns
     a document's index into the (file, row) where the source holds it (HubStream.position)."""
@@ -174,6 +177,7 @@ class ShardWriter:
         done = manifest["shards"][-1] if manifest["shards"] else dict(next_document=0, next_offset=0)
         # the stream goes on with document next_document, from its byte next_byte (absent: its start)
         self.resume = done["next_document"], done.get("next_byte", 0)
+        # (position and stream_position differ only on a resume: its first piece is partly in shards already)
         self.position = sum(s["tokens"] for s in manifest["shards"])  # next token to place
         self.documents = done["next_document"] + (self.resume[1] > 0)  # documents begun before the next piece
         self.document_start = self.position - done["next_offset"]  # where the last one begun starts
@@ -269,13 +273,13 @@ def start_manifest(out_dir, source_name, shard_size, fingerprint=None):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        mine = {k: manifest[k] for k in ("tokenizer", "source", "shard_size")}
+        recorded = {k: manifest[k] for k in ("tokenizer", "source", "shard_size")}
     except (ValueError, KeyError, TypeError):
         raise PrepareError(f"{path!r} is not a manifest written by prepare.py; use another --out_dir") from None
     problem = manifest_problem(manifest)
     if problem:
         raise PrepareError(f"{path!r} is not a manifest as prepare.py writes it: {problem}; use another --out_dir")
-    if mine != {k: fresh[k] for k in mine}:
+    if recorded != {k: fresh[k] for k in recorded}:
         raise PrepareError(f"{out_dir!r} holds shards of {manifest['source']} (shard size {manifest['shard_size']:,}), "
                            f"not of {source_name} (shard size {shard_size:,}): use another --out_dir")
     change = fingerprint_change(manifest.get("source_fingerprint"), fingerprint, path)
@@ -357,63 +361,7 @@ def check_memory(shard_size):
 
 
 # -----------------------------------------------------------------------------
-# The whole preparation, and its command line
-
-
-def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=True):
-    """Tokenize `source` into shards in out_dir; returns the manifest. Continues an interrupted run."""
-    hub = source == "fineweb-edu"
-    files = stand_in_files() if hub else local_files(source)  # None: FineWeb-Edu's files, listed on the hub below
-    source_name = f"{FINEWEB_EDU[0]}:{FINEWEB_EDU[1]}" if hub else os.path.abspath(source)
-    fingerprint = None if hub else source_fingerprint(source, files)
-    manifest = start_manifest(out_dir, source_name, shard_size, fingerprint)
-    if manifest["complete"]:
-        return manifest
-    check_disk_space(out_dir, needed_bytes(files, manifest))  # before anything is written
-    check_memory(shard_size)
-    if hub and files is None:  # FineWeb-Edu's files come from the hub: it must be there before a folder is made
-        check_online()
-    os.makedirs(out_dir, exist_ok=True)
-    lock = lock_out_dir(out_dir)  # held to the end: a second prepare.py into this folder is refused
-    try:
-        remove_unfinished_writes(out_dir)
-        if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
-            manifest["source_files"] = manifest.get("source_files") or files or hub_files()
-        writer = write_shards(source, out_dir, manifest, files, num_proc, show_progress)
-        if fingerprint is not None and source_fingerprint(source, files) != fingerprint:  # (not marked complete)
-            raise PrepareError(f"{source_name} changed while it was read: the shards in {out_dir!r} may mix both "
-                               f"versions; delete {out_dir!r} and run the command again")
-        writer.finish()
-    finally:
-        if lock is not None:
-            os.close(lock)
-    return manifest
-
-
-def write_shards(source, out_dir, manifest, files, num_proc, show_progress):
-    """Read the documents from where the manifest stops, tokenize them in num_proc processes and cut the
-    tokens into shards (ShardWriter), with a progress bar. Returns the writer, holding the last shard's
-    tokens: its finish() writes them and marks the manifest complete."""
-    from tqdm import tqdm
-
-    hub = source == "fineweb-edu"
-    stream = HubStream(manifest["source_files"], manifest["shards"]) if hub else None
-    writer = ShardWriter(out_dir, manifest, stream.position if hub else None)
-    writer.save_manifest()  # first of all: from now on the folder says whose shards it holds
-    skip_documents, byte = writer.resume_point()
-    documents = stream.documents() if hub else local_documents(files, skip_documents, byte)
-    total_bytes = 4 * FINEWEB_EDU_TOKENS if hub else sum(os.path.getsize(f) for f in files)  # ~4 bytes a token
-    done_bytes = 4 * writer.position if hub else 0  # (a resumed local run's documents count what was done)
-    desc = f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}"
-    with tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, smoothing=0.05, desc=desc,
-              disable=not show_progress) as progress, \
-            contextlib.closing(tokenized(batches_of(documents, progress), num_proc)) as results:  # (ends the workers)
-        for tokens, lengths, at in results:
-            writer.add(tokens, lengths, at)
-            progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
-    if writer.position == writer.documents:  # every document was empty: nothing but separators
-        raise PrepareError(f"{source!r} holds no text")
-    return writer
+# The folder: one prepare.py at a time, and what a killed one left
 
 
 def lock_out_dir(out_dir):
@@ -434,6 +382,77 @@ def remove_unfinished_writes(out_dir):
     for name in os.listdir(out_dir):
         if UNFINISHED_WRITE.fullmatch(name):
             os.remove(os.path.join(out_dir, name))
+
+
+# -----------------------------------------------------------------------------
+# The whole preparation, and its command line
+
+
+def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=True):
+    """Tokenize `source` into shards in out_dir; returns the manifest. Continues an interrupted run."""
+    hub = source == "fineweb-edu"
+    files = stand_in_files() if hub else local_files(source)  # None: FineWeb-Edu's files, listed on the hub below
+    source_name = f"{FINEWEB_EDU[0]}:{FINEWEB_EDU[1]}" if hub else os.path.abspath(source)
+    fingerprint = None if hub else source_fingerprint(source, files)
+    # held to the end: a second prepare.py into this folder is refused before it reads (or rewrites) anything
+    lock = lock_out_dir(out_dir) if os.path.isdir(out_dir) else None
+    try:
+        manifest = start_manifest(out_dir, source_name, shard_size, fingerprint)
+        if manifest["complete"]:
+            return manifest
+        check_disk_space(out_dir, needed_bytes(files, manifest))  # before anything is written
+        check_memory(shard_size)
+        if hub and files is None:  # FineWeb-Edu's files come from the hub: it must be there before a folder is made
+            check_online()
+        os.makedirs(out_dir, exist_ok=True)
+        lock = lock if lock is not None else lock_out_dir(out_dir)
+        remove_unfinished_writes(out_dir)
+        if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
+            manifest["source_files"] = manifest.get("source_files") or files or hub_files()
+        writer = write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress)
+        if fingerprint is not None and fingerprint_now(source, files) != fingerprint:  # before it is marked complete
+            raise PrepareError(f"{source_name} changed while it was read: the shards in {out_dir!r} may mix both "
+                               f"versions; delete {out_dir!r} and run the command again")
+        writer.finish()  # the last shards, and the manifest marked complete
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return manifest
+
+
+def fingerprint_now(source, files):
+    """source_fingerprint taken again, or None when a file has gone (a change too)."""
+    try:
+        return source_fingerprint(source, files)
+    except OSError:
+        return None
+
+
+def write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress):
+    """Read the documents from where the manifest stops, tokenize them in num_proc processes and cut the
+    tokens into shards (ShardWriter), with a progress bar. Returns the writer, still holding the last
+    shard's tokens: its finish() writes them and marks the manifest complete, once prepare has checked
+    that the source did not change while it was read."""
+    from tqdm import tqdm
+
+    stream = HubStream(manifest["source_files"], manifest["shards"]) if hub else None
+    writer = ShardWriter(out_dir, manifest, stream.position if hub else None)
+    writer.save_manifest()  # first of all: from now on the folder says whose shards it holds
+    skip_documents, byte = writer.resume_point()
+    documents = stream.documents() if hub else local_documents(files, skip_documents, byte)
+    # the bar counts the bytes of the source read (FineWeb-Edu's: characters, its size estimated from the tokens)
+    total_bytes = TEXT_BYTES_PER_TOKEN * FINEWEB_EDU_TOKENS if hub else sum(os.path.getsize(f) for f in files)
+    done_bytes = TEXT_BYTES_PER_TOKEN * writer.position if hub else 0  # (a resumed local run's documents count it)
+    desc = f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}"
+    with tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, smoothing=0.05, desc=desc,
+              disable=not show_progress) as progress, \
+            contextlib.closing(tokenized(batches_of(documents, progress), num_proc)) as results:  # (ends the workers)
+        for tokens, lengths, at in results:
+            writer.add(tokens, lengths, at)
+            progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
+    if writer.position == writer.documents:  # every document was empty: nothing but separators
+        raise PrepareError(f"{source!r} holds no text")
+    return writer
 
 
 def tokenizer_processes(num_proc):

@@ -2,9 +2,10 @@
 A local corpus as prepare.py reads it: a stream of documents from a .txt file or a folder of .txt,
 .jsonl and .parquet files, and a fingerprint that says whether the files changed since.
 
-    local_files(source)            the source's files, in the order their documents are read
-    local_documents(files, skip)   the documents after the first `skip`, in pieces (text, bytes, where)
-    source_fingerprint(source)     each file's name, size and mtime_ns: taken without reading a file
+    local_files(source)                   the source's files, in the order their documents are read
+    local_documents(files, skip, byte)    the documents after the first `skip`, in pieces (text, bytes, at)
+    source_fingerprint(source, files)     each file's name, size and mtime_ns: taken without reading a file
+    PrepareError                          bad input, said by prepare.py in one line (fineweb.py raises it too)
 
 A row of a .parquet file and a line of a .jsonl file (its "text") are each one document; a .txt file
 is one document, read in pieces of about PIECE_BYTES cut where the pieces' tokens are exactly the

@@ -153,7 +153,8 @@ def free_bytes(path):
 def lock_folder(path, flag="--out_dir"):
     """A handle that holds an exclusive lock on the folder `path` until it is closed or the process ends
     (flock on the folder itself: no lock file is left behind), or one line when another process holds
-    it: two runs writing one folder would overwrite each other's files. None where there is no flock."""
+    it: two runs writing one folder would overwrite each other's files. None where there is no flock
+    (Windows, a file system without locks)."""
     try:
         import fcntl
     except ImportError:  # (Windows)
@@ -164,4 +165,9 @@ def lock_folder(path, flag="--out_dir"):
     except BlockingIOError:
         os.close(handle)
         raise ValueError(f"another run is writing {path!r} now: wait for it to end, or choose another {flag}") from None
+    except OSError as e:
+        os.close(handle)
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks (some NFS)
+            return None
+        raise
     return handle

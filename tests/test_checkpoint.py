@@ -692,6 +692,24 @@ def test_a_second_run_into_a_folder_another_run_is_writing_is_refused(tmp_path, 
     assert code == 0, err
 
 
+def test_a_folder_on_a_file_system_without_locks_is_written_unlocked(tmp_path, monkeypatch):
+    """Some file systems (NFS without its lock service) refuse flock: lock_folder then holds no lock
+    (None, as on Windows) and closes the folder's handle, rather than stop every run written there."""
+    import errno
+    import fcntl
+
+    handles = []
+
+    def no_locks(handle, operation):
+        handles.append(handle)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert machinery.files.lock_folder(str(tmp_path)) is None
+    with pytest.raises(OSError):  # closed: no handle leaks
+        os.fstat(handles[0])
+
+
 def test_a_disk_with_less_room_than_a_checkpoint_is_said_before_training(tmp_path, text_file, monkeypatch, capsys):
     """The checkpoint's size is known before the first step (12 bytes a parameter): a disk with less free
     space than that stops the run there, in one line, not after hours of training at its first save."""

@@ -190,7 +190,10 @@ def test_a_second_prepare_into_a_folder_another_is_writing_is_refused_untouched(
     assert "train_000001.npy.tmp" in before  # the shard the first run is writing
     first = lock_folder(str(out))  # (taken: the killed run let go of its own lock)
     args = [str(folder), "--out_dir", str(out), "--shard_size", "1000", "--num_proc", "1"]
+    hashed, sha256_of = [], prepare.sha256_of
+    monkeypatch.setattr(prepare, "sha256_of", lambda path: hashed.append(path) or sha256_of(path))
     assert prepare.main(args) == 1
+    assert hashed == []  # refused before it checks the shards (FineWeb-Edu's: minutes of reading)
     assert capsys.readouterr().err == (f"error: another run is writing {str(out)!r} now: wait for it to end, or "
                                        "choose another --out_dir\n")
     assert folder_bytes(out) == before
@@ -1017,17 +1020,24 @@ def test_a_source_changed_since_its_shards_were_made_is_refused_untouched(tmp_pa
     assert folder_bytes(tmp_path / "out") == before
 
 
-def test_a_source_changed_while_it_is_read_is_not_marked_complete(tmp_path, corpus_folder, monkeypatch):
-    """A file of the source touched during the run: the shards may mix two versions, so the manifest is
-    not marked complete (training refuses it) and the repeat refuses to continue."""
+CHANGES = {  # a change to a file already read, made while the run goes on; what the repeat says of it
+    "touched": (lambda path: os.utime(path, ns=(1, 1)), "a.txt has another size or modification time"),
+    "removed": (lambda path: path.unlink(missing_ok=True), "a.txt removed"),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_source_changed_while_it_is_read_is_not_marked_complete(tmp_path, corpus_folder, monkeypatch, change):
+    """A file of the source touched or removed during the run: the shards may mix two versions, so the
+    manifest is not marked complete (training refuses it) and the repeat refuses to continue."""
     folder, _ = corpus_folder
+    make_change, said = CHANGES[change]
     tokenize_batch = prepare.tokenize_batch
-    monkeypatch.setattr(prepare, "tokenize_batch",
-                        lambda pieces: os.utime(folder / "a.txt", ns=(1, 1)) or tokenize_batch(pieces))
+    monkeypatch.setattr(prepare, "tokenize_batch", lambda pieces: make_change(folder / "a.txt") or tokenize_batch(pieces))
     with pytest.raises(prepare.PrepareError, match=r"corpus changed while it was read: the shards in '.*out' may"):
         prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1000, show_progress=False)
     assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
-    with pytest.raises(prepare.PrepareError, match=r"a.txt has another size or modification time"):
+    with pytest.raises(prepare.PrepareError, match=said):
         prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1000, show_progress=False)
 
 
