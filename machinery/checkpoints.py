@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from machinery.files import DiskFull, first_line, is_whole_number, write_atomically
+from machinery.files import DiskFull, SettingError, first_line, is_whole_number, write_atomically
 from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data
@@ -61,25 +61,25 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, re
     stay in the file until read (under FSDP each process reads only its shards of them). Its model's
     settings are checked, and for a resume its training state's too."""
     if not os.path.isfile(path):
-        raise ValueError(f"{missing} at {path!r}")
+        raise SettingError(f"{missing} at {path!r}")
     try:
         with warnings.catch_warnings():  # a foreign pickle also gets a multi-line warning: we say it once
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except PermissionError as e:
-        raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
+        raise SettingError(f"cannot read {path!r}: {e.strerror}") from None
     except Exception as e:
         if str(e).startswith("Weights only load failed"):
-            raise ValueError(f"{path!r} is not a train_gpt2 checkpoint: not tensors and plain data "
-                             "(a pickle of anything else is refused: loading it could run code)") from None
-        raise ValueError(f"{path!r} is not a readable checkpoint (truncated or corrupt?): {first_line(e)}") from None
+            raise SettingError(f"{path!r} is not a train_gpt2 checkpoint: not tensors and plain data "
+                               "(a pickle of anything else is refused: loading it could run code)") from None
+        raise SettingError(f"{path!r} is not a readable checkpoint (truncated or corrupt?): {first_line(e)}") from None
     if isinstance(ckpt, dict) and "step" in ckpt and "steps_done" not in ckpt:
         ckpt["steps_done"] = ckpt.pop("step")  # the key's name before 2026-12
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        raise ValueError(f"{path!r} is not a train_gpt2 checkpoint")
+        raise SettingError(f"{path!r} is not a train_gpt2 checkpoint")
     problem = model_problem(ckpt) or (training_state_problem(ckpt) if resume else None)
     if problem:
-        raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {problem}")
+        raise SettingError(f"{path!r} is not a usable train_gpt2 checkpoint: {problem}")
     return ckpt
 
 
@@ -138,8 +138,8 @@ def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):
     if clashes:
         has = ", ".join(f"{name}={saved.get(name)!r}" for name in clashes)
         says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
-        raise ValueError(f"checkpoint {path!r} has {has}; the command line says {says} "
-                         "(leave these flags out: the checkpoint decides them)")
+        raise SettingError(f"checkpoint {path!r} has {has}; the command line says {says} "
+                           "(leave these flags out: the checkpoint decides them)")
     cfg = replace(cfg, **{name: saved[name] for name in names if name in saved})
     return resumed_batch(cfg, given, saved, path, world_size) if resume else cfg
 
@@ -152,9 +152,9 @@ def resumed_batch(cfg, given, saved, path, world_size):
     tokens = saved.get("total_batch_size") or saved["B"] * saved["T"] * world_size
     for name, run_value in (("T", saved["T"]), ("total_batch_size", tokens)):
         if name in given and getattr(cfg, name) != run_value:
-            raise ValueError(f"--{name} {getattr(cfg, name)} instead of the run's {run_value}: a resume continues "
-                             f"the run as it was; leave --{name} out, or start a new run from these weights "
-                             f"with --init_from {path}")
+            raise SettingError(f"--{name} {getattr(cfg, name)} instead of the run's {run_value}: a resume continues "
+                               f"the run as it was; leave --{name} out, or start a new run from these weights "
+                               f"with --init_from {path}")
     # the run's data too, unless the command names some (a data_dir run resumed without --data_dir would
     # otherwise read input.txt)
     data = {} if {"data_dir", "input_file"} & set(given) else \
@@ -162,8 +162,8 @@ def resumed_batch(cfg, given, saved, path, world_size):
     cfg = replace(cfg, B=cfg.B if "B" in given else saved["B"], T=saved["T"], total_batch_size=tokens, **data)
     micro_batch = cfg.B * cfg.T * world_size  # tokens of one forward pass over all processes
     if tokens % micro_batch:  # (another --B, or another number of processes)
-        raise ValueError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = {cfg.B}*{cfg.T}*"
-                         f"{world_size} = {micro_batch:,}: resume with a --B that makes them one")
+        raise SettingError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = "
+                           f"{cfg.B}*{cfg.T}*{world_size} = {micro_batch:,}: resume with a --B that makes them one")
     check_data(cfg)  # the data it will read, now that the checkpoint has said which
     return cfg
 
@@ -198,9 +198,9 @@ def restore_data_position(loader, saved):
     split of another token count than the run's) or a place this data does not have is an error, before
     the run's log is touched."""
     if saved.get("tokens", loader.n_tokens) != loader.n_tokens:  # (older checkpoints hold no count)
-        raise ValueError(f"the run trained on a train split of {saved['tokens']:,} tokens, and this data's has "
-                         f"{loader.n_tokens:,}: resume with the data the run trained on, or start a new run from "
-                         "these weights with --init_from")
+        raise SettingError(f"the run trained on a train split of {saved['tokens']:,} tokens, and this data's has "
+                           f"{loader.n_tokens:,}: resume with the data the run trained on, or start a new run from "
+                           "these weights with --init_from")
     shard, token, file = int(saved.get("shard", 0)), int(saved.get("position", 0)), saved.get("file")
     past_the_end = ValueError(f"the checkpoint's data position (shard {shard}, token {token}) is past the "
                               "end of this data's train split; resume with the data the run trained on")
@@ -208,8 +208,8 @@ def restore_data_position(loader, saved):
         files = [os.path.basename(loader.shards[i]) for i in loader.shard_order(int(saved.get("epoch", 0)))]
         if file not in files:  # not in the split, or now too short for one batch
             window = loader.B * loader.T * loader.num_processes + 1
-            raise ValueError(f"the checkpoint's shard {file} is not among this data's train shards that hold one "
-                             f"batch ({window} tokens); resume with the data and --B the run trained with")
+            raise SettingError(f"the checkpoint's shard {file} is not among this data's train shards that hold one "
+                               f"batch ({window} tokens); resume with the data and --B the run trained with")
         shard = files.index(file)
     if not 0 <= shard < len(loader.shards):
         raise past_the_end

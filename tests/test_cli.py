@@ -278,14 +278,20 @@ def test_a_fault_only_one_torchrun_process_meets_is_one_line_from_each(tmp_path,
     assert "[rank1]" not in r.stderr and "Connection closed by peer" not in r.stderr, r.stderr
 
 
+CORRUPT_CHECKPOINT = "error: 'out/ckpt.pt' is not a train_gpt2 checkpoint: not tensors and plain data"
+
+
 @pytest.mark.parametrize("args,line", [
     (["--max_step", "5"], "error: unrecognized arguments: --max_step 5; did you mean --max_steps? (see --help)"),
     (["--B", "0"], "error: --B must be positive, got 0"),
-], ids=["misspelled_flag", "bad_value"])
+    (["--resume"], CORRUPT_CHECKPOINT + " (a pickle of anything else is refused: loading it could run code)"),
+], ids=["misspelled_flag", "bad_value", "corrupt_checkpoint"])
 def test_a_bad_setting_under_torchrun_is_one_line_not_one_from_each_process(tmp_path, text_file, args, line):
-    """Every process of a torchrun run parses the same command line, so a misspelled flag or a bad value
-    stops them all alike: the first process says so once, and the others wait to be stopped with it
-    (files.say_once) rather than each print the same line."""
+    """Every process of a torchrun run parses the same command line and reads the same files, so a
+    misspelled flag, a bad value or a damaged checkpoint stops them all alike: the first process says so
+    once, and the others wait to be stopped with it (files.say_once) rather than each print the same line."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ckpt.pt").write_text("not a checkpoint")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     r = run_script(*TINY, "--input_file", text_file, *args, cwd=tmp_path, runner=torchrun,
                    env_extra={"OMP_NUM_THREADS": "1"})
