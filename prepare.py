@@ -141,11 +141,17 @@ def tokenized(batches, num_proc):
 
 
 def quiet_worker():
-    """A worker leaves signals to the main process: Ctrl-C (SIGINT to the whole process group) is ignored,
-    and SIGTERM, which the main process turns into an interruption (main) and sends its workers when it
-    ends the pool, ends a worker at once. Neither prints a traceback."""
+    """A worker leaves signals to the main process, which ends the pool when it is interrupted (a SIGTERM
+    to each worker, which ends it at once). A worker ignores Ctrl-C, and it leaves the process group
+    (where the OS has them), so that a SIGTERM sent to the whole group (by a scheduler, or kill --
+    -PGID) reaches only the main process: a worker killed while it holds the lock on the pool's task
+    queue, as it does while it waits for its next batch, would leave the main process waiting for that
+    lock forever as it ends the pool. (A main process killed outright ends its workers too: they find
+    the pool's queue closed.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not main's handler, which forked workers inherit)
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
 
 
 # -----------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """prepare.py: any corpus to token shards. What the shards hold is checked against an independent
 tokenization of the same documents; interruptions at every write against an uninterrupted run."""
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -1155,7 +1157,7 @@ SLOW_PREPARE = """import sys, time
 sys.path.insert(0, {repo!r})
 import prepare
 
-tokenize_batch = prepare.tokenize_batch
+tokenize_batch, batches_of = prepare.tokenize_batch, prepare.batches_of
 
 
 def slow_tokenize_batch(texts):  # (a module-level function: the workers find it, forked or spawned)
@@ -1163,19 +1165,34 @@ def slow_tokenize_batch(texts):  # (a module-level function: the workers find it
     return tokenize_batch(texts)
 
 
+def slow_batches_of(pieces, progress):  # reading slowed: the workers wait for their next batch
+    for batch in batches_of(pieces, progress):
+        time.sleep(0.05)
+        yield batch
+
+
 if __name__ == "__main__":
-    prepare.BATCH_CHARS, prepare.tokenize_batch = 1000, slow_tokenize_batch
+    prepare.BATCH_CHARS = 1000
+    if sys.argv.pop(1) == "tokenizing":
+        prepare.tokenize_batch = slow_tokenize_batch
+    else:
+        prepare.batches_of = slow_batches_of
     sys.exit(prepare.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("signum,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["ctrl_c_to_the_group", "sigterm_to_the_main_process"])
+@pytest.mark.parametrize("signum,to_group,slowed", [(signal.SIGINT, True, "tokenizing"),
+                                                    (signal.SIGTERM, False, "tokenizing"),
+                                                    (signal.SIGTERM, True, "reading")],
+                         ids=["ctrl_c_to_the_group", "sigterm_to_the_main_process", "sigterm_to_the_group"])
 def test_a_signal_mid_preparation_with_workers_is_one_line_and_the_same_command_continues(tmp_path, signum,
-                                                                                          to_group):
-    """Ctrl-C in a terminal signals every process of the group, the workers too; SIGTERM (a scheduler,
-    kill) reaches the main process only. Either way: the one line, no worker's traceback, and the repeat
-    finishes with the uninterrupted run's shards. The workers are slowed so the signal comes mid-run."""
+                                                                                          to_group, slowed):
+    """Ctrl-C in a terminal signals every process of the group; SIGTERM reaches the main process only
+    (kill PID) or the whole group (a scheduler, kill -- -PGID: the workers are in groups of their own, so
+    none is killed while it holds the lock on the pool's queue, waiting for its next batch, which would
+    leave the main process waiting forever). Either way: the one line, no worker's traceback, and the
+    repeat finishes with the uninterrupted run's shards. Tokenizing or reading is slowed so the signal
+    comes mid-run."""
     import sys
 
     from conftest import REPO, Launched
@@ -1183,7 +1200,7 @@ def test_a_signal_mid_preparation_with_workers_is_one_line_and_the_same_command_
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=8)))
     (tmp_path / "slow_prepare.py").write_text(SLOW_PREPARE.format(repo=str(REPO)))
     args = ["docs.jsonl", "--out_dir", "run", "--shard_size", "2000", "--num_proc", "2"]
-    with Launched([sys.executable, "slow_prepare.py", *args], tmp_path) as run:
+    with Launched([sys.executable, "slow_prepare.py", slowed, *args], tmp_path) as run:
         deadline = time.time() + 60
         while time.time() < deadline and run.proc.poll() is None and not list((tmp_path / "run").glob("*.npy")):
             time.sleep(0.005)  # until the workers have tokenized a shard
@@ -1192,6 +1209,44 @@ def test_a_signal_mid_preparation_with_workers_is_one_line_and_the_same_command_
     lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and not l.startswith("tokenizing")]  # no bar
     assert code == 130 and lines == ["interrupted: the complete shards are kept; run the same command to continue"], err
     assert not json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]  # it really was cut off
+    for out in ("run", "ref"):
+        prepare.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / out), shard_size=2000, show_progress=False)
+    assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
+
+
+def has_ended(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"  # (a zombie has ended)
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
+def test_the_workers_end_with_a_killed_main_process_and_leave_out_dir_free(tmp_path):
+    """SIGKILL to prepare.py alone (kill -9 PID, the OOM killer): its workers, in process groups of their
+    own, end too (the pool's queue is closed), rather than wait for work forever holding the lock on
+    out_dir they inherit (every repeat would be refused); the same command continues to the
+    uninterrupted run's shards."""
+    from conftest import REPO, Launched, descendants
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=8)))
+    (tmp_path / "slow_prepare.py").write_text(SLOW_PREPARE.format(repo=str(REPO)))
+    args = ["docs.jsonl", "--out_dir", "run", "--shard_size", "2000", "--num_proc", "2"]
+    with Launched([sys.executable, "slow_prepare.py", "reading", *args], tmp_path) as run:
+        deadline = time.time() + 60
+        while time.time() < deadline and run.proc.poll() is None and not list((tmp_path / "run").glob("*.npy")):
+            time.sleep(0.005)  # until the workers have tokenized a shard
+        workers = descendants(run.proc.pid)
+        run.send_signal(signal.SIGKILL)
+        run.proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and not all(has_ended(pid) for pid in workers):
+            time.sleep(0.05)
+        ended = [has_ended(pid) for pid in workers]
+        for pid in workers:  # (no longer the launched process's: Launched would not find them)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert ended == [True, True]
     for out in ("run", "ref"):
         prepare.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / out), shard_size=2000, show_progress=False)
     assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
