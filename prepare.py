@@ -158,6 +158,14 @@ def quiet_worker():
 # Shards and the manifest
 
 
+def save_npy(f, tokens):
+    """np.save(f, tokens), byte for byte, through the file's own writes: np.save hands a real file's
+    array to a C stdio stream, and a full disk found when that stream is flushed can go unnoticed,
+    leaving a short shard that the manifest would list (with its SHA-256) as whole."""
+    np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(tokens))
+    f.write(memoryview(np.ascontiguousarray(tokens)))
+
+
 def sha256_of(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -251,7 +259,7 @@ class ShardWriter:
         index = len(self.manifest["shards"])
         file = f"{split}_{index:06d}.npy"
         path = os.path.join(self.out_dir, file)
-        write_atomically(path, lambda f: np.save(f, tokens))
+        write_atomically(path, lambda f: save_npy(f, tokens))
         entry = dict(file=file, split=split, tokens=len(tokens), sha256=sha256_of(path), **where)
         if self.locate:
             entry["next_file"], entry["next_row"] = self.locate(where["next_document"])

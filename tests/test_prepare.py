@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -883,6 +884,39 @@ def test_a_disk_that_fills_up_ends_the_run_in_one_line_and_the_same_command_cont
     monkeypatch.setattr(prepare, "write_atomically", write)
     assert prepare.main(args) == 0
     assert folder_bytes(tmp_path / "run") == expected
+
+
+def limit_file_size():
+    """In the child, before it runs: files of at most 3,000 bytes, as a full disk would leave them (writes
+    past that fail with EFBIG, and the signal the kernel sends with it is ignored)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a file size limit (RLIMIT_FSIZE) is POSIX's")
+@pytest.mark.parametrize("shard_size", [2000, 20000], ids=["small_shard", "big_shard"])
+def test_a_shard_the_disk_takes_only_part_of_is_said_as_a_full_disk(tmp_path, reference, shard_size):
+    """A real short write, from the kernel (files of at most 3,000 bytes, as a full disk leaves them): a
+    shard that does not fit is the one full-disk line, never a short shard listed as whole (np.save's own
+    writes could miss it, or say only "N requested and M written"); once there is room, the same command
+    finishes with the uninterrupted run's files."""
+    import subprocess
+
+    from conftest import REPO
+
+    folder, _ = reference
+    args = [sys.executable, str(REPO / "prepare.py"), str(folder), "--out_dir", "run", "--shard_size", str(shard_size),
+            "--num_proc", "1"]
+    r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    assert r.returncode == 1
+    assert re.fullmatch(r"error: disk full: writing run/(val_000000|train_000000)\.npy failed \(File too large\); "
+                        r"free some space and run the same command to continue", r.stderr.splitlines()[-1]), r.stderr
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
+    prepare.prepare(str(folder), str(tmp_path / "uninterrupted"), shard_size=shard_size, show_progress=False)
+    assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "uninterrupted")
 
 
 # ----------------------------------------------------------------------------- the command line
