@@ -498,6 +498,8 @@ def main(argv=None):
             raise PrepareError("--shard_size must be at least 2 and --num_proc at least 1")
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise PrepareError(f"--out_dir {out_dir!r} is a file, not a folder")
+        if os.path.islink(out_dir) and not os.path.exists(out_dir):
+            raise PrepareError(f"--out_dir {out_dir!r} is a link to {os.readlink(out_dir)!r}, which does not exist")
         args.num_proc = tokenizer_processes(args.num_proc)
         manifest = prepare(args.source, out_dir, args.shard_size, args.num_proc)
     except DiskFull as e:  # the shards and manifest written so far are intact

@@ -91,20 +91,31 @@ def read_documents(path, start=0):
     """The documents of one file in pieces: (text, bytes read, where the text starts in its document, in
     bytes: 0 begins a document). A row or a line is a whole document; a text file is one document, read
     from byte `start` (0, or where one of its pieces begins) in pieces (text_pieces)."""
-    if not path.endswith((".parquet", ".jsonl")):
+    if path.endswith(".parquet"):
+        for text, n_bytes in read_parquet(path):
+            yield text, n_bytes, 0
+    elif path.endswith(".jsonl"):
+        for text, n_bytes in read_jsonl(path):
+            yield text, n_bytes, 0
+    else:
         yield from text_pieces(path, start)
-        return
-    try:
-        if path.endswith(".parquet"):
-            for text, n_bytes in read_parquet(path):
-                yield text, n_bytes, 0
-        else:
-            with open(path, encoding="utf-8") as f:
-                for line_number, line in enumerate(f, 1):
-                    if line.strip():
-                        yield jsonl_text(line, path, line_number), len(line), 0
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def read_jsonl(path):
+    """(text, bytes) of each line of a .jsonl file that is not blank (jsonl_text). Lines end at "\n" (a
+    "\r" before it is JSON's whitespace); a byte-order mark at the start, which some editors write, is
+    skipped."""
+    with open(path, "rb") as f:
+        at = 0  # the line's first byte in the file
+        for line_number, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise PrepareError(f"{path!r} is not UTF-8 text (line {line_number}, byte {at + e.start}: "
+                                   f"{e.reason})") from None
+            at += len(line)
+            if text.strip():
+                yield jsonl_text(text, path, line_number), len(line)
 
 
 # A place to cut a text: a whitespace character (ASCII) before one that is not whitespace: an ASCII one
@@ -186,30 +197,47 @@ def jsonl_text(line, path, line_number):
 
 def read_parquet(path):
     """(text, bytes) of each row of a parquet file's text column; a null is an empty document."""
-    import pyarrow as pa  # comes with datasets; only parquet sources need it
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # comes with datasets; only parquet sources need it
 
     try:
         table = pq.ParquetFile(path)
-        if "text" not in table.schema_arrow.names:
-            raise PrepareError(f"{path!r} has no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
-        kind = table.schema_arrow.field("text").type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise PrepareError(f"{path!r} has a 'text' column of {kind}, not of strings")
+        check_text_column(table, path)
         for batch in table.iter_batches(columns=["text"], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 yield text or "", len((text or "").encode("utf-8"))
-    except PrepareError:
+    except (PrepareError, FileNotFoundError):
         raise
     except Exception as e:  # pyarrow's own errors: not a parquet file, truncated, ...
         raise PrepareError(f"{path!r} is not a readable parquet file: {first_line(e)}") from None
+
+
+def check_text_column(parquet, path):
+    """A parquet file's documents are its `text` column, which must hold strings (a null: no text)."""
+    import pyarrow as pa
+
+    names = parquet.schema_arrow.names
+    if "text" not in names:
+        raise PrepareError(f"{path!r} has no 'text' column (columns: {', '.join(names)})")
+    kind = parquet.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise PrepareError(f"{path!r} has a 'text' column of {kind}, not of strings")
 
 
 def local_documents(files, skip, byte=0):
     """Every document of `files` after the first `skip`, in pieces (read_documents); the first one from
     `byte` on (where one of the pieces of a text file begins). What an earlier run did comes as
     (None, its bytes, 0): not tokenized again, only counted, so a resumed run's progress bar starts
-    where the last one stopped."""
+    where the last one stopped. A file removed meanwhile is one line."""
+    try:
+        yield from documents_after(files, skip, byte)
+    except FileNotFoundError as e:
+        gone = repr(e.filename) if e.filename else next((repr(f) for f in files if not os.path.exists(f)), "a file")
+        raise PrepareError(f"{gone} was removed while the source was read: its shards cannot be finished; prepare "
+                           "the source again into a new --out_dir") from None
+
+
+def documents_after(files, skip, byte):
+    """local_documents' pieces, read (or, the first `skip` documents, only counted) file by file."""
     seen = 0
     for path in files:
         if not path.endswith((".parquet", ".jsonl")):  # a text file, one document: skipped unread

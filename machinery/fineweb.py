@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from machinery.corpus import PrepareError
+from machinery.corpus import PrepareError, check_text_column
 from machinery.files import exception_chain, first_line
 from machinery.hub import hub_reachable
 from machinery.tokens import FINEWEB_EDU
@@ -112,8 +112,7 @@ class HubStream:
         path = self.files[self.file]
         with fsspec.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            if "text" not in parquet.schema_arrow.names:
-                raise PrepareError(f"{path!r} has no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
+            check_text_column(parquet, source_file_name(path))
             self.starts[self.file] = self.document - self.row
             for row, text in parquet_texts(parquet, self.row):
                 self.row, self.document = row + 1, self.document + 1

@@ -650,6 +650,20 @@ def test_a_file_that_cannot_be_read_ends_the_run_at_once(tmp_path, stand_in, mon
     assert "retrying" not in capsys.readouterr().err and reads[-1] == (1, 29)
 
 
+def test_a_hub_file_whose_text_is_not_strings_is_one_line(tmp_path, monkeypatch):
+    """FineWeb-Edu's files are read as the local parquet files are checked: a `text` column of bytes (or
+    numbers) is one line naming the file, not a TypeError from the tokenizer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "hub").mkdir()
+    pq.write_table(pa.table({"text": [b"bin a", b"bin b"]}), tmp_path / "hub" / "000_00000.parquet")
+    monkeypatch.setenv(fineweb.STAND_IN_ENV, str(tmp_path / "hub"))
+    with pytest.raises(prepare.PrepareError, match=r"^'000_00000.parquet' has a 'text' column of binary, not of "
+                                                   r"strings$"):
+        prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=1000, show_progress=False)
+
+
 def http_error(status):
     """What huggingface_hub raises for an HTTP status."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -984,6 +998,38 @@ def test_bad_input_is_one_clear_line(tmp_path, source, setup, message, monkeypat
     assert not list((tmp_path / "out").glob("*.npy")) if (tmp_path / "out").exists() else True
 
 
+def test_jsonl_is_read_as_bytes_its_bad_utf8_named_where_it_is_and_a_byte_order_mark_skipped(tmp_path):
+    """Invalid UTF-8 far into a .jsonl file is said with its line and its byte in the file (a reader that
+    decodes ahead in blocks would name a byte of its block); a byte-order mark, which some editors put
+    first, is not part of the first record: the file's shards are those of the same file without it."""
+    docs = make_documents(300, seed=4)
+    body = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jsonl").write_bytes(body + b'{"text": "caf\xff"}\n')
+    with pytest.raises(prepare.PrepareError, match=rf"is not UTF-8 text \(line 301, byte {len(body) + 13}: "):
+        prepare.prepare(str(tmp_path / "bad"), str(tmp_path / "out_bad"), shard_size=10**6, show_progress=False)
+    for name, data in (("plain", body), ("bom", b"\xef\xbb\xbf" + body), ("crlf", body.replace(b"\n", b"\r\n"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.jsonl").write_bytes(data)
+        prepare.prepare(str(tmp_path / name), str(tmp_path / f"out_{name}"), shard_size=10**6, show_progress=False)
+        _, arrays = read_shards(tmp_path / f"out_{name}")
+        assert np.array_equal(np.concatenate(arrays), stream_of(docs)), name
+
+
+def test_a_file_of_the_source_removed_before_it_is_read_is_one_line(tmp_path, corpus_folder, monkeypatch):
+    """A folder's file deleted while the run reads the ones before it: one line naming it (the shards so
+    far cannot be finished as the source was), not the OS's "No such file or directory"."""
+    folder, _ = corpus_folder
+    tokenize_batch = prepare.tokenize_batch
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)  # (tokenizing begins long before sub/d.txt, the last, is read)
+    monkeypatch.setattr(prepare, "tokenize_batch",
+                        lambda pieces: (folder / "sub" / "d.txt").unlink(missing_ok=True) or tokenize_batch(pieces))
+    with pytest.raises(prepare.PrepareError, match=r"^'.*sub/d.txt' was removed while the source was read: its "
+                                                   r"shards cannot be finished; prepare the source again into a new "
+                                                   r"--out_dir$"):
+        prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1000, show_progress=False)
+
+
 def test_a_null_text_is_an_empty_document_in_jsonl_and_parquet_alike(tmp_path):
     """A record whose text is null (JSON's null, a parquet null) has no text: an empty document, its
     <|endoftext|> alone, in either format, as if its text were "" (the shards against stream_of)."""
@@ -1136,7 +1182,8 @@ def test_a_folder_with_link_loops_and_a_folder_named_like_a_file_reads_each_file
 
 def test_more_processes_than_cpus_are_not_started_and_a_file_as_out_dir_is_one_line(tmp_path, monkeypatch, capsys):
     """Tokenizing is all CPU: a --num_proc above the CPUs this process may use is lowered to them (said
-    once), not a pool of that many processes. An --out_dir that is a file: one line, the file as it was."""
+    once), not a pool of that many processes. An --out_dir that is a file, or a link to nothing: one line,
+    the file as it was."""
     import multiprocessing
 
     monkeypatch.chdir(tmp_path)
@@ -1153,6 +1200,9 @@ def test_more_processes_than_cpus_are_not_started_and_a_file_as_out_dir_is_one_l
     assert prepare.main(["a.txt", "--out_dir", "file"]) == 1
     assert capsys.readouterr().err == "error: --out_dir 'file' is a file, not a folder\n"
     assert (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "link").symlink_to("nowhere")
+    assert prepare.main(["a.txt", "--out_dir", "link"]) == 1
+    assert capsys.readouterr().err == "error: --out_dir 'link' is a link to 'nowhere', which does not exist\n"
 
 
 def test_importing_prepare_does_nothing_visible_and_needs_no_torch():
