@@ -180,6 +180,7 @@ def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, s
     """Put the optimizer, loss scaler, random streams and data position back as the checkpoint saved them."""
     try:  # (what these hold was not checked on loading: one that does not fit this run is one line too)
         load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        check_optimizer_state(optimizer)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], sample_generator)
@@ -188,6 +189,17 @@ def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, s
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
         raise ValueError(f"cannot resume from {path!r}: {first_line(e)}") from None
     restore_data_position(train_loader, ckpt["train_loader"])
+
+
+def check_optimizer_state(optimizer):
+    """AdamW's moments, as loaded, each of its parameter's shape: load_state_dict takes them as they are,
+    and one of another shape would crash the first step (the fused kernel reads past its end)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                    raise ValueError(f"its optimizer's {name} has shape {tuple(value.shape)} for a parameter of "
+                                     f"shape {tuple(param.shape)}")
 
 
 def restore_data_position(loader, saved):
