@@ -173,7 +173,7 @@ def load_weights(model, ckpt, path):
         model.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError) as e:  # the right keys, but not what we saved
         what = " ".join(str(e).split()).removeprefix("Error(s) in loading state_dict for GPT: ")  # (torch's lines)
-        raise ValueError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(what)[:300]}") from None
+        raise SettingError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(what)[:300]}") from None
 
 
 def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, sample_generator):
@@ -187,7 +187,7 @@ def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, s
     except (torch.OutOfMemoryError, torch.distributed.DistError):
         raise  # (the machine's, not the file's)
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
-        raise ValueError(f"cannot resume from {path!r}: {first_line(e)}") from None
+        raise SettingError(f"cannot resume from {path!r}: {first_line(e)}") from None
     restore_data_position(train_loader, ckpt["train_loader"])
 
 

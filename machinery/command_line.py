@@ -192,7 +192,7 @@ def check_config(cfg):
 
 def check_block_size(T, block_size):
     if T > block_size:
-        raise ValueError(f"T={T} exceeds block_size={block_size}; lower --T")
+        raise SettingError(f"T={T} exceeds block_size={block_size}; lower --T")
 
 
 def check_model_fits_in_ram(cfg):

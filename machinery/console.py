@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from machinery.files import SettingError, free_bytes, in_units, say_once
+from machinery.files import free_bytes, in_units, say_once
 from machinery.memory import ADAM_BYTES, WEIGHT_BYTES
 
 
@@ -20,9 +20,10 @@ def print0(*args, **kwargs):
 
 
 def say_error(error):
-    """`error: ...` on stderr for an error that ends a run: once on each machine for a SettingError
-    (say_once), from every process that meets it otherwise."""
-    if isinstance(error, SettingError):
+    """`error: ...` on stderr for an error that ends a run: once on each machine for one that every process
+    meets alike (its class says so with every_process: a SettingError, a diverged loss), with say_once;
+    from every process that meets it otherwise."""
+    if getattr(error, "every_process", False):
         say_once(f"error: {error}")
     else:
         print(f"error: {error}", file=sys.stderr, flush=True)

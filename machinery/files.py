@@ -39,6 +39,7 @@ def first_line(error):
 class SettingError(ValueError):
     """A bad flag or setting, or a file one names that cannot be used (data, a checkpoint): every process of
     a torchrun run on one machine meets it alike, as they parse one command line and read the same files."""
+    every_process = True  # (said once: console.say_error)
 
 
 SETTING_ERROR_WAIT_S = 30  # how long a process other than the first waits for torchrun to stop it (say_once)

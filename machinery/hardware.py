@@ -15,7 +15,7 @@ import time
 import torch
 
 from machinery.console import print0
-from machinery.files import first_line
+from machinery.files import SettingError, first_line
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,11 +51,11 @@ def cpu_has_native_bf16():
 
 def check_device(name, device_type):
     if device_type not in ("cpu", "cuda", "mps") or (":" in name and not name.split(":")[1].isdigit()):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+        raise SettingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise SettingError(f"device {name!r} requested but CUDA is not available")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} requested but MPS is not available")
+        raise SettingError(f"device {name!r} requested but MPS is not available")
 
 
 def torchrun_ranks():

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from machinery.console import print0
-from machinery.files import first_line, is_whole_number, write_atomically
+from machinery.files import SettingError, first_line, is_whole_number, write_atomically
 from machinery.hub import hub_or_cache
 from machinery.tokens import get_tokenizer
 
@@ -54,29 +54,29 @@ def check_item(item, where):
           and len(item["endings"]) == 4 and all(isinstance(e, str) for e in item["endings"])
           and str(item.get("label")).strip() in ("0", "1", "2", "3"))
     if not ok:
-        raise ValueError(f"{where} is not a HellaSwag item (ctx, four endings, label 0-3)")
+        raise SettingError(f"{where} is not a HellaSwag item (ctx, four endings, label 0-3)")
     return {"ctx": item["ctx"], "endings": item["endings"], "label": int(str(item["label"]).strip())}
 
 
 def read_items(path):
     if not os.path.isfile(path):
-        raise ValueError(f"HellaSwag file {path!r} " + ("is a folder" if os.path.isdir(path) else "not found"))
+        raise SettingError(f"HellaSwag file {path!r} " + ("is a folder" if os.path.isdir(path) else "not found"))
     items = []
     with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
         for line_number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_number} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+                raise SettingError(f"{path}:{line_number} is not UTF-8 text (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except ValueError:
-                raise ValueError(f"{path}:{line_number} is not JSON: HellaSwag files are jsonl") from None
+                raise SettingError(f"{path}:{line_number} is not JSON: HellaSwag files are jsonl") from None
             items.append(check_item(record, f"{path}:{line_number}"))
     if not items:
-        raise ValueError(f"HellaSwag file {path!r} is empty")
+        raise SettingError(f"HellaSwag file {path!r} is empty")
     return items
 
 
@@ -151,7 +151,7 @@ def ending_losses(model, items, device, autocast):
         starts += [n_ctx] * 4
     longest = max(len(r) for r in rows)
     if longest > model.config.block_size:
-        raise ValueError(f"a HellaSwag item has {longest} tokens, more than block_size={model.config.block_size}")
+        raise SettingError(f"a HellaSwag item has {longest} tokens, more than block_size={model.config.block_size}")
     tokens = torch.zeros((len(rows), longest), dtype=torch.long)  # (4N, L)
     mask = torch.zeros((len(rows), longest), dtype=torch.bool)  # True where a token of the ending is
     for i, (row, start) in enumerate(zip(rows, starts)):

