@@ -23,7 +23,7 @@ What it writes in out_dir:
   file and row where `next_document` is.
 
 Every document is <|endoftext|> (50256) followed by its tokens, as GPT-2 was trained, and a document
-may run across two shards. A text file is one document, read and tokenized in pieces of about 1 MB,
+may run across two shards. A text file is one document, read and tokenized in pieces of about 1 MiB,
 cut where the pieces' tokens are exactly the whole text's (corpus.safe_cut): a big one shows its
 progress and is held in memory a few pieces at a time. The first shard is validation when the corpus
 fills more than one shard; a smaller corpus is split into train (its first 90%) and val (its last 10%).
@@ -60,8 +60,8 @@ import sys
 import numpy as np
 
 from machinery.command_line import ArgumentParser
-from machinery.corpus import PrepareError, local_documents, local_files, source_fingerprint
-from machinery.files import DiskFull, in_units, lock_folder, ram_bytes, write_atomically
+from machinery.corpus import local_documents, local_files, source_fingerprint
+from machinery.files import DiskFull, PrepareError, in_units, lock_folder, ram_bytes, write_atomically
 from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
 from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE, get_tokenizer, manifest_problem
 
@@ -419,7 +419,7 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
         if hub and files is None:  # FineWeb-Edu's files come from the hub: it must be there before a folder is made
             check_online()
         os.makedirs(out_dir, exist_ok=True)
-        lock = lock if lock is not None else lock_out_dir(out_dir)
+        lock = lock if lock is not None else lock_out_dir(out_dir)  # (a folder made just now: locked once it is there)
         remove_unfinished_writes(out_dir)
         if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
             manifest["source_files"] = manifest.get("source_files") or files or hub_files()

@@ -180,7 +180,7 @@ def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, s
     """Put the optimizer, loss scaler, random streams and data position back as the checkpoint saved them."""
     try:  # (what these hold was not checked on loading: one that does not fit this run is one line too)
         load_optimizer_state(model, optimizer, ckpt["optimizer"])
-        check_optimizer_state(optimizer)
+        check_optimizer_state(model, optimizer)  # (its ValueError: "cannot resume from ..." below)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], sample_generator)
@@ -191,15 +191,16 @@ def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, s
     restore_data_position(train_loader, ckpt["train_loader"])
 
 
-def check_optimizer_state(optimizer):
+def check_optimizer_state(model, optimizer):
     """AdamW's moments, as loaded, each of its parameter's shape: load_state_dict takes them as they are,
     and one of another shape would crash the first step (the fused kernel reads past its end)."""
+    names = {id(param): name for name, param in model.named_parameters()}
     for group in optimizer.param_groups:
         for param in group["params"]:
-            for name, value in optimizer.state.get(param, {}).items():
+            for key, value in optimizer.state.get(param, {}).items():
                 if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
-                    raise ValueError(f"its optimizer's {name} has shape {tuple(value.shape)} for a parameter of "
-                                     f"shape {tuple(param.shape)}")
+                    raise ValueError(f"its optimizer's {key} for {names.get(id(param), 'a parameter')} has shape "
+                                     f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
 
 
 def restore_data_position(loader, saved):
@@ -214,8 +215,8 @@ def restore_data_position(loader, saved):
                            f"{loader.n_tokens:,}: resume with the data the run trained on, or start a new run from "
                            "these weights with --init_from")
     shard, token, file = int(saved.get("shard", 0)), int(saved.get("position", 0)), saved.get("file")
-    past_the_end = ValueError(f"the checkpoint's data position (shard {shard}, token {token}) is past the "
-                              "end of this data's train split; resume with the data the run trained on")
+    past_the_end = SettingError(f"the checkpoint's data position (shard {shard}, token {token}) is past the "
+                                "end of this data's train split; resume with the data the run trained on")
     if file is not None and loader.file is not None:  # (checkpoints before 2026-12-05 name no file)
         files = [os.path.basename(loader.shards[i]) for i in loader.shard_order(int(saved.get("epoch", 0)))]
         if file not in files:  # not in the split, or now too short for one batch

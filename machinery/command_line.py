@@ -89,7 +89,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         recipes = sorted(set().union(*(self.recipes_of.get(word, ()) for word in re.findall(r"-[-\w]+", message))))
         where = f" (in recipe {', '.join(recipes)})" if recipes else ""
-        say_once(f"error: {message}{where}{self.did_you_mean(message)} (see --help)")  # (torchrun: one line)
+        # (under torchrun: one line, not one from each process; files.say_once, as prepare.py, which uses this
+        # parser too, does not import the torch that console.say_error's module brings)
+        say_once(f"error: {message}{where}{self.did_you_mean(message)} (see --help)")
         self.exit(2)
 
     def did_you_mean(self, message):

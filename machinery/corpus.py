@@ -5,7 +5,6 @@ A local corpus as prepare.py reads it: a stream of documents from a .txt file or
     local_files(source)                   the source's files, in the order their documents are read
     local_documents(files, skip, byte)    the documents after the first `skip`, in pieces (text, bytes, at)
     source_fingerprint(source, files)     each file's name, size and mtime_ns: taken without reading a file
-    PrepareError                          bad input, said by prepare.py in one line (fineweb.py raises it too)
 
 A row of a .parquet file and a line of a .jsonl file (its "text") are each one document; a .txt file
 is one document, read in pieces of about PIECE_BYTES cut where the pieces' tokens are exactly the
@@ -13,17 +12,14 @@ whole text's (safe_cut), so a big one is held in memory a few pieces at a time a
 start at the byte where one of its pieces begins.
 """
 
+import codecs
 import json
 import os
 import re
 
-from machinery.files import first_line
+from machinery.files import PrepareError, first_line
 
 PIECE_BYTES = 1 << 20  # a .txt document is read and tokenized in pieces of about this size (safe_cut)
-
-
-class PrepareError(Exception):
-    """Bad input to prepare.py: reported as one line."""
 
 
 SOURCE_TYPES = (".txt", ".jsonl", ".parquet")  # what a folder source's files may be
@@ -106,10 +102,12 @@ def read_jsonl(path):
     "\r" before it is JSON's whitespace); a byte-order mark at the start, which some editors write, is
     skipped."""
     with open(path, "rb") as f:
-        at = 0  # the line's first byte in the file
+        at = 0  # the first byte in the file of the line's text
         for line_number, line in enumerate(f, 1):
+            if line_number == 1 and line.startswith(codecs.BOM_UTF8):
+                line, at = line[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
             try:
-                text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise PrepareError(f"{path!r} is not UTF-8 text (line {line_number}, byte {at + e.start}: "
                                    f"{e.reason})") from None

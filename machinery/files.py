@@ -36,23 +36,28 @@ def first_line(error):
     return line
 
 
+class PrepareError(Exception):
+    """Bad input to prepare.py (its source, its out_dir): said in one line. Raised by the modules that read
+    its documents (corpus.py, fineweb.py) too."""
+
+
 class SettingError(ValueError):
     """A bad flag or setting, or a file one names that cannot be used (data, a checkpoint): every process of
     a torchrun run on one machine meets it alike, as they parse one command line and read the same files."""
     every_process = True  # (said once: console.say_error)
 
 
-SETTING_ERROR_WAIT_S = 30  # how long a process other than the first waits for torchrun to stop it (say_once)
+SAY_ONCE_WAIT_S = 30  # how long a process other than the first waits for torchrun to stop it (say_once)
 
 
 def say_once(line):
-    """Print an error line that every process of a torchrun run meets alike (a SettingError) once on each
-    machine: the first process (LOCAL_RANK 0, or the only one) prints it. Every other one waits to be
-    stopped, as torchrun stops the rest once a process has failed, and prints it only if it still runs
-    after SETTING_ERROR_WAIT_S. (Ending at once, silent, it could get the first one stopped before that
-    one has printed.)"""
-    if os.environ.get("LOCAL_RANK", "0") != "0":  # (as a string: this may be the line about a bad LOCAL_RANK)
-        time.sleep(SETTING_ERROR_WAIT_S)
+    """Print an error line that every process of a torchrun run meets alike (a bad flag, a SettingError, a
+    diverged loss) once on each machine: the first process (LOCAL_RANK 0, or the only one) prints it.
+    Every other one waits to be stopped, as torchrun stops the rest once a process has failed, and prints
+    it only if it still runs after SAY_ONCE_WAIT_S. (Ending at once, silent, it could get the first one
+    stopped before that one has printed.)"""
+    if "RANK" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0":  # (torchrun sets both; as strings)
+        time.sleep(SAY_ONCE_WAIT_S)
     print(line, file=sys.stderr, flush=True)
 
 

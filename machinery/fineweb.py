@@ -15,8 +15,8 @@ import os
 import sys
 import time
 
-from machinery.corpus import PrepareError, check_text_column
-from machinery.files import exception_chain, first_line
+from machinery.corpus import check_text_column
+from machinery.files import PrepareError, exception_chain, first_line
 from machinery.hub import hub_reachable
 from machinery.tokens import FINEWEB_EDU
 

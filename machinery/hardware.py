@@ -78,9 +78,9 @@ def check_one_process_per_gpu(world_size):
     waiting forever for the ones that could not start."""
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if processes_here > torch.cuda.device_count():
-        raise ValueError(f"torchrun started {processes_here} processes on a node with "
-                         f"{torch.cuda.device_count()} GPU(s): one process per GPU, so pass "
-                         f"--nproc_per_node={torch.cuda.device_count()} (or --device cpu)")
+        raise SettingError(f"torchrun started {processes_here} processes on a node with "
+                           f"{torch.cuda.device_count()} GPU(s): one process per GPU, so pass "
+                           f"--nproc_per_node={torch.cuda.device_count()} (or --device cpu)")
 
 
 def cpu_allocator_for(device_type, fsdp):

@@ -113,7 +113,7 @@ def load_items(data="auto", flag="--data"):
     try:
         return read_items(cache_path())
     except ValueError as e:  # (written whole, so damaged since: by hand, or by the disk)
-        raise ValueError(f"{e}; it is the cached download: delete it, and the next run fetches it again") from None
+        raise SettingError(f"{e}; it is the cached download: delete it, and the next run fetches it again") from None
 
 
 def load_items_across_ranks(source):
@@ -151,7 +151,8 @@ def ending_losses(model, items, device, autocast):
         starts += [n_ctx] * 4
     longest = max(len(r) for r in rows)
     if longest > model.config.block_size:
-        raise SettingError(f"a HellaSwag item has {longest} tokens, more than block_size={model.config.block_size}")
+        # (a ValueError: under torchrun each process scores its own share of the items, and only some may hold it)
+        raise ValueError(f"a HellaSwag item has {longest} tokens, more than block_size={model.config.block_size}")
     tokens = torch.zeros((len(rows), longest), dtype=torch.long)  # (4N, L)
     mask = torch.zeros((len(rows), longest), dtype=torch.bool)  # True where a token of the ending is
     for i, (row, start) in enumerate(zip(rows, starts)):

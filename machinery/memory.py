@@ -17,7 +17,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from machinery.files import in_binary_units as size, ram_bytes
+from machinery.files import SettingError, in_binary_units as size, ram_bytes
 from machinery.loss import CHUNK_ROWS
 from machinery.recompute import recomputed, setting
 
@@ -137,7 +137,7 @@ def plan_memory(model, cfg, world_size, device, dtype, start_step=0):
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes sharing this machine's RAM
     fits_here = not (device.startswith("cpu") and total and here * need > total)
     if not everyone_agrees(fits_here, device):
-        raise ValueError(too_little_ram(cfg, need, here, total if not fits_here else None, world_size))
+        raise SettingError(too_little_ram(cfg, need, here, total if not fits_here else None, world_size))
     if cfg.cpu_offload:  # the state, in the machine's RAM
         line += "\n" + plan_ram(model, cfg, world_size, device)
     return line
@@ -233,9 +233,9 @@ def plan_ram(model, cfg, world_size, device):
     if not everyone_agrees(free is None or need <= free, device):
         where = "more RAM than another machine of this run has free" if free is None or need <= free else \
             f"about {size(need)} of RAM on this machine, which has {size(free)} for it"
-        raise ValueError(f"--cpu_offload needs {where} ({here} process(es)' share of the state" +
-                         (", and a checkpoint gathered" if gathers else "") +
-                         "): free some, or spread the state over more machines' RAM with --fsdp under torchrun")
+        raise SettingError(f"--cpu_offload needs {where} ({here} process(es)' share of the state" +
+                           (", and a checkpoint gathered" if gathers else "") +
+                           "): free some, or spread the state over more machines' RAM with --fsdp under torchrun")
     return (f"memory in RAM (--cpu_offload): {describe_state(n, cfg, world_size)}" +
             (f", {size(held)} with weights and gradients page-locked" if pinned else "") +
             (f"; this machine: {size(need)} of {size(free)} free" if free is not None else ""))

@@ -229,7 +229,8 @@ HAND_EDITS = [
     ("train_loader", lambda c: c["train_loader"].update(file=3), "train_loader file is 3, not a shard's file name"),
     ("optimizer", lambda c: c.update(optimizer={}), "optimizer does not hold state, param_groups"),
     ("optimizer", lambda c: next(iter(c["optimizer"]["state"].values())).update(exp_avg=torch.zeros(3)),
-     "cannot resume from 'run/ckpt.pt': its optimizer's exp_avg has shape (3,) for a parameter of shape ("),
+     "cannot resume from 'run/ckpt.pt': its optimizer's exp_avg for transformer.wte.weight has shape (3,), the "
+     "parameter ("),
     ("rng", lambda c: c["rng"].pop("torch"), "rng does not hold python, numpy, torch, sample"),
     ("rng", lambda c: c["rng"].update(python=(1, (), None)), "cannot resume from 'run/ckpt.pt': state with version 1"),
 ]

@@ -1004,10 +1004,12 @@ def test_jsonl_is_read_as_bytes_its_bad_utf8_named_where_it_is_and_a_byte_order_
     first, is not part of the first record: the file's shards are those of the same file without it."""
     docs = make_documents(300, seed=4)
     body = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "a.jsonl").write_bytes(body + b'{"text": "caf\xff"}\n')
-    with pytest.raises(prepare.PrepareError, match=rf"is not UTF-8 text \(line 301, byte {len(body) + 13}: "):
-        prepare.prepare(str(tmp_path / "bad"), str(tmp_path / "out_bad"), shard_size=10**6, show_progress=False)
+    for i, bom in enumerate((b"", b"\xef\xbb\xbf")):  # (the mark's bytes count: the byte is the file's)
+        (tmp_path / f"bad{i}").mkdir()
+        (tmp_path / f"bad{i}" / "a.jsonl").write_bytes(bom + body + b'{"text": "caf\xff"}\n')
+        with pytest.raises(prepare.PrepareError, match=rf"not UTF-8 text \(line 301, byte {len(bom + body) + 13}: "):
+            prepare.prepare(str(tmp_path / f"bad{i}"), str(tmp_path / f"out_bad{i}"), shard_size=10**6,
+                            show_progress=False)
     for name, data in (("plain", body), ("bom", b"\xef\xbb\xbf" + body), ("crlf", body.replace(b"\n", b"\r\n"))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "a.jsonl").write_bytes(data)
@@ -1115,7 +1117,8 @@ def test_a_source_changed_while_it_is_read_is_not_marked_complete(tmp_path, corp
     folder, _ = corpus_folder
     make_change, said = CHANGES[change]
     tokenize_batch = prepare.tokenize_batch
-    monkeypatch.setattr(prepare, "tokenize_batch", lambda pieces: make_change(folder / "a.txt") or tokenize_batch(pieces))
+    monkeypatch.setattr(prepare, "tokenize_batch",
+                        lambda pieces: make_change(folder / "a.txt") or tokenize_batch(pieces))
     with pytest.raises(prepare.PrepareError, match=r"corpus changed while it was read: the shards in '.*out' may"):
         prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1000, show_progress=False)
     assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]

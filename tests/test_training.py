@@ -12,6 +12,7 @@ import torch
 
 import machinery.checkpoints
 import machinery.command_line
+import machinery.files
 import machinery.hardware
 import machinery.run_log
 import machinery.speed
@@ -264,7 +265,8 @@ def test_text_too_short_for_validation_trains_without_it(tmp_path, capsys):
 def test_more_processes_than_gpus_stops_every_rank_before_it_touches_a_gpu(tmp_path, text_file, monkeypatch,
                                                                            capsys, rank):
     """Two processes on a node with one GPU (faked): rank 1 has no GPU, and rank 0, whose GPU exists,
-    must stop too, or it would wait forever in init_process_group for a rank 1 that never comes."""
+    must stop too, or it would wait forever in init_process_group for a rank 1 that never comes. Both
+    meet the same line: rank 0 says it, rank 1 waits for torchrun to stop it (files.say_once)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
@@ -273,11 +275,14 @@ def test_more_processes_than_gpus_stops_every_rank_before_it_touches_a_gpu(tmp_p
 
     monkeypatch.setattr(torch.cuda, "set_device", forbidden)
     monkeypatch.setattr(train_gpt2.dist, "init_process_group", forbidden)
+    waits = []
+    monkeypatch.setattr(machinery.files.time, "sleep", waits.append)
     for name, value in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2).items():
         monkeypatch.setenv(name, str(value))
     code, _ = run_main(tmp_path, text_file, "--device", "cuda")
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
+    assert waits == ([machinery.files.SAY_ONCE_WAIT_S] if rank else [])  # rank 1 waits for torchrun to stop it
     assert err.startswith("error: torchrun started 2 processes on a node with 1 GPU(s)")
     assert "--nproc_per_node=1" in err and "--device cpu" in err
 
