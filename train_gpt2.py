@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, restore_training_state,
                                    save_checkpoint, starting_checkpoint)
-from machinery.command_line import check_block_size, check_config, flag, parse_args
+from machinery.command_line import SettingError, check_block_size, check_config, flag, parse_args
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
                                describe_plan, print0, say_error, step_line)
 from machinery.hardware import (DTYPES, attention_kernels, check_device, check_one_process_per_gpu, compile_model,
@@ -214,8 +214,8 @@ class GPT(nn.Module):
         """GPT-2 weights from the Hugging Face hub by name (gpt2 ... gpt2-xl) or from a directory written
         by save_pretrained (the offline path). vocab_size pads the token table (e.g. to 50304)."""
         if name_or_path not in PRETRAINED and not os.path.isdir(name_or_path):
-            raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
-                             "or a directory written by save_pretrained")
+            raise SettingError(f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
+                               "or a directory written by save_pretrained")
         hf_model = load_transformers_gpt2(name_or_path, PRETRAINED)  # quiet, and one-line errors
         hf = hf_model.config
         config = GPTConfig(block_size=hf.n_positions, vocab_size=max(hf.vocab_size, vocab_size or 0),
@@ -457,8 +457,8 @@ def batch_arithmetic(cfg, world_size):
     tokens_per_micro_step = cfg.B * cfg.T * world_size
     total_batch_size = cfg.total_batch_size or tokens_per_micro_step
     if total_batch_size % tokens_per_micro_step:
-        raise ValueError(f"--total_batch_size {total_batch_size} is not a multiple of B*T*processes "
-                         f"= {cfg.B}*{cfg.T}*{world_size} = {tokens_per_micro_step}")
+        raise SettingError(f"--total_batch_size {total_batch_size} is not a multiple of B*T*processes "
+                           f"= {cfg.B}*{cfg.T}*{world_size} = {tokens_per_micro_step}")
     return total_batch_size, total_batch_size // tokens_per_micro_step
 
 
@@ -545,7 +545,7 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     if hellaswag_items is not None:
         results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast, resumable=cfg.eval_only))
     if not results and cfg.eval_only:
-        raise ValueError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
+        raise SettingError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
     if results:  # (a run without validation data or HellaSwag has nothing to say)
         print0(describe_evaluation(step, results))
     return results

@@ -2,7 +2,8 @@
 The command line, built from a dataclass of settings (train_gpt2.py's TrainConfig): every field is a
 flag with its help text; a recipe is a file of flags read with @configs/NAME.args; a misspelled flag
 is answered with the flag meant; settings that cannot work stop the run in one line before anything
-heavy. The sibling scripts use ArgumentParser for the same one-line errors.
+heavy (a SettingError, which train_gpt2.py imports from here for its own checks: under torchrun it is
+said once). The sibling scripts use ArgumentParser for the same one-line errors.
 """
 
 import argparse

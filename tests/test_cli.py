@@ -313,7 +313,9 @@ CORRUPT_CHECKPOINT = "error: 'out/ckpt.pt' is not a train_gpt2 checkpoint: not t
     (["--resume"], CORRUPT_CHECKPOINT + " (a pickle of anything else is refused: loading it could run code)"),
     (["--device", "foo"], "error: unknown device 'foo': use auto, cpu, cuda, cuda:N or mps"),
     (["--input_file", "empty.txt"], "empty.txt' is empty"),
-], ids=["misspelled_flag", "bad_value", "corrupt_checkpoint", "unknown_device", "empty_data"])
+    (["--B", "2", "--T", "16", "--total_batch_size", "100"], "error: --total_batch_size 100 is not a multiple of "
+                                                             "B*T*processes = 2*16*2 = 64"),
+], ids=["misspelled_flag", "bad_value", "corrupt_checkpoint", "unknown_device", "empty_data", "batch_arithmetic"])
 def test_a_bad_setting_under_torchrun_is_one_line_not_one_from_each_process(tmp_path, text_file, args, line):
     """Every process of a torchrun run parses the same command line and reads the same files, so a
     misspelled flag, a bad value, a damaged checkpoint or unusable data stops them all alike: the first
