@@ -60,7 +60,9 @@ def check_item(item, where):
 
 def read_items(path):
     if not os.path.isfile(path):
-        raise SettingError(f"HellaSwag file {path!r} " + ("is a folder" if os.path.isdir(path) else "not found"))
+        what = "is a folder" if os.path.isdir(path) else "is not a regular file" if os.path.exists(path) else \
+            "not found"
+        raise SettingError(f"HellaSwag file {path!r} {what}")
     items = []
     with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
         for line_number, raw in enumerate(f, 1):

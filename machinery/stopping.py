@@ -35,6 +35,8 @@ class StopRequested:
     def _handle(self, signum, frame):
         self.requested = True
         self.restore()
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (a second SIGTERM would end it without a word)
+            signal.signal(signal.SIGTERM, interrupt_at_once)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -42,6 +44,11 @@ class StopRequested:
 
     def __exit__(self, *exc):
         self.restore()
+
+
+def interrupt_at_once(signum, frame):
+    """A second SIGTERM, as a second Ctrl-C: a KeyboardInterrupt, which main says in one line (stopped_at_once)."""
+    raise KeyboardInterrupt
 
 
 def stop_requested_anywhere(requested, device):

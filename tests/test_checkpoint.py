@@ -97,6 +97,31 @@ def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, unint
         [l for l in ref_stdout.splitlines() if l.startswith("> ")][-1]
 
 
+SECOND_SIGTERM = """import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from machinery.stopping import StopRequested
+with StopRequested() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)  # the first: asks to stop after the step
+    time.sleep(0.1)
+    print("asked" if stop.requested else "not asked", flush=True)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the second: at once
+        time.sleep(5)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+print("default again" if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else "not restored")
+"""
+
+
+def test_a_second_sigterm_stops_at_once_as_a_second_ctrl_c_does(tmp_path):
+    """In the training loop the first SIGTERM (a scheduler's) asks to stop after the step; a second one
+    interrupts at once, as a second Ctrl-C does, so main says so in one line (it used to end the process
+    without a word). The signal handlers are back as they were after the loop."""
+    r = subprocess.run([sys.executable, "-c", SECOND_SIGTERM.format(repo=str(REPO))], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout) == (0, "asked\ninterrupted\ndefault again\n"), r
+
+
 def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, text_file, uninterrupted):
     _, ref_log = uninterrupted
     args = (*RUN, "--input_file", text_file, "--max_steps", "30", "--out_dir", "run", "--checkpoint_interval", "5")

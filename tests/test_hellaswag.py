@@ -3,6 +3,7 @@ GPT2LMHeadModel, one ending at a time; the picture of a run (plot_log). Under to
 checked with the shards in test_shards.py (one pair of runs checks both)."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -120,6 +121,7 @@ def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_fil
 BAD = [  # (file content, None for a missing file or a folder for one, what the one line says)
     (None, "not found"),
     ("folder", "is a folder"),
+    ("pipe", "is not a regular file"),
     ("", "is empty"),
     ('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n', ":1 is not a HellaSwag item"),
     ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 7}\n', ":1 is not a HellaSwag item"),
@@ -135,6 +137,8 @@ def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message, cap
     data = tmp_path / "items.jsonl"
     if content == "folder":
         data.mkdir()
+    elif content == "pipe":  # (as /dev/null or a FIFO would be)
+        os.mkfifo(data)
     elif content is not None:
         data.write_bytes(content) if isinstance(content, bytes) else data.write_text(content)
     assert hellaswag.main(["--init_from", str(path), "--data", str(data), "--device", "cpu"]) == 1
