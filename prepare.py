@@ -53,7 +53,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import sys
 
@@ -61,7 +60,7 @@ import numpy as np
 
 from machinery.command_line import ArgumentParser
 from machinery.corpus import local_documents, local_files, source_fingerprint
-from machinery.files import DiskFull, PrepareError, in_units, lock_folder, ram_bytes, write_atomically
+from machinery.files import DiskFull, PrepareError, free_bytes, in_units, lock_folder, ram_bytes, write_atomically
 from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
 from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE, get_tokenizer, manifest_problem
 
@@ -352,10 +351,7 @@ def needed_bytes(files, manifest):
 
 def check_disk_space(out_dir, needed):
     """Refuse to start when the disk out_dir is on clearly lacks the space the shards need."""
-    path = os.path.abspath(out_dir)
-    while not os.path.exists(path):  # out_dir is made later: the disk it will be on
-        path = os.path.dirname(path)
-    _, _, free = shutil.disk_usage(path)
+    free = free_bytes(out_dir)  # (out_dir is made later: the disk it will be on)
     if free < DISK_SLACK * needed:
         raise PrepareError(f"not enough disk space: {out_dir!r} has {in_units(free)} free and the shards need about "
                            f"{in_units(needed)} (2 bytes a token); free some space or choose another --out_dir")
