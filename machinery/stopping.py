@@ -3,6 +3,7 @@ Stopping: by a signal (Ctrl-C, or the SIGTERM that torchrun and cluster schedule
 process at the same step, or because the loss diverged. train_gpt2.py's loop asks these after each step.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -37,6 +38,7 @@ class StopRequested:
         self.restore()
         if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (a second SIGTERM would end it without a word)
             signal.signal(signal.SIGTERM, interrupt_at_once)
+        say_stopping(signum)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -44,6 +46,17 @@ class StopRequested:
 
     def __exit__(self, *exc):
         self.restore()
+
+
+def say_stopping(signum):
+    """The first signal's answer, at once (the step, or an evaluation before it, may run for minutes), from
+    rank 0: torchrun passes a signal on to every process. Written straight to the file descriptor: a
+    handler that print()s while the interrupted code is printing to the same stream raises an error."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        line = f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint; " \
+               "a second Ctrl-C or SIGTERM stops at once, without saving\n"
+        with contextlib.suppress(OSError):  # (stderr closed: nothing to tell)
+            os.write(2, line.encode())
 
 
 def interrupt_at_once(signum, frame):

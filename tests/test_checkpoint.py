@@ -73,6 +73,8 @@ def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, unint
         code, rest, err = run.finish(deadline_s=120)
     assert code == 130, err
     assert "Traceback" not in err
+    # the signal is answered at once, before the step ends (an evaluation in it may take minutes)
+    assert f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint" in err
     # the step running when the signal came (4 or later) is finished: its model is the one saved
     stopped_at = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"]
     assert 4 < stopped_at < 30
@@ -120,6 +122,7 @@ def test_a_second_sigterm_stops_at_once_as_a_second_ctrl_c_does(tmp_path):
     r = subprocess.run([sys.executable, "-c", SECOND_SIGTERM.format(repo=str(REPO))], capture_output=True, text=True,
                        timeout=60)
     assert (r.returncode, r.stdout) == (0, "asked\ninterrupted\ndefault again\n"), r
+    assert r.stderr.count("SIGTERM: stopping after this step") == 1  # the first is answered; the second stops
 
 
 def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, text_file, uninterrupted):

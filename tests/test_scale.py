@@ -62,6 +62,7 @@ def fsdp_runs(tmp_path_factory):
         stopped.send_signal(signal.SIGTERM)  # torchrun passes it on to every process
         code, rest, err = stopped.finish(deadline_s=120)
     assert code != 0 and "interrupted: saved step" in rest, err
+    assert err.count("SIGTERM: stopping after this step") == 1, err  # every process got it; rank 0 answers
     sharded = "".join(first) + rest
     resumed = {}
     # (recomputing activations changes nothing, all of each block or all but its matmuls; neither does
