@@ -13,7 +13,7 @@ takes the model from train_gpt2.py, which never imports it.
 Without --data, the validation split (10,042 items) is fetched once through the `datasets` library
 (Rowan/hellaswag; the classic download URL on GitHub is gone) and cached as jsonl.
 
-Interrupted (Ctrl-C) or killed, the same command continues from the counts saved so far
+Interrupted (Ctrl-C, or a scheduler's SIGTERM) or killed, the same command continues from the counts saved so far
 (machinery/hellaswag_eval.py: count_correct_resumably).
 """
 
@@ -27,6 +27,7 @@ from machinery.hardware import DTYPES
 from machinery.hellaswag_eval import (N_VALIDATION, REFERENCE, Interrupted, count_correct_resumably, load_items,
                                       progress_path)
 from machinery.pretrained import vocab_size_of
+from machinery.stopping import sigterm_stops_at_once
 from machinery.tokens import GPT2_VOCAB_SIZE
 from train_gpt2 import GPT, GPTConfig, make_precision, resolve_device
 
@@ -82,8 +83,9 @@ def main(argv=None):
         model, name = load_model(args)  # (first: a model that is not there is said before any download)
         items = load_items(args.data)[: args.limit or None]
         path = progress_path(model, items, args.batch_size, dtype, device_type)
-        correct, correct_norm, n = count_correct_resumably(model.to(device), items, device, autocast,
-                                                           args.batch_size, path)
+        with sigterm_stops_at_once():  # a scheduler's SIGTERM, as Ctrl-C: the counts so far saved, one line
+            correct, correct_norm, n = count_correct_resumably(model.to(device), items, device, autocast,
+                                                               args.batch_size, path)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

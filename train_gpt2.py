@@ -53,7 +53,7 @@ from machinery.sharding import (buffers_not_resent, builds_the_model, check_fsdp
                                 full_optimizer_state, set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import (StopRequested, TrainingDiverged, another_process_stopped, check_finite,
-                                stop_requested_anywhere, stopped_at_once)
+                                sigterm_stops_at_once, stop_requested_anywhere, stopped_at_once)
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, open_shard, shard_files, text_file_split
 
 # -----------------------------------------------------------------------------
@@ -675,7 +675,7 @@ def main(argv=None):
         check_data(cfg, flags_given)  # before anything heavy (a resume's own data: once its checkpoint is read)
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # float32 matmuls in TF32 on Ampere+ GPUs (bf16 ones are unaffected)
-        with attention_kernels(device_type):  # cuDNN's attention first on Hopper GPUs, for the whole run
+        with attention_kernels(device_type), sigterm_stops_at_once():  # (cuDNN's attention first on Hopper GPUs)
             code = train(cfg, flags_given, distributed, rank, world_size, device, device_type)
         if distributed:
             dist.barrier()  # no rank leaves while rank 0 still samples or saves (that can abort the group)
@@ -688,7 +688,7 @@ def main(argv=None):
         return 1
     except RuntimeError as e:  # under torchrun, a collective whose peer stopped first: one line (others: raised)
         return another_process_stopped(e)
-    except KeyboardInterrupt as e:  # Ctrl-C outside the loop, or a second one in it: stop at once, without saving
+    except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM outside the loop, or a second in it: stop at once, without saving
         return stopped_at_once(e, cfg.out_dir)
     finally:
         if dist.is_initialized():

@@ -64,6 +64,18 @@ def interrupt_at_once(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def sigterm_stops_at_once():
+    """Outside the training loop (the model built, a checkpoint read, the last samples, the export) SIGTERM
+    stops at once as Ctrl-C does, with main's one line, where the OS would end the process without a word.
+    In the loop StopRequested answers it instead, and puts this back after."""
+    previous = signal.signal(signal.SIGTERM, interrupt_at_once)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def stop_requested_anywhere(requested, device):
     """Whether any process was asked to stop. A signal reaches one process (or all, at slightly
     different steps): every process must stop after the same step, or the others wait forever in
@@ -82,8 +94,8 @@ def check_finite(loss, step, out_dir):
 
 
 def stopped_at_once(interrupt, out_dir):
-    """Ctrl-C outside the training loop (building the model, the last samples, the export) or a second one
-    in it stops at once, without saving: one line (from rank 0) on what is kept, or the interrupt's own
+    """Ctrl-C or SIGTERM outside the training loop (building the model, the last samples, the export) or a
+    second one in it stops at once, without saving: one line (from rank 0) on what is kept, or the interrupt's own
     (an --eval_only HellaSwag's: how far it got). Returns the exit code."""
     kept = os.path.join(out_dir, "ckpt.pt")
     said = str(interrupt) or \

@@ -125,6 +125,21 @@ def test_a_second_sigterm_stops_at_once_as_a_second_ctrl_c_does(tmp_path):
     assert r.stderr.count("SIGTERM: stopping after this step") == 1  # the first is answered; the second stops
 
 
+def test_a_sigterm_before_the_loop_stops_at_once_in_one_line(tmp_path, text_file):
+    """A scheduler's SIGTERM while the model is still being built (GPT-2 124M's shape: about a second on a
+    CPU, from the `device` line on) stops the run at once with the line a Ctrl-C there gives and exit code
+    130; without a handler the OS would end it without a word (exit code -15)."""
+    args = ("--device", "cpu", "--input_file", text_file, "--B", "1", "--T", "8", "--max_steps", "1",
+            "--num_samples", "0", "--out_dir", "run")
+    with start(tmp_path, *args) as run:
+        run.wait_for("device cpu", deadline_s=120)
+        run.send_signal(signal.SIGTERM)
+        code, rest, err = run.finish(deadline_s=120)
+    assert code == 130, (rest, err)
+    assert "interrupted: stopped at once, without saving" in err and "Traceback" not in err
+    assert "step     0" not in rest and not (tmp_path / "run" / "ckpt.pt").exists()  # (it never reached the loop)
+
+
 def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, text_file, uninterrupted):
     _, ref_log = uninterrupted
     args = (*RUN, "--input_file", text_file, "--max_steps", "30", "--out_dir", "run", "--checkpoint_interval", "5")

@@ -5,6 +5,7 @@ checked with the shards in test_shards.py (one pair of runs checks both)."""
 import json
 import os
 import shutil
+import signal
 import sys
 
 import pytest
@@ -228,6 +229,42 @@ def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(
     assert hellaswag.main(args) == 0
     assert capsys.readouterr().out == expected
     assert scored == hellaswag_eval.read_items(str(items_file))[4:]
+    assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+class NotAnswered(Exception):
+    """Raised by this test's own SIGTERM handler, which stands for the OS's (the end of the process)."""
+
+
+def sigterm_not_answered(signum, frame):
+    raise NotAnswered("SIGTERM reached the handler hellaswag.py should have replaced while scoring")
+
+
+def test_a_sigterm_while_scoring_is_a_ctrl_c_the_counts_saved(tmp_path, items_file, random_gpt2, monkeypatch, capsys):
+    """A scheduler's SIGTERM during the third batch: the line a Ctrl-C gives and 130, the counts of the first
+    two batches saved, and the handler it found put back; the same command then finishes the job. (Without
+    hellaswag.py's handler, the OS would end the process without a word and the last counts saved.)"""
+    args, expected = scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
+    count_correct, batches = hellaswag_eval.count_correct, []
+
+    def terminated_in_the_third_batch(model, items, *args):
+        batches.append(items)
+        if len(batches) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # (the handler runs as this call returns)
+        return count_correct(model, items, *args)
+
+    monkeypatch.setattr(hellaswag_eval, "count_correct", terminated_in_the_third_batch)
+    previous = signal.signal(signal.SIGTERM, sigterm_not_answered)
+    try:
+        assert hellaswag.main(args) == 130
+        assert signal.getsignal(signal.SIGTERM) is sigterm_not_answered
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert err.endswith("\ninterrupted: scored 4 of 7 items; run the same command to continue\n"), err
+    monkeypatch.setattr(hellaswag_eval, "count_correct", count_correct)
+    assert hellaswag.main(args) == 0
+    assert capsys.readouterr().out == expected
     assert not list((tmp_path / "cache").rglob("*.json"))
 
 
