@@ -13,8 +13,8 @@ takes the model from train_gpt2.py, which never imports it.
 Without --data, the validation split (10,042 items) is fetched once through the `datasets` library
 (Rowan/hellaswag; the classic download URL on GitHub is gone) and cached as jsonl.
 
-Interrupted (Ctrl-C, or a scheduler's SIGTERM) or killed, the same command continues from the counts saved so far
-(machinery/hellaswag_eval.py: count_correct_resumably).
+Interrupted (Ctrl-C, or a scheduler's SIGTERM) or killed, the same command continues from the counts
+saved so far (machinery/hellaswag_eval.py: count_correct_resumably).
 """
 
 import argparse
