@@ -156,10 +156,13 @@ def resumed_batch(cfg, given, saved, path, world_size):
                                f"the run as it was; leave --{name} out, or start a new run from these weights "
                                f"with --init_from {path}")
     # the run's data too, unless the command names some (a data_dir run resumed without --data_dir would
-    # otherwise read input.txt)
+    # otherwise read input.txt), in the run's order unless it names another (without the run's --seed, the
+    # rest of an epoch's shards would come in another order: some read twice, some not at all)
     data = {} if {"data_dir", "input_file"} & set(given) else \
         {name: saved[name] for name in ("data_dir", "input_file") if name in saved}
-    cfg = replace(cfg, B=cfg.B if "B" in given else saved["B"], T=saved["T"], total_batch_size=tokens, **data)
+    order = {name: saved[name] for name in ("seed", "shuffle") if name in saved and name not in given}
+    cfg = replace(cfg, B=cfg.B if "B" in given else saved["B"], T=saved["T"], total_batch_size=tokens, **data,
+                  **order)
     micro_batch = cfg.B * cfg.T * world_size  # tokens of one forward pass over all processes
     if tokens % micro_batch:  # (another --B, or another number of processes)
         raise SettingError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = "

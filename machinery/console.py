@@ -78,8 +78,9 @@ def describe_resume(cfg, start_step, saved):
     return lines + changed_optimisation(cfg, saved, start_step)
 
 
-# the settings a resume takes from its command, not the checkpoint, that change the steps it trains
-OPTIMISATION = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+# the settings a resume takes from its command, not the checkpoint, that change the steps it trains (the
+# data's order: only where the command names them)
+OPTIMISATION = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "shuffle")
 
 
 def changed_optimisation(cfg, saved, start_step):
