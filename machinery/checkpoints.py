@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from machinery.files import DiskFull, SettingError, first_line, is_whole_number, write_atomically
+from machinery.pretrained import pretrained_shape
 from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data
@@ -134,14 +135,20 @@ def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):
     flag the user gave (`given`) that contradicts the checkpoint is an error, all of them named in one line."""
     saved = {**ckpt["train_config"], **ckpt["model_config"]}
     names = SHAPE + (("init_from",) if resume else ())
-    clashes = [name for name in names if name in given and getattr(cfg, name) != saved.get(name)]
-    if clashes:
-        has = ", ".join(f"{name}={saved.get(name)!r}" for name in clashes)
-        says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
-        raise SettingError(f"checkpoint {path!r} has {has}; the command line says {says} "
-                           "(leave these flags out: the checkpoint decides them)")
+    refuse_clashes(cfg, given, {name: saved.get(name) for name in names}, f"checkpoint {path!r}", "the checkpoint")
     cfg = replace(cfg, **{name: saved[name] for name in names if name in saved})
     return resumed_batch(cfg, given, saved, path, world_size) if resume else cfg
+
+
+def refuse_clashes(cfg, given, decided, source, decider):
+    """A flag the user gave (`given`) that contradicts what the model's source decides (`decided`, by
+    setting name) is an error, all of them named in one line."""
+    clashes = [name for name in decided if name in given and getattr(cfg, name) != decided[name]]
+    if clashes:
+        has = ", ".join(f"{name}={decided[name]!r}" for name in clashes)
+        says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
+        raise SettingError(f"{source} has {has}; the command line says {says} (leave these flags out: {decider} "
+                           "decides them)")
 
 
 def resumed_batch(cfg, given, saved, path, world_size):
@@ -255,7 +262,12 @@ def starting_checkpoint(cfg, given, world_size):
         path, missing = os.path.join(cfg.out_dir, "ckpt.pt"), "no checkpoint to resume from"
     elif names_a_checkpoint(cfg.init_from):
         path, missing = cfg.init_from, "--init_from: no checkpoint"
-    else:
+    else:  # OpenAI's weights (or a save_pretrained folder) decide the shape as a checkpoint does
+        if cfg.init_from != "scratch":
+            shape = pretrained_shape(cfg.init_from)
+            if cfg.vocab_size >= shape.get("vocab_size", 0):  # (a bigger table is the same weights, padded)
+                shape.pop("vocab_size", None)
+            refuse_clashes(cfg, given, shape, repr(cfg.init_from), "the model")
         return None, None, cfg
     ckpt = load_checkpoint(path, missing, mmap=cfg.fsdp or cfg.cpu_offload, resume=cfg.resume)
     return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, cfg.resume, world_size)

@@ -102,6 +102,29 @@ def test_padded_vocabulary_loads_a_50257_checkpoint(hf_gpt2_dir):
         assert (logits[..., :GPT2_VOCAB_SIZE] - hf(idx).logits).abs().max().item() <= 1e-4
 
 
+def test_shape_flags_that_contradict_the_weights_are_refused_in_one_line(tmp_path, hf_gpt2_dir, capsys):
+    """OpenAI's weights and a save_pretrained folder decide the model's shape, as a checkpoint does: a shape
+    flag that contradicts them is named in one line before anything is loaded (it used to be ignored without
+    a word). A bigger --vocab_size pads the table (the test above); a smaller one is refused."""
+    path, _ = hf_gpt2_dir(2, 2, 32, 64)
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    run = ["--max_steps", "0", "--num_samples", "0", "--device", "cpu", "--out_dir", str(tmp_path / "out")]
+    for flags, says in ((["--n_layer", "5"], "has n_layer=2; the command line says n_layer=5"),
+                        (["--block_size", "32", "--n_head", "2"], "has block_size=64; the command line says "
+                                                                  "block_size=32"),
+                        (["--vocab_size", "1000"], "has vocab_size=50257; the command line says vocab_size=1000")):
+        assert main(["--init_from", str(path), *flags, *run]) == 1
+        assert capsys.readouterr().err == f"error: {str(path)!r} {says} (leave these flags out: the model decides " \
+                                          "them)\n"
+    # by name: the shape is known without the weights (none are downloaded: this machine has no network)
+    assert main(["--init_from", "gpt2-xl", "--n_layer", "12", *run]) == 1
+    assert capsys.readouterr().err == "error: 'gpt2-xl' has n_layer=48; the command line says n_layer=12 (leave " \
+                                      "these flags out: the model decides them)\n"
+    # the weights' own values, or a padded vocabulary, contradict nothing
+    assert main(["--init_from", str(path), "--n_layer", "2", "--block_size", "64", "--vocab_size", "50304", *run]) == 0
+    assert "model " + str(path) + " | 2 layers, 2 heads, 32 channels, vocab 50304, block 64" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("vocab_size", [GPT2_VOCAB_SIZE, 50304])
 def test_save_pretrained_loads_in_transformers_and_back(tmp_path, vocab_size):
     """Our export is a transformers GPT-2 directory: same logits (1e-4, fp32), same greedy text;
