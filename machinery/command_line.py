@@ -20,6 +20,10 @@ from machinery.files import SettingError, folder_problem, in_binary_units, ram_b
 from machinery.tokens import GPT2_VOCAB_SIZE
 
 
+# the files a run writes in its out_dir (a fresh run beside another run's: its log and picture as .new first)
+RUN_FILES = {"ckpt.pt": "checkpoint", "log.jsonl": "log", "log.new.jsonl": "log", "progress.png": "picture",
+             "progress.new.png": "picture"}
+
 # the settings that name files or folders (a ~ in them is the home folder, as in the shell)
 PATHS = {"input_file", "data_dir", "init_from", "out_dir", "export_dir", "hellaswag"}
 
@@ -48,6 +52,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
         self.recipes_of = {}  # a flag that only recipes gave -> those recipes (named in an error about it)
+        # a value such as -1e-3 or -inf is a number (to be checked), not a flag: argparse's own test knows -5
+        # and -.5 only, and "--lr -1e-3" would be "expected one argument"
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else [str(a) for a in args]
@@ -159,6 +166,10 @@ def check_config(cfg):
     for name in ("weight_decay", "temperature"):
         if not 0 <= getattr(cfg, name) < math.inf:
             raise SettingError(f"--{name} must be a number >= 0, got {getattr(cfg, name)}")
+    if cfg.lr * cfg.weight_decay >= 1:  # (AdamW multiplies each decayed weight by 1 - lr x weight_decay a step)
+        raise SettingError(f"--weight_decay {cfg.weight_decay} with --lr {cfg.lr} would scale each decayed weight by "
+                           f"1 - {cfg.lr * cfg.weight_decay:g} a step: lr x weight_decay must be below 1 (GPT-2's: "
+                           "6e-4 x 0.1)")
     if cfg.min_lr is not None and not 0 <= cfg.min_lr <= cfg.lr:
         raise SettingError(f"--min_lr {cfg.min_lr} must be between 0 and --lr {cfg.lr}")
     if not 0 <= cfg.seed < 2**32:
@@ -170,9 +181,9 @@ def check_config(cfg):
         problem = folder_problem(getattr(cfg, name)) if written else None
         if problem:
             raise SettingError(f"--{name} {getattr(cfg, name)!r} {problem}")
-    if writes_run and os.path.isdir(os.path.join(cfg.out_dir, "ckpt.pt")):
-        raise SettingError(f"{os.path.join(cfg.out_dir, 'ckpt.pt')!r} is a folder: the run's checkpoint is written "
-                           "there")
+    for name, what in RUN_FILES.items():
+        if writes_run and os.path.isdir(os.path.join(cfg.out_dir, name)):
+            raise SettingError(f"{os.path.join(cfg.out_dir, name)!r} is a folder: the run's {what} is written there")
     if cfg.export_dir:
         from machinery.pretrained import export_problem  # (here, not above: prepare.py imports this module, not torch)
         problem = export_problem(cfg.export_dir)

@@ -78,6 +78,13 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--temperature", "nan"], "--temperature must be a number >= 0, got nan"),
     (["--temperature", "-1"], "--temperature must be a number >= 0"),
     (["--min_lr", "1", "--lr", "1e-4"], "--min_lr 1.0 must be between 0 and --lr 0.0001"),
+    # a negative number in any of Python's spellings is a value, not a flag (argparse's own rule: -5 and -.5)
+    (["--lr", "-1e-3"], "--lr must be a positive number, got -0.001"),
+    (["--temperature", "-inf"], "--temperature must be a number >= 0, got -inf"),
+    (["--weight_decay", "-2.5E+1"], "--weight_decay must be a number >= 0, got -25.0"),
+    # decoupled weight decay scales a weight by 1 - lr x weight_decay a step: at 1 or more, zero or flipped
+    (["--lr", "1e-3", "--weight_decay", "1e3"], "--weight_decay 1000.0 with --lr 0.001 would scale each decayed "
+                                                "weight by 1 - 1 a step: lr x weight_decay must be below 1"),
     # 24T float32 weights (2 x 12 x C**2 in the blocks, (50257 + 64) x C in the tables), 87.5 TiB: refused before
     # making them, naming the flags of the largest part
     (["--n_embd", "1000000"], "24,050,349,000,000 parameters, block_size 64, needs 87.5 TiB"),
@@ -93,6 +100,8 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--out_dir", "short.txt/run"], "--out_dir 'short.txt/run' cannot be made: "),
     (["--out_dir", "dangling"], "--out_dir 'dangling' is a link to 'gone', which does not exist"),
     (["--out_dir", "holder"], "'holder/ckpt.pt' is a folder: the run's checkpoint is written there"),
+    (["--out_dir", "logholder"], "'logholder/log.jsonl' is a folder: the run's log is written there"),
+    (["--out_dir", "pictureholder"], "'pictureholder/progress.png' is a folder: the run's picture is written there"),
     (["--wandb_run_name", "first"], "--wandb_run_name names a run in --wandb_project, which is not set"),
     (["--eval_only", "--export_dir", "exported"], "--eval_only writes nothing, so --export_dir would not be written"),
     (["--input_file", "/dev/zero"], "input file '/dev/zero' is not a regular file"),
@@ -110,6 +119,8 @@ def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeyp
     (tmp_path / "short.txt").write_text("Too short.")
     os.symlink("gone", tmp_path / "dangling")
     (tmp_path / "holder" / "ckpt.pt").mkdir(parents=True)
+    (tmp_path / "logholder" / "log.jsonl").mkdir(parents=True)
+    (tmp_path / "pictureholder" / "progress.png").mkdir(parents=True)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.json").write_text('{"my": "settings"}')
     code, out, err = run_in_process(*SMALL, "--max_steps", "1", *args, cwd=tmp_path, monkeypatch=monkeypatch,
