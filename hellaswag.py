@@ -76,8 +76,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="autocast precision")
     args = parser.parse_args(argv)
     try:
-        if args.limit < 0 or args.batch_size < 1:
-            raise ValueError("--limit must not be negative and --batch_size must be positive")
+        for name, least in (("limit", 0), ("batch_size", 1)):
+            if getattr(args, name) < least:
+                raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
         device, device_type = resolve_device(args.device)
         dtype, autocast, _ = make_precision(args.dtype, device_type)
         model, name = load_model(args)  # (first: a model that is not there is said before any download)

@@ -490,8 +490,9 @@ def main(argv=None):
     out_dir = args.out_dir or os.path.join("data", os.path.splitext(os.path.basename(os.path.normpath(args.source)))[0])
     previous = signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: the workers ended, the complete shards kept
     try:
-        if args.shard_size < 2 or args.num_proc < 1:
-            raise PrepareError("--shard_size must be at least 2 and --num_proc at least 1")
+        for name, least in (("shard_size", 2), ("num_proc", 1)):
+            if getattr(args, name) < least:
+                raise PrepareError(f"--{name} must be at least {least}, got {getattr(args, name)}")
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise PrepareError(f"--out_dir {out_dir!r} is a file, not a folder")
         if os.path.islink(out_dir) and not os.path.exists(out_dir):

@@ -131,6 +131,13 @@ BAD = [  # (file content, None for a missing file or a folder for one, what the 
 ]
 
 
+@pytest.mark.parametrize("flags,message", [(["--limit", "-1"], "--limit must be at least 0, got -1"),
+                                           (["--batch_size", "0"], "--batch_size must be at least 1, got 0")])
+def test_a_bad_number_is_one_line_naming_its_flag(capsys, flags, message):
+    assert hellaswag.main([*flags, "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 @pytest.mark.parametrize("content,message", BAD, ids=[m for _, m in BAD])
 def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message, capsys):
     """hellaswag.py's main(), as the command runs it (the tests above run the real command)."""

@@ -1208,6 +1208,14 @@ def test_more_processes_than_cpus_are_not_started_and_a_file_as_out_dir_is_one_l
     assert capsys.readouterr().err == "error: --out_dir 'link' is a link to 'nowhere', which does not exist\n"
 
 
+@pytest.mark.parametrize("flags,message", [(["--shard_size", "1"], "--shard_size must be at least 2, got 1"),
+                                           (["--num_proc", "0"], "--num_proc must be at least 1, got 0")])
+def test_a_bad_number_is_one_line_naming_its_flag(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    assert prepare.main(["input.txt", *flags]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n" and not (tmp_path / "data").exists()
+
+
 def test_importing_prepare_does_nothing_visible_and_needs_no_torch():
     """Nothing printed; and torch is not imported (seconds and 180 MB in every worker process, which
     re-import the script where processes are spawned: macOS, Windows)."""
