@@ -20,6 +20,7 @@ def print_samples(model, cfg, device, autocast, generator):
         return
     enc = get_tokenizer()
     prompt_ids = enc.encode_ordinary(cfg.prompt) or [enc.eot_token]  # an empty prompt starts a document
+    shown_from = 0 if cfg.prompt else 1  # (a document's start, the end-of-text token, is not printed)
     model.eval()
     for start in range(0, cfg.num_samples, cfg.B):  # B rows at a time: memory grows with B, not --num_samples
         rows = min(cfg.B, cfg.num_samples - start)
@@ -28,7 +29,7 @@ def print_samples(model, cfg, device, autocast, generator):
             out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                  generator=generator)
         for row in out:
-            print0(f"> {enc.decode(row.tolist())}")
+            print0(f"> {enc.decode(row.tolist()[shown_from:])}")
     model.train()
 
 

@@ -229,6 +229,29 @@ def test_samples_are_made_b_rows_at_a_time(tmp_path, monkeypatch, capsys):
     assert rows == [2, 2, 1] and out.count("\n> ") == 5, out
 
 
+def test_an_empty_prompt_starts_a_document_and_prints_only_the_new_tokens(tmp_path, monkeypatch, capsys):
+    """--prompt "": the model continues the end-of-text token, as at the start of a document; that token is
+    not printed (it used to begin every sample as the text <|endoftext|>)."""
+    import train_gpt2
+    from machinery.tokens import get_tokenizer
+
+    made, generate = [], train_gpt2.GPT.generate
+
+    def recording(self, idx, *args, **kwargs):
+        out = generate(self, idx, *args, **kwargs)
+        made.append((idx.tolist(), out.tolist()))
+        return out
+
+    monkeypatch.setattr(train_gpt2.GPT, "generate", recording)
+    code, out, err = run_in_process(*TINY, "--B", "2", "--max_steps", "0", "--num_samples", "2", "--max_new_tokens",
+                                    "5", "--prompt", "", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    enc = get_tokenizer()
+    (prompts, rows), = made
+    assert prompts == [[enc.eot_token]] * 2 and all(len(row) == 6 for row in rows)
+    assert all(f"> {enc.decode(row[1:])}\n" in out for row in rows) and "> <|endoftext|>" not in out, out
+
+
 def test_gpt2_by_name_offline_is_one_clear_line(tmp_path):
     r = run_script("--init_from", "gpt2", "--max_steps", "0", cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
