@@ -61,19 +61,19 @@ def tokenize_file(path) -> np.ndarray:
                            f"of RAM to tokenize at once, more than this machine's {in_binary_units(ram)}: make it into "
                            f"shards with  python prepare.py {shlex.quote(path)} --out_dir DIR  and train with "
                            "--data_dir DIR")
-    return _tokenize_file(os.path.abspath(path), stat.st_mtime_ns, stat.st_size).copy()
+    return _tokenize_file(os.path.abspath(path), stat.st_mtime_ns, stat.st_size, path).copy()
 
 
 @functools.lru_cache(maxsize=2)  # the train and val loaders read the same file: tokenize it once
-def _tokenize_file(path, mtime_ns, size):
+def _tokenize_file(path, mtime_ns, size, typed):
     with open(path, "rb") as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SettingError(f"input file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise SettingError(f"input file {typed!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not text.strip():
-        raise SettingError(f"input file {path!r} is empty")
+        raise SettingError(f"input file {typed!r} " + ("holds only whitespace" if text else "is empty"))
     # encode_ordinary: a literal "<|endoftext|>" in the text is just text, not the special token
     return np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
 

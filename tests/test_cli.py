@@ -58,8 +58,9 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--input_file", "missing.txt"], "not found"),
     (["--data_dir", "short.txt"], "--data_dir 'short.txt' is a file: a text file is read with --input_file"),
     (["--input_file", "."], "input file '.' is a folder (token shards are read with --data_dir)"),
-    (["--input_file", "empty.txt"], "is empty"),
-    (["--input_file", "binary.bin"], "not UTF-8"),
+    (["--input_file", "empty.txt"], "input file 'empty.txt' is empty"),
+    (["--input_file", "blank.txt"], "input file 'blank.txt' holds only whitespace"),
+    (["--input_file", "binary.bin"], "input file 'binary.bin' is not UTF-8 text (byte 128: invalid start byte)"),
     (["--input_file", "short.txt"], "fewer than"),
     (["--T", "65"], "T=65 exceeds block_size=64"),
     (["--init_from", "gpt5"], "unknown model 'gpt5'"),
@@ -115,6 +116,7 @@ def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeyp
     """In-process: an exception that escaped main (a traceback, from the command line) fails the test."""
     shutil.copy(text_file, tmp_path / "input.txt")
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n\n \t\n")
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "short.txt").write_text("Too short.")
     os.symlink("gone", tmp_path / "dangling")

@@ -98,7 +98,7 @@ def test_text_shorter_than_one_batch_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("content,message", [
     (None, "not found"),
     (b"", "is empty"),
-    (b"  \n\n ", "is empty"),
+    (b"  \n\n ", "holds only whitespace"),
     (b"\xff\xfe\x00binary", "not UTF-8"),
 ])
 def test_bad_files_are_clear_errors(tmp_path, content, message):
