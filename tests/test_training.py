@@ -443,7 +443,7 @@ def test_missing_data_is_one_line_before_any_model_is_built(tmp_path, models_bui
     assert main([*TINY, *data, *eval_only]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and "missing" in err
-    assert ("not found" if data[0] == "--input_file" else "has no manifest.json") in err
+    assert ("not found" if data[0] == "--input_file" else "has no manifest.json (there is no such folder)") in err
     assert models_built == [] and not (tmp_path / "out").exists()
 
 
