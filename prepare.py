@@ -419,7 +419,11 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
         remove_unfinished_writes(out_dir)
         if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
             manifest["source_files"] = manifest.get("source_files") or files or hub_files()
-        writer = write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress)
+        try:
+            writer = write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress)
+        except PrepareError:  # the source cannot be read (a bad line, no text)
+            forget_if_no_shards(out_dir, manifest)
+            raise
         if fingerprint is not None and fingerprint_now(source, files) != fingerprint:  # before it is marked complete
             raise PrepareError(f"{source_name} changed while it was read: the shards in {out_dir!r} may mix both "
                                f"versions; delete {out_dir!r} and run the command again")
@@ -428,6 +432,15 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
         if lock is not None:
             os.close(lock)
     return manifest
+
+
+def forget_if_no_shards(out_dir, manifest):
+    """After a source that could not be read, a manifest with no shards goes too: the folder holds nothing
+    worth keeping, and the same command, once the source is mended, starts afresh (the manifest would
+    say the source changed since, and ask for the folder to be deleted)."""
+    if not manifest["shards"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, MANIFEST))
 
 
 def fingerprint_now(source, files):

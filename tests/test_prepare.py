@@ -995,7 +995,19 @@ def test_bad_input_is_one_clear_line(tmp_path, source, setup, message, monkeypat
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # after the progress bar, if it started
     assert last.startswith("error:") and message in last, err
-    assert not list((tmp_path / "out").glob("*.npy")) if (tmp_path / "out").exists() else True
+    # nothing written is kept, not even the manifest: mended, the source is prepared by the same command
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_source_mended_after_its_error_is_prepared_by_the_same_command(tmp_path, monkeypatch, capsys):
+    """An empty file, then the same file with text: the second run prepares it (the first left no manifest
+    that would call the mended file a changed source)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("")
+    assert prepare.main(["notes.txt", "--out_dir", "out", "--num_proc", "1"]) == 1
+    (tmp_path / "notes.txt").write_text(" ".join(make_documents(20, seed=3)))
+    assert prepare.main(["notes.txt", "--out_dir", "out", "--num_proc", "1", "--shard_size", "500"]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
 
 
 def test_jsonl_is_read_as_bytes_its_bad_utf8_named_where_it_is_and_a_byte_order_mark_skipped(tmp_path):
