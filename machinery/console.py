@@ -139,10 +139,14 @@ def describe_evaluation(step, results):
     return "\n".join(lines)
 
 
-def describe_optimizer(optimizer):
-    return "\n".join(f"optimizer {name}: {len(group['params'])} tensors, "
-                     f"{sum(p.numel() for p in group['params']):,} parameters"
-                     for name, group in zip(("decayed", "not decayed"), optimizer.param_groups))
+def describe_optimizer(optimizer, cfg):
+    """AdamW's two groups; and a warmup longer than the run, whose learning rate never reaches --lr."""
+    lines = [f"optimizer {name}: {len(group['params'])} tensors, {sum(p.numel() for p in group['params']):,} "
+             "parameters" for name, group in zip(("decayed", "not decayed"), optimizer.param_groups)]
+    if cfg.warmup_steps > cfg.max_steps:  # (a recipe's warmup in a shortened run, say)
+        lines.append(f"note: --warmup_steps {cfg.warmup_steps} is more than --max_steps {cfg.max_steps}: the learning "
+                     f"rate rises for the whole run and never reaches --lr {cfg.lr}")
+    return "\n".join(lines)
 
 
 def describe_outputs(out_dir, peak):

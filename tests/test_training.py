@@ -40,6 +40,18 @@ def test_default_schedule_is_constant():
     assert {get_lr(s, 3e-4, 3e-4, 0, 50) for s in range(60)} == {3e-4}
 
 
+def test_a_warmup_longer_than_the_run_is_a_note(tmp_path, text_file, capsys):
+    """A recipe's warmup in a run cut short (--max_steps 3, --warmup_steps 5): the note says the rate never
+    reaches --lr, and the log agrees (get_lr's rates, the last 4/5 of it); a warmup that fits says nothing."""
+    code, log = run_main(tmp_path, text_file, "--max_steps", "3", "--warmup_steps", "5", "--lr", "1e-3")
+    assert code == 0
+    assert "note: --warmup_steps 5 is more than --max_steps 3: the learning rate rises for the whole run and " \
+           "never reaches --lr 0.001" in capsys.readouterr().out
+    assert [r["lr"] for r in trained(log)] == pytest.approx([2e-4, 4e-4, 6e-4])
+    code, _ = run_main(tmp_path / "fits", text_file, "--max_steps", "3", "--warmup_steps", "3")
+    assert code == 0 and "note:" not in capsys.readouterr().out
+
+
 def test_weight_decay_groups():
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, device_type="cpu")
