@@ -419,26 +419,27 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
         remove_unfinished_writes(out_dir)
         if hub:  # listed once, by the first run: a resumed run reads the same files, at the same commit
             manifest["source_files"] = manifest.get("source_files") or files or hub_files()
-        try:
+        try:  # (a source that cannot be used: a bad line, no text, too little, a download that keeps failing)
             writer = write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress)
-        except PrepareError:  # the source cannot be read (a bad line, no text)
-            forget_if_no_shards(out_dir, manifest)
+            if fingerprint is not None and fingerprint_now(source, files) != fingerprint:  # before it is complete
+                raise PrepareError(f"{source_name} changed while it was read: the shards in {out_dir!r} may mix "
+                                   f"both versions; delete {out_dir!r} and run the command again")
+            writer.finish()  # the last shards, and the manifest marked complete
+        except PrepareError:
+            forget_if_no_shards(out_dir)
             raise
-        if fingerprint is not None and fingerprint_now(source, files) != fingerprint:  # before it is marked complete
-            raise PrepareError(f"{source_name} changed while it was read: the shards in {out_dir!r} may mix both "
-                               f"versions; delete {out_dir!r} and run the command again")
-        writer.finish()  # the last shards, and the manifest marked complete
     finally:
         if lock is not None:
             os.close(lock)
     return manifest
 
 
-def forget_if_no_shards(out_dir, manifest):
-    """After a source that could not be read, a manifest with no shards goes too: the folder holds nothing
-    worth keeping, and the same command, once the source is mended, starts afresh (the manifest would
-    say the source changed since, and ask for the folder to be deleted)."""
-    if not manifest["shards"]:
+def forget_if_no_shards(out_dir):
+    """After a source that could not be used, the manifest of a folder without a shard file goes too: the
+    folder holds nothing worth keeping, and the same command, once the source is mended, starts afresh (the
+    manifest would say the source changed since, and ask for the folder to be deleted). Where shard files
+    are (even ones the manifest no longer lists), it stays, to say whose they are."""
+    if not glob.glob(os.path.join(out_dir, "*.npy")):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, MANIFEST))
 

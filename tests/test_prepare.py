@@ -999,15 +999,30 @@ def test_bad_input_is_one_clear_line(tmp_path, source, setup, message, monkeypat
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_a_source_mended_after_its_error_is_prepared_by_the_same_command(tmp_path, monkeypatch, capsys):
-    """An empty file, then the same file with text: the second run prepares it (the first left no manifest
-    that would call the mended file a changed source)."""
+@pytest.mark.parametrize("first", ["", "Hi"], ids=["empty", "too short to split"])
+def test_a_source_mended_after_its_error_is_prepared_by_the_same_command(tmp_path, monkeypatch, capsys, first):
+    """An empty file (or one too short for a train and a val split), then the same file with text: the
+    second run prepares it (the first left no manifest that would call the mended file a changed source)."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "notes.txt").write_text(first)
     assert prepare.main(["notes.txt", "--out_dir", "out", "--num_proc", "1"]) == 1
+    assert not (tmp_path / "out" / "manifest.json").exists()
     (tmp_path / "notes.txt").write_text(" ".join(make_documents(20, seed=3)))
     assert prepare.main(["notes.txt", "--out_dir", "out", "--num_proc", "1", "--shard_size", "500"]) == 0
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+
+
+def test_a_source_that_fails_after_a_shard_keeps_its_manifest(tmp_path, monkeypatch, capsys):
+    """A bad line read after the first shards are written: the manifest stays, to say whose they are (a
+    folder of shards without one is refused by the next run as another program's)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)  # (tokenized and written a few documents at a time)
+    (tmp_path / "c").mkdir()
+    good = "".join(json.dumps({"text": doc}) + "\n" for doc in make_documents(40, seed=4))
+    (tmp_path / "c" / "a.jsonl").write_text(good + "{oops\n")
+    assert prepare.main(["c", "--out_dir", "out", "--num_proc", "1", "--shard_size", "200"]) == 1
+    assert "a.jsonl:41 is not JSON" in capsys.readouterr().err
+    assert list((tmp_path / "out").glob("*.npy")) and (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_jsonl_is_read_as_bytes_its_bad_utf8_named_where_it_is_and_a_byte_order_mark_skipped(tmp_path):
