@@ -61,6 +61,21 @@ def check_vocab_size(vocab_size, name):
                          f"{GPT2_VOCAB_SIZE:,}: it cannot score HellaSwag's GPT-2 tokens")
 
 
+def score(args):
+    """(correct, correct_norm, items scored, the model's name): the model on the items, resumably."""
+    for name, least in (("limit", 0), ("batch_size", 1)):
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
+    device, device_type = resolve_device(args.device)
+    dtype, autocast, _ = make_precision(args.dtype, device_type)
+    model, name = load_model(args)  # (first: a model that is not there is said before any download)
+    items = load_items(args.data)[: args.limit or None]
+    path = progress_path(model, items, args.batch_size, dtype, device_type)
+    correct, correct_norm, n = count_correct_resumably(model.to(device), items, device, autocast, args.batch_size,
+                                                       path)
+    return correct, correct_norm, n, name
+
+
 def main(argv=None):
     parser = ArgumentParser(description="HellaSwag accuracy of a GPT-2 model.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -76,17 +91,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="autocast precision")
     args = parser.parse_args(argv)
     try:
-        for name, least in (("limit", 0), ("batch_size", 1)):
-            if getattr(args, name) < least:
-                raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
-        device, device_type = resolve_device(args.device)
-        dtype, autocast, _ = make_precision(args.dtype, device_type)
-        model, name = load_model(args)  # (first: a model that is not there is said before any download)
-        items = load_items(args.data)[: args.limit or None]
-        path = progress_path(model, items, args.batch_size, dtype, device_type)
-        with sigterm_stops_at_once():  # a scheduler's SIGTERM, as Ctrl-C: the counts so far saved, one line
-            correct, correct_norm, n = count_correct_resumably(model.to(device), items, device, autocast,
-                                                               args.batch_size, path)
+        with sigterm_stops_at_once():  # a scheduler's SIGTERM, as Ctrl-C: one line (while scoring: counts saved)
+            correct, correct_norm, n, name = score(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

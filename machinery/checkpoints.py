@@ -153,7 +153,7 @@ def refuse_clashes(cfg, given, decided, source, decider):
 
 def resumed_batch(cfg, given, saved, path, world_size):
     """A resume continues its run: the same tokens a step, in sequences of the same T, of the same data
-    unless the command names other. --B may change (the same tokens a step by more or less accumulation:
+    in the same order unless the command names other. --B may change (the same tokens a step by more or less accumulation:
     the same arithmetic); those two may not."""
     # (checkpoints before 2026-12 may hold 0, "one micro-batch a process": taken as this many processes)
     tokens = saved.get("total_batch_size") or saved["B"] * saved["T"] * world_size
@@ -257,7 +257,9 @@ def names_a_checkpoint(init_from):
 
 def starting_checkpoint(cfg, given, world_size):
     """(the checkpoint a run starts from, its path, cfg with its model shape, and for a resume its batch):
-    the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none."""
+    the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none (and where
+    --init_from names OpenAI's weights or a save_pretrained folder, the shape flags typed are checked
+    against theirs)."""
     if cfg.resume:
         path, missing = os.path.join(cfg.out_dir, "ckpt.pt"), "no checkpoint to resume from"
     elif names_a_checkpoint(cfg.init_from):

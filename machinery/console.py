@@ -78,21 +78,22 @@ def describe_resume(cfg, start_step, saved):
     return lines + changed_optimisation(cfg, saved, start_step)
 
 
-# the settings a resume takes from its command, not the checkpoint, that change the steps it trains (the
-# data's order: only where the command names them)
-OPTIMISATION = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "shuffle")
+# the settings a resume takes from its command, not the checkpoint, that change the steps it trains
+OPTIMISATION = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
 
 
 def changed_optimisation(cfg, saved, start_step):
     """A resume is the run's command with --resume. Where its optimisation settings differ from the run's
     (a higher --max_steps to train on, or a flag left out), one line says so: the learning-rate schedule is
-    get_lr's for the new settings, so from start_step the rate is not what the run's would have been."""
-    changes = [f"--{name} {getattr(cfg, name)} (the run's: {saved[name]})" for name in OPTIMISATION
+    get_lr's for the new settings, so from start_step the rate is not what the run's would have been. So
+    does a --seed or --shuffle typed other than the run's, where they order the shards it reads."""
+    order = ("shuffle", "seed") if cfg.data_dir and cfg.shuffle else ("shuffle",) if cfg.data_dir else ()
+    changes = [f"--{name} {getattr(cfg, name)} (the run's: {saved[name]})" for name in OPTIMISATION + order
                if name in saved and saved[name] != getattr(cfg, name)]
     if not changes:
         return []
     return [f"note: resumed with {', '.join(changes)}: from step {start_step} on, training follows these "
-            "settings (get_lr's schedule for them), not the run's"]
+            "settings, not the run's"]
 
 
 def checkpoint_bytes(model):

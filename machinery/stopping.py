@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -68,8 +69,14 @@ def interrupt_at_once(signum, frame):
 def sigterm_stops_at_once():
     """Outside the training loop (the model built, a checkpoint read, the last samples, the export) SIGTERM
     stops at once as Ctrl-C does, with main's one line, where the OS would end the process without a word.
-    In the loop StopRequested answers it instead, and puts this back after."""
-    previous = signal.signal(signal.SIGTERM, interrupt_at_once)
+    In the loop StopRequested answers it instead, and puts this back after. A SIGTERM ignored, or handled
+    by code outside Python (getsignal says None: it could not be put back), is left as it is, and so is
+    every signal where main runs outside the main thread (only the main thread may set handlers)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (None, signal.SIG_IGN) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGTERM, interrupt_at_once)
     try:
         yield
     finally:

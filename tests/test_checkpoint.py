@@ -330,10 +330,10 @@ def test_a_resume_with_nothing_left_to_train_says_so_and_writes_nothing(tmp_path
 def test_a_resume_with_other_optimisation_settings_says_which_and_follows_them(tmp_path, text_file, four_steps,
                                                                               monkeypatch, capsys):
     """A resume is the run's command with --resume. four_steps' run (4 steps, --lr 3e-3 decaying to --min_lr
-    3e-4) resumed with a higher --max_steps, to train on, --min_lr left out (None: a constant rate) and
-    another --seed (the order of a data_dir's shards; left out, the run's): the model line names all three,
-    and from step 4 the learning rate is get_lr's for the new settings (3e-3), not the old schedule's end
-    (3e-4)."""
+    3e-4) resumed with a higher --max_steps, to train on, and --min_lr left out (None: a constant rate):
+    the model line names both, and from step 4 the learning rate is get_lr's for the new settings (3e-3),
+    not the old schedule's end (3e-4). (Another --seed changes nothing here: the random streams come from
+    the checkpoint, and a text file is read in order; it is not named.)"""
     shutil.copytree(four_steps, tmp_path / "run")
     i = RUN.index("--min_lr")
     without_min_lr = RUN[:i] + RUN[i + 2:]
@@ -341,8 +341,8 @@ def test_a_resume_with_other_optimisation_settings_says_which_and_follows_them(t
                                     "--max_steps", "6", "--seed", "7", cwd=tmp_path, monkeypatch=monkeypatch,
                                     capsys=capsys)
     assert code == 0, err
-    assert ("note: resumed with --max_steps 6 (the run's: 4), --min_lr None (the run's: 0.0003), --seed 7 (the "
-            "run's: 1337): from step 4 on, training follows these settings") in out
+    assert ("note: resumed with --max_steps 6 (the run's: 4), --min_lr None (the run's: 0.0003): from step 4 on, "
+            "training follows these settings, not the run's") in out
     lrs = {r["step"]: r["lr"] for r in read_log(tmp_path / "run") if "lr" in r}
     assert lrs[4] == lrs[5] == pytest.approx(train_gpt2.get_lr(5, 3e-3, 3e-3, 4, 6)) == pytest.approx(3e-3)
     # the run's last evaluation (of its step-4 model, the checkpoint's) stays in the log: step 4 is not an

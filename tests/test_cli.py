@@ -254,6 +254,22 @@ def test_an_empty_prompt_starts_a_document_and_prints_only_the_new_tokens(tmp_pa
     assert all(f"> {enc.decode(row[1:])}\n" in out for row in rows) and "> <|endoftext|>" not in out, out
 
 
+def test_sampling_outside_the_main_thread_leaves_the_signals_alone(tmp_path, monkeypatch, capsys):
+    """Only the main thread may set signal handlers: main() called from another thread (a notebook's worker,
+    a server) samples without touching them, where setting SIGTERM's would stop it with an error."""
+    import threading
+
+    from train_gpt2 import main
+
+    monkeypatch.chdir(tmp_path)
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main([*TINY, "--max_steps", "0", "--num_samples", "1",
+                                                                "--max_new_tokens", "3"])))
+    thread.start()
+    thread.join(timeout=120)
+    assert codes == [0], capsys.readouterr().err
+
+
 def test_gpt2_by_name_offline_is_one_clear_line(tmp_path):
     r = run_script("--init_from", "gpt2", "--max_steps", "0", cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr

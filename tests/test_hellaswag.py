@@ -269,10 +269,27 @@ def test_a_sigterm_while_scoring_is_a_ctrl_c_the_counts_saved(tmp_path, items_fi
         signal.signal(signal.SIGTERM, previous)
     err = capsys.readouterr().err
     assert err.endswith("\ninterrupted: scored 4 of 7 items; run the same command to continue\n"), err
-    monkeypatch.setattr(hellaswag_eval, "count_correct", count_correct)
+    batches.clear()
+    monkeypatch.setattr(hellaswag_eval, "count_correct",
+                        lambda model, items, *args: batches.append(items) or count_correct(model, items, *args))
     assert hellaswag.main(args) == 0
     assert capsys.readouterr().out == expected
+    assert sum(batches, []) == hellaswag_eval.read_items(str(items_file))[4:]  # only what was not scored
     assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_a_sigterm_before_scoring_is_one_line(tmp_path, items_file, random_gpt2, monkeypatch, capsys):
+    """While the model loads (here: as the items are read) a SIGTERM says so in one line, as Ctrl-C does."""
+    path, _, _ = random_gpt2
+    read_items = hellaswag_eval.read_items
+    monkeypatch.setattr(hellaswag, "load_items",
+                        lambda *args: os.kill(os.getpid(), signal.SIGTERM) or read_items(*args))
+    previous = signal.signal(signal.SIGTERM, sigterm_not_answered)
+    try:
+        assert hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--device", "cpu"]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == "interrupted: before scoring began\n"
 
 
 def test_counts_that_cannot_be_saved_only_cost_the_resume(tmp_path, items_file, random_gpt2, monkeypatch, capsys):

@@ -4,12 +4,15 @@ Real OpenAI checkpoints cannot be downloaded here, so each test builds a random-
 GPT-2 of the shape it needs and saves it with save_pretrained: the same directory format the hub serves.
 """
 
+import json
+
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
 import train_gpt2
 from conftest import run_script, step_losses
+from machinery.pretrained import pretrained_shape
 from machinery.tokens import GPT2_VOCAB_SIZE, tokenize_file
 from train_gpt2 import GPT, PRETRAINED, GPTConfig, main
 
@@ -120,6 +123,11 @@ def test_shape_flags_that_contradict_the_weights_are_refused_in_one_line(tmp_pat
     assert main(["--init_from", "gpt2-xl", "--n_layer", "12", *run]) == 1
     assert capsys.readouterr().err == "error: 'gpt2-xl' has n_layer=48; the command line says n_layer=12 (leave " \
                                       "these flags out: the model decides them)\n"
+    # a config.json whose shape is not whole numbers: no comparison (not a traceback, not a false clash)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vocab_size": None, "n_layer": "2"}))
+    assert pretrained_shape(str(path)) == dict(n_head=2, n_embd=32, block_size=64)
+    (path / "config.json").write_text(json.dumps(config))
     # the weights' own values, or a padded vocabulary, contradict nothing
     assert main(["--init_from", str(path), "--n_layer", "2", "--block_size", "64", "--vocab_size", "50304", *run]) == 0
     assert "model " + str(path) + " | 2 layers, 2 heads, 32 channels, vocab 50304, block 64" in capsys.readouterr().out

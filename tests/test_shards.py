@@ -195,6 +195,29 @@ def test_resume_on_shards_continues_exactly(tmp_path):
     assert state["epoch"] >= 1  # the run did cross into a second epoch
 
 
+def test_a_resume_reads_in_the_runs_order_unless_told_otherwise(tmp_path, capsys):
+    """A --no-shuffle run cut after 3 steps and resumed without the flag reads on in manifest order, as
+    the run did (the checkpoint's setting): the same losses as 8 steps in one go. A resume that types
+    another --seed for a shuffled run is told so in its note."""
+    data = write_shards(tmp_path / "d", [600, 700, 700, 700, 700], ["val", "train", "train", "train", "train"])
+    args = [*TINY, "--data_dir", str(data), "--B", "4", "--T", "64", "--lr", "3e-3", "--eval_interval", "100",
+            "--eval_iters", "1", "--num_samples", "0"]
+    assert main([*args, "--no-shuffle", "--max_steps", "8", "--out_dir", str(tmp_path / "ref")]) == 0
+    assert main([*args, "--no-shuffle", "--max_steps", "3", "--out_dir", str(tmp_path / "run")]) == 0
+    assert main([*args, "--max_steps", "8", "--out_dir", str(tmp_path / "run"), "--resume"]) == 0
+
+    def losses(name):
+        records = map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+    assert losses("run") == losses("ref") and len(losses("ref")) == 8
+    assert main([*args, "--max_steps", "3", "--out_dir", str(tmp_path / "shuffled")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "4", "--seed", "7", "--out_dir", str(tmp_path / "shuffled"), "--resume"]) == 0
+    assert "note: resumed with --max_steps 4 (the run's: 3), --seed 7 (the run's: 1337): from step 3 on" in \
+        capsys.readouterr().out
+
+
 def test_eval_only_reads_only_the_validation_shards(tmp_path, capsys):
     """--resume --eval_only with a data_dir of validation shards alone (what one keeps to score
     checkpoints): the run's model evaluated, with the validation loss the run itself logged."""
