@@ -126,11 +126,11 @@ def test_a_second_sigterm_stops_at_once_as_a_second_ctrl_c_does(tmp_path):
 
 
 def test_a_sigterm_before_the_loop_stops_at_once_in_one_line(tmp_path, text_file):
-    """A scheduler's SIGTERM while the model is still being built (GPT-2 124M's shape: about a second on a
-    CPU, from the `device` line on) stops the run at once with the line a Ctrl-C there gives and exit code
-    130; without a handler the OS would end it without a word (exit code -15)."""
-    args = ("--device", "cpu", "--input_file", text_file, "--B", "1", "--T", "8", "--max_steps", "1",
-            "--num_samples", "0", "--out_dir", "run")
+    """A scheduler's SIGTERM while the model is still being built (GPT-2 350M's shape: seconds on a CPU,
+    from the `device` line on) stops the run at once with the line a Ctrl-C there gives and exit code 130;
+    without a handler the OS would end it without a word (exit code -15)."""
+    args = ("--device", "cpu", "--n_layer", "24", "--n_head", "16", "--n_embd", "1024", "--input_file", text_file,
+            "--B", "1", "--T", "8", "--max_steps", "1", "--num_samples", "0", "--out_dir", "run")
     with start(tmp_path, *args) as run:
         run.wait_for("device cpu", deadline_s=120)
         run.send_signal(signal.SIGTERM)
