@@ -153,8 +153,8 @@ def refuse_clashes(cfg, given, decided, source, decider):
 
 def resumed_batch(cfg, given, saved, path, world_size):
     """A resume continues its run: the same tokens a step, in sequences of the same T, of the same data
-    in the same order unless the command names other. --B may change (the same tokens a step by more or less accumulation:
-    the same arithmetic); those two may not."""
+    in the same order unless the command names other. --B may change (the same tokens a step by more or
+    less accumulation: the same arithmetic); those two may not."""
     # (checkpoints before 2026-12 may hold 0, "one micro-batch a process": taken as this many processes)
     tokens = saved.get("total_batch_size") or saved["B"] * saved["T"] * world_size
     for name, run_value in (("T", saved["T"]), ("total_batch_size", tokens)):
