@@ -107,6 +107,8 @@ def model_problem(ckpt):
     unknown = set(config) - {*SHAPE, "sdpa"}
     if unknown:
         return f"model_config has {', '.join(sorted(map(str, unknown)))}, which GPTConfig does not"
+    if config["n_embd"] % config["n_head"]:  # (GPT would refuse it with an assert)
+        return f"model_config n_embd {config['n_embd']} is not a multiple of its n_head {config['n_head']}"
     if config["vocab_size"] < GPT2_VOCAB_SIZE:  # GPT-2's tokens would index past its table
         return f"model_config vocab_size is {config['vocab_size']}, below the tokenizer's {GPT2_VOCAB_SIZE} ids"
     return None
@@ -189,6 +191,7 @@ def load_weights(model, ckpt, path):
 def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, sample_generator):
     """Put the optimizer, loss scaler, random streams and data position back as the checkpoint saved them."""
     try:  # (what these hold was not checked on loading: one that does not fit this run is one line too)
+        check_saved_moments(model, ckpt["optimizer"])
         load_optimizer_state(model, optimizer, ckpt["optimizer"])
         check_optimizer_state(model, optimizer)  # (its ValueError: "cannot resume from ..." below)
         if ckpt.get("scaler"):
@@ -199,6 +202,18 @@ def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, s
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
         raise SettingError(f"cannot resume from {path!r}: {first_line(e)}") from None
     restore_data_position(train_loader, ckpt["train_loader"])
+
+
+def check_saved_moments(model, state):
+    """A pair of AdamW moments saved for every parameter (a run saves after its first update, which makes
+    them all): loading would start a missing one from zero without a word (set_optimizer_state_dict fills
+    it in), and the resume would not be the run's. Older checkpoints number the parameters."""
+    names, saved = [name for name, _ in model.named_parameters()], state["state"]
+    keys = range(len(names)) if saved and all(isinstance(key, int) for key in saved) else names
+    for key, name in zip(keys, names):
+        missing = {"exp_avg", "exp_avg_sq"} - set(saved.get(key, {}))
+        if missing:
+            raise ValueError(f"its optimizer holds no {' or '.join(sorted(missing))} for {name}")
 
 
 def check_optimizer_state(model, optimizer):

@@ -139,6 +139,9 @@ def read_manifest(data_dir):
     shards = [(s["file"], s["split"], s["tokens"]) for s in manifest["shards"]]
     if manifest.get("tokenizer") != "gpt2":
         raise SettingError(f"{data_dir!r} holds {manifest.get('tokenizer')} tokens; train_gpt2.py reads GPT-2's (gpt2)")
+    if manifest.get("dtype", "uint16") != "uint16":  # (each shard is checked to be uint16 below, too)
+        raise SettingError(f"{data_dir!r}'s manifest says its tokens are {manifest['dtype']!r}; prepare.py writes "
+                           "uint16")
     if not manifest.get("complete"):
         raise SettingError(f"{data_dir!r} is not fully prepared: run its prepare.py command again to finish it")
     for file, split, tokens in shards:

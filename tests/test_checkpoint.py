@@ -266,6 +266,8 @@ HAND_EDITS = [
     ("steps_done", lambda c: c.update(steps_done="4"), "steps_done is '4', not a whole number >= 0"),
     ("model_config", lambda c: c["model_config"].update(n_layer="2"), "model_config n_layer is '2', not a whole"),
     ("model_config", lambda c: c["model_config"].update(dropout=0.1), "model_config has dropout, which GPTConfig"),
+    ("model_config", lambda c: c["model_config"].update(n_head=3), "model_config n_embd 32 is not a multiple of its "
+                                                                   "n_head 3"),
     ("train_config", lambda c: c["train_config"].pop("B"), "train_config B is None, not a whole number >= 1"),
     ("train_config", lambda c: c.update(train_config=[]), "train_config is a list, not a dict"),
     ("train_loader", lambda c: c["train_loader"].update(position=-32), "train_loader position is -32, not a whole"),
@@ -274,6 +276,11 @@ HAND_EDITS = [
     ("optimizer", lambda c: next(iter(c["optimizer"]["state"].values())).update(exp_avg=torch.zeros(3)),
      "cannot resume from 'run/ckpt.pt': its optimizer's exp_avg for transformer.wte.weight has shape (3,), the "
      "parameter ("),
+    # moments missing would restart from zero without a word (the resume would not be the run's)
+    ("optimizer", lambda c: c["optimizer"].update(state={}), "cannot resume from 'run/ckpt.pt': its optimizer holds "
+                                                             "no exp_avg or exp_avg_sq for transformer.wte.weight"),
+    ("optimizer", lambda c: c["optimizer"]["state"]["transformer.h.1.mlp.c_fc.weight"].pop("exp_avg_sq"),
+     "its optimizer holds no exp_avg_sq for transformer.h.1.mlp.c_fc.weight"),
     ("rng", lambda c: c["rng"].pop("torch"), "rng does not hold python, numpy, torch, sample"),
     ("rng", lambda c: c["rng"].update(python=(1, (), None)), "cannot resume from 'run/ckpt.pt': state with version 1"),
 ]

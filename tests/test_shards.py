@@ -288,6 +288,8 @@ def damage(data, how):
         tokens = np.load(shard)
         tokens[5] = 60000
         np.save(shard, tokens)
+    elif how == "manifest dtype":  # a manifest edited to say another type than its shards hold
+        (data / "manifest.json").write_text(json.dumps({**manifest, "dtype": "float64"}))
     elif how == "tokenizer":  # another tokenizer's ids: the model's rows would mean other tokens
         (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "cl100k_base"}))
     elif how == "npz":  # an archive of the tokens under the shard's name
@@ -311,6 +313,7 @@ def damage(data, how):
     ("no manifest", "has no manifest.json: prepare it with  python prepare.py"),
     ("incomplete", "is not fully prepared"),
     ("tokenizer", "holds cl100k_base tokens; train_gpt2.py reads GPT-2's (gpt2)"),
+    ("manifest dtype", "manifest says its tokens are 'float64'; prepare.py writes uint16"),
     ("ids", "holds token id 60000, past GPT-2's 50,257 tokens: it is damaged"),
     ("val ids", "holds token id 60000, past GPT-2's 50,257 tokens: it is damaged"),  # (not "no validation")
     ("npz", "train_000001.npy' is not a .npy file"),
