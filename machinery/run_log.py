@@ -87,7 +87,7 @@ class RunLog:
 
     def __init__(self, cfg, start_step):
         self.out_dir, self.resumed, self.file, self.tracker = cfg.out_dir, cfg.resume, None, None
-        self.start_step, self.carried, self.lock = start_step, {}, None
+        self.start_step, self.ended, self.lock = start_step, None, None
         if int(os.environ.get("RANK", 0)) != 0:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -103,9 +103,10 @@ class RunLog:
             with open(self.path, errors="replace") as f:  # (a damaged line's bytes: then not JSON, skipped)
                 records = [r for r in map(parse_log_line, f) if r is not None]
             kept = [r for r in records if r["step"] < start_step]
-            # the evaluation of the checkpoint's own model (the last record of a run that ended there): the
-            # resumed run's first record carries it on, where that step is not an evaluation step of its own
-            self.carried = {k: v for r in records if r["step"] == start_step for k, v in r.items() if k in EVALUATION}
+            # the last record of a run that ended there (the evaluation of the checkpoint's own model): the
+            # resumed run's first record carries its evaluation on, where that step is not an evaluation step
+            # of its own; a resume stopped before its first record puts it back as it was (close)
+            self.ended = next((r for r in records if r["step"] == start_step), None)
         text = "".join(json.dumps(r) + "\n" for r in kept)
         write_atomically(self.path, lambda f: f.write(text.encode()))  # a full disk loses no record
         self.file = open(self.path, "a")
@@ -118,8 +119,9 @@ class RunLog:
         """Append one record; with picture=True also redraw progress.png."""
         if self.file is None:
             return
-        if self.carried and record["step"] == self.start_step:
-            record, self.carried = {**record, **{k: v for k, v in self.carried.items() if k not in record}}, {}
+        if self.ended is not None and record["step"] == self.start_step:
+            carried = {k: v for k, v in self.ended.items() if k in EVALUATION and k not in record}
+            record, self.ended = {**record, **carried}, None
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -161,6 +163,9 @@ class RunLog:
 
     def close(self):
         if self.file is not None:
+            if self.ended is not None:  # a resume stopped before its first record: the run's last one, back
+                with contextlib.suppress(OSError):
+                    self.file.write(json.dumps(self.ended) + "\n")
             self.file.close()
         if self.lock is not None:
             os.close(self.lock)

@@ -859,6 +859,26 @@ def test_a_resume_skips_damaged_log_lines_as_it_skips_a_half_written_one(tmp_pat
     assert (tmp_path / "run" / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_resume_stopped_before_its_first_record_leaves_the_log_as_it_was(tmp_path, text_file, four_steps,
+                                                                          monkeypatch, capsys):
+    """The resume rewrites the log without the run's last record (step 4's final evaluation, which its own
+    first record carries on); interrupted before it writes that record (here, in its first step), it puts the
+    run's record back: the log is the finished run's again, byte for byte."""
+    import train_gpt2
+
+    shutil.copytree(four_steps, tmp_path / "run")
+    before = digest(tmp_path / "run" / "log.jsonl")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_gpt2, "forward_backward", interrupted)
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "8", "--out_dir", "run", "--resume",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 130 and "stopped at once" in err, err
+    assert digest(tmp_path / "run" / "log.jsonl") == before
+
+
 def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_path, text_file, monkeypatch,
                                                                           capsys):
     """progress.png is only a picture of the log: when the disk cannot take it, each attempt (at every
