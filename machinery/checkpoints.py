@@ -48,7 +48,11 @@ def set_rng_state(state, sample_generator):
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was."""
+    """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was. The
+    run's data paths are kept absolute, so that a resume that names no data finds the run's from any folder."""
+    config = state.get("train_config", {})
+    data = {name: os.path.abspath(config[name]) for name in ("input_file", "data_dir") if config.get(name)}
+    state = {**state, "train_config": {**config, **data}} if data else state
     try:
         write_atomically(path, lambda f: torch.save(state, f))
     except DiskFull as e:

@@ -859,6 +859,24 @@ def test_a_resume_skips_damaged_log_lines_as_it_skips_a_half_written_one(tmp_pat
     assert (tmp_path / "run" / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_resume_from_another_folder_finds_the_runs_data(tmp_path, text_file, monkeypatch, capsys):
+    """The run read t.txt in its folder; its resume, started in another folder and naming no data, reads
+    the same file (the checkpoint keeps the path absolute), and trains on."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(text_file, tmp_path / "a" / "t.txt")
+    code, _, err = run_in_process(*RUN, "--input_file", "t.txt", "--max_steps", "2", "--out_dir", "run",
+                                  cwd=tmp_path / "a", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    state = load_checkpoint(str(tmp_path / "a" / "run" / "ckpt.pt"))
+    assert state["train_config"]["input_file"] == str(tmp_path / "a" / "t.txt")
+    code, out, err = run_in_process("--out_dir", str(tmp_path / "a" / "run"), "--resume", "--max_steps", "3",
+                                    "--num_samples", "0", "--device", "cpu", cwd=tmp_path / "elsewhere", monkeypatch=monkeypatch,
+                                    capsys=capsys)
+    assert code == 0, err
+    assert [r["step"] for r in read_log(tmp_path / "a" / "run")] == [0, 1, 2, 3]
+
+
 def test_a_resume_stopped_before_its_first_record_leaves_the_log_as_it_was(tmp_path, text_file, four_steps,
                                                                           monkeypatch, capsys):
     """The resume rewrites the log without the run's last record (step 4's final evaluation, which its own
