@@ -286,6 +286,9 @@ def starting_checkpoint(cfg, given, world_size):
     else:  # OpenAI's weights (or a save_pretrained folder) decide the shape as a checkpoint does
         if cfg.init_from != "scratch":
             shape = pretrained_shape(cfg.init_from)
+            if shape.get("vocab_size", GPT2_VOCAB_SIZE) < GPT2_VOCAB_SIZE:  # (as a checkpoint's is refused)
+                raise SettingError(f"{cfg.init_from!r} has a vocabulary of {shape['vocab_size']:,} tokens, fewer than "
+                                   f"GPT-2's {GPT2_VOCAB_SIZE:,}: GPT-2's tokens would index past its table")
             if cfg.vocab_size >= shape.get("vocab_size", 0):  # (a bigger table is the same weights, padded)
                 shape.pop("vocab_size", None)
             refuse_clashes(cfg, given, shape, repr(cfg.init_from), "the model")

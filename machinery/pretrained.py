@@ -69,10 +69,12 @@ def load_transformers_gpt2(name_or_path, known_names):
 def pretrained_shape(name_or_path):
     """The shape GPT.from_pretrained will make, by GPTConfig's names, read before any weights: OpenAI's
     models by name, a save_pretrained directory from its config.json (what it does not say as a whole
-    number, or a config that cannot be read, is left out: loading then says what is wrong)."""
+    number, a config that cannot be read or another model's, is left out: loading then says what is wrong)."""
     if name_or_path in PRETRAINED:
         return {**PRETRAINED[name_or_path], "block_size": 1024, "vocab_size": GPT2_VOCAB_SIZE}
     config = saved_config(name_or_path)
+    if config.get("model_type", "gpt2") != "gpt2":  # (not GPT-2's: loading it says so)
+        return {}
     ours = dict(n_layer="n_layer", n_head="n_head", n_embd="n_embd", block_size="n_positions", vocab_size="vocab_size")
     return {name: config[theirs] for name, theirs in ours.items()
             if type(config.get(theirs)) is int}  # (not a bool, a string or null)

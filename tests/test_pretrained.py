@@ -119,6 +119,12 @@ def test_shape_flags_that_contradict_the_weights_are_refused_in_one_line(tmp_pat
         assert main(["--init_from", str(path), *flags, *run]) == 1
         assert capsys.readouterr().err == f"error: {str(path)!r} {says} (leave these flags out: the model decides " \
                                           "them)\n"
+    # a table with fewer rows than GPT-2's tokens (a model of another tokenizer), as a checkpoint's
+    small, _ = hf_gpt2_dir(2, 2, 32, 64, vocab_size=100)
+    capsys.readouterr()
+    assert main(["--init_from", str(small), *run]) == 1
+    assert capsys.readouterr().err == f"error: {str(small)!r} has a vocabulary of 100 tokens, fewer than GPT-2's " \
+                                      "50,257: GPT-2's tokens would index past its table\n"
     # by name: the shape is known without the weights (none are downloaded: this machine has no network)
     assert main(["--init_from", "gpt2-xl", "--n_layer", "12", *run]) == 1
     assert capsys.readouterr().err == "error: 'gpt2-xl' has n_layer=48; the command line says n_layer=12 (leave " \
