@@ -274,6 +274,19 @@ def names_a_checkpoint(init_from):
     return init_from.endswith(".pt") or os.path.isfile(init_from)
 
 
+def check_pretrained_shape(cfg, given):
+    """OpenAI's weights (or a save_pretrained folder) decide the model's shape as a checkpoint does: a
+    shape flag typed against it is one line, and so is a vocabulary below GPT-2's (a bigger --vocab_size
+    is the same weights, their table padded)."""
+    shape = pretrained_shape(cfg.init_from)
+    if shape.get("vocab_size", GPT2_VOCAB_SIZE) < GPT2_VOCAB_SIZE:  # (as a checkpoint's is refused)
+        raise SettingError(f"{cfg.init_from!r} has a vocabulary of {shape['vocab_size']:,} tokens, fewer than "
+                           f"GPT-2's {GPT2_VOCAB_SIZE:,}: GPT-2's tokens would index past its table")
+    if cfg.vocab_size >= shape.get("vocab_size", 0):
+        shape.pop("vocab_size", None)
+    refuse_clashes(cfg, given, shape, repr(cfg.init_from), "the model")
+
+
 def starting_checkpoint(cfg, given, world_size):
     """(the checkpoint a run starts from, its path, cfg with its model shape, and for a resume its batch):
     the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none (and where
@@ -283,15 +296,9 @@ def starting_checkpoint(cfg, given, world_size):
         path, missing = os.path.join(cfg.out_dir, "ckpt.pt"), "no checkpoint to resume from"
     elif names_a_checkpoint(cfg.init_from):
         path, missing = cfg.init_from, "--init_from: no checkpoint"
-    else:  # OpenAI's weights (or a save_pretrained folder) decide the shape as a checkpoint does
+    else:
         if cfg.init_from != "scratch":
-            shape = pretrained_shape(cfg.init_from)
-            if shape.get("vocab_size", GPT2_VOCAB_SIZE) < GPT2_VOCAB_SIZE:  # (as a checkpoint's is refused)
-                raise SettingError(f"{cfg.init_from!r} has a vocabulary of {shape['vocab_size']:,} tokens, fewer than "
-                                   f"GPT-2's {GPT2_VOCAB_SIZE:,}: GPT-2's tokens would index past its table")
-            if cfg.vocab_size >= shape.get("vocab_size", 0):  # (a bigger table is the same weights, padded)
-                shape.pop("vocab_size", None)
-            refuse_clashes(cfg, given, shape, repr(cfg.init_from), "the model")
+            check_pretrained_shape(cfg, given)
         return None, None, cfg
     ckpt = load_checkpoint(path, missing, mmap=cfg.fsdp or cfg.cpu_offload, resume=cfg.resume)
     return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, cfg.resume, world_size)
