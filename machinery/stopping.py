@@ -25,7 +25,8 @@ class StopRequested:
     """Ctrl-C (SIGINT) or SIGTERM during training asks to stop after the current step, so the
     checkpoint written on the way out is a consistent step. SIGTERM is what torchrun sends its
     workers on Ctrl-C, and what cluster schedulers send before preempting a job. A second signal
-    interrupts at once. Use as `with StopRequested() as stop:`, then read stop.requested."""
+    interrupts at once: the handlers it found answer it (a second SIGTERM: inside sigterm_stops_at_once,
+    as main enters it). Use as `with StopRequested() as stop:`, then read stop.requested."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -36,9 +37,7 @@ class StopRequested:
 
     def _handle(self, signum, frame):
         self.requested = True
-        self.restore()
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (a second SIGTERM would end it without a word)
-            signal.signal(signal.SIGTERM, interrupt_at_once)
+        self.restore()  # (a second signal: main's handlers, a KeyboardInterrupt for either, sigterm_stops_at_once)
         say_stopping(signum)
 
     def restore(self):

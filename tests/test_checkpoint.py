@@ -101,8 +101,8 @@ def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, unint
 
 SECOND_SIGTERM = """import os, signal, sys, time
 sys.path.insert(0, {repo!r})
-from machinery.stopping import StopRequested
-with StopRequested() as stop:
+from machinery.stopping import StopRequested, sigterm_stops_at_once
+with sigterm_stops_at_once(), StopRequested() as stop:  # as main() and train() nest them
     os.kill(os.getpid(), signal.SIGTERM)  # the first: asks to stop after the step
     time.sleep(0.1)
     print("asked" if stop.requested else "not asked", flush=True)
