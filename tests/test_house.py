@@ -95,6 +95,19 @@ def test_imports_run_one_way_without_a_circle():
     assert [f for f in files if reaches(f, f)] == []  # no circle, lazy imports included
 
 
+# What the repository's top level holds: the three scripts, the package, and the files every project has.
+TOP_LEVEL = {*SCRIPTS, "machinery", "input.txt", "requirements.txt", "README.md", "LICENSE", "tests", "configs",
+             "docs", ".gitignore", ".ci"}
+
+
+def test_the_top_level_holds_the_scripts_the_package_and_nothing_stray():
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = {path.split("/", 1)[0] for path in listed.stdout.splitlines()}
+    assert tracked - TOP_LEVEL == set(), "a stray file at the top level: move it under tests/ or docs/, or drop it"
+
+
 @pytest.mark.parametrize("module", PACKAGE)
 def test_each_module_of_the_package_says_what_it_holds_and_stays_small(module):
     source = (REPO / module).read_text()
