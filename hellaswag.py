@@ -26,9 +26,8 @@ from machinery.command_line import ArgumentParser
 from machinery.hardware import DTYPES
 from machinery.hellaswag_eval import (N_VALIDATION, REFERENCE, Interrupted, count_correct_resumably, load_items,
                                       progress_path)
-from machinery.pretrained import vocab_size_of
+from machinery.pretrained import refuse_small_vocabulary
 from machinery.stopping import sigterm_stops_at_once
-from machinery.tokens import GPT2_VOCAB_SIZE
 from train_gpt2 import GPT, GPTConfig, make_precision, resolve_device
 
 
@@ -42,7 +41,7 @@ def load_model(args):
         return model_of_checkpoint(path), args.out_dir
     if names_a_checkpoint(args.init_from):  # (a .pt name, or any file)
         return model_of_checkpoint(args.init_from), args.init_from
-    check_vocab_size(vocab_size_of(args.init_from), args.init_from)  # (read before transformers warns)
+    refuse_small_vocabulary(args.init_from, "it cannot score HellaSwag's GPT-2 tokens")  # (items are GPT-2 tokens)
     return GPT.from_pretrained(args.init_from), args.init_from
 
 
@@ -52,13 +51,6 @@ def model_of_checkpoint(path):
     model = GPT(GPTConfig(**ckpt["model_config"]))
     load_weights(model, ckpt, path)
     return model
-
-
-def check_vocab_size(vocab_size, name):
-    """The items are GPT-2 tokens: a table with fewer rows has none for some of them (None: not known)."""
-    if vocab_size is not None and vocab_size < GPT2_VOCAB_SIZE:
-        raise ValueError(f"{name!r} has a vocabulary of {vocab_size:,} tokens, fewer than GPT-2's "
-                         f"{GPT2_VOCAB_SIZE:,}: it cannot score HellaSwag's GPT-2 tokens")
 
 
 def score(args):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from machinery.files import DiskFull, SettingError, first_line, is_whole_number, write_atomically
-from machinery.pretrained import pretrained_shape
+from machinery.pretrained import pretrained_shape, refuse_small_vocabulary
 from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data
@@ -278,10 +278,8 @@ def check_pretrained_shape(cfg, given):
     """OpenAI's weights (or a save_pretrained folder) decide the model's shape as a checkpoint does: a
     shape flag typed against it is one line, and so is a vocabulary below GPT-2's (a bigger --vocab_size
     is the same weights, their table padded)."""
+    refuse_small_vocabulary(cfg.init_from, "GPT-2's tokens would index past its table")  # (as a checkpoint's)
     shape = pretrained_shape(cfg.init_from)
-    if shape.get("vocab_size", GPT2_VOCAB_SIZE) < GPT2_VOCAB_SIZE:  # (as a checkpoint's is refused)
-        raise SettingError(f"{cfg.init_from!r} has a vocabulary of {shape['vocab_size']:,} tokens, fewer than "
-                           f"GPT-2's {GPT2_VOCAB_SIZE:,}: GPT-2's tokens would index past its table")
     if cfg.vocab_size >= shape.get("vocab_size", 0):
         shape.pop("vocab_size", None)
     refuse_clashes(cfg, given, shape, repr(cfg.init_from), "the model")

@@ -80,6 +80,15 @@ def pretrained_shape(name_or_path):
             if type(config.get(theirs)) is int}  # (not a bool, a string or null)
 
 
+def refuse_small_vocabulary(name_or_path, consequence):
+    """A save_pretrained directory whose table has fewer rows than GPT-2's tokens: one line, with what
+    those tokens would do (`consequence`). Read before the weights (transformers warns while loading)."""
+    vocab_size = pretrained_shape(name_or_path).get("vocab_size", GPT2_VOCAB_SIZE)
+    if vocab_size < GPT2_VOCAB_SIZE:
+        raise SettingError(f"{name_or_path!r} has a vocabulary of {vocab_size:,} tokens, fewer than GPT-2's "
+                           f"{GPT2_VOCAB_SIZE:,}: {consequence}")
+
+
 def saved_config(directory):
     """A save_pretrained directory's config.json as a dict, or {} (a hub name, or no readable config:
     from_pretrained then says what is wrong). Read before loading: transformers warns first otherwise."""
@@ -94,14 +103,6 @@ def saved_config(directory):
 def model_type_of(directory):
     """The model_type a save_pretrained directory's config names, or None."""
     return saved_config(directory).get("model_type")
-
-
-def vocab_size_of(directory):
-    """The vocab_size a save_pretrained directory's config names, or None."""
-    try:
-        return int(saved_config(directory)["vocab_size"])
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def export_problem(directory):

@@ -70,7 +70,8 @@ def start_wandb(cfg):
     try:
         return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=asdict(cfg))
     except Exception as e:  # no login, no network in online mode, ...: wandb's own errors
-        raise ValueError(f"could not start wandb: {first_line(e)} (WANDB_MODE=offline logs without a network)") from None
+        raise ValueError(f"could not start wandb: {first_line(e)} "
+                         "(WANDB_MODE=offline logs without a network)") from None
 
 
 class RunLog:

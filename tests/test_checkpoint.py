@@ -475,7 +475,8 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path, text_file, mon
     code, out, err = run_in_process(*TRAINING, "--input_file", text_file, "--max_steps", "3", "--out_dir", "run",
                                     "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
-    assert "2 layers, 2 heads, 32 channels, vocab 50257, block 64" in out and "resumed from run/ckpt.pt at step 2" in out
+    assert "2 layers, 2 heads, 32 channels, vocab 50257, block 64" in out
+    assert "resumed from run/ckpt.pt at step 2" in out
     assert list(step_losses(out)) == [2]
     ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert ckpt["steps_done"] == 3 and ckpt["model_config"]["n_layer"] == 2 and ckpt["model_config"]["block_size"] == 64
@@ -871,7 +872,8 @@ def test_a_resume_from_another_folder_finds_the_runs_data(tmp_path, text_file, m
     state = load_checkpoint(str(tmp_path / "a" / "run" / "ckpt.pt"))
     assert state["train_config"]["input_file"] == str(tmp_path / "a" / "t.txt")
     code, out, err = run_in_process("--out_dir", str(tmp_path / "a" / "run"), "--resume", "--max_steps", "3",
-                                    "--num_samples", "0", "--device", "cpu", cwd=tmp_path / "elsewhere", monkeypatch=monkeypatch,
+                                    "--num_samples", "0", "--device", "cpu", cwd=tmp_path / "elsewhere",
+                                    monkeypatch=monkeypatch,
                                     capsys=capsys)
     assert code == 0, err
     assert [r["step"] for r in read_log(tmp_path / "a" / "run")] == [0, 1, 2, 3]

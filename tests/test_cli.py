@@ -143,7 +143,8 @@ def test_an_out_dir_that_cannot_be_written_is_named_before_the_run(tmp_path, mon
     made to say no.)"""
     monkeypatch.setattr(machinery.files.os, "access", lambda path, mode: False)
     assert folder_problem(str(tmp_path)) == f"cannot be written: no permission to write in {str(tmp_path)!r}"
-    assert folder_problem(str(tmp_path / "a" / "b")) == f"cannot be written: no permission to write in {str(tmp_path)!r}"
+    assert folder_problem(str(tmp_path / "a" / "b")) == \
+        f"cannot be written: no permission to write in {str(tmp_path)!r}"
     monkeypatch.undo()
     assert folder_problem(str(tmp_path / "a" / "b")) is None  # (made when the run saves)
 

@@ -64,7 +64,8 @@ def test_a_window_is_served_exactly_when_its_last_target_fits(tmp_path, monkeypa
     for _ in range(2 * len(starts)):  # the windows of the text, twice over
         x, y = loader.next_batch()
         p = int(x[0, 0])
-        assert torch.equal(x.flatten(), torch.arange(p, p + 30)) and torch.equal(y.flatten(), torch.arange(p + 1, p + 31))
+        assert torch.equal(x.flatten(), torch.arange(p, p + 30))
+        assert torch.equal(y.flatten(), torch.arange(p + 1, p + 31))
         served.append(p)
     assert served == starts * 2
 

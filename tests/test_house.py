@@ -115,6 +115,13 @@ def test_each_module_of_the_package_says_what_it_holds_and_stays_small(module):
     assert len(source.splitlines()) <= 420, f"{module} has grown past about 400 lines: split it by topic"
 
 
+def test_no_line_of_the_code_or_its_tests_is_wider_than_120_characters():
+    files = [*SCRIPTS, *PACKAGE, *(p.relative_to(REPO).as_posix() for p in (REPO / "tests").glob("*.py"))]
+    wide = [f"{name}:{number}" for name in files
+            for number, line in enumerate((REPO / name).read_text().splitlines(), 1) if len(line) > 120]
+    assert wide == []
+
+
 def test_first_line_is_the_first_sentence_and_not_cut_at_an_abbreviation():
     assert first_line(ValueError("bad thing. Second sentence.\nmore")) == "bad thing"
     assert first_line(ValueError("expected a path, e.g. a file. Then more")) == "expected a path, e.g. a file"
@@ -183,7 +190,8 @@ def test_a_stop_at_the_last_step_still_evaluates_and_saves_the_trained_model(tmp
 
     (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:20_000])
     calls = []
-    monkeypatch.setattr(train_gpt2, "stop_requested_anywhere", lambda requested, device: calls.append(1) or len(calls) == 3)
+    monkeypatch.setattr(train_gpt2, "stop_requested_anywhere",
+                        lambda requested, device: calls.append(1) or len(calls) == 3)
     code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "3", "--num_samples", "0",
                                     cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err  # the signal came after the last step: the run ends as planned

@@ -96,7 +96,8 @@ def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch
                                          "mean --max_steps? (see --help)")
     (tmp_path / "two.args").write_text("--B two\n")  # the line that is wrong is in the recipe, which is named
     code, out, err = run_in_process("@two.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 2 and err.strip() == "error: argument --B: invalid int value: 'two' (in recipe two.args) (see --help)"
+    assert code == 2
+    assert err.strip() == "error: argument --B: invalid int value: 'two' (in recipe two.args) (see --help)"
     code, out, err = run_in_process("--B", "two", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.strip() == "error: argument --B: invalid int value: 'two' (see --help)"  # typed: no recipe
     (tmp_path / "latin1.args").write_bytes(b"--prompt Caf\xe9\n")
@@ -116,7 +117,8 @@ def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch
 def test_learner_recipe(stand_in, tmp_path, monkeypatch, capsys):
     code, out, err = run_in_process(recipe("learner.args"), "--B", "4", "--max_steps", "2", "--eval_iters", "1",
                                      "--num_samples", "1", "--input_file", stand_in / "input.txt",
-                                     "--out_dir", tmp_path / "verse", cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
+                                     "--out_dir", tmp_path / "verse", cwd=stand_in, monkeypatch=monkeypatch,
+                                     capsys=capsys)
     assert code == 0, err
     assert "4 layers, 4 heads, 256 channels" in out and "> ROMEO:" in out
     assert re.search(r"step     0 \| val loss 1[01]\.\d{4}", out)  # an untrained model: about ln(50257)
@@ -179,9 +181,10 @@ def test_bigger_gpt2_recipes(name, stand_in, tmp_path, monkeypatch, capsys):
 def test_finetune_gpt2_xl_recipe(stand_in, tmp_path, monkeypatch, capsys):
     cfg, _ = parse_args(TrainConfig, [recipe("finetune_gpt2_xl.args")])
     assert (cfg.init_from, cfg.fsdp, cfg.activation_checkpointing) == ("gpt2-xl", True, "none")
-    code, out, err = run_in_process(recipe("finetune_gpt2_xl.args"), "--init_from", stand_in / "gpt2-local", "--no-fsdp",
-                                     "--T", "32", "--max_steps", "1", "--eval_iters", "1", "--num_samples", "1",
-                                     "--out_dir", tmp_path / "ft", cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
+    code, out, err = run_in_process(recipe("finetune_gpt2_xl.args"), "--init_from", stand_in / "gpt2-local",
+                                     "--no-fsdp", "--T", "32", "--max_steps", "1", "--eval_iters", "1",
+                                     "--num_samples", "1", "--out_dir", tmp_path / "ft", cwd=stand_in,
+                                     monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     assert "> ROMEO:" in out
 

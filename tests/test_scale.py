@@ -18,7 +18,8 @@ from conftest import CONTEXTS, REPO, TINY, Launched, official, run_in_process, r
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # float32: the comparisons below are between arithmetic orders, not precisions
-EXACT = ["--dtype", "float32", "--eval_interval", "2", "--eval_iters", "2", "--num_samples", "1", "--max_new_tokens", "4"]
+EXACT = ["--dtype", "float32", "--eval_interval", "2", "--eval_iters", "2", "--num_samples", "1",
+         "--max_new_tokens", "4"]
 
 
 def log(folder):
@@ -93,7 +94,8 @@ def test_fsdp_over_two_processes_gives_one_processs_losses(fsdp_runs):
     # HellaSwag at the stopped run's evaluations (the resume, without --hellaswag, did the rest): all 17
     # items, each counted once
     hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in two if "hellaswag_acc_norm" in r]
-    assert hellaswag and hellaswag == [(r["step"], r["hellaswag_acc_norm"]) for r in one if r["step"] <= hellaswag[-1][0]
+    assert hellaswag and hellaswag == [(r["step"], r["hellaswag_acc_norm"]) for r in one
+                                       if r["step"] <= hellaswag[-1][0]
                                        and "hellaswag_acc_norm" in r]
 
 

@@ -221,7 +221,8 @@ def test_a_resume_reads_in_the_runs_order_unless_told_otherwise(tmp_path, capsys
 def test_eval_only_reads_only_the_validation_shards(tmp_path, capsys):
     """--resume --eval_only with a data_dir of validation shards alone (what one keeps to score
     checkpoints): the run's model evaluated, with the validation loss the run itself logged."""
-    args = [*TINY, "--B", "4", "--T", "64", "--eval_iters", "2", "--num_samples", "0", "--out_dir", str(tmp_path / "run")]
+    args = [*TINY, "--B", "4", "--T", "64", "--eval_iters", "2", "--num_samples", "0",
+            "--out_dir", str(tmp_path / "run")]
     data = write_shards(tmp_path / "d", [600, 700, 700], ["val", "train", "train"])
     assert main([*args, "--data_dir", str(data), "--max_steps", "2"]) == 0
     val_only = write_shards(tmp_path / "v", [600], ["val"])  # the same validation tokens (shard 0's)
