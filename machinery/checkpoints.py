@@ -49,9 +49,12 @@ def set_rng_state(state, sample_generator):
 
 def save_checkpoint(state, path):
     """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was. The
-    run's data paths are kept absolute, so that a resume that names no data finds the run's from any folder."""
+    run's paths are kept absolute, so that a resume that names no data finds the run's from any folder
+    (and one that names its --init_from, however written, is not told it names another)."""
     config = state.get("train_config", {})
     data = {name: os.path.abspath(config[name]) for name in ("input_file", "data_dir") if config.get(name)}
+    if os.path.exists(config.get("init_from", "")):  # (a file or folder; not a GPT-2 name, not "scratch")
+        data["init_from"] = os.path.abspath(config["init_from"])
     state = {**state, "train_config": {**config, **data}} if data else state
     try:
         write_atomically(path, lambda f: torch.save(state, f))
@@ -149,12 +152,19 @@ def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):
 def refuse_clashes(cfg, given, decided, source, decider):
     """A flag the user gave (`given`) that contradicts what the model's source decides (`decided`, by
     setting name) is an error, all of them named in one line."""
-    clashes = [name for name in decided if name in given and getattr(cfg, name) != decided[name]]
+    clashes = [name for name in decided if name in given and not same_setting(getattr(cfg, name), decided[name])]
     if clashes:
         has = ", ".join(f"{name}={decided[name]!r}" for name in clashes)
         says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
         raise SettingError(f"{source} has {has}; the command line says {says} (leave these flags out: {decider} "
                            "decides them)")
+
+
+def same_setting(typed, decided):
+    """Whether a typed setting agrees with the one decided: two paths to one file or folder do, however written."""
+    if isinstance(typed, str) and isinstance(decided, str) and os.path.exists(typed) and os.path.exists(decided):
+        return os.path.samefile(typed, decided)
+    return typed == decided
 
 
 def resumed_batch(cfg, given, saved, path, world_size):

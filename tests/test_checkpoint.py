@@ -419,6 +419,31 @@ def test_init_from_a_hand_edited_checkpoint_checks_its_model_not_its_training_st
     assert code == 0 and "model run/model.ckpt | 2 layers" in out, err
 
 
+def test_a_resume_that_names_its_runs_init_from_however_written_is_not_a_clash(tmp_path, text_file, four_steps,
+                                                                              monkeypatch, capsys):
+    """A fine-tuning run started with --init_from run/ckpt.pt and resumed with the command it was started
+    by (a path relative to where it started), from another folder with the absolute path, or with ./ in
+    front: the same file, so the resume goes on. Another file is a clash, named in one line."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    args = (*RUN, "--input_file", text_file, "--out_dir", tmp_path / "ft", "--checkpoint_interval", "1",
+            "--num_samples", "0")
+    code, _, err = run_in_process(*args, "--init_from", "run/ckpt.pt", "--max_steps", "1", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    for steps, (init_from, cwd) in enumerate([("run/ckpt.pt", tmp_path), ("./run//ckpt.pt", tmp_path),
+                                              (tmp_path / "run" / "ckpt.pt", tmp_path / "elsewhere")], 2):
+        code, out, err = run_in_process(*args, "--init_from", init_from, "--resume", "--max_steps", steps, cwd=cwd,
+                                        monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 0 and f"at step {steps - 1}" in out, err
+    shutil.copy(tmp_path / "run" / "ckpt.pt", tmp_path / "other.pt")
+    code, _, err = run_in_process(*args, "--init_from", "other.pt", "--resume", "--max_steps", "5", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == (f"error: checkpoint {str(tmp_path / 'ft' / 'ckpt.pt')!r} has init_from="
+                                 f"{str(tmp_path / 'run' / 'ckpt.pt')!r}; the command line says init_from='other.pt' "
+                                 "(leave these flags out: the checkpoint decides them)\n")
+
+
 def test_resume_on_data_without_the_runs_position_is_a_clear_error(tmp_path, four_steps, monkeypatch, capsys):
     """The run stopped 4 x 32 tokens into its text; resumed on other data (a text of 90 training tokens,
     where that place is not there either), its train split's token count is not the run's: one line, and
