@@ -40,15 +40,15 @@ from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, 
 from machinery.command_line import SettingError, check_block_size, check_config, flag, parse_args
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
                                describe_plan, print0, say_error, step_line)
-from machinery.hardware import (DTYPES, attention_kernels, check_device, check_one_process_per_gpu, compile_model,
-                                cpu_allocator_for, resolve_dtype, torchrun_ranks)
+from machinery.hardware import (DTYPES, attention_kernels, check_one_process_per_gpu, compile_model,
+                                cpu_allocator_for, resolve_dtype, select_device, torchrun_ranks)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
 from machinery.loss import linear_cross_entropy
 from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_memory
 from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2, shared_weight_names
 from machinery.recompute import MODES, checkpoint_options, recomputed
 from machinery.samples import finish_run, print_samples
-from machinery.run_log import RunLog, plot_log  # noqa: F401 (it and get_tokenizer: for importers)
+from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log, get_tokenizer: importers take them from here)
 from machinery.sharding import (buffers_not_resent, builds_the_model, check_fsdp, from_rank0, full_model_state,
                                 full_optimizer_state, set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
@@ -67,7 +67,7 @@ class GPTConfig:
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # channels of the residual stream
-    sdpa: bool = True  # attention by F.scaled_dot_product_attention (fused); False: the explicit path
+    sdpa: bool = True  # how attention runs, not its shape: F.scaled_dot_product_attention (fused); False: explicit
 
 
 class CausalSelfAttention(nn.Module):
@@ -180,7 +180,7 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
-        if targets is not None and self.loss_in_chunks:  # CPUs: the loss below by rows, never all logits at once
+        if targets is not None and self.loss_in_chunks:  # CPUs: the loss below, by rows: never all (B*T, V) logits
             return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))  # x: (B*T, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
@@ -222,11 +222,11 @@ class GPT(nn.Module):
                            n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, sdpa=sdpa)
         model = cls(config)
         sd, sd_hf = model.state_dict(), hf_model.state_dict()
-        keys = shared_weight_names(sd, sd_hf, name_or_path)  # the same names, but for the tied lm_head.weight
+        keys = shared_weight_names(sd, sd_hf, name_or_path)  # all but the tied lm_head.weight and 4.x's mask buffers
         with torch.no_grad():
             for k in keys:
                 w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
-                target = sd[k][: w.shape[0]] if k == "transformer.wte.weight" else sd[k]  # padding rows stay
+                target = sd[k][: w.shape[0]] if k == "transformer.wte.weight" else sd[k]  # (padding rows: random init)
                 if w.shape != target.shape:
                     raise ValueError(f"shape mismatch for {k}: {tuple(w.shape)} vs ours {tuple(target.shape)}")
                 target.copy_(w)
@@ -247,7 +247,7 @@ class GPT(nn.Module):
             idx_cond = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
             logits, _ = self(idx_cond)  # (B, T, V)
             logits = logits[:, -1, :n_vocab].float()  # (B, V): last position only, in float32
-            if temperature < torch.finfo(torch.float32).tiny:  # 0, or 0 in float32: greedy, sampling's limit
+            if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small logits / it overflow: greedy, its limit
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
                 k = min(top_k, n_vocab) if top_k else n_vocab
@@ -300,7 +300,7 @@ class DataLoaderLite:
     def next_batch(self):
         B, T = self.B, self.T
         start = self.position + self.process_rank * B * T
-        buf = torch.from_numpy(self.current[start: start + B * T + 1].astype(np.int64))  # (B*T+1,) int64 ids, copied
+        buf = torch.from_numpy(self.current[start: start + B * T + 1].astype(np.int64))  # (B*T+1,) uint16 -> int64
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: the next token at every position
         self.position += B * T * self.num_processes
@@ -318,7 +318,7 @@ class DataLoaderLite:
     def reset(self):
         self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
 
-    def state_dict(self):  # (a resume finds the shard by its file's name, and checks the split's token count)
+    def state_dict(self):  # (file, tokens: checkpoints.restore_data_position finds the shard by name, checks the count)
         return dict(epoch=self.epoch, shard=self.shard, position=self.position, file=self.file, tokens=self.n_tokens)
 
     def load_state_dict(self, state):
@@ -336,7 +336,7 @@ def resolve_device(name="auto"):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = name.split(":")[0]
-    check_device(name, device_type)  # a known name, and present on this machine
+    select_device(name, device_type)  # a known name, present on this machine (cuda:N: made the current GPU)
     return name, device_type
 
 
@@ -344,7 +344,7 @@ def make_precision(dtype_name, device_type, fsdp_wrapped=False):
     """The dtype, autocast context and loss scaler for --dtype (resolve_dtype: what "auto" picks, and why)."""
     dtype = resolve_dtype(dtype_name, device_type)
     # autocast takes the device TYPE ("cuda", never "cuda:3"); float32 means full precision, no autocast. Under
-    # FSDP, which frees each block's weights after use, its cache of bf16 copies would keep them all (memory.md)
+    # FSDP, which frees each block's weights after use, its cache of bf16 copies would keep them all (docs/memory.md)
     autocast = (torch.autocast(device_type, dtype=dtype, cache_enabled=not fsdp_wrapped)
                 if dtype != torch.float32 else contextlib.nullcontext())
     # float16's narrow range underflows small gradients: scale the loss up, gradients back down
@@ -448,7 +448,8 @@ def join_process_group(device, device_type):
         check_one_process_per_gpu(world_size)
         device = f"cuda:{local_rank}"  # one GPU per process: the local rank numbers them on each machine
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo")  # GPU: NCCL, CPU: gloo
+    # NCCL carries GPU tensors; gloo the CPU ones (a CPU run's, and --cpu_offload's state and checkpoints on a GPU run)
+    dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo")
     return True, rank, world_size, device
 
 
@@ -467,7 +468,7 @@ def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped):
     Sharded, only rank 0 makes it; the others get its shape now and their shards of it in shard_model."""
     if not builds_the_model(fsdp_wrapped):  # FSDP's other processes: rank 0's shape, on the meta device
         with torch.device("meta"):
-            model = GPT(from_rank0(None))
+            model = GPT(from_rank0(None))  # (the GPTConfig rank 0 sends below)
     elif ckpt is not None:
         model = GPT(GPTConfig(**{**ckpt["model_config"], "sdpa": cfg.sdpa}))
         load_weights(model, ckpt, ckpt_path)
@@ -544,8 +545,6 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
         results["val_loss"] = estimate_val_loss(model, val_loader, cfg.eval_iters, device, autocast)
     if hellaswag_items is not None:
         results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast, resumable=cfg.eval_only))
-    if not results and cfg.eval_only:
-        raise SettingError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
     if results:  # (a run without validation data or HellaSwag has nothing to say)
         print0(describe_evaluation(step, results))
     return results
@@ -581,7 +580,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     fsdp_wrapped = cfg.fsdp or cfg.cpu_offload  # FSDP2 holds the state (--cpu_offload: in RAM, one process too)
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type, fsdp_wrapped)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
-    ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # cfg takes its shape (resumed: batch too)
+    ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # its shape (resumed: batch, data, order)
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
     cfg = replace(cfg, total_batch_size=total_batch_size)  # kept in the checkpoint: a resume keeps it
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
@@ -590,7 +589,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     raw_model.loss_in_chunks = device_type == "cpu"  # where RAM runs out first (docs/performance.md)
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step, ckpt))
-    print0(plan_memory(raw_model, cfg, world_size, device, dtype, start_step))  # (CPU: a run RAM can't hold stops)
+    print0(plan_memory(raw_model, cfg, world_size, device, dtype, start_step))  # (a CPU: raises if RAM can't hold it)
     if fsdp_wrapped:  # each process keeps 1/N of the state (in RAM with --cpu_offload) and joins every forward
         shard_model(raw_model, raw_model.transformer.h, device, cfg.cpu_offload)
     else:
@@ -599,7 +598,8 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
     if cfg.eval_only:  # the evaluation that ends a run, once: nothing trained, nothing written
         val_loader = make_loader(cfg, "val", rank, world_size)  # (the data may have no training split)
-        evaluate(raw_model, val_loader, hellaswag_items, start_step, cfg, device, autocast)
+        if not evaluate(raw_model, val_loader, hellaswag_items, start_step, cfg, device, autocast):
+            raise SettingError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
         return 0
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
         return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
@@ -618,7 +618,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
     step_times = []
-    with StopRequested() as stop, RunLog(cfg, start_step) as log:
+    with StopRequested() as stop, RunLog(cfg, start_step) as log:  # Ctrl-C/SIGTERM: stop.requested, saved below
         # step s's record (log.jsonl): the losses of the model after s updates, then update s's lr, norm, tokens
         for step in range(start_step, cfg.max_steps + 1):
             done = step == cfg.max_steps  # all steps done: evaluate and save the trained model, then stop
@@ -669,10 +669,10 @@ def main(argv=None):
     try:
         check_config(cfg)
         device, device_type = resolve_device(cfg.device)
-        cpu_allocator_for(device_type, cfg.fsdp)  # glibc's freed memory: kept for the next step, or given back
+        cpu_allocator_for(device_type, cfg.fsdp)  # CPUs: freed memory kept for the next step, or (FSDP) given back
         distributed, rank, world_size, device = join_process_group(device, device_type)
         check_fsdp(cfg.fsdp, cfg.cpu_offload, world_size, device_type)  # on CUDA or CPUs; --fsdp: 2+ processes
-        check_data(cfg, flags_given)  # before anything heavy (a resume's own data: once its checkpoint is read)
+        check_data(cfg, flags_given)  # before anything heavy (--resume: the run's data, once its checkpoint is read)
         seed_everything(cfg.seed)
         torch.set_float32_matmul_precision("high")  # float32 matmuls in TF32 on Ampere+ GPUs (bf16 ones are unaffected)
         with attention_kernels(device_type), sigterm_stops_at_once():  # (cuDNN's attention first on Hopper GPUs)

@@ -1,5 +1,5 @@
 """
-Hardware: which device and precision a run gets and why (train_gpt2.py's resolve_device asks check_device),
+Hardware: which device and precision a run gets and why (train_gpt2.py's resolve_device asks select_device),
 and the quirks of each device: glibc's memory on CPUs, cuDNN's attention on Hopper GPUs, torch.compile
 with a fallback, torchrun's process numbers (torchrun_ranks), one process per GPU.
 train_gpt2.py calls these while it sets up. Measurements behind the choices: docs/performance.md.
@@ -49,11 +49,18 @@ def cpu_has_native_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def check_device(name, device_type):
+def select_device(name, device_type):
+    """Check that a device name is known and present on this machine. cuda:N also becomes the current CUDA
+    device, so that what asks the current one (its capability for the dtype, its name for MFU, synchronize)
+    asks GPU N, not GPU 0 (torchrun's processes: join_process_group sets their local rank's instead)."""
     if device_type not in ("cpu", "cuda", "mps") or (":" in name and not name.split(":")[1].isdigit()):
         raise SettingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise SettingError(f"device {name!r} requested but CUDA is not available")
+    if device_type == "cuda" and ":" in name:
+        if int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise SettingError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(name)
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise SettingError(f"device {name!r} requested but MPS is not available")
 
