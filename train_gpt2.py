@@ -41,7 +41,7 @@ from machinery.command_line import SettingError, check_block_size, check_config,
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
                                describe_plan, print0, say_error, step_line)
 from machinery.hardware import (DTYPES, attention_kernels, check_one_process_per_gpu, compile_model,
-                                cpu_allocator_for, resolve_dtype, select_device, torchrun_ranks)
+                                cpu_allocator_for, resolve_dtype, select_device, synchronize, torchrun_ranks)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
 from machinery.loss import linear_cross_entropy
 from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_memory
@@ -53,7 +53,7 @@ from machinery.sharding import (buffers_not_resent, builds_the_model, check_fsdp
                                 full_optimizer_state, set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import (StopRequested, TrainingDiverged, another_process_stopped, check_finite,
-                                sigterm_stops_at_once, stop_requested_anywhere, stopped_at_once)
+                                sigterm_stops_at_once, stop_requested_anywhere, stopped_at_once, stopped_before_saving)
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, open_shard, shard_files, text_file_split
 
 # -----------------------------------------------------------------------------
@@ -352,12 +352,6 @@ def make_precision(dtype_name, device_type, fsdp_wrapped=False):
     return dtype, autocast, scaler
 
 
-def synchronize(device_type):
-    """Wait for queued GPU work, to read a clock. CPU work is synchronous: nothing to wait for."""
-    if device_type in ("cuda", "mps"):
-        getattr(torch, device_type).synchronize()  # torch.cuda.synchronize(), torch.mps.synchronize()
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -618,7 +612,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
     step_times = []
-    with StopRequested() as stop, RunLog(cfg, start_step) as log:  # Ctrl-C/SIGTERM: stop.requested, saved below
+    with RunLog(cfg, start_step) as log, StopRequested(log) as stop:  # Ctrl-C/SIGTERM: stop.requested, saved below
         # step s's record (log.jsonl): the losses of the model after s updates, then update s's lr, norm, tokens
         for step in range(start_step, cfg.max_steps + 1):
             done = step == cfg.max_steps  # all steps done: evaluate and save the trained model, then stop
@@ -657,6 +651,8 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             print0(step_line(record, step_times, cfg.max_steps))
             log.write(record, picture="val_loss" in record or stop_now)  # progress.png: each val loss, and a stop
             if stop_now and step + 1 < cfg.max_steps:  # (a stop in the last step: done saves it anyway)
+                if log.keeps_other_checkpoint:  # a fresh run, not saved yet: another run's checkpoint stays
+                    return stopped_before_saving(step + 1, cfg.out_dir)
                 write_checkpoint(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
                 log.checkpointed()
                 print0(f"interrupted: saved step {step + 1} to {cfg.out_dir}/ckpt.pt; continue with --resume")

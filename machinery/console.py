@@ -58,7 +58,8 @@ def describe_model(model, cfg, start_step, ckpt):
         lines += describe_resume(cfg, start_step, ckpt["train_config"])
     elif os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
         lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own, "
-                     f"and its log.jsonl then (until then this run logs to log.new.jsonl)")
+                     "and its log.jsonl then (until then this run logs to log.new.jsonl; stopped before, it saves "
+                     "nothing)")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """
 Hardware: which device and precision a run gets and why (train_gpt2.py's resolve_device asks select_device),
-and the quirks of each device: glibc's memory on CPUs, cuDNN's attention on Hopper GPUs, torch.compile
-with a fallback, torchrun's process numbers (torchrun_ranks), one process per GPU.
+and the quirks of each device: waiting for a GPU's queued work (synchronize), glibc's memory on CPUs,
+cuDNN's attention on Hopper GPUs, torch.compile with a fallback, torchrun's process numbers
+(torchrun_ranks), one process per GPU.
 train_gpt2.py calls these while it sets up. Measurements behind the choices: docs/performance.md.
 """
 
@@ -63,6 +64,12 @@ def select_device(name, device_type):
         torch.cuda.set_device(name)
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise SettingError(f"device {name!r} requested but MPS is not available")
+
+
+def synchronize(device_type):
+    """Wait for queued GPU work, to read a clock. CPU work is synchronous: nothing to wait for."""
+    if device_type in ("cuda", "mps"):
+        getattr(torch, device_type).synchronize()  # torch.cuda.synchronize(), torch.mps.synchronize()
 
 
 def torchrun_ranks():

@@ -84,11 +84,14 @@ class RunLog:
     A fresh run into an out_dir that holds another run's checkpoint (or log) leaves that run's log and
     picture as they are until this run's own checkpoint replaces it: until then it writes log.new.jsonl
     and progress.new.png, which take the names log.jsonl and progress.png when train() says, through
-    checkpointed(), that its checkpoint is written. A run stopped before that leaves the other run whole."""
+    checkpointed(), that its checkpoint is written. A run stopped before that leaves the other run whole:
+    a stop signal then saves nothing (keeps_other_checkpoint), and the other run can still be resumed."""
 
     def __init__(self, cfg, start_step):
         self.out_dir, self.resumed, self.file, self.tracker = cfg.out_dir, cfg.resume, None, None
         self.start_step, self.ended, self.lock = start_step, None, None
+        # (every process: a fresh run's stop before its first checkpoint saves none, train() asks this)
+        self.keeps_other_checkpoint = not cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
         if int(os.environ.get("RANK", 0)) != 0:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -151,6 +154,7 @@ class RunLog:
     def checkpointed(self):
         """Called once the run's checkpoint is written: a fresh run's log and picture, kept apart until
         now, take the names of the other run's (whose checkpoint is gone)."""
+        self.keeps_other_checkpoint = False
         if self.file is None or not self.beside_another_run:
             return
         log, picture = os.path.join(self.out_dir, "log.jsonl"), os.path.join(self.out_dir, "progress.png")

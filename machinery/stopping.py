@@ -26,9 +26,13 @@ class StopRequested:
     checkpoint written on the way out is a consistent step. SIGTERM is what torchrun sends its
     workers on Ctrl-C, and what cluster schedulers send before preempting a job. A second signal
     interrupts at once: the handlers it found answer it (a second SIGTERM: inside sigterm_stops_at_once,
-    as main enters it). Use as `with StopRequested() as stop:`, then read stop.requested."""
+    as main enters it). Use as `with StopRequested(log) as stop:`, then read stop.requested (the RunLog
+    says whether the stop will save: not over another run's checkpoint, see RunLog)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log=None):
+        self.log = log
 
     def __enter__(self):
         self.requested = False
@@ -38,7 +42,7 @@ class StopRequested:
     def _handle(self, signum, frame):
         self.requested = True
         self.restore()  # (a second signal: main's handlers, a KeyboardInterrupt for either, sigterm_stops_at_once)
-        say_stopping(signum)
+        say_stopping(signum, None if self.log is None or not self.log.keeps_other_checkpoint else self.log.out_dir)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -48,12 +52,15 @@ class StopRequested:
         self.restore()
 
 
-def say_stopping(signum):
+def say_stopping(signum, other_run=None):
     """The first signal's answer, at once (the step, or an evaluation before it, may run for minutes), from
     rank 0: torchrun passes a signal on to every process. Written straight to the file descriptor: a
-    handler that print()s while the interrupted code is printing to the same stream raises an error."""
+    handler that print()s while the interrupted code is printing to the same stream raises an error.
+    other_run: the out_dir whose checkpoint is another run's, which this stop leaves as it is."""
     if int(os.environ.get("RANK", 0)) == 0:
-        line = f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint; " \
+        saving = "with a checkpoint" if other_run is None else \
+            f"without saving: {os.path.join(other_run, 'ckpt.pt')} stays the other run's"
+        line = f"{signal.Signals(signum).name}: stopping after this step, {saving}; " \
                "a second Ctrl-C or SIGTERM stops at once, without saving\n"
         with contextlib.suppress(OSError):  # (stderr closed: nothing to tell)
             os.write(2, line.encode())
@@ -97,6 +104,14 @@ def check_finite(loss, step, out_dir):
     if not np.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss} at step {step}; stopping. "
                                f"The checkpoint in {out_dir!r}, if any, is left untouched")
+
+
+def stopped_before_saving(steps_done, out_dir):
+    """A fresh run stopped before its first checkpoint, in an out_dir holding another run's: this run saves
+    nothing, so that run stays whole (checkpoint, log and picture) and can be resumed. Returns the exit code."""
+    print0(f"interrupted after {steps_done} steps, without saving: {os.path.join(out_dir, 'ckpt.pt')} is still the "
+           "other run's (run the same command again to start this run over)")
+    return 130
 
 
 def stopped_at_once(interrupt, out_dir):

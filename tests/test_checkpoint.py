@@ -23,6 +23,7 @@ import machinery.run_log
 import train_gpt2
 from conftest import REPO, TINY, Launched, run_in_process, run_script, shakespeare_sample, step_losses
 from machinery.checkpoints import load_checkpoint, save_checkpoint
+from machinery.stopping import say_stopping
 from train_gpt2 import main
 
 # warmup + cosine decay, periodic validation and sampling: every piece of state a resume must restore.
@@ -613,6 +614,39 @@ def test_a_fresh_run_leaves_the_other_runs_log_alone_until_it_saves_its_own(tmp_
     assert not (run / "log.new.jsonl").exists() and not (run / "progress.new.png").exists()
     assert [digest(run / name) == old for name, old in zip(files, before)] == [False, False, False]
     assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 3
+
+
+def test_a_fresh_runs_stop_before_its_first_checkpoint_leaves_the_other_runs_checkpoint(tmp_path, four_steps,
+                                                                                        text_file, monkeypatch, capsys):
+    """A fresh run started by mistake in a finished run's out_dir and stopped (Ctrl-C, a scheduler's SIGTERM)
+    before it saved a checkpoint of its own saves none: the stop's checkpoint would replace the other run's,
+    which the user may be stopping this run to keep. Once it has saved its own, a stop saves as always."""
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    files = ("ckpt.pt", "log.jsonl", "progress.png")
+    before = [digest(run / name) for name in files]
+    args = [*RUN, "--input_file", text_file, "--out_dir", run, "--max_steps", "8", "--checkpoint_interval", "4",
+            "--seed", "7"]
+    calls = []  # the stop asked after the 2nd step, then after the 6th (past this run's checkpoint at step 4)
+    monkeypatch.setattr(train_gpt2, "stop_requested_anywhere",
+                        lambda requested, device: calls.append(1) or len(calls) in (2, 6 + 2))
+    code, out, _ = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 130 and f"interrupted after 2 steps, without saving: {run / 'ckpt.pt'} is still the other " \
+        "run's (run the same command again to start this run over)" in out
+    assert [digest(run / name) for name in files] == before  # the other run: whole, and resumable
+    assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 4
+    code, out, _ = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 130 and f"interrupted: saved step 6 to {run}/ckpt.pt" in out  # (its own, saved at step 4)
+    assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 6
+
+
+def test_the_first_signal_says_whether_the_stop_will_save(capfd):
+    """The first Ctrl-C or SIGTERM is answered at once: with what the stop will do to out_dir's checkpoint."""
+    say_stopping(signal.SIGTERM)
+    say_stopping(signal.SIGINT, "run")
+    assert capfd.readouterr().err.splitlines() == [
+        "SIGTERM: stopping after this step, with a checkpoint; a second Ctrl-C or SIGTERM stops at once, without saving",
+        f"SIGINT: stopping after this step, without saving: {os.path.join('run', 'ckpt.pt')} stays the other run's; "
+        "a second Ctrl-C or SIGTERM stops at once, without saving"]
 
 
 def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file):
