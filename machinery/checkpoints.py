@@ -19,6 +19,7 @@ from machinery.files import DiskFull, SettingError, first_line, is_whole_number,
 from machinery.pretrained import pretrained_shape, refuse_small_vocabulary
 from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
+from machinery.stopping import SignalsHeld
 from machinery.tokens import GPT2_VOCAB_SIZE, check_data
 
 # the keys every checkpoint has (train_gpt2.write_checkpoint); "steps_done" was "step" before 2026-12
@@ -57,7 +58,8 @@ def save_checkpoint(state, path):
         data["init_from"] = os.path.abspath(config["init_from"])
     state = {**state, "train_config": {**config, **data}} if data else state
     try:
-        write_atomically(path, lambda f: torch.save(state, f))
+        with SignalsHeld():  # (a signal mid-write: once the file is whole)
+            write_atomically(path, lambda f: torch.save(state, f))
     except DiskFull as e:
         resumed = state.get("train_config", {}).get("resume", False)
         raise DiskFull(f"{e}; {disk_full_hint(os.path.dirname(path), resumed)}") from None

@@ -52,6 +52,33 @@ class StopRequested:
         self.restore()
 
 
+class SignalsHeld:
+    """Ctrl-C and SIGTERM held while the block runs, then delivered to the handlers there were. torch.save
+    turns an exception raised inside it (a second signal's KeyboardInterrupt) into a RuntimeError about
+    the file's position, with a traceback: a signal during a checkpoint's write now acts once the file
+    is whole (a second one: the run stops at once, with that checkpoint). Only the main thread may set
+    handlers, and a handler set outside Python (None) could not be put back: those are left as they are."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.held, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.getsignal(s) for s in self.SIGNALS if signal.getsignal(s) is not None}
+            for s in self.previous:
+                signal.signal(s, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.held.append(signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        for signum in self.held:
+            signal.raise_signal(signum)  # (to the handler put back: StopRequested's, or main's, or the OS's)
+
+
 def say_stopping(signum, other_run=None):
     """The first signal's answer, at once (the step, or an evaluation before it, may run for minutes), from
     rank 0: torchrun passes a signal on to every process. Written straight to the file descriptor: a

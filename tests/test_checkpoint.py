@@ -126,6 +126,52 @@ def test_a_second_sigterm_stops_at_once_as_a_second_ctrl_c_does(tmp_path):
     assert r.stderr.count("SIGTERM: stopping after this step") == 1  # the first is answered; the second stops
 
 
+SIGTERM_MID_SAVE = """import os, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+import machinery.checkpoints as checkpoints
+from machinery.files import write_atomically
+from machinery.stopping import StopRequested, sigterm_stops_at_once
+
+
+class SignalOnThirdWrite:  # the file torch.save writes into: the second SIGTERM comes as it writes
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def write_with_a_signal(path, write):
+    return write_atomically(path, lambda f: write(SignalOnThirdWrite(f)))
+
+
+checkpoints.write_atomically = write_with_a_signal
+with sigterm_stops_at_once(), StopRequested() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)  # the first: stop after the step (and save)
+    try:
+        checkpoints.save_checkpoint({{"model": {{"w": torch.ones(256, 256)}}}}, "ckpt.pt")
+    except KeyboardInterrupt:
+        print("stopped at once, the checkpoint whole:", torch.load("ckpt.pt")["model"]["w"].sum().item())
+"""
+
+
+def test_a_second_signal_while_the_checkpoint_is_written_stops_once_the_file_is_whole(tmp_path):
+    """A second SIGTERM (or Ctrl-C) that comes while torch.save writes the stop's checkpoint: raised inside
+    torch.save, its KeyboardInterrupt became a RuntimeError about the file's position with a 40-line
+    traceback. Held until the file is written, it stops the run at once with the whole checkpoint kept."""
+    r = subprocess.run([sys.executable, "-c", SIGTERM_MID_SAVE.format(repo=str(REPO))], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "stopped at once, the checkpoint whole: 65536.0\n"), r
+    assert "Traceback" not in r.stderr and sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
 def test_a_sigterm_before_the_loop_stops_at_once_in_one_line(tmp_path, text_file):
     """A scheduler's SIGTERM while the model is still being built (GPT-2 350M's shape: seconds on a CPU,
     from the `device` line on) stops the run at once with the line a Ctrl-C there gives and exit code 130;
@@ -644,7 +690,8 @@ def test_the_first_signal_says_whether_the_stop_will_save(capfd):
     say_stopping(signal.SIGTERM)
     say_stopping(signal.SIGINT, "run")
     assert capfd.readouterr().err.splitlines() == [
-        "SIGTERM: stopping after this step, with a checkpoint; a second Ctrl-C or SIGTERM stops at once, without saving",
+        "SIGTERM: stopping after this step, with a checkpoint; a second Ctrl-C or SIGTERM stops at once, "
+        "without saving",
         f"SIGINT: stopping after this step, without saving: {os.path.join('run', 'ckpt.pt')} stays the other run's; "
         "a second Ctrl-C or SIGTERM stops at once, without saving"]
 
