@@ -120,6 +120,23 @@ def model_problem(ckpt):
         return f"model_config n_embd {config['n_embd']} is not a multiple of its n_head {config['n_head']}"
     if config["vocab_size"] < GPT2_VOCAB_SIZE:  # GPT-2's tokens would index past its table
         return f"model_config vocab_size is {config['vocab_size']}, below the tokenizer's {GPT2_VOCAB_SIZE} ids"
+    return weights_problem(ckpt["model"], config)
+
+
+def weights_problem(weights, config):
+    """Where the weights do not have the shape model_config gives them, or None. Checked before the model
+    is built: a model_config edited to an absurd width would otherwise first try to allocate it."""
+    if not isinstance(weights, dict):
+        return f"model is a {type(weights).__name__}, not a dict of weights"
+    tables = {"transformer.wte.weight": (config["vocab_size"], config["n_embd"]),
+              "transformer.wpe.weight": (config["block_size"], config["n_embd"])}
+    for name, shape in tables.items():
+        held = tuple(weights[name].shape) if isinstance(weights.get(name), torch.Tensor) else None
+        if held != shape:
+            return f"model_config makes {name} {shape}, and the weights hold {held or 'no such tensor'}"
+    blocks = sum(1 for name in weights if str(name).endswith(".ln_1.weight"))
+    if blocks != config["n_layer"]:
+        return f"model_config n_layer is {config['n_layer']}, and the weights hold {blocks} blocks"
     return None
 
 
@@ -130,14 +147,25 @@ def training_state_problem(ckpt):
     numbers = [("train_config", train_config, "B", 1, None), ("train_config", train_config, "T", 1, None),
                ("train_config", train_config, "total_batch_size", 0, 0)]
     numbers += [("train_loader", loader, name, 0, 0) for name in ("epoch", "shard", "position", "tokens")]
+    numbers.append(("train_config", train_config, "seed", 0, 0))
     problem = number_problem(numbers)
     if problem:
         return problem
+    if train_config.get("seed", 0) >= 2**32:  # (NumPy's seeds end there, and so does --seed)
+        return f"train_config seed is {train_config['seed']}, past 2**32 - 1"
+    # (what a resume reads back when the command does not name it: a wrong type would be a TypeError there)
+    kinds = {"data_dir": ((str, type(None)), "a path"), "input_file": ((str, type(None)), "a path"),
+             "shuffle": (bool, "True or False")}
+    for name, (types, kind) in kinds.items():
+        if name in train_config and not isinstance(train_config[name], types):
+            return f"train_config {name} is {train_config[name]!r}, not {kind}"
     if not isinstance(loader.get("file"), (str, type(None))):
         return f"train_loader file is {loader['file']!r}, not a shard's file name"
     for name, keys in (("optimizer", ("state", "param_groups")), ("rng", ("python", "numpy", "torch", "sample"))):
         if not isinstance(ckpt[name], dict) or set(keys) - set(ckpt[name]):
             return f"{name} does not hold {', '.join(keys)}"
+    if not isinstance(ckpt["optimizer"]["state"], dict) or not isinstance(ckpt["optimizer"]["param_groups"], list):
+        return "optimizer state is not a dict, or its param_groups not a list"
     return None
 
 

@@ -317,9 +317,21 @@ HAND_EDITS = [
                                                                    "n_head 3"),
     ("train_config", lambda c: c["train_config"].pop("B"), "train_config B is None, not a whole number >= 1"),
     ("train_config", lambda c: c.update(train_config=[]), "train_config is a list, not a dict"),
+    ("train_config", lambda c: c["train_config"].update(seed="x"), "train_config seed is 'x', not a whole number"),
+    ("train_config", lambda c: c["train_config"].update(seed=2**70), "train_config seed is 1180591620717411303424, "
+                                                                     "past 2**32 - 1"),
+    ("train_config", lambda c: c["train_config"].update(data_dir=7), "train_config data_dir is 7, not a path"),
+    ("train_config", lambda c: c["train_config"].update(shuffle="no"), "train_config shuffle is 'no', not True or"),
+    # a shape the weights do not have: said before a model of that shape is built (2**20 channels: 200 GB)
+    ("model_config", lambda c: c["model_config"].update(n_embd=2**20, n_head=2), "model_config makes "
+     "transformer.wte.weight (50257, 1048576), and the weights hold (50257, 32)"),
+    ("model_config", lambda c: c["model_config"].update(n_layer=5), "model_config n_layer is 5, and the weights "
+                                                                    "hold 2 blocks"),
+    ("model", lambda c: c.update(model=[]), "model is a list, not a dict of weights"),
     ("train_loader", lambda c: c["train_loader"].update(position=-32), "train_loader position is -32, not a whole"),
     ("train_loader", lambda c: c["train_loader"].update(file=3), "train_loader file is 3, not a shard's file name"),
     ("optimizer", lambda c: c.update(optimizer={}), "optimizer does not hold state, param_groups"),
+    ("optimizer", lambda c: c["optimizer"].update(state=[1]), "optimizer state is not a dict, or its param_groups"),
     ("optimizer", lambda c: next(iter(c["optimizer"]["state"].values())).update(exp_avg=torch.zeros(3)),
      "cannot resume from 'run/ckpt.pt': its optimizer's exp_avg for transformer.wte.weight has shape (3,), the "
      "parameter ("),
