@@ -225,11 +225,16 @@ def resumed_batch(cfg, given, saved, path, world_size):
 
 
 def load_weights(model, ckpt, path):
+    """The checkpoint's weights into `model`, all of them finite: a run never saves NaN or inf weights (its
+    loss check stops it first), so such a file is damaged, and would sample or evaluate to nonsense."""
     try:
         model.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError) as e:  # the right keys, but not what we saved
         what = " ".join(str(e).split()).removeprefix("Error(s) in loading state_dict for GPT: ")  # (torch's lines)
         raise SettingError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(what)[:300]}") from None
+    not_finite = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if not_finite:
+        raise SettingError(f"{path!r} is not a usable train_gpt2 checkpoint: its {not_finite} holds NaN or inf")
 
 
 def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, sample_generator):

@@ -328,6 +328,8 @@ HAND_EDITS = [
     ("model_config", lambda c: c["model_config"].update(n_layer=5), "model_config n_layer is 5, and the weights "
                                                                     "hold 2 blocks"),
     ("model", lambda c: c.update(model=[]), "model is a list, not a dict of weights"),
+    ("model", lambda c: c["model"]["transformer.h.1.mlp.c_fc.weight"][0, 0].fill_(float("nan")),
+     "its transformer.h.1.mlp.c_fc.weight holds NaN or inf"),
     ("train_loader", lambda c: c["train_loader"].update(position=-32), "train_loader position is -32, not a whole"),
     ("train_loader", lambda c: c["train_loader"].update(file=3), "train_loader file is 3, not a shard's file name"),
     ("optimizer", lambda c: c.update(optimizer={}), "optimizer does not hold state, param_groups"),
