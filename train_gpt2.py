@@ -266,7 +266,7 @@ class GPT(nn.Module):
 class DataLoaderLite:
     """Serves (x, y) batches of shape (B, T) in order; y is x shifted by one. Two sources: a text file
     (input_file) tokenized in memory, all of it (split None), its first 90% ("train") or last 10% ("val");
-    or a folder from prepare.py (data_dir): the split's shards, memory-mapped one at a time, so memory
+    or a folder from prepare.py (data_dir): the split's shards, read a window at a time, so memory
     stays flat however large the corpus; training reads them in a new seeded order each epoch (unless
     shuffle is False), validation in manifest order.
     Batches are windows of W = B*T*num_processes tokens; rank r reads x = window[r*B*T : (r+1)*B*T] and
@@ -277,7 +277,7 @@ class DataLoaderLite:
                  val_fraction=0.1, data_dir=None, shuffle=True, seed=1337):
         self.B, self.T, self.seed = B, T, seed
         self.process_rank, self.num_processes = process_rank, num_processes
-        if data_dir is not None:  # shard files, memory-mapped one at a time by load_shard
+        if data_dir is not None:  # shard files, opened one at a time by load_shard
             self.shards, self.n_tokens = shard_files(data_dir, split, B, T, num_processes)  # each >= 1 window
             self.shuffle = shuffle and split == "train"
         else:  # one array of tokens, in memory
@@ -295,7 +295,7 @@ class DataLoaderLite:
     def load_shard(self):
         shard = self.shards[self.order[self.shard]]
         self.file = None if isinstance(shard, np.ndarray) else os.path.basename(shard)  # (text: no file)
-        self.current = shard if self.file is None else open_shard(shard)  # (memory-mapped)
+        self.current = shard if self.file is None else open_shard(shard)  # (read a window at a time)
 
     def next_batch(self):
         B, T = self.B, self.T

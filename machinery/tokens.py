@@ -180,33 +180,59 @@ class DamagedShard(OSError):
     validation shard stops the run, where a ValueError, too little data, only leaves out validation.)"""
 
 
+class ShardTokens:
+    """A shard's tokens, read from its file a window at a time (shard[start:stop], as from the array), not
+    memory-mapped: a shard cut short while the run reads it is then a short read, said in one line (through
+    a memory map it is a SIGBUS, which ends the process without a word), and every window's ids are checked
+    as it is read (a shard overwritten mid-run). Reading a window of a batch takes microseconds."""
+
+    def __init__(self, path):
+        header = np.load(path, mmap_mode="r")  # (the .npy header: dtype, length, where the tokens begin)
+        self.path, self.dtype, self.length, self.offset = path, header.dtype, len(header), header.offset
+        self.file = open(path, "rb")
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, window):
+        start, stop, _ = window.indices(self.length)
+        self.file.seek(self.offset + start * self.dtype.itemsize)
+        tokens = np.frombuffer(self.file.read((stop - start) * self.dtype.itemsize), dtype=self.dtype)
+        if len(tokens) < stop - start:
+            raise DamagedShard(f"shard {self.path!r} was cut short while the run read it: prepare it again with "
+                               "prepare.py")
+        if tokens.size and tokens.max() >= GPT2_VOCAB_SIZE:
+            raise DamagedShard(f"shard {self.path!r} holds token id {tokens.max()}, past GPT-2's "
+                               f"{GPT2_VOCAB_SIZE:,} tokens: it is damaged, or not GPT-2's tokens; prepare it again "
+                               "with prepare.py")
+        return tokens
+
+
 @functools.lru_cache(maxsize=None)
-def largest_token_id(path):
-    """The largest id in a shard file, read once per process (validation reopens its shards at every
-    evaluation)."""
-    tokens = np.load(path, mmap_mode="r")
-    return int(tokens.max()) if tokens.size else 0
+def check_token_ids(path):
+    """Read every window of a shard once per process (validation reopens its shards at every evaluation):
+    an id GPT-2's vocabulary lacks is then refused as the shard opens, in every process alike."""
+    tokens = ShardTokens(path)
+    for start in range(0, len(tokens), 1 << 24):
+        tokens[start: start + (1 << 24)]  # (reading a window checks its ids)
 
 
 def open_shard(path):
-    """A shard's tokens, memory-mapped (read_manifest checked its header when the run began). A shard
-    changed since (deleted, cut short, rewritten with another length: a batch would not fit it) and an
-    id GPT-2's vocabulary lacks (a damaged file, or another tokenizer's ids under a gpt2 manifest) are
-    refused here, in one line naming the file: not by a reshape's error, or the embedding's index error,
-    which on a GPU is a device-side assert that ends every process. (The ids: one pass over the file, a
-    fraction of a second for 100M tokens, once per shard and process.)"""
+    """A shard's tokens (read_manifest checked its header when the run began). A shard changed since
+    (deleted, cut short, rewritten with another length: a batch would not fit it) and an id GPT-2's
+    vocabulary lacks (a damaged file, or another tokenizer's ids under a gpt2 manifest) are refused here,
+    in one line naming the file: not by a reshape's error, or the embedding's index error, which on a GPU
+    is a device-side assert that ends every process. (The ids: one pass over the file, a fraction of a
+    second for 100M tokens, once per shard and process.)"""
     try:
-        tokens, listed = np.load(path, mmap_mode="r"), listed_tokens(path)
+        tokens, listed = ShardTokens(path), listed_tokens(path)
     except (OSError, ValueError, EOFError, KeyError, StopIteration) as e:  # (EOFError: emptied; the others: unlisted)
         raise DamagedShard(f"shard {path!r} can no longer be read ({first_line(e) or 'empty'}): it changed since "
                            "the run began; prepare it again with prepare.py") from None
     if len(tokens) != listed:
         raise DamagedShard(f"shard {path!r} holds {len(tokens):,} tokens, not the {listed:,} its {MANIFEST} lists: it "
                            "changed since prepare.py wrote it; prepare it again with prepare.py")
-    largest = largest_token_id(path)
-    if largest >= GPT2_VOCAB_SIZE:
-        raise DamagedShard(f"shard {path!r} holds token id {largest}, past GPT-2's {GPT2_VOCAB_SIZE:,} tokens: "
-                         "it is damaged, or not GPT-2's tokens; prepare it again with prepare.py")
+    check_token_ids(path)
     return tokens
 
 

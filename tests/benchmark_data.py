@@ -13,7 +13,7 @@ into ~5 kB documents and repeated to size, as jsonl. Contestants, each on the sa
   Peak memory is the largest sum of the resident memory of prepare.py and its worker processes,
   sampled every 50 ms (forked workers share pages with their parent, so the sum overstates it).
 Then the loader: B=64, T=1024 batches (what one GPU of the reproduction reads per micro-step) from the
-shards just written, memory-mapped.
+shards just written, a window at a time.
 """
 
 import argparse
@@ -123,7 +123,7 @@ def main():
             t0 = time.perf_counter()
             loader.next_batch()
             times.append(time.perf_counter() - t0)
-        print(f"\nloader: B={B} T={T} batch from memory-mapped shards: "
+        print(f"\nloader: B={B} T={T} batch from the shards: "
               f"median {statistics.median(times) * 1e6:,.0f} us, "
               f"max {max(times) * 1e6:,.0f} us over {len(times)} batches")
 

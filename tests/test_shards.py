@@ -121,7 +121,7 @@ def test_loader_state_round_trips_across_shards_and_epochs(tmp_path):
 
 
 def test_the_loader_never_loads_a_whole_shard(tmp_path, monkeypatch):
-    """Shards are memory-mapped: np.load is only ever called with mmap_mode="r"."""
+    """Shards are read a window at a time: np.load only ever reads a header (mmap_mode="r", never the tokens)."""
     data = write_shards(tmp_path / "d", [400, 400])
     modes = []
     load = np.load
@@ -265,7 +265,7 @@ def test_a_resume_with_another_batch_finds_its_shard_by_name(tmp_path):
             continue
         restore_data_position(big, {"epoch": 0, "shard": shard, "position": 64, "file": file})
         assert big.file == file and big.position == 64
-        assert big.current[64] == 1000 * int(file[6:12]) + 64  # (shard i holds 1000*i, 1000*i + 1, ...)
+        assert big.current[64:65][0] == 1000 * int(file[6:12]) + 64  # (shard i holds 1000*i, 1000*i + 1, ...)
         moved += big.shard != shard
     assert moved  # (seed 5: some shard's index differs between the two lists, so the name is what finds it)
 
@@ -387,4 +387,30 @@ def test_a_shard_changed_while_training_runs_is_one_line_naming_it(tmp_path, pre
         second.unlink()
     with pytest.raises(machinery.tokens.DamagedShard, match=f"^shard {str(second)!r} "):
         for _ in range(1000):  # past the first shard's batches, to the second
+            loader.next_batch()
+
+
+@pytest.mark.parametrize("change", ["cut_short", "overwritten"])
+def test_a_shard_changed_as_the_loader_reads_it_is_one_line_not_a_crash(tmp_path, prepared, change):
+    """The very shard the loader is reading, cut short (a cleanup, another prepare.py) or overwritten in
+    place with bytes that are no GPT-2 ids: read through a memory map, the first ended the process with
+    SIGBUS ("Bus error", not a word more) and the second with the embedding's IndexError. Read a window
+    at a time, each is one line naming the file."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    loader = DataLoaderLite(2, 16, split="train", data_dir=str(data), shuffle=False)
+    loader.next_batch()
+    shard = data / loader.file
+    size = shard.stat().st_size
+    if change == "cut_short":
+        os.truncate(shard, 200)
+    else:
+        with open(shard, "r+b") as f:
+            f.seek(200)  # (past the .npy header)
+            f.write(b"\xff" * (size - 200))  # id 65535
+    says = "was cut short while the run read it" if change == "cut_short" else "holds token id 65535, past GPT-2's"
+    with pytest.raises(machinery.tokens.DamagedShard, match=f"^shard {str(shard)!r} {says}"):
+        for _ in range(1000):
             loader.next_batch()
