@@ -29,16 +29,19 @@ progress and is held in memory a few pieces at a time. The first shard is valida
 fills more than one shard; a smaller corpus is split into train (its first 90%) and val (its last 10%).
 
 Killed at any point, the same command continues: each shard is written under a temporary name and
-renamed when complete, the manifest lists only complete shards (checked against their SHA-256 when
-the command runs again), and it records where in the document stream the next shard begins. Inside
-a text file that is also a byte, where a piece begins: a resumed run reads the file from there. For
-FineWeb-Edu that is also a source file and row, and a resumed run, or a retry after a network error,
-starts there: it reads again at most the row group it stopped in (at worst its one ~2 GB file), never
-the files before it. A dropped connection, a timeout or a server error is retried (one line each, a
-few tries in a row); offline mode, a hub whose name does not resolve, a dataset or subset the hub
-does not know, or a refused permission end the run at once, in one line. A local source whose files
-changed since the shards were begun (its fingerprint), or while it was read, is refused in one line:
-the shards would be of the old version, or mix both.
+renamed when complete, the manifest lists only complete shards (checked against their SHA-256 and token
+counts when the command runs again: a shard that differs is made again), and it records where in the
+document stream the next shard begins. Inside a text file that is also a byte, where a piece begins:
+a resumed run reads the file from there. For FineWeb-Edu that is also a source file and row, and a
+resumed run, or a retry after a network error, starts there: it reads again at most the row group it
+stopped in (at worst its one ~2 GB file), never the files before it. A dropped connection, a timeout or
+a server error is retried (one line each, a few tries in a row); offline mode, a hub whose name does
+not resolve, a dataset or subset the hub does not know, or a refused permission end the run at once,
+in one line. A local source whose files changed since the shards were begun (its fingerprint), or
+while it was read, is refused in one line: the shards would be of the old version, or mix both. A
+finished out_dir is checked again as train_gpt2.py checks it, and its totals and splits against its
+shards; a manifest that says otherwise (edited by hand), or a place to resume from that the source
+does not have, is one line, never a success.
 
 Before writing, the free space in out_dir is checked against an estimate of what the shards need
 (2 bytes a token: about 20 GB for fineweb-edu, half the size of a local source); a disk that fills up
@@ -60,9 +63,10 @@ import numpy as np
 
 from machinery.command_line import ArgumentParser
 from machinery.corpus import local_documents, local_files, source_fingerprint
-from machinery.files import DiskFull, PrepareError, free_bytes, in_units, lock_folder, ram_bytes, write_atomically
+from machinery.files import (DiskFull, PrepareError, SettingError, free_bytes, in_units, lock_folder, ram_bytes,
+                             write_atomically)
 from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
-from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE, get_tokenizer, manifest_problem
+from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE, get_tokenizer, manifest_problem, read_manifest
 
 FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only
 EOT = 50256  # <|endoftext|>: starts every document
@@ -145,12 +149,26 @@ def quiet_worker():
     (where the OS has them), so that a SIGTERM sent to the whole group (by a scheduler, or kill --
     -PGID) reaches only the main process: a worker killed while it holds the lock on the pool's task
     queue, as it does while it waits for its next batch, would leave the main process waiting for that
-    lock forever as it ends the pool. (A main process killed outright ends its workers too: they find
-    the pool's queue closed.)"""
+    lock forever as it ends the pool. A main process killed outright ends its workers too (die_with_parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not main's handler, which forked workers inherit)
     if hasattr(os, "setpgrp"):
         os.setpgrp()
+    die_with_parent()
+
+
+PR_SET_PDEATHSIG = 1  # Linux's prctl option: the signal a process gets when the one that started it ends
+
+
+def die_with_parent():
+    """On Linux, the kernel kills the worker the moment the main process ends, killed outright (kill -9, the
+    OOM killer) included: a worker left alone would find the pool's pipe closed as it hands back its
+    tokens, and print a BrokenPipeError traceback as it ends. Elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):  # (a libc without prctl: as elsewhere)
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 # -----------------------------------------------------------------------------
@@ -236,7 +254,10 @@ class ShardWriter:
 
     def finish(self):
         """Write what is left, and mark the manifest complete: in one manifest update, so a run killed
-        between the two shards of a small corpus redoes both."""
+        between the two shards of a small corpus redoes both. Not if the manifest disagrees with the source
+        or its shards (edited by hand: the place a resumed run went on from was past the source's end)."""
+        if self.position != self.stream_position:  # (the tokens placed, and where the source's ended)
+            self.refuse("its last shard's next_document, next_offset or next_byte is past the end of the source")
         if not self.manifest["shards"]:  # the corpus fits in one shard: its last 10% is validation
             n_val = max(1, int(self.filled * VAL_FRACTION))
             if self.filled - n_val < 2:
@@ -245,8 +266,15 @@ class ShardWriter:
             self.write_shard(self.buffer[self.filled - n_val: self.filled], "val", self.end())
         elif self.filled:
             self.write_shard(self.buffer[: self.filled], "train", self.end())
+        problem = finished_problem(self.manifest)
+        if problem:
+            self.refuse(problem)
         self.manifest["complete"] = True
         self.save_manifest()
+
+    def refuse(self, problem):
+        raise PrepareError(f"{os.path.join(self.out_dir, MANIFEST)!r} disagrees with its source: {problem}; delete "
+                           f"{self.out_dir!r} to prepare it again, or choose another --out_dir")
 
     def end(self):
         """Where the end of the stream is, as write_shard records it (all documents whole)."""
@@ -271,6 +299,36 @@ class ShardWriter:
         write_atomically(os.path.join(self.out_dir, MANIFEST), lambda f: f.write(text.encode()))
 
 
+def finished_problem(manifest):
+    """What in a finished manifest disagrees with its shards, or None: a split without a shard (prepare.py
+    writes a val shard then train ones, or for a corpus within one shard a train shard then a val one),
+    or totals other than its shards'."""
+    shards = manifest["shards"]
+    for split in ("train", "val"):
+        if split not in {shard["split"] for shard in shards}:
+            return f"it lists no {split} shard"
+    last = shards[-1]
+    counts = dict(tokens=sum(shard["tokens"] for shard in shards),
+                  documents=last["next_document"] + (last["next_offset"] > 0))
+    for name, count in counts.items():
+        if manifest[name] != count:
+            return f"its {name} is {manifest[name]:,}, where its shards hold {count:,}"
+    return None
+
+
+def check_finished(out_dir, manifest):
+    """A folder whose manifest says it is complete is checked as train_gpt2.py checks it (tokens.read_manifest)
+    and by finished_problem: prepare.py never reports a folder that training would refuse."""
+    try:
+        read_manifest(out_dir)
+        problem = finished_problem(manifest)
+    except SettingError as e:
+        problem = str(e)
+    if problem:
+        raise PrepareError(f"{os.path.join(out_dir, MANIFEST)!r} says its shards are complete, but {problem}: undo "
+                           f"the edit, or delete {out_dir!r} to prepare it again")
+
+
 def start_manifest(out_dir, source_name, shard_size, fingerprint=None):
     """The manifest to continue: the one in out_dir (its shards checked, and for a local source its
     fingerprint: source_fingerprint), or a new one."""
@@ -292,21 +350,36 @@ def start_manifest(out_dir, source_name, shard_size, fingerprint=None):
     problem = manifest_problem(manifest)
     if problem:
         raise PrepareError(f"{path!r} is not a manifest as prepare.py writes it: {problem}; use another --out_dir")
-    if recorded != {k: fresh[k] for k in recorded}:
+    if recorded["source"] != source_name or recorded["shard_size"] != shard_size:
         raise PrepareError(f"{out_dir!r} holds shards of {manifest['source']} (shard size {manifest['shard_size']:,}), "
                            f"not of {source_name} (shard size {shard_size:,}): use another --out_dir")
+    for name in ("tokenizer", "dtype"):  # (no dtype: uint16, as train_gpt2.py reads it)
+        if manifest.get(name, "uint16") != fresh[name]:
+            raise PrepareError(f"{out_dir!r} holds shards whose {name} is {manifest[name]!r}, not {fresh[name]!r} as "
+                               "prepare.py writes them: use another --out_dir")
     change = fingerprint_change(manifest.get("source_fingerprint"), fingerprint, path)
     if change:
         raise PrepareError(f"{source_name} has changed since {out_dir!r} was prepared from it ({change}): delete "
                            f"{out_dir!r} to prepare it again, or choose another --out_dir")
     manifest = {**fresh, **manifest}  # an older prepare.py's manifest has no fingerprint: from now on, this one
     for i, shard in enumerate(manifest["shards"]):  # keep the shards that are intact, redo from the first that is not
-        shard_path = os.path.join(out_dir, shard["file"])
-        if not os.path.isfile(shard_path) or sha256_of(shard_path) != shard["sha256"]:
-            print(f"{shard['file']} is missing or damaged: continuing from it", file=sys.stderr)
+        damage = shard_damage(os.path.join(out_dir, shard["file"]), shard)
+        if damage:
+            print(f"{shard['file']} {damage}: continuing from it", file=sys.stderr)
             manifest["shards"], manifest["complete"] = manifest["shards"][:i], False
             break
     return manifest
+
+
+def shard_damage(path, shard):
+    """How a shard's file is not the one its manifest entry lists, or None: its SHA-256, then (an entry
+    edited by hand may say another) its token count, which a resumed run and train_gpt2.py go by."""
+    if not os.path.isfile(path) or sha256_of(path) != shard["sha256"]:
+        return "is missing or damaged"
+    tokens = len(np.load(path, mmap_mode="r"))  # (its SHA-256 says it is the .npy file prepare.py wrote)
+    if tokens != shard["tokens"]:
+        return f"holds {tokens:,} tokens, not the {shard['tokens']:,} {MANIFEST} lists"
+    return None
 
 
 def fingerprint_change(recorded, now, path):
@@ -382,15 +455,25 @@ def lock_out_dir(out_dir):
         raise PrepareError(str(e)) from None
 
 
-# what write_atomically leaves of a write a killed run did not finish: a shard's or the manifest's name + ".tmp"
-UNFINISHED_WRITE = re.compile(rf"(train|val)_\d{{6,}}\.npy\.tmp|{re.escape(MANIFEST)}\.tmp")
+# the names of the files prepare.py writes in out_dir: shards and the manifest, and theirs + ".tmp" while written
+# (write_atomically: what a killed run leaves of a write it did not finish)
+WRITTEN = re.compile(rf"((train|val)_\d{{6,}}\.npy|{re.escape(MANIFEST)})(\.tmp)?")
+
+
+def refuse_folders_under_its_names(out_dir):
+    """A folder under a name prepare.py writes (a shard's, say, made by hand) would end the run at that
+    write, after the manifest was rewritten: one line before anything is read or written."""
+    for entry in os.scandir(out_dir):
+        if WRITTEN.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            raise PrepareError(f"{entry.path!r} is a folder, where prepare.py writes a file of that name: move it "
+                               f"out of {out_dir!r} and run the command again")
 
 
 def remove_unfinished_writes(out_dir):
     """Remove the temporary files of writes a killed run left unfinished, and no other file: out_dir may
     hold the user's own (a draft.tmp)."""
     for name in os.listdir(out_dir):
-        if UNFINISHED_WRITE.fullmatch(name):
+        if WRITTEN.fullmatch(name) and name.endswith(".tmp"):
             os.remove(os.path.join(out_dir, name))
 
 
@@ -407,8 +490,11 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     # held to the end: a second prepare.py into this folder is refused before it reads (or rewrites) anything
     lock = lock_out_dir(out_dir) if os.path.isdir(out_dir) else None
     try:
+        if os.path.isdir(out_dir):
+            refuse_folders_under_its_names(out_dir)
         manifest = start_manifest(out_dir, source_name, shard_size, fingerprint)
-        if manifest["complete"]:
+        if manifest["complete"]:  # (its shards are intact: start_manifest; repeated, it does nothing)
+            check_finished(out_dir, manifest)
             return manifest
         check_disk_space(out_dir, needed_bytes(files, manifest))  # before anything is written
         check_memory(shard_size)

@@ -235,12 +235,15 @@ def local_documents(files, skip, byte=0):
 
 
 def documents_after(files, skip, byte):
-    """local_documents' pieces, read (or, the first `skip` documents, only counted) file by file."""
+    """local_documents' pieces, read (or, the first `skip` documents, only counted) file by file. A place
+    to start that the files do not have (a manifest edited, or another source's) is one line."""
     seen = 0
     for path in files:
         if not path.endswith((".parquet", ".jsonl")):  # a text file, one document: skipped unread
             seen += 1
             start = byte if seen == skip + 1 else 0
+            if start and start >= os.path.getsize(path):
+                raise PrepareError(no_such_place(skip, byte))
             if seen <= skip or start:
                 yield None, os.path.getsize(path) if seen <= skip else start, 0
             if seen > skip:
@@ -248,4 +251,14 @@ def documents_after(files, skip, byte):
             continue
         for text, n_bytes, at in read_documents(path):
             seen += 1
+            if byte and seen == skip + 1:  # (a place inside a document is a byte of a text file)
+                raise PrepareError(no_such_place(skip, byte))
             yield (text if seen > skip else None), n_bytes, at
+    if seen < skip + (byte > 0):
+        raise PrepareError(no_such_place(skip, byte))
+
+
+def no_such_place(skip, byte):
+    at = f"next_document {skip:,}" + (f", next_byte {byte:,}" if byte else "")
+    return (f"the manifest's last shard goes on at {at}, a place the source does not have: delete its --out_dir "
+            "to prepare it again")

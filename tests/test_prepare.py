@@ -17,7 +17,8 @@ import pytest
 import prepare
 from conftest import make_documents, run_script
 from machinery import corpus, fineweb
-from machinery.tokens import get_tokenizer
+from machinery.files import SettingError
+from machinery.tokens import get_tokenizer, read_manifest
 
 EOT = 50256
 
@@ -1179,6 +1180,140 @@ def test_a_hand_edited_manifest_is_one_line_naming_the_field_and_nothing_is_touc
         assert folder_bytes(tmp_path / "out") == before
 
 
+def prepared_small_text(tmp_path, monkeypatch):
+    """a.txt (one document, about 5 shards of 500 tokens) prepared into out/ by the command; its arguments."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text(" ".join(make_documents(20, seed=5)))
+    args = ["a.txt", "--out_dir", "out", "--shard_size", "500", "--num_proc", "1"]
+    assert prepare.main(args) == 0
+    return args
+
+
+def edit_manifest(out_dir, edit):
+    """manifest.json in out_dir with edit(manifest) applied, as a hand in an editor would."""
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    edit(manifest)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+MENDED_EDITS = {  # a shard's entry edited: the shard is re-made from there (the same bytes), and its entry
+    "a shard's tokens": lambda m: m["shards"][1].update(tokens=300),
+    "a shard's tokens 0": lambda m: m["shards"][2].update(tokens=0),
+}
+REFUSED_EDITS = {  # the folder's own fields edited: one line naming what is wrong
+    "dtype": (lambda m: m.update(dtype="uint32"), "holds shards whose dtype is 'uint32', not 'uint16'"),
+    "tokenizer": (lambda m: m.update(tokenizer="llama"), "holds shards whose tokenizer is 'llama', not 'gpt2'"),
+    "no shards": (lambda m: m.update(shards=[]), "says its shards are complete, but it lists no train shard"),
+    "every split val": (lambda m: [s.update(split="val") for s in m["shards"]], "it lists no train shard"),
+    "tokens": (lambda m: m.update(tokens=3000), "but its tokens is 3,000, where its shards hold "),
+    "documents": (lambda m: m.update(documents=2), "but its documents is 2, where its shards hold 1"),
+}
+
+
+@pytest.mark.parametrize("edit", MENDED_EDITS)
+def test_a_finished_folder_whose_shard_entry_was_edited_is_mended(tmp_path, monkeypatch, capsys, edit):
+    """Run again on a finished out_dir, prepare.py checks each shard's file against its entry (its SHA-256
+    and its token count, which training goes by) and re-makes the shards from the first that differs:
+    the folder ends as the first run left it, and train_gpt2.py accepts it."""
+    args = prepared_small_text(tmp_path, monkeypatch)
+    before = folder_bytes(tmp_path / "out")
+    edit_manifest(tmp_path / "out", MENDED_EDITS[edit])
+    capsys.readouterr()
+    assert prepare.main(args) == 0
+    assert re.fullmatch(r"train_00000\d\.npy holds 500 tokens, not the \d+ manifest.json lists: continuing from it",
+                        capsys.readouterr().err.splitlines()[0])
+    assert folder_bytes(tmp_path / "out") == before
+    read_manifest(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("edit", REFUSED_EDITS)
+def test_a_finished_folder_that_training_would_refuse_is_one_line_never_success(tmp_path, monkeypatch, capsys, edit):
+    """A manifest marked complete whose own fields were edited (what it says its tokens are, or its splits
+    and totals against its shards): the repeat says in one line what, and changes nothing; it never
+    reports as prepared a folder that train_gpt2.py refuses or misreports."""
+    args = prepared_small_text(tmp_path, monkeypatch)
+    make_edit, says = REFUSED_EDITS[edit]
+    edit_manifest(tmp_path / "out", make_edit)
+    before = folder_bytes(tmp_path / "out")
+    capsys.readouterr()
+    assert prepare.main(args) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and says in err and err.count("\n") == 1, err
+    assert folder_bytes(tmp_path / "out") == before
+
+
+def refused_by_training(data_dir):  # (module-level: no closure)
+    raise SettingError(f"{data_dir!r} fails a check train_gpt2.py makes")
+
+
+def test_a_finished_folder_is_checked_by_train_gpt2s_own_check(tmp_path, monkeypatch, capsys):
+    """The check of a finished folder is the training script's own, tokens.read_manifest, called rather than
+    copied: whatever it refuses (a check added there later too), the repeat refuses in one line."""
+    args = prepared_small_text(tmp_path, monkeypatch)
+    monkeypatch.setattr(prepare, "read_manifest", refused_by_training)
+    capsys.readouterr()
+    assert prepare.main(args) == 1
+    assert capsys.readouterr().err == ("error: 'out/manifest.json' says its shards are complete, but 'out' fails a "
+                                       "check train_gpt2.py makes: undo the edit, or delete 'out' to prepare it "
+                                       "again\n")
+
+
+RESUME_EDITS = {  # the last shard of a killed run made to say the source goes on past its end; what is said
+    "next_offset": (lambda s: s.update(next_offset=10**6), "next_offset or next_byte is past the end of the source"),
+    "next_document": (lambda s: s.update(next_document=50), "goes on at next_document 50, a place the source does "),
+    "next_byte": (lambda s: s.update(next_byte=10**6, next_byte_offset=0), "next_document 0, next_byte 1,000,000, "
+                  "a place the source does not have"),
+    "next_byte in a json line": (lambda s: s.update(next_document=1, next_byte=5, next_byte_offset=0),
+                                 "next_document 1, next_byte 5, a place the source does not have"),
+}
+
+
+@pytest.mark.parametrize("edit", RESUME_EDITS)
+def test_an_unfinished_folder_that_says_it_goes_on_past_the_source_is_never_marked_complete(tmp_path, monkeypatch,
+                                                                                           capsys, edit):
+    """A killed run's manifest, its last shard's place in the source (a.txt, then b.jsonl's documents)
+    pushed past the source's end, or to a byte inside a document that is not a text file's: the repeat
+    would read nothing more, or the wrong text, and mark the folder complete. One line instead, and the
+    manifest stays incomplete (train_gpt2.py refuses it, and says to run prepare.py)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text(" ".join(make_documents(20, seed=5)))
+    (tmp_path / "c" / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(5)))
+    prepare_killed_at_write(monkeypatch, 4, "c", "out", shard_size=500)  # after one shard, inside a.txt
+    make_edit, says = RESUME_EDITS[edit]
+    edit_manifest(tmp_path / "out", lambda m: make_edit(m["shards"][-1]))
+    capsys.readouterr()
+    assert prepare.main(["c", "--out_dir", "out", "--shard_size", "500", "--num_proc", "1"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the progress bar)
+    assert last.startswith("error: ") and says in last, last
+    assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+
+
+def test_totals_that_disagree_with_the_shards_are_not_marked_complete(tmp_path, monkeypatch, capsys):
+    """A finished manifest made unfinished, its totals edited: the repeat has nothing left to read, and checks
+    the totals as it finishes (they are the shards' only when it writes one): one line, not complete."""
+    args = prepared_small_text(tmp_path, monkeypatch)
+    edit_manifest(tmp_path / "out", lambda m: m.update(complete=False, tokens=3000))
+    capsys.readouterr()
+    assert prepare.main(args) == 1
+    assert "disagrees with its source: its tokens is 3,000, where its shards hold " in capsys.readouterr().err
+    assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+
+
+def test_a_folder_under_a_shards_name_is_one_line_before_anything_is_rewritten(tmp_path, monkeypatch, capsys):
+    """A shard replaced by a folder (or one under the name of a shard still to come): one line naming it
+    before the manifest is rewritten, not an IsADirectoryError when the shard is written."""
+    args = prepared_small_text(tmp_path, monkeypatch)
+    (tmp_path / "out" / "train_000002.npy").unlink()
+    (tmp_path / "out" / "train_000002.npy").mkdir()
+    manifest = (tmp_path / "out" / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert prepare.main(args) == 1
+    assert capsys.readouterr().err == ("error: 'out/train_000002.npy' is a folder, where prepare.py writes a file of "
+                                       "that name: move it out of 'out' and run the command again\n")
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == manifest
+
+
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_a_lone_surrogate_in_json_text_is_tokenized_as_a_replacement_character(tmp_path, num_proc):
     """A lone surrogate, "\\ud800", is valid JSON but no character (it has no UTF-8): as tiktoken's
@@ -1344,17 +1479,18 @@ def has_ended(pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
-def test_the_workers_end_with_a_killed_main_process_and_leave_out_dir_free(tmp_path):
+@pytest.mark.parametrize("slowed", ["reading", "tokenizing"], ids=["waiting_workers", "busy_workers"])
+def test_the_workers_end_with_a_killed_main_process_quietly_and_leave_out_dir_free(tmp_path, slowed):
     """SIGKILL to prepare.py alone (kill -9 PID, the OOM killer): its workers, in process groups of their
-    own, end too (the pool's queue is closed), rather than wait for work forever holding the lock on
-    out_dir they inherit (every repeat would be refused); the same command continues to the
-    uninterrupted run's shards."""
+    own, end too, rather than wait for work forever holding the lock on out_dir they inherit (every
+    repeat would be refused), and without a word: a busy one is not left to find the pool's pipe closed
+    and print a BrokenPipeError traceback. The same command continues to the uninterrupted run's shards."""
     from conftest import REPO, Launched, descendants
 
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=8)))
     (tmp_path / "slow_prepare.py").write_text(SLOW_PREPARE.format(repo=str(REPO)))
     args = ["docs.jsonl", "--out_dir", "run", "--shard_size", "2000", "--num_proc", "2"]
-    with Launched([sys.executable, "slow_prepare.py", "reading", *args], tmp_path) as run:
+    with Launched([sys.executable, "slow_prepare.py", slowed, *args], tmp_path) as run:
         deadline = time.time() + 60
         while time.time() < deadline and run.proc.poll() is None and not list((tmp_path / "run").glob("*.npy")):
             time.sleep(0.005)  # until the workers have tokenized a shard
@@ -1368,7 +1504,10 @@ def test_the_workers_end_with_a_killed_main_process_and_leave_out_dir_free(tmp_p
         for pid in workers:  # (no longer the launched process's: Launched would not find them)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for reader in run.readers:  # (the workers held stderr too: its end is theirs)
+            reader.join(30)
     assert ended == [True, True]
+    assert "Traceback" not in run.stderr(), run.stderr()
     for out in ("run", "ref"):
         prepare.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / out), shard_size=2000, show_progress=False)
     assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
