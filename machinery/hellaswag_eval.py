@@ -67,7 +67,7 @@ def read_items(path):
     with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
         for line_number, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # (a BOM some editors write first)
             except UnicodeDecodeError as e:
                 raise SettingError(f"{path}:{line_number} is not UTF-8 text (byte {e.start}: {e.reason})") from None
             if not line.strip():

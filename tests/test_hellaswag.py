@@ -131,6 +131,13 @@ BAD = [  # (file content, None for a missing file or a folder for one, what the 
 ]
 
 
+def test_a_file_an_editor_saved_with_a_byte_order_mark_reads_as_without(tmp_path, items_file):
+    """Some editors begin a UTF-8 file with a byte-order mark; it is no part of the first item's JSON."""
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + items_file.read_bytes())
+    assert hellaswag_eval.read_items(str(marked)) == hellaswag_eval.read_items(str(items_file))
+
+
 @pytest.mark.parametrize("flags,message", [(["--limit", "-1"], "--limit must be at least 0, got -1"),
                                            (["--batch_size", "0"], "--batch_size must be at least 1, got 0")])
 def test_a_bad_number_is_one_line_naming_its_flag(capsys, flags, message):
