@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from machinery.files import DiskFull, SettingError, first_line, is_whole_number, write_atomically
-from machinery.pretrained import pretrained_shape, refuse_small_vocabulary
+from machinery.pretrained import non_finite_weight, pretrained_shape, refuse_small_vocabulary
 from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
 from machinery.stopping import SignalsHeld
@@ -232,10 +232,7 @@ def load_weights(model, ckpt, path):
     except (TypeError, KeyError, RuntimeError) as e:  # the right keys, but not what we saved
         what = " ".join(str(e).split()).removeprefix("Error(s) in loading state_dict for GPT: ")  # (torch's lines)
         raise SettingError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(what)[:300]}") from None
-    # (a sum is NaN or inf where any element is, and takes a tenth of the time of isfinite over every element,
-    # which only confirms it: finite weights too large to sum are rare, and are fine)
-    not_finite = next((name for name, p in model.named_parameters()
-                       if not torch.isfinite(p.detach().sum()) and not torch.isfinite(p).all()), None)
+    not_finite = non_finite_weight(model)
     if not_finite:
         raise SettingError(f"{path!r} is not a usable train_gpt2 checkpoint: its {not_finite} holds NaN or inf")
 

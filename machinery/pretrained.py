@@ -2,12 +2,15 @@
 OpenAI's GPT-2 through transformers: its weights loaded quietly, with every failure in one line, and
 our model written back as a transformers GPT-2 directory. Used by GPT.from_pretrained and
 GPT.save_pretrained in train_gpt2.py; check_config asks export_problem whether an export would replace
-a file that is not an earlier export's.
+a file that is not an earlier export's. A save_pretrained directory is checked before transformers
+reads it (checked_config) and after (check_fits, check_finite, check_tied): transformers would load a
+model ours cannot hold, or weights that are not its config's, without a word, or fail in a traceback.
 """
 
 import glob
 import json
 import os
+import pickle
 import shutil
 import tempfile
 
@@ -25,19 +28,27 @@ PRETRAINED = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
+# config.json's shape, by GPTConfig's names; a field left out is transformers' default (GPT-2 124M's)
+SHAPE_FIELDS = dict(n_layer="n_layer", n_head="n_head", n_embd="n_embd", block_size="n_positions",
+                    vocab_size="vocab_size")
+# what our GPT has built in, as OpenAI's models (and transformers' defaults) have it: a config.json that says
+# otherwise loads in transformers, and our model would compute other logits with its weights
+BUILT_IN = dict(activation_function=("gelu_new", "gelu_pytorch_tanh"),  # (the same tanh approximation)
+                layer_norm_epsilon=(1e-5,), scale_attn_weights=(True,), scale_attn_by_inverse_layer_idx=(False,))
+# the weights files transformers reads from a directory, in the order it looks for them
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+# transformers 4.x's attention masks, constants that OpenAI's files still hold (ours make their own)
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
 def load_transformers_gpt2(name_or_path, known_names):
     """transformers' GPT2LMHeadModel from the hub (a name) or a save_pretrained directory, with the
     hub's retries kept quiet and every failure said in one line."""
-    ckpt = os.path.join(name_or_path, "ckpt.pt")  # (a run's out_dir named where a save_pretrained one goes)
-    if os.path.isfile(ckpt) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        raise SettingError(f"{name_or_path!r} is a training run's folder, not a save_pretrained one: pass its "
-                           f"checkpoint, {ckpt}")
-    model_type = model_type_of(name_or_path)
-    if model_type not in (None, "gpt2"):  # transformers would load it anyway, leaving every weight random
-        raise SettingError(f"{name_or_path!r} is a {model_type} model, not GPT-2")
+    if os.path.isdir(name_or_path):  # (what transformers would stumble on, or load without a word, said first)
+        checked_config(name_or_path)
     try:
+        from huggingface_hub.errors import StrictDataclassError
         from huggingface_hub.utils import logging as hub_logging
         from safetensors import SafetensorError
         from transformers import GPT2LMHeadModel, __version__
@@ -51,33 +62,49 @@ def load_transformers_gpt2(name_or_path, known_names):
     online = True
     try:
         with hub_or_cache() as online:  # no network: the hub's cache only, at once instead of after retries
-            model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
+            # (ignore_mismatched_sizes: a tensor of another shape than config.json's is listed in `info`, for
+            # check_fits to name, instead of an error that names none)
+            model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True,
+                                                          ignore_mismatched_sizes=True)
     except ImportError as e:  # transformers found a torch too old for it and disabled its PyTorch models
         raise SettingError(f"transformers {__version__} cannot load PyTorch models with torch {torch.__version__} "
                            f"({first_line(e)[:120]}): install versions that fit, pip install -r requirements.txt"
                            ) from None
-    # offline, not a GPT-2 directory, a truncated weights file, a config.json that does not fit them
-    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
-        why = first_line(e) if online or name_or_path not in known_names else \
-            "not in the hub's cache, and the Hugging Face hub cannot be reached"
-        hint = " (offline? load from a save_pretrained directory instead)" if name_or_path in known_names else ""
-        raise SettingError(f"could not load GPT-2 weights from {name_or_path!r}: {why}{hint}") from None
+    except StrictDataclassError as e:  # a config.json field of the wrong type, one checked_config does not read
+        raise SettingError(f"{name_or_path!r} config.json: {first_line(e.__cause__ or e)}") from None
+    # offline, or a weights file cut short or damaged (each format fails in its own way)
+    except (OSError, ValueError, TypeError, RuntimeError, EOFError, IndexError, pickle.UnpicklingError,
+            SafetensorError) as e:
+        raise SettingError(load_failure(name_or_path, known_names, online, e)) from None
     check_complete(model, info["missing_keys"], name_or_path)
+    check_fits(info, name_or_path)
+    check_finite(model, name_or_path)
+    check_tied(model, name_or_path)
     return model
+
+
+def load_failure(name_or_path, known_names, online, error):
+    """The line for a GPT-2 that transformers could not load: from a directory (its config.json checked
+    already), its weights file (or a SettingError, none there); by name, the hub (or its cache)."""
+    if os.path.isdir(name_or_path):
+        return (f"{name_or_path!r}: its weights file {weights_file(name_or_path)} cannot be read (damaged or "
+                f"truncated?): {first_line(error)}")
+    why = first_line(error) if online or name_or_path not in known_names else \
+        "not in the hub's cache, and the Hugging Face hub cannot be reached"
+    hint = " (offline? load from a save_pretrained directory instead)" if name_or_path in known_names else ""
+    return f"could not load GPT-2 weights from {name_or_path!r}: {why}{hint}"
 
 
 def pretrained_shape(name_or_path):
     """The shape GPT.from_pretrained will make, by GPTConfig's names, read before any weights: OpenAI's
-    models by name, a save_pretrained directory from its config.json (what it does not say as a whole
-    number, a config that cannot be read or another model's, is left out: loading then says what is wrong)."""
+    models by name, a save_pretrained directory from its config.json (checked: what it leaves out is
+    transformers' default, and left out here too); {} for anything else (from_pretrained says what)."""
     if name_or_path in PRETRAINED:
         return {**PRETRAINED[name_or_path], "block_size": 1024, "vocab_size": GPT2_VOCAB_SIZE}
-    config = saved_config(name_or_path)
-    if config.get("model_type", "gpt2") != "gpt2":  # (not GPT-2's: loading it says so)
+    if not os.path.isdir(name_or_path):
         return {}
-    ours = dict(n_layer="n_layer", n_head="n_head", n_embd="n_embd", block_size="n_positions", vocab_size="vocab_size")
-    return {name: config[theirs] for name, theirs in ours.items()
-            if type(config.get(theirs)) is int}  # (not a bool, a string or null)
+    config = checked_config(name_or_path)
+    return {name: config[theirs] for name, theirs in SHAPE_FIELDS.items() if theirs in config}
 
 
 def refuse_small_vocabulary(name_or_path, consequence):
@@ -90,8 +117,8 @@ def refuse_small_vocabulary(name_or_path, consequence):
 
 
 def saved_config(directory):
-    """A save_pretrained directory's config.json as a dict, or {} (a hub name, or no readable config:
-    from_pretrained then says what is wrong). Read before loading: transformers warns first otherwise."""
+    """A directory's config.json as a dict, or {} where there is none or it cannot be read: what
+    export_problem asks of a folder an export would write into (loading reads it with checked_config)."""
     try:
         with open(os.path.join(directory, "config.json")) as f:
             config = json.load(f)
@@ -103,6 +130,61 @@ def saved_config(directory):
 def model_type_of(directory):
     """The model_type a save_pretrained directory's config names, or None."""
     return saved_config(directory).get("model_type")
+
+
+def checked_config(directory):
+    """A save_pretrained directory's config.json, checked before transformers reads it: one that is not
+    there or not JSON, another model's, a shape that is not whole numbers (transformers fails in a
+    traceback), or a setting our GPT has built in set otherwise (it would load, and compute other logits)."""
+    config = config_json(directory)
+    model_type = config.get("model_type")
+    if model_type not in (None, "gpt2"):  # transformers would load it anyway, leaving every weight random
+        raise SettingError(f"{directory!r} is a {model_type} model, not GPT-2")
+    for field in SHAPE_FIELDS.values():
+        value = config.get(field, 1)
+        if type(value) is not int or value < 1:  # (not a bool, a float, a string or null)
+            raise SettingError(f"{directory!r} config.json: {field} is {json.dumps(value)}, not a whole number >= 1")
+    n_embd, n_head = config.get("n_embd", 768), config.get("n_head", 12)  # (transformers' defaults: GPT-2's)
+    if n_embd % n_head:
+        raise SettingError(f"{directory!r} config.json: n_embd {n_embd} is not a multiple of n_head {n_head}")
+    for field, ours in BUILT_IN.items():
+        if config.get(field, ours[0]) not in ours:
+            raise SettingError(f"{directory!r} config.json: {field} is {json.dumps(config[field])}, where GPT-2's "
+                               f"is {json.dumps(ours[0])}: this model cannot hold it")
+    return config
+
+
+def config_json(directory):
+    """A save_pretrained directory's config.json as a dict; a SettingError where there is none (a run's
+    out_dir named instead: its checkpoint is the file to pass) or it is not a JSON object."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.lexists(path):
+        ckpt = os.path.join(directory, "ckpt.pt")
+        if os.path.isfile(ckpt):
+            raise SettingError(f"{directory!r} is a training run's folder, not a save_pretrained one: pass its "
+                               f"checkpoint, {ckpt}")
+        raise SettingError(f"{directory!r} has no config.json (save_pretrained writes one beside the weights)")
+    if not os.path.isfile(path):
+        raise SettingError(f"{directory!r} config.json is not a file")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except OSError as e:
+        raise SettingError(f"could not read {path!r}: {first_line(e)}") from None
+    except ValueError as e:  # (UnicodeDecodeError too)
+        raise SettingError(f"{directory!r} config.json is not JSON: {first_line(e)}") from None
+    if not isinstance(config, dict):
+        raise SettingError(f"{directory!r} config.json is not a JSON object")
+    return config
+
+
+def weights_file(directory):
+    """The name of the weights file transformers reads in a save_pretrained directory; a SettingError where
+    it holds none."""
+    for name in WEIGHTS_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            return name
+    raise SettingError(f"{directory!r} holds no weights file ({' or '.join(WEIGHTS_FILES[::2])})")
 
 
 def export_problem(directory):
@@ -126,12 +208,55 @@ def check_complete(model, missing, name_or_path):
                            f"e.g. {lacking[0]}")
 
 
+def check_fits(info, name_or_path):
+    """Weights that are not the shape config.json says: transformers lists a tensor of another shape as
+    mismatched (and leaves it random), one the config has no place for (a layer past n_layer) as
+    unexpected (and drops it). A SettingError instead, naming one and how many."""
+    mismatched = sorted(info["mismatched_keys"])  # (name, shape in the file, shape config.json gives it)
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(MASK_BUFFERS))
+    if mismatched:
+        name, in_file, by_config = mismatched[0]
+        detail = f"{name} is {tuple(in_file)} in the weights, {tuple(by_config)} by config.json"
+    elif unexpected:
+        detail = f"{unexpected[0]} is in the weights, not in a model of config.json's shape"
+    else:
+        return
+    more = len(mismatched or unexpected) - 1
+    raise SettingError(f"{name_or_path!r}: its weights do not fit its config.json: {detail}"
+                       + (f" (and {more} more)" if more else ""))
+
+
+def check_finite(model, name_or_path):
+    """A weight that holds NaN or inf loads without a word, and every logit it reaches is NaN: sampling
+    then fails in a traceback and HellaSwag scores chance."""
+    name = non_finite_weight(model)
+    if name:
+        raise SettingError(f"{name_or_path!r}: its weight {name} holds NaN or inf")
+
+
+def non_finite_weight(model):
+    """The name of the first parameter that holds NaN or inf, or None. (A sum is NaN or inf where any element
+    is, and takes about a tenth of the time of isfinite over every element, which only confirms it: finite
+    weights too large to sum are rare, and are fine.)"""
+    return next((name for name, p in model.named_parameters()
+                 if not torch.isfinite(p.detach().sum()) and not torch.isfinite(p).all()), None)
+
+
+def check_tied(model, name_or_path):
+    """GPT-2's output layer is its token table (weight tying), and ours has no other: a model saved with
+    an lm_head of its own (tie_word_embeddings false) would lose it without a word."""
+    head, table = model.lm_head.weight, model.transformer.wte.weight
+    if head is not table and not torch.equal(head, table):
+        raise SettingError(f"{name_or_path!r}: its lm_head is not tied to its token table, as GPT-2's is: "
+                           "this model cannot hold it")
+
+
 def shared_weight_names(ours, theirs, name_or_path):
     """The names of the weights to copy from transformers' state dict (`theirs`) into ours, both GPT-2's
     layout: all of them but lm_head.weight, the tied token table (transformers 5.x may leave it out) and
     the mask buffers transformers 4.x kept (attn.bias, attn.masked_bias: constants). Any other difference
     means the files are not GPT-2's, in one line."""
-    skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+    skip = (*MASK_BUFFERS, "lm_head.weight")
     keys, keys_hf = (sorted(k for k in sd if not k.endswith(skip)) for sd in (ours, theirs))
     if keys != keys_hf:
         raise SettingError(f"{name_or_path!r} is not a GPT-2 checkpoint: parameter names differ "
