@@ -9,6 +9,7 @@ say what happens; prepare.py and hellaswag.py use them too. Nothing here imports
     tokens.py          GPT-2's tokenizer offline, a text file's tokens, token shards and their manifest
     corpus.py          a local corpus's documents for prepare.py (.txt, .jsonl, .parquet), and its fingerprint
     fineweb.py         FineWeb-Edu streamed from the hub for prepare.py: resumable, retried, one line when it fails
+    shard_folder.py    prepare.py's folder of shards: a killed run's continued, a finished one checked, its lock
     pretrained.py      OpenAI's GPT-2 through transformers, and our model exported back to it
     hub.py             the Hugging Face hub out of reach: its cache only, said at once
     hardware.py        device, precision and each device's quirks (memory, kernels, compile)

@@ -16,7 +16,7 @@ import pytest
 
 import prepare
 from conftest import make_documents, run_script
-from machinery import corpus, fineweb
+from machinery import corpus, fineweb, shard_folder
 from machinery.files import SettingError
 from machinery.tokens import get_tokenizer, read_manifest
 
@@ -194,8 +194,8 @@ def test_a_second_prepare_into_a_folder_another_is_writing_is_refused_untouched(
     assert "train_000001.npy.tmp" in before  # the shard the first run is writing
     first = lock_folder(str(out))  # (taken: the killed run let go of its own lock)
     args = [str(folder), "--out_dir", str(out), "--shard_size", "1000", "--num_proc", "1"]
-    hashed, sha256_of = [], prepare.sha256_of
-    monkeypatch.setattr(prepare, "sha256_of", lambda path: hashed.append(path) or sha256_of(path))
+    hashed, sha256_of = [], shard_folder.sha256_of
+    monkeypatch.setattr(shard_folder, "sha256_of", lambda path: hashed.append(path) or sha256_of(path))
     assert prepare.main(args) == 1
     assert hashed == []  # refused before it checks the shards (FineWeb-Edu's: minutes of reading)
     assert capsys.readouterr().err == (f"error: another run is writing {str(out)!r} now: wait for it to end, or "
@@ -1250,7 +1250,7 @@ def test_a_finished_folder_is_checked_by_train_gpt2s_own_check(tmp_path, monkeyp
     """The check of a finished folder is the training script's own, tokens.read_manifest, called rather than
     copied: whatever it refuses (a check added there later too), the repeat refuses in one line."""
     args = prepared_small_text(tmp_path, monkeypatch)
-    monkeypatch.setattr(prepare, "read_manifest", refused_by_training)
+    monkeypatch.setattr(shard_folder, "read_manifest", refused_by_training)
     capsys.readouterr()
     assert prepare.main(args) == 1
     assert capsys.readouterr().err == ("error: 'out/manifest.json' says its shards are complete, but 'out' fails a "
