@@ -187,16 +187,16 @@ def save_npy(f, tokens):
 class ShardWriter:
     """Cuts the token stream into shards and keeps the manifest up to date after each one.
 
-    Positions are counted in the whole corpus's token stream, which arrives in pieces of documents (a
-    whole one, or a part of a text file's: corpus.read_documents). A shard is written only once the token after
-    it has arrived, so the writer knows whether the corpus fills more than one shard (then the first
-    shard is validation) or fits in one (then it is split 90/10 at the end). `locate`, when given, turns
-    a document's index into the (file, row) where the source holds it (HubStream.position)."""
+    Positions are counted in the whole corpus's token stream, which arrives in pieces of documents (a whole
+    one, or a part of a text file's: corpus.local_documents or fineweb.HubStream). A shard is written only
+    once the token after it has arrived, so the writer knows whether the corpus fills more than one shard
+    (then the first shard is validation) or fits in one (then it is split 90/10 at the end). `locate`, when
+    given, turns a document's index into the (file, row) where the source holds it (HubStream.position)."""
 
     def __init__(self, out_dir, manifest, locate=None):
         self.out_dir, self.manifest, self.locate = out_dir, manifest, locate
         self.shard_size = manifest["shard_size"]
-        self.buffer = np.empty(self.shard_size, dtype=np.uint16)  # the one shard held in memory (check_memory)
+        self.buffer = np.empty(self.shard_size, dtype=np.uint16)  # the one shard in memory (shard_folder.check_memory)
         self.filled = 0
         done = manifest["shards"][-1] if manifest["shards"] else dict(next_document=0, next_offset=0)
         # the stream goes on with document next_document, from its byte next_byte (absent: its start)
@@ -323,7 +323,7 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
         if os.path.isdir(out_dir):
             refuse_folders_under_its_names(out_dir)
         manifest = start_manifest(out_dir, source_name, shard_size, fingerprint)
-        if manifest["complete"]:  # (its shards are intact: start_manifest; repeated, it does nothing)
+        if manifest["complete"]:  # (start_manifest checked its shards): checked again, nothing rewritten
             check_finished(out_dir, manifest)
             return manifest
         check_disk_space(out_dir, needed_bytes(files, manifest))  # before anything is written

@@ -247,7 +247,7 @@ class GPT(nn.Module):
             idx_cond = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
             logits, _ = self(idx_cond)  # (B, T, V)
             logits = logits[:, -1, :n_vocab].float()  # (B, V): last position only, in float32
-            if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small logits / it overflow: greedy, its limit
+            if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small logits / it overflows: greedy
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
                 k = min(top_k, n_vocab) if top_k else n_vocab

@@ -3,8 +3,9 @@ OpenAI's GPT-2 through transformers: its weights loaded quietly, with every fail
 our model written back as a transformers GPT-2 directory. Used by GPT.from_pretrained and
 GPT.save_pretrained in train_gpt2.py; check_config asks export_problem whether an export would replace
 a file that is not an earlier export's. A save_pretrained directory is checked before transformers
-reads it (checked_config) and after (check_fits, check_finite, check_tied): transformers would load a
-model ours cannot hold, or weights that are not its config's, without a word, or fail in a traceback.
+reads it (checked_config) and after (check_fits, check_finite_weights, check_tied): transformers would
+load a model ours cannot hold, or weights that are not its config's, without a word, or fail in a
+traceback.
 """
 
 import glob
@@ -78,7 +79,7 @@ def load_transformers_gpt2(name_or_path, known_names):
         raise SettingError(load_failure(name_or_path, known_names, online, e)) from None
     check_complete(model, info["missing_keys"], name_or_path)
     check_fits(info, name_or_path)
-    check_finite(model, name_or_path)
+    check_finite_weights(model, name_or_path)
     check_tied(model, name_or_path)
     return model
 
@@ -151,6 +152,9 @@ def checked_config(directory):
         if config.get(field, ours[0]) not in ours:
             raise SettingError(f"{directory!r} config.json: {field} is {json.dumps(config[field])}, where GPT-2's "
                                f"is {json.dumps(ours[0])}: this model cannot hold it")
+    if config.get("n_inner") not in (None, 4 * n_embd):  # (the MLP's width; null: 4 x n_embd, as GPT-2's)
+        raise SettingError(f"{directory!r} config.json: n_inner is {json.dumps(config['n_inner'])}, where GPT-2's "
+                           f"is 4 x n_embd = {4 * n_embd}: this model cannot hold it")
     return config
 
 
@@ -226,7 +230,7 @@ def check_fits(info, name_or_path):
                        + (f" (and {more} more)" if more else ""))
 
 
-def check_finite(model, name_or_path):
+def check_finite_weights(model, name_or_path):
     """A weight that holds NaN or inf loads without a word, and every logit it reaches is NaN: sampling
     then fails in a traceback and HellaSwag scores chance."""
     name = non_finite_weight(model)

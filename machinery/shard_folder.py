@@ -61,7 +61,9 @@ def start_manifest(out_dir, source_name, shard_size, fingerprint=None):
     for i, shard in enumerate(manifest["shards"]):  # keep the shards that are intact, redo from the first that is not
         damage = shard_damage(os.path.join(out_dir, shard["file"]), shard)
         if damage:
-            print(f"{shard['file']} {damage}: continuing from it", file=sys.stderr)
+            # (a corpus within one shard is written as a pair, train then val, from one buffer: redone as a pair)
+            i = 0 if manifest["shards"][0]["split"] == "train" else i
+            print(f"{shard['file']} {damage}: continuing from {manifest['shards'][i]['file']}", file=sys.stderr)
             manifest["shards"], manifest["complete"] = manifest["shards"][:i], False
             break
     return manifest

@@ -1,6 +1,7 @@
 """
 Stopping: by a signal (Ctrl-C, or the SIGTERM that torchrun and cluster schedulers send), in every
-process at the same step, or because the loss diverged. train_gpt2.py's loop asks these after each step.
+process at the same step, or because the loss diverged. train_gpt2.py's loop asks these after each step,
+and says with them how a run stopped; a checkpoint's write holds signals until the file is whole (SignalsHeld).
 """
 
 import contextlib
@@ -25,9 +26,10 @@ class StopRequested:
     """Ctrl-C (SIGINT) or SIGTERM during training asks to stop after the current step, so the
     checkpoint written on the way out is a consistent step. SIGTERM is what torchrun sends its
     workers on Ctrl-C, and what cluster schedulers send before preempting a job. A second signal
-    interrupts at once: the handlers it found answer it (a second SIGTERM: inside sigterm_stops_at_once,
-    as main enters it). Use as `with StopRequested(log) as stop:`, then read stop.requested (the RunLog
-    says whether the stop will save: not over another run's checkpoint, see RunLog)."""
+    interrupts at once: the handlers it found answer it (a second Ctrl-C, Python's KeyboardInterrupt; a
+    second SIGTERM, interrupt_at_once, which main set through sigterm_stops_at_once). Use as
+    `with StopRequested(log) as stop:`, then read stop.requested (the RunLog says whether the stop will
+    save: not over another run's checkpoint, see RunLog)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -42,7 +44,8 @@ class StopRequested:
     def _handle(self, signum, frame):
         self.requested = True
         self.restore()  # (a second signal: main's handlers, a KeyboardInterrupt for either, sigterm_stops_at_once)
-        say_stopping(signum, None if self.log is None or not self.log.keeps_other_checkpoint else self.log.out_dir)
+        other_run = self.log.out_dir if self.log is not None and self.log.keeps_other_checkpoint else None
+        say_stopping(signum, other_run)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -86,7 +89,8 @@ def say_stopping(signum, other_run=None):
     other_run: the out_dir whose checkpoint is another run's, which this stop leaves as it is."""
     if int(os.environ.get("RANK", 0)) == 0:
         saving = "with a checkpoint" if other_run is None else \
-            f"without saving: {os.path.join(other_run, 'ckpt.pt')} stays the other run's"
+            f"without saving over {os.path.join(other_run, 'ckpt.pt')}, another run's (unless a checkpoint of this " \
+            "run falls due first)"
         line = f"{signal.Signals(signum).name}: stopping after this step, {saving}; " \
                "a second Ctrl-C or SIGTERM stops at once, without saving\n"
         with contextlib.suppress(OSError):  # (stderr closed: nothing to tell)

@@ -186,16 +186,26 @@ class ShardTokens:
     a memory map it is a SIGBUS, which ends the process without a word), and every window's ids are checked
     as it is read (a shard overwritten mid-run). Reading a window of a batch takes microseconds."""
 
+    file = None  # (until __init__ opens it: __del__ closes only what was opened)
+
     def __init__(self, path):
-        header = np.load(path, mmap_mode="r")  # (the .npy header: dtype, length, where the tokens begin)
+        # np.load maps the file only to read its .npy header (dtype, length, where the tokens begin): no page of
+        # tokens is touched through that map
+        header = np.load(path, mmap_mode="r")
         self.path, self.dtype, self.length, self.offset = path, header.dtype, len(header), header.offset
         self.file = open(path, "rb")
+
+    def __del__(self):  # (the loader drops a shard when it moves on to the next: its file is closed with it)
+        if self.file is not None:
+            self.file.close()
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, window):
-        start, stop, _ = window.indices(self.length)
+        start, stop, step = window.indices(self.length)  # (a slice: windows are read whole, one after another)
+        if step != 1:
+            raise ValueError("a shard is read in windows: shard[start:stop]")
         self.file.seek(self.offset + start * self.dtype.itemsize)
         tokens = np.frombuffer(self.file.read((stop - start) * self.dtype.itemsize), dtype=self.dtype)
         if len(tokens) < stop - start:

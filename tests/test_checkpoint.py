@@ -706,8 +706,8 @@ def test_the_first_signal_says_whether_the_stop_will_save(capfd):
     assert capfd.readouterr().err.splitlines() == [
         "SIGTERM: stopping after this step, with a checkpoint; a second Ctrl-C or SIGTERM stops at once, "
         "without saving",
-        f"SIGINT: stopping after this step, without saving: {os.path.join('run', 'ckpt.pt')} stays the other run's; "
-        "a second Ctrl-C or SIGTERM stops at once, without saving"]
+        f"SIGINT: stopping after this step, without saving over {os.path.join('run', 'ckpt.pt')}, another run's "
+        "(unless a checkpoint of this run falls due first); a second Ctrl-C or SIGTERM stops at once, without saving"]
 
 
 def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file):

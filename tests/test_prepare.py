@@ -301,8 +301,28 @@ def test_a_damaged_shard_is_redone_from_there(tmp_path, reference, capsys):
     damaged = sorted(out.glob("train_*.npy"))[2]
     damaged.write_bytes(damaged.read_bytes()[:-10])
     prepare.prepare(str(folder), str(out), shard_size=1000, show_progress=False)
-    assert f"{damaged.name} is missing or damaged" in capsys.readouterr().err
+    assert f"{damaged.name} is missing or damaged: continuing from {damaged.name}" in capsys.readouterr().err
     assert folder_bytes(out) == expected
+
+
+@pytest.mark.parametrize("damaged", ["train_000000.npy", "val_000001.npy"])
+def test_a_damaged_shard_of_a_corpus_within_one_shard_is_redone_with_its_pair(tmp_path, monkeypatch, capsys,
+                                                                              damaged):
+    """A corpus within one shard is written as a pair, train then val, cut from one buffer at the end: a
+    damaged val shard is redone with its train shard (kept alone, its entry ends where the source does,
+    and nothing would be left to make the val shard from)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text(" ".join(make_documents(20, seed=5)))
+    args = ["a.txt", "--out_dir", "out", "--num_proc", "1"]
+    assert prepare.main(args) == 0
+    before = folder_bytes(tmp_path / "out")
+    assert sorted(before) == ["manifest.json", "train_000000.npy", "val_000001.npy"]
+    shard = tmp_path / "out" / damaged
+    shard.write_bytes(shard.read_bytes()[:-2] + b"\x00\x01")  # (one token changed)
+    capsys.readouterr()
+    assert prepare.main(args) == 0
+    assert f"{damaged} is missing or damaged: continuing from train_000000.npy" in capsys.readouterr().err
+    assert folder_bytes(tmp_path / "out") == before
 
 
 # ----------------------------------------------------------------------------- a big text file, in pieces
@@ -1220,7 +1240,7 @@ def test_a_finished_folder_whose_shard_entry_was_edited_is_mended(tmp_path, monk
     edit_manifest(tmp_path / "out", MENDED_EDITS[edit])
     capsys.readouterr()
     assert prepare.main(args) == 0
-    assert re.fullmatch(r"train_00000\d\.npy holds 500 tokens, not the \d+ manifest.json lists: continuing from it",
+    assert re.fullmatch(r"(train_00000\d\.npy) holds 500 tokens, not the \d+ manifest.json lists: continuing from \1",
                         capsys.readouterr().err.splitlines()[0])
     assert folder_bytes(tmp_path / "out") == before
     read_manifest(str(tmp_path / "out"))

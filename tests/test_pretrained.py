@@ -359,8 +359,10 @@ DAMAGED = [  # (damage, its arguments, the line: {p} the folder's repr)
                  id="vocab_size-0"),  # (read before the weights: not "a vocabulary of 0 tokens")
     pytest.param(set_config, dict(vocab_size=50257.0), "{p} config.json: vocab_size is 50257.0, not a whole number "
                  ">= 1", id="vocab_size-float"),
-    pytest.param(set_config, dict(n_inner="wide"), "{p} config.json: Field 'n_inner' with value 'wide' doesn't match "
-                 "any type in (<class 'int'>, <class 'NoneType'>)", id="other-field-mistyped"),
+    pytest.param(set_config, dict(resid_pdrop="x"), "{p} config.json: Field 'resid_pdrop' with value 'x' doesn't "
+                 "match any type in (<class 'float'>, <class 'int'>)", id="other-field-mistyped"),
+    pytest.param(set_config, dict(n_inner=16), "{p} config.json: n_inner is 16, where GPT-2's is 4 x n_embd = 128: "
+                 "this model cannot hold it", id="n_inner"),
     pytest.param(set_config, dict(n_head=3), "{p} config.json: n_embd 32 is not a multiple of n_head 3",
                  id="n_head-not-dividing"),
     pytest.param(set_config, dict(activation_function="relu"), '{p} config.json: activation_function is "relu", '
