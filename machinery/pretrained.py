@@ -76,7 +76,7 @@ def load_transformers_gpt2(name_or_path, known_names):
     # offline, or a weights file cut short or damaged (each format fails in its own way)
     except (OSError, ValueError, TypeError, RuntimeError, EOFError, IndexError, pickle.UnpicklingError,
             SafetensorError) as e:
-        raise SettingError(load_failure(name_or_path, known_names, online, e)) from None
+        raise SettingError(load_failure_line(name_or_path, known_names, online, e)) from None
     check_complete(model, info["missing_keys"], name_or_path)
     check_fits(info, name_or_path)
     check_finite_weights(model, name_or_path)
@@ -84,9 +84,10 @@ def load_transformers_gpt2(name_or_path, known_names):
     return model
 
 
-def load_failure(name_or_path, known_names, online, error):
+def load_failure_line(name_or_path, known_names, online, error):
     """The line for a GPT-2 that transformers could not load: from a directory (its config.json checked
-    already), its weights file (or a SettingError, none there); by name, the hub (or its cache)."""
+    already), naming its weights file (where it holds none, this raises that SettingError instead); by
+    name, the hub (or its cache)."""
     if os.path.isdir(name_or_path):
         return (f"{name_or_path!r}: its weights file {weights_file(name_or_path)} cannot be read (damaged or "
                 f"truncated?): {first_line(error)}")
@@ -117,7 +118,7 @@ def refuse_small_vocabulary(name_or_path, consequence):
                            f"{GPT2_VOCAB_SIZE:,}: {consequence}")
 
 
-def saved_config(directory):
+def config_if_readable(directory):
     """A directory's config.json as a dict, or {} where there is none or it cannot be read: what
     export_problem asks of a folder an export would write into (loading reads it with checked_config)."""
     try:
@@ -130,7 +131,7 @@ def saved_config(directory):
 
 def model_type_of(directory):
     """The model_type a save_pretrained directory's config names, or None."""
-    return saved_config(directory).get("model_type")
+    return config_if_readable(directory).get("model_type")
 
 
 def checked_config(directory):
