@@ -226,7 +226,7 @@ def check_fits(info, name_or_path):
         detail = f"{unexpected[0]} is in the weights, not in a model of config.json's shape"
     else:
         return
-    more = len(mismatched or unexpected) - 1
+    more = len(mismatched) + len(unexpected) - 1  # (besides the one named)
     raise SettingError(f"{name_or_path!r}: its weights do not fit its config.json: {detail}"
                        + (f" (and {more} more)" if more else ""))
 
