@@ -28,6 +28,16 @@ def parse_log_line(line):
     return record if isinstance(record, dict) and is_whole_number(record.get("step")) else None
 
 
+def file_identity(path):
+    """(inode, modification time) of a file, or None where there is none: a checkpoint written since has
+    another (it is written under a temporary name and renamed over the old one)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def disk_full_hint(out_dir, resumed):
     """What to do after a full disk stopped a run writing to out_dir: continue from its checkpoint, or,
     where it has none yet, run the same command again. A fresh run beside another run's files has none
@@ -98,6 +108,7 @@ class RunLog:
         self.lock = lock_folder(cfg.out_dir)  # (held until close: a second run into this folder is refused)
         names = [os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl")]
         self.beside_another_run = not cfg.resume and any(map(os.path.exists, names))  # (whose files stay for now)
+        self.other_checkpoint = file_identity(names[0])  # (close: replaced by this run's, if its identity changed)
         suffix = ".new" if self.beside_another_run else ""
         self.path = os.path.join(cfg.out_dir, f"log{suffix}.jsonl")
         self.picture = os.path.join(cfg.out_dir, f"progress{suffix}.png")
@@ -168,6 +179,9 @@ class RunLog:
 
     def close(self):
         if self.file is not None:
+            ckpt = os.path.join(self.out_dir, "ckpt.pt")
+            if self.beside_another_run and file_identity(ckpt) != self.other_checkpoint:
+                self.checkpointed()  # (this run's checkpoint was written, and the run stopped before it said so)
             if self.ended is not None:  # a resume stopped before its first record: the run's last one, back
                 with contextlib.suppress(OSError):
                     self.file.write(json.dumps(self.ended) + "\n")

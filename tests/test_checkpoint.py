@@ -699,6 +699,25 @@ def test_a_fresh_runs_stop_before_its_first_checkpoint_leaves_the_other_runs_che
     assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 6
 
 
+def saved_then_interrupted(state, path):
+    machinery.checkpoints.save_checkpoint(state, path)
+    raise KeyboardInterrupt  # (a second Ctrl-C held during the write: SignalsHeld raises it once the file is whole)
+
+
+def test_a_run_stopped_just_after_its_first_checkpoint_keeps_its_log_with_it(tmp_path, four_steps, text_file,
+                                                                              monkeypatch, capsys):
+    """A fresh run beside another run's files whose first checkpoint is written, and which stops at once
+    before train() says so (a second Ctrl-C held while the file was written): the checkpoint is this run's,
+    so its log and picture take the names beside it, not the other run's log."""
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    monkeypatch.setattr(train_gpt2, "save_checkpoint", saved_then_interrupted)
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", run, "--max_steps", "8",
+                                  "--checkpoint_interval", "2", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 130 and err.startswith("interrupted: stopped at once"), err
+    assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 2
+    assert [r["step"] for r in read_log(run)] == [0, 1] and not (run / "log.new.jsonl").exists()  # (2: not begun)
+
+
 def test_the_first_signal_says_whether_the_stop_will_save(capfd):
     """The first Ctrl-C or SIGTERM is answered at once: with what the stop will do to out_dir's checkpoint."""
     say_stopping(signal.SIGTERM)
