@@ -102,13 +102,13 @@ class RunLog:
         self.start_step, self.ended, self.lock = start_step, None, None
         # (every process: a fresh run's stop before its first checkpoint saves none, train() asks this)
         self.keeps_other_checkpoint = not cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
+        self.other_checkpoint = file_identity(os.path.join(cfg.out_dir, "ckpt.pt"))  # (changed: this run's since)
         if int(os.environ.get("RANK", 0)) != 0:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.lock = lock_folder(cfg.out_dir)  # (held until close: a second run into this folder is refused)
         names = [os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl")]
         self.beside_another_run = not cfg.resume and any(map(os.path.exists, names))  # (whose files stay for now)
-        self.other_checkpoint = file_identity(names[0])  # (close: replaced by this run's, if its identity changed)
         suffix = ".new" if self.beside_another_run else ""
         self.path = os.path.join(cfg.out_dir, f"log{suffix}.jsonl")
         self.picture = os.path.join(cfg.out_dir, f"progress{suffix}.png")
@@ -176,6 +176,12 @@ class RunLog:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(picture)
         self.path, self.picture, self.beside_another_run = log, picture, False
+
+    def other_checkpoint_kept(self):
+        """Whether out_dir's checkpoint is still the other run's now (for what a stop signal's answer says:
+        one that comes while this run's first checkpoint is written is answered once the file is whole)."""
+        return self.keeps_other_checkpoint and file_identity(os.path.join(self.out_dir, "ckpt.pt")) == \
+            self.other_checkpoint
 
     def close(self):
         if self.file is not None:

@@ -44,7 +44,7 @@ class StopRequested:
     def _handle(self, signum, frame):
         self.requested = True
         self.restore()  # (a second signal: main's handlers, a KeyboardInterrupt for either, sigterm_stops_at_once)
-        other_run = self.log.out_dir if self.log is not None and self.log.keeps_other_checkpoint else None
+        other_run = self.log.out_dir if self.log is not None and self.log.other_checkpoint_kept() else None
         say_stopping(signum, other_run)
 
     def restore(self):
@@ -141,7 +141,7 @@ def stopped_before_saving(steps_done, out_dir):
     """A fresh run stopped before its first checkpoint, in an out_dir holding another run's: this run saves
     nothing, so that run stays whole (checkpoint, log and picture) and can be resumed. Returns the exit code."""
     print0(f"interrupted after {steps_done} steps, without saving: {os.path.join(out_dir, 'ckpt.pt')} is still the "
-           "other run's (run the same command again to start this run over)")
+           "other run's (this run's log: log.new.jsonl; run the same command again to start this run over)")
     return 130
 
 
@@ -151,7 +151,7 @@ def stopped_at_once(interrupt, out_dir):
     (an --eval_only HellaSwag's: how far it got). Returns the exit code."""
     kept = os.path.join(out_dir, "ckpt.pt")
     said = str(interrupt) or \
-        f"stopped at once, without saving or exporting; {kept} holds the last checkpoint written, if any"
+        f"stopped at once, saving and exporting nothing more; {kept} holds the last checkpoint written, if any"
     print0(f"interrupted: {said}", file=sys.stderr)
     return 130  # (128 + SIGINT, as a shell reports it)
 

@@ -183,7 +183,7 @@ def test_a_sigterm_before_the_loop_stops_at_once_in_one_line(tmp_path, text_file
         run.send_signal(signal.SIGTERM)
         code, rest, err = run.finish(deadline_s=120)
     assert code == 130, (rest, err)
-    assert "interrupted: stopped at once, without saving" in err and "Traceback" not in err
+    assert "interrupted: stopped at once, saving and exporting nothing more" in err and "Traceback" not in err
     assert "step     0" not in rest and not (tmp_path / "run" / "ckpt.pt").exists()  # (it never reached the loop)
 
 
@@ -691,7 +691,7 @@ def test_a_fresh_runs_stop_before_its_first_checkpoint_leaves_the_other_runs_che
                         lambda requested, device: calls.append(1) or len(calls) in (2, 6 + 2))
     code, out, _ = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 130 and f"interrupted after 2 steps, without saving: {run / 'ckpt.pt'} is still the other " \
-        "run's (run the same command again to start this run over)" in out
+        "run's (this run's log: log.new.jsonl; run the same command again to start this run over)" in out
     assert [digest(run / name) for name in files] == before  # the other run: whole, and resumable
     assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 4
     code, out, _ = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
@@ -716,6 +716,17 @@ def test_a_run_stopped_just_after_its_first_checkpoint_keeps_its_log_with_it(tmp
     assert code == 130 and err.startswith("interrupted: stopped at once"), err
     assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 2
     assert [r["step"] for r in read_log(run)] == [0, 1] and not (run / "log.new.jsonl").exists()  # (2: not begun)
+
+
+def test_a_signal_during_the_first_checkpoints_write_is_answered_by_what_the_folder_holds(tmp_path, four_steps):
+    """A first signal that comes while a fresh run's first checkpoint is written is answered once the file is
+    whole (SignalsHeld), before train() says the checkpoint is written: the answer asks the folder (the
+    checkpoint's identity), so it does not promise to keep the other run's checkpoint, already replaced."""
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    with machinery.run_log.RunLog(train_gpt2.TrainConfig(out_dir=str(run)), 0) as log:
+        assert log.other_checkpoint_kept()
+        save_checkpoint(load_checkpoint(str(run / "ckpt.pt")), str(run / "ckpt.pt"))  # (this run's, say)
+        assert log.keeps_other_checkpoint and not log.other_checkpoint_kept()
 
 
 def test_the_first_signal_says_whether_the_stop_will_save(capfd):
@@ -814,7 +825,7 @@ def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatc
     with monkeypatch.context() as m:
         m.setattr(train_gpt2, "step_line", stop_at_4)
         assert main([*args, "--out_dir", str(tmp_path / "run")]) == 130  # (a second Ctrl-C: at once, one line)
-    assert capsys.readouterr().err == (f"interrupted: stopped at once, without saving or exporting; "
+    assert capsys.readouterr().err == (f"interrupted: stopped at once, saving and exporting nothing more; "
                                        f"{tmp_path / 'run' / 'ckpt.pt'} holds the last checkpoint written, if any\n")
     assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["scaler"] == ref_states[2]  # saved after step 2
     states.clear()
