@@ -100,9 +100,10 @@ class RunLog:
     def __init__(self, cfg, start_step):
         self.out_dir, self.resumed, self.file, self.tracker = cfg.out_dir, cfg.resume, None, None
         self.start_step, self.ended, self.lock = start_step, None, None
+        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        self.other_checkpoint = file_identity(self.ckpt_path)  # (changed since: this run's)
         # (every process: a fresh run's stop before its first checkpoint saves none, train() asks this)
-        self.keeps_other_checkpoint = not cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
-        self.other_checkpoint = file_identity(os.path.join(cfg.out_dir, "ckpt.pt"))  # (changed: this run's since)
+        self.keeps_other_checkpoint = not cfg.resume and self.other_checkpoint is not None
         if int(os.environ.get("RANK", 0)) != 0:
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -180,13 +181,11 @@ class RunLog:
     def other_checkpoint_kept(self):
         """Whether out_dir's checkpoint is still the other run's now (for what a stop signal's answer says:
         one that comes while this run's first checkpoint is written is answered once the file is whole)."""
-        return self.keeps_other_checkpoint and file_identity(os.path.join(self.out_dir, "ckpt.pt")) == \
-            self.other_checkpoint
+        return self.keeps_other_checkpoint and file_identity(self.ckpt_path) == self.other_checkpoint
 
     def close(self):
         if self.file is not None:
-            ckpt = os.path.join(self.out_dir, "ckpt.pt")
-            if self.beside_another_run and file_identity(ckpt) != self.other_checkpoint:
+            if self.beside_another_run and file_identity(self.ckpt_path) != self.other_checkpoint:
                 self.checkpointed()  # (this run's checkpoint was written, and the run stopped before it said so)
             if self.ended is not None:  # a resume stopped before its first record: the run's last one, back
                 with contextlib.suppress(OSError):
