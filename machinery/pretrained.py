@@ -153,10 +153,23 @@ def checked_config(directory):
         if config.get(field, ours[0]) not in ours:
             raise SettingError(f"{directory!r} config.json: {field} is {json.dumps(config[field])}, where GPT-2's "
                                f"is {json.dumps(ours[0])}: this model cannot hold it")
+    for field in ("dtype", "torch_dtype"):  # (the precision the weights were saved in: transformers 5.x, 4.x)
+        if not floating_dtype_name(config.get(field)):
+            raise SettingError(f"{directory!r} config.json: {field} is {json.dumps(config[field])}, not a "
+                               "floating-point torch dtype such as \"float32\"")
     if config.get("n_inner") not in (None, 4 * n_embd):  # (the MLP's width; null: 4 x n_embd, as GPT-2's)
         raise SettingError(f"{directory!r} config.json: n_inner is {json.dumps(config['n_inner'])}, where GPT-2's "
                            f"is 4 x n_embd = {4 * n_embd}: this model cannot hold it")
     return config
+
+
+def floating_dtype_name(value):
+    """Whether a config.json's dtype can be loaded: null (float32), or the name of a torch floating-point dtype
+    (transformers looks the name up in torch, and fails in a traceback for any other)."""
+    if value is None:
+        return True
+    dtype = getattr(torch, value, None) if isinstance(value, str) else None
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 
 def config_json(directory):
