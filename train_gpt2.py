@@ -48,13 +48,14 @@ from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_m
 from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2, shared_weight_names
 from machinery.recompute import MODES, checkpoint_options, recomputed
 from machinery.samples import finish_run, print_samples
-from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log, get_tokenizer: importers take them from here)
+from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log: importers take it from here)
 from machinery.sharding import (buffers_not_resent, builds_the_model, check_fsdp, from_rank0, full_model_state,
                                 full_optimizer_state, set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import (StopRequested, TrainingDiverged, another_process_stopped, check_finite,
                                 sigterm_stops_at_once, stop_requested_anywhere, stopped_at_once, stopped_before_saving)
-from machinery.tokens import GPT2_VOCAB_SIZE, check_data, get_tokenizer, open_shard, shard_files, text_file_split
+from machinery.tokens import (GPT2_VOCAB_SIZE, check_data, get_tokenizer,  # noqa: F401 (get_tokenizer: as plot_log)
+                              open_shard, shard_files, text_file_split)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -67,7 +68,7 @@ class GPTConfig:
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # channels of the residual stream
-    sdpa: bool = True  # how attention runs, not its shape: F.scaled_dot_product_attention (fused); False: explicit
+    sdpa: bool = True  # how attention runs (each run's --sdpa wins): F.scaled_dot_product_attention; False: explicit
 
 
 class CausalSelfAttention(nn.Module):
@@ -110,7 +111,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.c_proj.NANOGPT_SCALE_INIT = True
+        self.c_proj.NANOGPT_SCALE_INIT = True  # adds to the residual stream too: see GPT._init_weights
 
     def forward(self, x):
         return self.c_proj(self.gelu(self.c_fc(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
@@ -132,7 +133,7 @@ class Block(nn.Module):
         return x
 
 
-# OpenAI's Conv1D stores these as (in, out), nn.Linear's (out, in) transposed: loading and exporting transpose them
+# OpenAI's Conv1D stores these as (in, out) for x @ W, nn.Linear's (out, in) transposed: load and export transpose
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -147,8 +148,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.activation_checkpointing = "none"  # set by train(): a way to run it, not its shape (GPTConfig)
-        self.loss_in_chunks = False  # set by train() on CPUs: forward's loss without all the logits
+        self.activation_checkpointing = "none"  # set by train() for each run: not kept with the weights
+        self.loss_in_chunks = False  # set by train() on CPUs: forward gives the loss without the logits, (None, loss)
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -197,9 +198,9 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # fused: all tensors in one pass, faster than a loop over them on CUDA and CPUs (docs/performance.md)
+        # fused: all tensors in one pass, faster than a loop on CUDA and CPUs (MPS: the loop; fused is untested there)
         fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,  # (GPT-3's betas and eps)
                                  **(dict(fused=True) if fused else {}))
 
     def flops_per_token(self, T):
@@ -222,7 +223,7 @@ class GPT(nn.Module):
                            n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, sdpa=sdpa)
         model = cls(config)
         sd, sd_hf = model.state_dict(), hf_model.state_dict()
-        keys = shared_weight_names(sd, sd_hf, name_or_path)  # all but the tied lm_head.weight and 4.x's mask buffers
+        keys = shared_weight_names(sd, sd_hf, name_or_path)  # all but the tied lm_head and transformers 4.x's masks
         with torch.no_grad():
             for k in keys:
                 w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
@@ -247,12 +248,12 @@ class GPT(nn.Module):
             idx_cond = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
             logits, _ = self(idx_cond)  # (B, T, V)
             logits = logits[:, -1, :n_vocab].float()  # (B, V): last position only, in float32
-            if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small logits / it overflows: greedy
+            if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that logits / it overflow: greedy
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
                 k = min(top_k, n_vocab) if top_k else n_vocab
                 top_logits, top_ids = torch.topk(logits, k, dim=-1)  # (B, k), best first: sample among the k best
-                probs = F.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1).cpu()  # best at 0: no inf-inf
+                probs = F.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1).cpu()  # <= 0: no inf - inf
                 choice = torch.multinomial(probs, 1, generator=generator).to(idx.device)  # (B, 1)
                 next_id = torch.gather(top_ids, -1, choice)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)  # (B, T + 1)
@@ -282,7 +283,7 @@ class DataLoaderLite:
             self.shuffle = shuffle and split == "train"
         else:  # one array of tokens, in memory
             self.shards, self.n_tokens = text_file_split(input_file, split, val_fraction, B, T, num_processes)
-            self.tokens, self.shuffle = self.shards[0], False  # (self.tokens: the split, to look at)
+            self.tokens, self.shuffle = self.shards[0], False  # (self.tokens: the split's ids, for a reader or a test)
         self.reset()
 
     def shard_order(self, epoch):
@@ -538,6 +539,7 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     if val_loader is not None:
         results["val_loss"] = estimate_val_loss(model, val_loader, cfg.eval_iters, device, autocast)
     if hellaswag_items is not None:
+        # (--eval_only, one process: a killed HellaSwag pass continues where it stopped when run again)
         results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast, resumable=cfg.eval_only))
     if results:  # (a run without validation data or HellaSwag has nothing to say)
         print0(describe_evaluation(step, results))
@@ -610,7 +612,8 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
                     **buffers_not_resent())  # (the buffers, the causal masks, never change: no resending)
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
-    flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)  # for MFU
+    # MFU, model FLOPs utilization: the FLOPs a step's tokens need, per second, over the GPU's bf16 peak
+    flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)
     step_times = []
     with RunLog(cfg, start_step) as log, StopRequested(log) as stop:  # Ctrl-C/SIGTERM: stop.requested, saved below
         # step s's record (log.jsonl): the losses of the model after s updates, then update s's lr, norm, tokens
@@ -633,7 +636,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             if distributed:  # for the log: each process saw its part of the batch; the batch's loss is their mean
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)  # of all processes' gradients
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)  # (FSDP: over all shards)
             lr = get_lr(step, cfg.lr, min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
