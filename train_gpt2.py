@@ -265,14 +265,12 @@ class GPT(nn.Module):
 
 
 class DataLoaderLite:
-    """Serves (x, y) batches of shape (B, T) in order; y is x shifted by one. Two sources: a text file
-    (input_file) tokenized in memory, all of it (split None), its first 90% ("train") or last 10% ("val");
-    or a folder from prepare.py (data_dir): the split's shards, read a window at a time, so memory
-    stays flat however large the corpus; training reads them in a new seeded order each epoch (unless
-    shuffle is False), validation in manifest order.
-    Batches are windows of W = B*T*num_processes tokens; rank r reads x = window[r*B*T : (r+1)*B*T] and
-    y one token later. A shard of L tokens serves the windows at p = 0, W, 2W, ... while p + W + 1 <= L
-    (the +1: the last target), then the next shard begins."""
+    """Serves (x, y) batches of shape (B, T); y is x shifted by one token. The tokens: a text file (input_file)
+    tokenized in memory, all of it (split None), its first 90% ("train") or last 10% ("val"); or a folder of
+    prepare.py's shards (data_dir), read a window at a time so memory stays flat, training's in a new seeded
+    order each epoch (unless shuffle is False), validation's in manifest order. Each step reads the next
+    window of B*T*num_processes tokens (+1, the last target), process r its r-th B*T of them; a shard too
+    short for the next window gives way to the next shard."""
 
     def __init__(self, B, T, input_file="input.txt", split=None, process_rank=0, num_processes=1,
                  val_fraction=0.1, data_dir=None, shuffle=True, seed=1337):
@@ -431,7 +429,9 @@ class TrainConfig:
 
 
 # -----------------------------------------------------------------------------
-# The run: setup
+# The run: setup. Under torchrun, N processes (ranks 0 to N-1, one per GPU) each run this file on their own part
+# of every batch. DDP averages their gradients in backward, so all keep the same weights; FSDP (--fsdp) instead
+# gives each 1/N of the weights, gradients and AdamW moments, and gathers a block's weights when it runs.
 
 
 def join_process_group(device, device_type):
