@@ -653,14 +653,14 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
             log.write(record, picture="val_loss" in record or stop_now)  # progress.png: each val loss, and a stop
-            if stop_now and step + 1 < cfg.max_steps:  # (a stop in the last step: done saves it anyway)
+            if stop_now and step + 1 < cfg.max_steps:  # (a stop in the last step: done saves, finish_run stops)
                 if log.keeps_other_checkpoint:  # a fresh run, not saved yet: another run's checkpoint stays
                     return stopped_before_saving(step + 1, cfg.out_dir)
                 write_checkpoint(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
                 log.checkpointed()
                 print0(f"interrupted: saved step {step + 1} to {cfg.out_dir}/ckpt.pt; continue with --resume")
                 return 130  # (leaving the `with`: the log closed, the signal handlers restored)
-    return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=True)
+    return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=True, stopped=stop.requested)
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ from machinery.pretrained import non_finite_weight, pretrained_shape, refuse_sma
 from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
 from machinery.stopping import SignalsHeld
-from machinery.tokens import GPT2_VOCAB_SIZE, check_data
+from machinery.tokens import GPT2_VOCAB_SIZE, check_data, read_manifest
 
 # the keys every checkpoint has (train_gpt2.write_checkpoint); "steps_done" was "step" before 2026-12
 CHECKPOINT_KEYS = ("model", "optimizer", "steps_done", "model_config", "train_config", "train_loader", "rng")
@@ -176,7 +176,7 @@ def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):
     names = SHAPE + (("init_from",) if resume else ())
     refuse_clashes(cfg, given, {name: saved.get(name) for name in names}, f"checkpoint {path!r}", "the checkpoint")
     cfg = replace(cfg, **{name: saved[name] for name in names if name in saved})
-    return resumed_batch(cfg, given, saved, path, world_size) if resume else cfg
+    return resumed_batch(cfg, given, saved, path, world_size, ckpt["steps_done"]) if resume else cfg
 
 
 def refuse_clashes(cfg, given, decided, source, decider):
@@ -197,15 +197,18 @@ def same_setting(typed, decided):
     return typed == decided
 
 
-def resumed_batch(cfg, given, saved, path, world_size):
+def resumed_batch(cfg, given, saved, path, world_size, steps_done):
     """A resume continues its run: the same tokens a step, in sequences of the same T, of the same data
     in the same order unless the command names other. --B may change (the same tokens a step by more or
     less accumulation: the same arithmetic); those two may not."""
     # (checkpoints before 2026-12 may hold 0, "one micro-batch a process": taken as this many processes)
     tokens = saved.get("total_batch_size") or saved["B"] * saved["T"] * world_size
-    for name, run_value in (("T", saved["T"]), ("total_batch_size", tokens)):
-        if name in given and getattr(cfg, name) != run_value:
-            raise SettingError(f"--{name} {getattr(cfg, name)} instead of the run's {run_value}: a resume continues "
+    B = cfg.B if "B" in given else saved["B"]
+    typed_tokens = cfg.total_batch_size or B * saved["T"] * world_size  # (0 typed: one micro-batch a process)
+    for name, typed, run_value in (("T", cfg.T, saved["T"]), ("total_batch_size", typed_tokens, tokens)):
+        if name in given and typed != run_value:
+            says = getattr(cfg, name) if typed == getattr(cfg, name) else f"0 (B*T*processes = {typed})"
+            raise SettingError(f"--{name} {says} instead of the run's {run_value}: a resume continues "
                                f"the run as it was; leave --{name} out, or start a new run from these weights "
                                f"with --init_from {path}")
     # the run's data too, unless the command names some (a data_dir run resumed without --data_dir would
@@ -214,13 +217,12 @@ def resumed_batch(cfg, given, saved, path, world_size):
     data = {} if {"data_dir", "input_file"} & set(given) else \
         {name: saved[name] for name in ("data_dir", "input_file") if name in saved}
     order = {name: saved[name] for name in ("seed", "shuffle") if name in saved and name not in given}
-    cfg = replace(cfg, B=cfg.B if "B" in given else saved["B"], T=saved["T"], total_batch_size=tokens, **data,
-                  **order)
+    cfg = replace(cfg, B=B, T=saved["T"], total_batch_size=tokens, **data, **order)
     micro_batch = cfg.B * cfg.T * world_size  # tokens of one forward pass over all processes
     if tokens % micro_batch:  # (another --B, or another number of processes)
         raise SettingError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = "
                            f"{cfg.B}*{cfg.T}*{world_size} = {micro_batch:,}: resume with a --B that makes them one")
-    check_data(cfg)  # the data it will read, now that the checkpoint has said which
+    check_data(cfg, steps_done=steps_done)  # the data it will read, now that the checkpoint has said which
     return cfg
 
 
@@ -292,19 +294,34 @@ def restore_data_position(loader, saved):
     past_the_end = SettingError(f"the checkpoint's data position (shard {shard}, token {token}) is past the "
                                 "end of this data's train split; resume with the data the run trained on")
     if file is not None and loader.file is not None:  # (checkpoints before 2026-12-05 name no file)
-        files = [os.path.basename(loader.shards[i]) for i in loader.shard_order(int(saved.get("epoch", 0)))]
-        if file not in files:  # not in the split, or now too short for one batch
-            window = loader.B * loader.T * loader.num_processes + 1
-            raise SettingError(f"the checkpoint's shard {file} is not among this data's train shards that hold one "
-                               f"batch ({window} tokens); resume with the data and --B the run trained with")
+        epoch = int(saved.get("epoch", 0))
+        files = [os.path.basename(loader.shards[i]) for i in loader.shard_order(epoch)]
+        if file not in files:  # now shorter than one batch (a bigger --B): passed over, as the loader passes those
+            file, token = shard_after(loader, file), 0
+            if file is None:  # (no shard after it holds one batch: the epoch is over)
+                loader.load_state_dict({"epoch": epoch + 1})
+                return
         shard = files.index(file)
     if not 0 <= shard < len(loader.shards):
         raise past_the_end
-    loader.load_state_dict({**saved, "shard": shard})
+    loader.load_state_dict({**saved, "shard": shard, "position": token})
     if token > len(loader.current):
         raise past_the_end
     if loader.position + loader.B * loader.T * loader.num_processes + 1 > len(loader.current):
         loader.advance_shard()  # (the next window would run past the end)
+
+
+def shard_after(loader, file):
+    """The first of the train split's shards after `file`, in the manifest's order, that holds one of the
+    loader's batches (None where none does): where a resume goes on when the run's shard is too short for
+    its batch now. A SettingError where `file` is not one of the split's shards."""
+    data_dir = os.path.dirname(loader.shards[0])
+    names = [os.path.basename(s["file"]) for s in read_manifest(data_dir)["shards"] if s["split"] == "train"]
+    if file not in names:
+        raise SettingError(f"the checkpoint's shard {file} is not among the train shards of {data_dir!r}; resume "
+                           "with the data the run trained on")
+    holding_a_batch = {os.path.basename(path) for path in loader.shards}
+    return next((name for name in names[names.index(file) + 1:] if name in holding_a_batch), None)
 
 
 def checkpoint_due(step, start_step, checkpoint_interval):

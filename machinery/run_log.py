@@ -88,8 +88,9 @@ class RunLog:
     """out_dir/log.jsonl, one JSON object per step (pandas.read_json(path, lines=True) reads it back),
     out_dir/progress.png drawn from it, and with --wandb_project the same records sent to Weights &
     Biases. Only rank 0 writes; on the other ranks this does nothing. A resume keeps the records before
-    its checkpoint (sent to W&B again, so its run is whole) and redoes the rest, keeping the evaluation
-    at the checkpoint's own step (the end of the run it continues) in its first record.
+    its checkpoint (sent to W&B again, so its run is whole) and redoes the rest; the record of the
+    checkpoint's own step (the end of the run it continues, with its evaluation) stays until the resume's
+    first record, which carries that evaluation on, takes its place (a resume killed before then loses none).
 
     A fresh run into an out_dir that holds another run's checkpoint (or log) leaves that run's log and
     picture as they are until this run's own checkpoint replaces it: until then it writes log.new.jsonl
@@ -114,16 +115,16 @@ class RunLog:
         self.path = os.path.join(cfg.out_dir, f"log{suffix}.jsonl")
         self.picture = os.path.join(cfg.out_dir, f"progress{suffix}.png")
         self.gpt2_val_loss = gpt2_val_loss_on(cfg.data_dir)
-        kept = []
+        kept, self.kept_text = [], ""
         if cfg.resume and os.path.exists(self.path):
             with open(self.path, errors="replace") as f:  # (a damaged line's bytes: then not JSON, skipped)
                 records = [r for r in map(parse_log_line, f) if r is not None]
             kept = [r for r in records if r["step"] < start_step]
-            # the last record of a run that ended there (the evaluation of the checkpoint's own model): the
-            # resumed run's first record carries its evaluation on, where that step is not an evaluation step
-            # of its own; a resume stopped before its first record puts it back as it was (close)
+            # the last record of a run that ended there (the evaluation of the checkpoint's own model): kept
+            # until the resumed run's first record replaces it (replace_ended)
             self.ended = next((r for r in records if r["step"] == start_step), None)
-        text = "".join(json.dumps(r) + "\n" for r in kept)
+        self.kept_text = "".join(json.dumps(r) + "\n" for r in kept)
+        text = self.kept_text + (json.dumps(self.ended) + "\n" if self.ended is not None else "")
         write_atomically(self.path, lambda f: f.write(text.encode()))  # a full disk loses no record
         self.file = open(self.path, "a")
         if cfg.wandb_project:
@@ -135,16 +136,18 @@ class RunLog:
         """Append one record; with picture=True also redraw progress.png."""
         if self.file is None:
             return
-        if self.ended is not None and record["step"] == self.start_step:
-            carried = {k: v for k, v in self.ended.items() if k in EVALUATION and k not in record}
-            record, self.ended = {**record, **carried}, None
         try:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            if self.ended is not None and record["step"] == self.start_step:
+                record = self.replace_ended(record)
+            else:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
         except OSError as e:  # a full disk, say: one line, and the checkpoint from before is intact
             with contextlib.suppress(OSError):  # closing flushes the unwritten bytes, and fails again:
                 self.file.close()  # close now, so close() on the way out does not replace this error
             self.file = None
+            if isinstance(e, DiskFull):  # (replace_ended's whole log, written again: its line names the file)
+                raise DiskFull(f"{e}; {disk_full_hint(self.out_dir, self.resumed)}") from None
             if e.errno in DISK_FULL:
                 raise DiskFull(f"disk full: writing {self.path} failed ({e.strerror}); "
                                f"{disk_full_hint(self.out_dir, self.resumed)}") from None
@@ -153,6 +156,17 @@ class RunLog:
             self.tracker.log(record, step=record["step"])
         if picture:
             self.draw()
+
+    def replace_ended(self, record):
+        """Write a resume's first record in place of the last one of the run it continues (the log's last
+        line until now), with that one's evaluation where this step has none of its own; return it."""
+        carried = {k: v for k, v in self.ended.items() if k in EVALUATION and k not in record}
+        record, self.ended = {**record, **carried}, None
+        text = self.kept_text + json.dumps(record) + "\n"
+        self.file.close()  # (the whole log written again, atomically: a kill leaves the old one or the new one)
+        write_atomically(self.path, lambda f: f.write(text.encode()))
+        self.file, self.kept_text = open(self.path, "a"), None
+        return record
 
     def draw(self):
         """out_dir/progress.png from the log; a failure to draw never stops training."""
@@ -187,9 +201,6 @@ class RunLog:
         if self.file is not None:
             if self.beside_another_run and file_identity(self.ckpt_path) != self.other_checkpoint:
                 self.checkpointed()  # (this run's checkpoint was written, and the run stopped before it said so)
-            if self.ended is not None:  # a resume stopped before its first record: the run's last one, back
-                with contextlib.suppress(OSError):
-                    self.file.write(json.dumps(self.ended) + "\n")
             self.file.close()
         if self.lock is not None:
             os.close(self.lock)

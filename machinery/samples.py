@@ -1,8 +1,9 @@
 """
 Samples and the end of a run. print_samples: the model's own continuations of --prompt through
 GPT.generate (in train_gpt2.py), every --sample_interval steps and at the end. finish_run: what a run
-that trained to the end (or had nothing to train) ends with: samples, the export, what it wrote. Every
-process calls both: under FSDP each forward pass needs them all; rank 0 prints.
+that trained to the end (or had nothing to train) ends with: samples, the export, what it wrote, unless a
+stop was asked for in its last step. Every process calls both: under FSDP each forward pass needs them all;
+rank 0 prints.
 """
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from machinery.console import describe_outputs, print0
 from machinery.memory import describe_peak, largest_peak_memory
 from machinery.sharding import full_model_state
+from machinery.stopping import stop_requested_anywhere
 from machinery.tokens import get_tokenizer
 
 
@@ -33,10 +35,16 @@ def print_samples(model, cfg, device, autocast, generator):
     model.train()
 
 
-def finish_run(model, cfg, device, autocast, generator, master, trained):
+def finish_run(model, cfg, device, autocast, generator, master, trained, stopped=False):
     """The end of a run that did not stop early: a few samples (--num_samples, 0 for none; every process
     takes part: under FSDP each forward needs all), the export if --export_dir asks for one, and what it
-    wrote and the memory it used at most. (--eval_only and a stopped run return before this.)"""
+    wrote and the memory it used at most. (--eval_only and a stopped run return before this.) A stop asked
+    for in the last step (`stopped`, on any process), whose checkpoint is the run's last, skips all that: 130."""
+    if stop_requested_anywhere(stopped, device):
+        skipped = [name for name, asked in (("samples", cfg.num_samples), ("export", cfg.export_dir)) if asked]
+        then = f"; its {' and '.join(skipped)} skipped: the same command with --resume makes them" if skipped else ""
+        print0(f"interrupted: saved step {cfg.max_steps}, the run's last, to {cfg.out_dir}/ckpt.pt{then}")
+        return 130
     print_samples(model, cfg, device, autocast, generator)
     state = full_model_state(model) if cfg.export_dir else None  # (under FSDP: gathered from every process)
     if master and cfg.export_dir:

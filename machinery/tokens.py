@@ -279,13 +279,14 @@ def check_one_window(shards, n_tokens, what, B, T, num_processes):
         raise SettingError(f"no shard among {what} holds {needs}")
 
 
-def check_data(cfg, given=None):
+def check_data(cfg, given=None, steps_done=0):
     """The data a run will read is there (checked before a model is built for it). A resume reads its run's
     data unless the command (`given`: the flags typed) names some; the checkpoint says which, and the
-    data is checked once it is read (given None: always)."""
+    data is checked once it is read (given None: always), where the run has steps left (`steps_done` of
+    --max_steps) or --eval_only asks."""
     if cfg.resume and given is not None and not {"data_dir", "input_file"} & set(given):
         return
-    if not (cfg.max_steps or cfg.eval_only):  # (sampling only: no data read)
+    if not (cfg.max_steps > steps_done or cfg.eval_only):  # (nothing to train, sampling only: no data read)
         return
     if cfg.data_dir:
         read_manifest(cfg.data_dir)

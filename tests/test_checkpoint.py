@@ -395,6 +395,24 @@ def test_a_resume_with_nothing_left_to_train_says_so_and_writes_nothing(tmp_path
     assert (digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")) == before
 
 
+def test_a_resume_with_nothing_left_to_train_does_not_need_the_runs_data(tmp_path, text_file, monkeypatch, capsys):
+    """A resume that trains nothing (it samples, or exports) reads no data: the run's may be gone. One that
+    trains on needs it, and says which is missing."""
+    shutil.copy(text_file, tmp_path / "gone.txt")
+    args = [*TINY, "--B", "2", "--T", "16", "--eval_iters", "1", "--num_samples", "1", "--max_new_tokens", "2",
+            "--out_dir", "run"]
+    code, _, err = run_in_process(*args, "--input_file", "gone.txt", "--max_steps", "2", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    (tmp_path / "gone.txt").unlink()
+    code, out, err = run_in_process(*args, "--resume", "--max_steps", "2", "--export_dir", "exported", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "nothing to train" in out and (tmp_path / "exported" / "model.safetensors").exists(), err
+    code, _, err = run_in_process(*args, "--resume", "--max_steps", "3", cwd=tmp_path, monkeypatch=monkeypatch,
+                                  capsys=capsys)
+    assert code == 1 and err == f"error: input file {str(tmp_path / 'gone.txt')!r} not found\n"
+
+
 def test_a_resume_with_other_optimisation_settings_says_which_and_follows_them(tmp_path, text_file, four_steps,
                                                                               monkeypatch, capsys):
     """A resume is the run's command with --resume. four_steps' run (4 steps, --lr 3e-3 decaying to --min_lr
@@ -613,6 +631,13 @@ def test_a_resume_continues_the_runs_batch_and_names_another_B(tmp_path, text_fi
                                   cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == ("error: the run's 32 tokens per step are not a multiple of B*T*processes = 4*16*1 = "
                                  "64: resume with a --B that makes them one\n")
+    # --total_batch_size 0 is B*T*processes, as when the run began: typed again, the run's own command resumes; with
+    # another --B it is another batch, said in tokens
+    code, _, err = run_in_process(*common, "--max_steps", "6", "--resume", "--total_batch_size", "0", "--B", "1",
+                                  "--out_dir", "same", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.startswith("error: --total_batch_size 0 (B*T*processes = 16) instead of the run's 32: ")
+    out = run("--max_steps", "5", "--resume", "--total_batch_size", "0", "--out_dir", "same")
+    assert "32 tokens per step = 2 x 16 x 1 processes x 1 accumulation steps" in out
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys):
@@ -697,6 +722,33 @@ def test_a_fresh_runs_stop_before_its_first_checkpoint_leaves_the_other_runs_che
     code, out, _ = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 130 and f"interrupted: saved step 6 to {run}/ckpt.pt" in out  # (its own, saved at step 4)
     assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 6
+
+
+def test_a_stop_in_the_last_step_saves_the_run_and_skips_its_samples_and_export(tmp_path, text_file, monkeypatch,
+                                                                                capfd):
+    """A Ctrl-C in the run's last step: as the answer says, the step is finished and saved (the run's last
+    checkpoint, with its final evaluation), and the run stops there (130): the samples and the export that would
+    follow are skipped. The same command with --resume makes them, training nothing."""
+    train_step, calls = train_gpt2.forward_backward, []
+
+    def ctrl_c_in_the_fourth_step(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # (StopRequested's handler answers it: no KeyboardInterrupt)
+        return train_step(*args)
+
+    monkeypatch.setattr(train_gpt2, "forward_backward", ctrl_c_in_the_fourth_step)
+    args = [*RUN, "--input_file", text_file, "--out_dir", "run", "--max_steps", "4", "--export_dir", "exported"]
+    code, out, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capfd)
+    assert code == 130 and "SIGINT: stopping after this step, with a checkpoint" in err, err
+    assert out.splitlines()[-1] == "interrupted: saved step 4, the run's last, to run/ckpt.pt; its samples and " \
+        "export skipped: the same command with --resume makes them"
+    assert "> " not in out and not (tmp_path / "exported").exists()
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"] == 4
+    assert read_log(tmp_path / "run")[-1]["step"] == 4 and "val_loss" in read_log(tmp_path / "run")[-1]
+    code, out, err = run_in_process(*args, "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capfd)
+    assert code == 0 and "nothing to train" in out and "> " in out, err
+    assert (tmp_path / "exported" / "model.safetensors").exists() and len(calls) == 4
 
 
 def saved_then_interrupted(state, path):
@@ -969,9 +1021,9 @@ def test_a_file_that_cannot_grow_is_one_line_and_the_checkpoint_stays(tmp_path, 
                                                                       fills):
     """Not a stand-in: the process may not write files past a size limit, and torch.save or the log's
     append meets the real error. A resume of four_steps' run to step 6 (its checkpoint: 20 MB; its
-    log: 5 records, steps 0-3 and the final evaluation at step 4, which the resume drops) under a limit
-    of 4 MB, which the checkpoint cannot take, or of the log's size plus 50 bytes, which step 4's
-    training record cannot. One line naming the file, the checkpoint byte for byte as
+    log: 5 records, steps 0-3 and the final evaluation at step 4, whose place the resume's first record
+    takes) under a limit of 4 MB, which the checkpoint cannot take, or of the log's size plus 50 bytes,
+    which the log with step 4's training record cannot. One line naming the file, the checkpoint byte for byte as
     it was, no temporary file; then, without the limit, the same command finishes the run."""
     pytest.importorskip("resource")  # POSIX only
     shutil.copytree(four_steps, tmp_path / "run")
@@ -1031,22 +1083,24 @@ def test_a_resume_from_another_folder_finds_the_runs_data(tmp_path, text_file, m
 
 def test_a_resume_stopped_before_its_first_record_leaves_the_log_as_it_was(tmp_path, text_file, four_steps,
                                                                           monkeypatch, capsys):
-    """The resume rewrites the log without the run's last record (step 4's final evaluation, which its own
-    first record carries on); interrupted before it writes that record (here, in its first step), it puts the
-    run's record back: the log is the finished run's again, byte for byte."""
+    """The resume's first record takes the place of the run's last one (step 4's final evaluation, which it
+    carries on); until it is written, the log is the finished run's, byte for byte: as a kill in the resume's
+    first step finds it (a SIGKILL has no handler to mend it), and as a stop there leaves it."""
     import train_gpt2
 
     shutil.copytree(four_steps, tmp_path / "run")
     before = digest(tmp_path / "run" / "log.jsonl")
+    during = []
 
     def interrupted(*args):
+        during.append(digest(tmp_path / "run" / "log.jsonl"))  # (what a SIGKILL here would leave)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_gpt2, "forward_backward", interrupted)
     code, _, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "8", "--out_dir", "run", "--resume",
                                   cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 130 and "stopped at once" in err, err
-    assert digest(tmp_path / "run" / "log.jsonl") == before
+    assert during == [before] and digest(tmp_path / "run" / "log.jsonl") == before
 
 
 def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_path, text_file, monkeypatch,

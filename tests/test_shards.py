@@ -252,22 +252,30 @@ def test_torchrun_two_processes_on_shards_equal_one(tmp_path, prepared, items_fi
 def test_a_resume_with_another_batch_finds_its_shard_by_name(tmp_path):
     """Shards shorter than one window are passed over, so a resume with a bigger --B (or more processes)
     shuffles a shorter list, in which the same index is another shard: the loader takes the checkpoint's
-    shard by its file name. A checkpoint in the shard now too short for a batch is one clear error."""
+    shard by its file name. A checkpoint in a shard now too short for a batch passes it over, as the loader
+    does: the run goes on at the start of the next shard of the manifest that holds one batch, or, where none
+    follows, of the next epoch."""
     restore_data_position = machinery.checkpoints.restore_data_position
     data = write_shards(tmp_path / "d", [700, 700, 50, 700])  # the 50-token shard: one window of B=2, not of B=4
     small, big = (DataLoaderLite(B, 16, data_dir=str(data), split="train", seed=5) for B in (2, 4))
     files = [os.path.basename(small.shards[i]) for i in small.order]
     moved = 0
     for shard, file in enumerate(files):
-        if file == "train_000002.npy":
-            with pytest.raises(ValueError, match="shard train_000002.npy is not among this data's train shards"):
-                restore_data_position(big, {"epoch": 0, "shard": shard, "position": 0, "file": file})
+        if file == "train_000002.npy":  # (read up to token 32 with B=2)
+            restore_data_position(big, {"epoch": 0, "shard": shard, "position": 32, "file": file})
+            assert (big.epoch, big.file, big.position) == (0, "train_000003.npy", 0)
             continue
         restore_data_position(big, {"epoch": 0, "shard": shard, "position": 64, "file": file})
         assert big.file == file and big.position == 64
         assert big.current[64:65][0] == 1000 * int(file[6:12]) + 64  # (shard i holds 1000*i, 1000*i + 1, ...)
         moved += big.shard != shard
     assert moved  # (seed 5: some shard's index differs between the two lists, so the name is what finds it)
+    last_short = write_shards(tmp_path / "e", [700, 700, 50])  # (no shard after the short one: the next epoch)
+    small, big = (DataLoaderLite(B, 16, data_dir=str(last_short), split="train", shuffle=False) for B in (2, 4))
+    restore_data_position(big, {"epoch": 3, "shard": 2, "position": 0, "file": "train_000002.npy"})
+    assert (big.epoch, big.shard, big.position) == (4, 0, 0)
+    with pytest.raises(ValueError, match="shard train_000009.npy is not among the train shards of "):
+        restore_data_position(big, {"epoch": 0, "shard": 0, "position": 0, "file": "train_000009.npy"})
 
 
 def damage(data, how):
