@@ -347,6 +347,16 @@ def check_pretrained_shape(cfg, given):
     refuse_clashes(cfg, given, shape, repr(cfg.init_from), "the model")
 
 
+def refuse_fine_tuning_over_its_source(cfg):
+    """A run that starts from the very checkpoint it would write (out_dir/ckpt.pt: with the defaults,
+    --init_from out/ckpt.pt and no --out_dir) would replace the weights it was given: one line instead."""
+    own = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.max_steps and not cfg.eval_only and os.path.isfile(own) and os.path.isfile(cfg.init_from) and \
+            os.path.samefile(cfg.init_from, own):
+        raise SettingError(f"--init_from {cfg.init_from} is the checkpoint this run would write over in --out_dir "
+                           f"{cfg.out_dir!r}: give this run another --out_dir (or continue that run with --resume)")
+
+
 def starting_checkpoint(cfg, given, world_size):
     """(the checkpoint a run starts from, its path, cfg with its model shape, and for a resume its batch):
     the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none (and where
@@ -355,6 +365,7 @@ def starting_checkpoint(cfg, given, world_size):
     if cfg.resume:
         path, missing = os.path.join(cfg.out_dir, "ckpt.pt"), "no checkpoint to resume from"
     elif names_a_checkpoint(cfg.init_from):
+        refuse_fine_tuning_over_its_source(cfg)
         path, missing = cfg.init_from, "--init_from: no checkpoint"
     else:
         if cfg.init_from != "scratch":

@@ -65,15 +65,18 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(expanded, namespace)
 
     def expand_recipes(self, args, reading=()):
-        """args with each @FILE replaced by the flags in FILE (a recipe may name others, not itself)."""
+        """args with each @FILE replaced by the flags in FILE (a recipe may name others, not itself). A flag's
+        value is never a recipe: --prompt @someone is that text (on a recipe's line, as on the command line)."""
         expanded = []
-        for arg in args:
-            if not arg.startswith("@"):
+        for i, arg in enumerate(args):
+            if not arg.startswith("@") or (i and self.takes_a_value(args[i - 1])):
                 expanded.append(arg)
                 continue
             path = arg[1:]
             if path in reading:
                 self.error(f"recipe {path!r} includes itself")
+            if os.path.exists(path) and not os.path.isfile(path):  # (a folder; a device or a pipe: no end, or a wait)
+                self.error(f"recipe {path!r} is not a regular file")
             try:
                 with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark some editors add)
                     lines = f.read().splitlines()
@@ -81,12 +84,20 @@ class ArgumentParser(argparse.ArgumentParser):
                 self.error(f"cannot read recipe {path!r}: {e.strerror or e}")
             except UnicodeDecodeError:
                 self.error(f"recipe {path!r} is not UTF-8 text")
+            if not any(map(self.convert_arg_line_to_args, lines)):  # (empty, or cut short: not the recipe meant)
+                self.error(f"recipe {path!r} holds no flags")
             for line in filter(None, map(self.convert_arg_line_to_args, lines)):  # (a line's first word: its flag)
                 for word in (line[0], *line[1:2]):  # (and a value that looks like a flag: two flags on a line)
                     self.recipes_of.setdefault(word.split()[0].split("=")[0], set()).add(path)
             flags = [word for line in lines for word in self.convert_arg_line_to_args(line)]
             expanded += self.expand_recipes(flags, (*reading, path))
         return expanded
+
+    def takes_a_value(self, word):
+        """Whether `word` is a flag that takes the next word as its value (--prompt; not --compile, nor
+        --activation_checkpointing, whose value is optional, nor --prompt=TEXT, which holds its own)."""
+        action = self._option_string_actions.get(word)
+        return action is not None and action.nargs is None
 
     def convert_arg_line_to_args(self, line):
         line = line.strip()

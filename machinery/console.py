@@ -56,6 +56,9 @@ def describe_model(model, cfg, start_step, ckpt):
              f"vocab {c.vocab_size}, block {c.block_size} | {n_params:,} parameters"]
     if cfg.resume:
         lines += describe_resume(cfg, start_step, ckpt["train_config"])
+    elif cfg.init_from == "scratch" and (cfg.eval_only or not cfg.max_steps):
+        lines.append("note: a scratch model's weights are random, and this run trains none: name a trained model "
+                     "with --init_from, or --resume a run's")
     elif os.path.exists(ckpt_path) and cfg.max_steps and not cfg.eval_only:
         lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own, "
                      "and its log.jsonl then (until then this run logs to log.new.jsonl; stopped before, it saves "
@@ -68,9 +71,9 @@ def describe_resume(cfg, start_step, saved):
     train, or optimisation settings other than the run's (changed_optimisation)."""
     lines = []
     if saved["B"] != cfg.B:
-        accumulation = "more" if cfg.B < saved["B"] else "less"
+        size = "smaller" if cfg.B < saved["B"] else "bigger"  # (more or fewer of them: accumulation, or processes)
         lines.append(f"--B {cfg.B} instead of the run's {saved['B']}: the same {cfg.total_batch_size:,} tokens per "
-                     f"step by {accumulation} accumulation")
+                     f"step in {size} micro-batches")
     if cfg.eval_only:
         return lines
     if start_step >= cfg.max_steps:  # (it only samples)
@@ -110,6 +113,10 @@ def describe_plan(cfg, model):
     if int(os.environ.get("RANK", 0)) == 0 and free < need:  # (the write replaces the last one only when whole)
         raise ValueError(f"--out_dir {cfg.out_dir!r} has {in_units(free)} free, less than the run's checkpoint "
                          f"needs (about {in_units(need)}): free some space, or choose another --out_dir")
+    export_need = WEIGHT_BYTES * sum(p.numel() for p in model.parameters())  # (float32 weights)
+    if cfg.export_dir and int(os.environ.get("RANK", 0)) == 0 and free_bytes(cfg.export_dir) < export_need:
+        raise ValueError(f"--export_dir {cfg.export_dir!r} has {in_units(free_bytes(cfg.export_dir))} free, less than "
+                         f"the export needs (about {in_units(export_need)}): free some space, or choose another folder")
     when = f"every {cfg.checkpoint_interval} steps and at the end" if cfg.checkpoint_interval else "at the end"
     export = ""
     if cfg.export_dir:  # (a model already there is replaced, file by file, only once the new one is made)
@@ -145,9 +152,11 @@ def describe_optimizer(optimizer, cfg):
     """AdamW's two groups; and a warmup longer than the run, whose learning rate never reaches --lr."""
     lines = [f"optimizer {name}: {len(group['params'])} tensors, {sum(p.numel() for p in group['params']):,} "
              "parameters" for name, group in zip(("decayed", "not decayed"), optimizer.param_groups)]
-    if cfg.warmup_steps > cfg.max_steps:  # (a recipe's warmup in a shortened run, say)
-        lines.append(f"note: --warmup_steps {cfg.warmup_steps} is more than --max_steps {cfg.max_steps}: the learning "
-                     f"rate rises for the whole run and never reaches --lr {cfg.lr}")
+    if cfg.warmup_steps >= cfg.max_steps:  # (a recipe's warmup in a shortened run, say)
+        more = cfg.warmup_steps > cfg.max_steps
+        lines.append(f"note: --warmup_steps {cfg.warmup_steps} is {'more than' if more else 'equal to'} --max_steps "
+                     f"{cfg.max_steps}: the learning rate rises for the whole run and "
+                     + (f"never reaches --lr {cfg.lr}" if more else f"reaches --lr {cfg.lr} in its last step only"))
     return "\n".join(lines)
 
 

@@ -49,12 +49,14 @@ def cache_path():
 
 
 def check_item(item, where):
-    """An item in the official format, with label an int, or a ValueError naming where it came from."""
-    ok = (isinstance(item, dict) and isinstance(item.get("ctx"), str) and isinstance(item.get("endings"), list)
+    """An item in the official format, with label an int, or a ValueError naming where it came from. (A blank
+    ctx leaves the endings' first tokens nothing to be predicted from: one-token endings would all tie.)"""
+    ok = (isinstance(item, dict) and isinstance(item.get("ctx"), str) and item["ctx"].strip()
+          and isinstance(item.get("endings"), list)
           and len(item["endings"]) == 4 and all(isinstance(e, str) for e in item["endings"])
           and str(item.get("label")).strip() in ("0", "1", "2", "3"))
     if not ok:
-        raise SettingError(f"{where} is not a HellaSwag item (ctx, four endings, label 0-3)")
+        raise SettingError(f"{where} is not a HellaSwag item (a ctx that is not blank, four endings, label 0-3)")
     return {"ctx": item["ctx"], "endings": item["endings"], "label": int(str(item["label"]).strip())}
 
 

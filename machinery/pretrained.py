@@ -303,7 +303,7 @@ def export_to_transformers(config, state_dict, directory, conv1d_weights):
         if k == "transformer.wte.weight":
             v = v[:vocab]
         tensors[k] = v.contiguous()
-    staging = None
+    staging, made = None, first_missing_folder(directory)  # (made here: removed again if the export fails)
     try:
         os.makedirs(directory, exist_ok=True)
         for stale in glob.glob(os.path.join(directory, ".export-*")):  # what a killed export left
@@ -313,10 +313,22 @@ def export_to_transformers(config, state_dict, directory, conv1d_weights):
                    n_head=c.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
                    attn_pdrop=0.0, tie_word_embeddings=True).save_pretrained(staging)
         save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        # (safetensors makes its file readable by its owner only: the umask's mode instead, as config.json has)
+        shutil.copymode(os.path.join(staging, "config.json"), os.path.join(staging, "model.safetensors"))
         for name in os.listdir(staging):  # (renames in one file system: nothing left to fail for lack of space)
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
     except (OSError, SafetensorError) as e:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
         raise OSError(f"could not export to {directory!r}: {first_line(e)}; nothing there was changed") from None
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def first_missing_folder(path):
+    """The outermost folder of `path` that does not exist yet (what os.makedirs would make first), or None."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing

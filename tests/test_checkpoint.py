@@ -614,7 +614,7 @@ def test_a_resume_continues_the_runs_batch_and_names_another_B(tmp_path, text_fi
     assert "model resumed from same/ckpt.pt at step 2 | 2 layers" in out and "model scratch" not in out
     assert "32 tokens per step = 2 x 16 x 1 processes x 1 accumulation steps" in out and "instead of" not in out
     out = run("--max_steps", "4", "--resume", "--B", "1", "--out_dir", "smaller")
-    assert "--B 1 instead of the run's 2: the same 32 tokens per step by more accumulation\n" in out
+    assert "--B 1 instead of the run's 2: the same 32 tokens per step in smaller micro-batches\n" in out
     assert "32 tokens per step = 1 x 16 x 1 processes x 2 accumulation steps" in out
     # (validation reads --eval_iters batches of the B it runs with: at B=1, other tokens than the run's)
     for name, key in (("same", "loss"), ("same", "val_loss"), ("smaller", "loss")):
@@ -813,7 +813,9 @@ def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file
 
 def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_file, monkeypatch, capsys):
     """The export is made in a folder of its own and moved in whole: a disk that fills up while the weights
-    are written is one line, and the model exported before is still the one there (and loads)."""
+    are written is one line, and the model exported before is still the one there (and loads); an export
+    folder the failed export made is gone again. (Its files have the umask's modes: safetensors alone would
+    make the weights readable by their owner only.)"""
     import safetensors.torch
     from safetensors import SafetensorError
 
@@ -821,6 +823,8 @@ def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_fi
     assert run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)[0] == 0
     exported = {path.name: digest(path) for path in (tmp_path / "hf").iterdir()}
     assert set(exported) == {"config.json", "model.safetensors"}
+    modes = {path.stat().st_mode for path in (tmp_path / "hf").iterdir()}
+    assert len(modes) == 1 and modes.pop() & 0o044 == 0o644 & ~current_umask() & 0o044
 
     def disk_full(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -836,6 +840,15 @@ def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_fi
                                  "(os error 28); nothing there was changed\n")
     assert {path.name: digest(path) for path in (tmp_path / "hf").iterdir()} == exported
     assert not [p for p in tmp_path.rglob(".export*")]  # no half-made folder left
+    code, _, err = run_in_process(*args[:-1], "new/hf", "--resume", cwd=tmp_path, monkeypatch=monkeypatch,
+                                  capsys=capsys)  # (nothing to train: the export at once)
+    assert code == 1 and "could not export to 'new/hf'" in err and not (tmp_path / "new").exists()
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_float16_resume_restores_the_grad_scaler(tmp_path, text_file, monkeypatch, capsys):
@@ -977,6 +990,15 @@ def test_a_disk_with_less_room_than_a_checkpoint_is_said_before_training(tmp_pat
                                     cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == ("error: --out_dir 'run' has 1.0 MB free, less than the run's checkpoint needs "
                                  "(about 19.6 MB): free some space, or choose another --out_dir\n")
+    assert "step    0" not in out and not (tmp_path / "run" / "ckpt.pt").exists()
+    # an --export_dir with less room than the export (4 bytes a parameter) too, before training, not after it
+    (tmp_path / "exported").mkdir()
+    monkeypatch.setattr(machinery.files.shutil, "disk_usage",
+                        lambda path: usage(path)._replace(free=10 ** 6 if path.endswith("exported") else 10 ** 9))
+    code, out, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run",
+                                    "--export_dir", "exported", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: --export_dir 'exported' has 1.0 MB free, less than the export needs (about "
+                                 "6.5 MB): free some space, or choose another folder\n")
     assert "step    0" not in out and not (tmp_path / "run" / "ckpt.pt").exists()
 
 

@@ -126,6 +126,8 @@ BAD = [  # (file content, None for a missing file or a folder for one, what the 
     ("", "is empty"),
     ('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n', ":1 is not a HellaSwag item"),
     ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 7}\n', ":1 is not a HellaSwag item"),
+    # (a blank ctx: one-token endings would all tie, and the tie go to label 0, scored correct)
+    ('{"ctx": " ", "endings": ["", "", "", ""], "label": 0}\n', ":1 is not a HellaSwag item (a ctx that is not blank"),
     ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1}\nnot json\n', ":2 is not JSON"),
     (b'{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1}\n{"ctx": "\x80"}\n', "items.jsonl:2 is not UTF-8"),
 ]

@@ -178,6 +178,19 @@ def test_init_from_a_checkpoint_takes_its_shape_and_names_every_contradiction(tm
                                     capsys=capsys)
     assert code == 0, err
     assert "model out/ckpt.pt | 2 layers, 2 heads, 32 channels, vocab 50257, block 64" in out
+    # fine-tuning into the folder it starts from (--out_dir forgotten) would write over the weights it was given
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    code, out, err = run_in_process("--init_from", "./out/ckpt.pt", "--input_file", "text.txt", "--max_steps", "1",
+                                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: --init_from ./out/ckpt.pt is the checkpoint this run would write over in "
+                                 "--out_dir 'out': give this run another --out_dir (or continue that run with "
+                                 "--resume)\n")
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+    # a scratch model that trains nothing is random weights: said, not refused
+    code, out, err = run_in_process(*TINY[:-2], "--max_steps", "0", "--num_samples", "0", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "note: a scratch model's weights are random, and this run trains none: name a trained " \
+        "model with --init_from, or --resume a run's" in out, err
     code, out, err = run_in_process("--init_from", "out/ckpt.pt", "--max_steps", "0", "--n_layer", "3", "--n_embd",
                                     "48", "--n_head", "2", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1

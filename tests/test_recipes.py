@@ -76,6 +76,17 @@ def test_flags_after_a_recipe_override_it_and_comments_and_spaces_are_read(tmp_p
     assert parse_args(TrainConfig, [f"@{path}", "--min_lr", "None"])[0].min_lr is None
 
 
+def test_a_flags_value_that_starts_with_an_at_sign_is_text_not_a_recipe(tmp_path):
+    """@FILE stands for a recipe where a flag could stand, not as a flag's value: a prompt that begins with a
+    handle, typed or on a recipe's line, is that text. A recipe may still name another on a line of its own."""
+    (tmp_path / "inner.args").write_text("--lr 1e-3\n")
+    (tmp_path / "mine.args").write_text(f"--prompt @someone says\n@{tmp_path / 'inner.args'}\n")
+    cfg, _ = parse_args(TrainConfig, [f"@{tmp_path / 'mine.args'}", "--input_file", "@corpus.txt"])
+    assert (cfg.prompt, cfg.lr, cfg.input_file) == ("@someone says", 1e-3, "@corpus.txt")
+    cfg, _ = parse_args(TrainConfig, ["--compile", f"@{tmp_path / 'inner.args'}"])  # (--compile takes no value)
+    assert cfg.compile and cfg.lr == 1e-3
+
+
 def test_a_tilde_in_a_path_setting_is_the_home_folder_as_in_the_shell(tmp_path, monkeypatch):
     """The shell expands ~ in `--out_dir ~/run`, not in `--out_dir=~/run` or in a recipe: the script does,
     for the settings that name files and folders (and nowhere else: a prompt may start with ~)."""
@@ -107,6 +118,12 @@ def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch
     (tmp_path / "b.args").write_text("@a.args\n")
     code, out, err = run_in_process("@a.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.strip() == "error: recipe 'a.args' includes itself (see --help)"
+    # a recipe with no flags (empty, comments only: cut short, or not the file meant) would run the defaults
+    (tmp_path / "empty.args").write_text("# the reproduction\n\n")
+    code, out, err = run_in_process("@empty.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == "error: recipe 'empty.args' holds no flags (see --help)"
+    code, out, err = run_in_process("@/dev/zero", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)  # (no end)
+    assert code == 2 and err.strip() == "error: recipe '/dev/zero' is not a regular file (see --help)"
     (tmp_path / "two_on_a_line.args").write_text("--no-shuffle --max_steps 2\n")  # one flag a line: the rest is a value
     code, out, err = run_in_process("@two_on_a_line.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.strip() == ("error: unrecognized arguments: --max_steps 2 (in recipe two_on_a_line.args); "

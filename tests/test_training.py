@@ -43,13 +43,19 @@ def test_default_schedule_is_constant():
 
 def test_a_warmup_longer_than_the_run_is_a_note(tmp_path, text_file, capsys):
     """A recipe's warmup in a run cut short (--max_steps 3, --warmup_steps 5): the note says the rate never
-    reaches --lr, and the log agrees (get_lr's rates, the last 4/5 of it); a warmup that fits says nothing."""
+    reaches --lr, and the log agrees (get_lr's rates, the last 4/5 of it); one as long as the run reaches it in
+    the last step, and never decays (to --min_lr); a warmup that leaves steps after it says nothing."""
     code, log = run_main(tmp_path, text_file, "--max_steps", "3", "--warmup_steps", "5", "--lr", "1e-3")
     assert code == 0
     assert "note: --warmup_steps 5 is more than --max_steps 3: the learning rate rises for the whole run and " \
            "never reaches --lr 0.001" in capsys.readouterr().out
     assert [r["lr"] for r in trained(log)] == pytest.approx([2e-4, 4e-4, 6e-4])
-    code, _ = run_main(tmp_path / "fits", text_file, "--max_steps", "3", "--warmup_steps", "3")
+    code, log = run_main(tmp_path / "whole", text_file, "--max_steps", "3", "--warmup_steps", "3", "--lr", "1e-3",
+                         "--min_lr", "1e-4")
+    assert code == 0 and "note: --warmup_steps 3 is equal to --max_steps 3: the learning rate rises for the whole " \
+        "run and reaches --lr 0.001 in its last step only" in capsys.readouterr().out
+    assert [r["lr"] for r in trained(log)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+    code, _ = run_main(tmp_path / "fits", text_file, "--max_steps", "3", "--warmup_steps", "2")
     assert code == 0 and "note:" not in capsys.readouterr().out
 
 
