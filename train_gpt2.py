@@ -474,7 +474,7 @@ def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped):
         model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
     if fsdp_wrapped and builds_the_model(fsdp_wrapped):
         from_rank0(model.config)  # rank 0 sends its shape to the others' from_rank0(None)
-    check_block_size(cfg.T, model.config.block_size)
+    check_block_size(cfg, model.config.block_size)
     return model
 
 

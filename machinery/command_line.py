@@ -215,9 +215,11 @@ def check_config(cfg):
         raise SettingError("--wandb_project needs the wandb package, which is not installed: pip install wandb")
 
 
-def check_block_size(T, block_size):
-    if T > block_size:
-        raise SettingError(f"T={T} exceeds block_size={block_size}; lower --T")
+def check_block_size(cfg, block_size):
+    """Training and evaluation read sequences of T tokens, which the model's position table must hold.
+    (Sampling alone, --max_steps 0, reads none: its context is the last block_size tokens.)"""
+    if (cfg.max_steps or cfg.eval_only) and cfg.T > block_size:
+        raise SettingError(f"T={cfg.T} exceeds block_size={block_size}; lower --T")
 
 
 def check_model_fits_in_ram(cfg):

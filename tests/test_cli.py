@@ -137,6 +137,14 @@ def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeyp
     assert (tmp_path / "mine" / "config.json").read_text() == '{"my": "settings"}'  # (nor a folder's files)
 
 
+def test_sampling_alone_reads_no_sequence_of_T_tokens(tmp_path, monkeypatch, capsys):
+    """--T bounds what training and evaluation read, which the position table must hold (T=65 with
+    block_size 64: one line, above); sampling alone reads none, so the default --T is no obstacle there."""
+    code, out, err = run_in_process(*SMALL, "--T", "65", "--max_steps", "0", "--num_samples", "1",
+                                    "--max_new_tokens", "2", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and out.splitlines()[-1].startswith("> Hello"), err
+
+
 def test_an_out_dir_that_cannot_be_written_is_named_before_the_run(tmp_path, monkeypatch):
     """No permission to write in the folder (or in the one it would be made in): said at the start, not at
     the first save after hours of training. (Tests run as root, who may write anywhere: os.access is
