@@ -203,7 +203,8 @@ def check_config(cfg):
     if cfg.eval_only and cfg.export_dir:
         raise SettingError("--eval_only writes nothing, so --export_dir would not be written: export with "
                            "--max_steps 0 instead of --eval_only")
-    if cfg.n_embd % cfg.n_head:
+    # (a scratch model's shape; any other's is its source's, and a flag that contradicts it is named there)
+    if cfg.n_embd % cfg.n_head and cfg.init_from == "scratch" and not cfg.resume:
         raise SettingError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if cfg.vocab_size < GPT2_VOCAB_SIZE and cfg.init_from == "scratch":
         raise SettingError(f"--vocab_size {cfg.vocab_size} is below the tokenizer's {GPT2_VOCAB_SIZE} ids")

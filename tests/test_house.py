@@ -196,6 +196,11 @@ def test_init_from_a_checkpoint_takes_its_shape_and_names_every_contradiction(tm
     assert code == 1
     assert err == ("error: checkpoint 'out/ckpt.pt' has n_layer=2, n_embd=32; the command line says n_layer=3, "
                    "n_embd=48 (leave these flags out: the checkpoint decides them)\n")
+    # (40 channels do not split into the default flag's 12 heads, but the checkpoint decides the heads too)
+    code, out, err = run_in_process("--init_from", "out/ckpt.pt", "--max_steps", "0", "--n_embd", "40", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: checkpoint 'out/ckpt.pt' has n_embd=32; the command line says n_embd=40 "
+                                 "(leave these flags out: the checkpoint decides them)\n")
 
 
 def test_a_stop_at_the_last_step_still_evaluates_and_saves_the_trained_model(tmp_path, monkeypatch, capsys):
