@@ -1,10 +1,12 @@
 """
-Checkpoint files: written atomically, read safely (tensors and plain data only) with one-line errors,
-checked against the command line, and the random streams they carry. What a checkpoint holds is said
-in train_gpt2.py (write_checkpoint); this module writes, reads and checks the file, and puts a resumed
-run back where it was: its batch and data (resumed_batch), optimizer, loss scale and random streams
-(restore_training_state) and the loader's place in the data (restore_data_position). Also when
---checkpoint_interval saves (checkpoint_due).
+Checkpoint files. What a checkpoint holds is said in train_gpt2.py (write_checkpoint); this module does
+the rest, in the order a run meets it:
+- starting_checkpoint: the checkpoint a run starts from (--resume, or --init_from a ckpt.pt), read
+  safely (load_checkpoint: tensors and plain data only, each part checked, one-line errors), and the
+  settings it decides (its shape; for a resume, its batch, data and order: resumed_batch).
+- load_weights, restore_training_state: the model's weights, then a resumed run's optimizer, loss scale,
+  place in the data (restore_data_position) and random streams.
+- checkpoint_due, get_rng_state, save_checkpoint: when a checkpoint is written, and the atomic write.
 """
 
 import os
@@ -24,45 +26,118 @@ from machinery.tokens import GPT2_VOCAB_SIZE, check_data, read_manifest
 
 # the keys every checkpoint has (train_gpt2.write_checkpoint); "steps_done" was "step" before 2026-12
 CHECKPOINT_KEYS = ("model", "optimizer", "steps_done", "model_config", "train_config", "train_loader", "rng")
-# the settings a checkpoint decides: its model's shape, and for a resume what the model started from
+# the settings a checkpoint decides: its model's shape (a resume: its init_from too, settings_from_checkpoint)
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
-def get_rng_state(sample_generator):
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "sample": sample_generator.get_state()}
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = (kind, key.tolist(), pos, has_gauss, gauss)  # plain types: weights_only loads them
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# -----------------------------------------------------------------------------
+# Where a run starts: the checkpoint it reads, and the settings that checkpoint decides
 
 
-def set_rng_state(state, sample_generator):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    sample_generator.set_state(state["sample"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def starting_checkpoint(cfg, given, world_size):
+    """(the checkpoint a run starts from, its path, cfg with its model shape, and for a resume its batch):
+    the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none (and where
+    --init_from names OpenAI's weights or a save_pretrained folder, the shape flags typed are checked
+    against theirs)."""
+    if cfg.resume:
+        path, missing = os.path.join(cfg.out_dir, "ckpt.pt"), "no checkpoint to resume from"
+    elif names_a_checkpoint(cfg.init_from):
+        refuse_fine_tuning_over_its_source(cfg)
+        path, missing = cfg.init_from, "--init_from: no checkpoint"
+    else:
+        if cfg.init_from != "scratch":
+            check_pretrained_shape(cfg, given)
+        return None, None, cfg
+    ckpt = load_checkpoint(path, missing, mmap=cfg.fsdp or cfg.cpu_offload, resume=cfg.resume)
+    return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, cfg.resume, world_size)
 
 
-def save_checkpoint(state, path):
-    """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was. The
-    run's paths are kept absolute, so that a resume that names no data finds the run's from any folder
-    (and one that names its --init_from, however written, is not told it names another)."""
-    config = state.get("train_config", {})
-    data = {name: os.path.abspath(config[name]) for name in ("input_file", "data_dir") if config.get(name)}
-    if os.path.exists(config.get("init_from", "")):  # (a file or folder; not a GPT-2 name, not "scratch")
-        data["init_from"] = os.path.abspath(config["init_from"])
-    state = {**state, "train_config": {**config, **data}} if data else state
-    try:
-        with SignalsHeld():  # (a signal mid-write: once the file is whole)
-            write_atomically(path, lambda f: torch.save(state, f))
-    except DiskFull as e:
-        resumed = state.get("train_config", {}).get("resume", False)
-        raise DiskFull(f"{e}; {disk_full_hint(os.path.dirname(path), resumed)}") from None
+def names_a_checkpoint(init_from):
+    """Whether --init_from names a checkpoint file: a .pt name, or any file (a model by name or a
+    save_pretrained folder is never one file)."""
+    return init_from.endswith(".pt") or os.path.isfile(init_from)
+
+
+def refuse_fine_tuning_over_its_source(cfg):
+    """A run that starts from the very checkpoint it would write (out_dir/ckpt.pt: with the defaults,
+    --init_from out/ckpt.pt and no --out_dir) would replace the weights it was given: one line instead."""
+    own = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.max_steps and not cfg.eval_only and os.path.isfile(own) and os.path.isfile(cfg.init_from) and \
+            os.path.samefile(cfg.init_from, own):
+        raise SettingError(f"--init_from {cfg.init_from} is the checkpoint this run would write over in --out_dir "
+                           f"{cfg.out_dir!r}: give this run another --out_dir (or continue that run with --resume)")
+
+
+def check_pretrained_shape(cfg, given):
+    """OpenAI's weights (or a save_pretrained folder) decide the model's shape as a checkpoint does: a
+    shape flag typed against it is one line, and so is a vocabulary below GPT-2's (a bigger --vocab_size
+    is the same weights, their table padded)."""
+    refuse_small_vocabulary(cfg.init_from, "GPT-2's tokens would index past its table")  # (as a checkpoint's)
+    shape = pretrained_shape(cfg.init_from)
+    if cfg.vocab_size >= shape.get("vocab_size", 0):
+        shape.pop("vocab_size", None)
+    refuse_clashes(cfg, given, shape, repr(cfg.init_from), "the model")
+
+
+def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):
+    """cfg with the model's shape (and, resuming, its init_from and batch) taken from the checkpoint. A
+    flag the user gave (`given`) that contradicts the checkpoint is an error, all of them named in one line."""
+    saved = {**ckpt["train_config"], **ckpt["model_config"]}
+    names = SHAPE + (("init_from",) if resume else ())
+    refuse_clashes(cfg, given, {name: saved.get(name) for name in names}, f"checkpoint {path!r}", "the checkpoint")
+    cfg = replace(cfg, **{name: saved[name] for name in names if name in saved})
+    return resumed_batch(cfg, given, saved, path, world_size, ckpt["steps_done"]) if resume else cfg
+
+
+def refuse_clashes(cfg, given, decided, source, decider):
+    """A flag the user gave (`given`) that contradicts what the model's source decides (`decided`, by
+    setting name) is an error, all of them named in one line."""
+    clashes = [name for name in decided if name in given and not same_setting(getattr(cfg, name), decided[name])]
+    if clashes:
+        has = ", ".join(f"{name}={decided[name]!r}" for name in clashes)
+        says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
+        raise SettingError(f"{source} has {has}; the command line says {says} (leave these flags out: {decider} "
+                           "decides them)")
+
+
+def same_setting(typed, decided):
+    """Whether a typed setting agrees with the one decided: two paths to one file or folder do, however written."""
+    if isinstance(typed, str) and isinstance(decided, str) and os.path.exists(typed) and os.path.exists(decided):
+        return os.path.samefile(typed, decided)
+    return typed == decided
+
+
+def resumed_batch(cfg, given, saved, path, world_size, steps_done):
+    """A resume continues its run: the same tokens a step, in sequences of the same T, of the same data
+    in the same order unless the command names other. --B may change (the same tokens a step by more or
+    less accumulation: the same arithmetic); T and the tokens a step may not."""
+    # (checkpoints before 2026-12 may hold 0, "one micro-batch a process": taken as this many processes)
+    tokens = saved.get("total_batch_size") or saved["B"] * saved["T"] * world_size
+    B = cfg.B if "B" in given else saved["B"]
+    typed_tokens = cfg.total_batch_size or B * saved["T"] * world_size  # (0 typed: one micro-batch a process)
+    for name, typed, run_value in (("T", cfg.T, saved["T"]), ("total_batch_size", typed_tokens, tokens)):
+        if name in given and typed != run_value:
+            says = getattr(cfg, name) if typed == getattr(cfg, name) else f"0 (B*T*processes = {typed})"
+            raise SettingError(f"--{name} {says} instead of the run's {run_value}: a resume continues "
+                               f"the run as it was; leave --{name} out, or start a new run from these weights "
+                               f"with --init_from {path}")
+    # the run's data too, unless the command names some (a data_dir run resumed without --data_dir would
+    # otherwise read input.txt), in the run's order unless it names another (without the run's --seed, the
+    # rest of an epoch's shards would come in another order: some read twice, some not at all)
+    data = {} if {"data_dir", "input_file"} & set(given) else \
+        {name: saved[name] for name in ("data_dir", "input_file") if name in saved}
+    order = {name: saved[name] for name in ("seed", "shuffle") if name in saved and name not in given}
+    cfg = replace(cfg, B=B, T=saved["T"], total_batch_size=tokens, **data, **order)
+    micro_batch = cfg.B * cfg.T * world_size  # tokens of one forward pass over all processes
+    if tokens % micro_batch:  # (another --B, or another number of processes)
+        raise SettingError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = "
+                           f"{cfg.B}*{cfg.T}*{world_size} = {micro_batch:,}: resume with a --B that makes them one")
+    check_data(cfg, steps_done=steps_done)  # the data it will read, now that the checkpoint has said which
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Reading the file: tensors and plain data only, each part checked before the run uses it
 
 
 def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, resume=False):
@@ -169,63 +244,6 @@ def training_state_problem(ckpt):
     return None
 
 
-def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):
-    """cfg with the model's shape (and, resuming, its init_from and batch) taken from the checkpoint. A
-    flag the user gave (`given`) that contradicts the checkpoint is an error, all of them named in one line."""
-    saved = {**ckpt["train_config"], **ckpt["model_config"]}
-    names = SHAPE + (("init_from",) if resume else ())
-    refuse_clashes(cfg, given, {name: saved.get(name) for name in names}, f"checkpoint {path!r}", "the checkpoint")
-    cfg = replace(cfg, **{name: saved[name] for name in names if name in saved})
-    return resumed_batch(cfg, given, saved, path, world_size, ckpt["steps_done"]) if resume else cfg
-
-
-def refuse_clashes(cfg, given, decided, source, decider):
-    """A flag the user gave (`given`) that contradicts what the model's source decides (`decided`, by
-    setting name) is an error, all of them named in one line."""
-    clashes = [name for name in decided if name in given and not same_setting(getattr(cfg, name), decided[name])]
-    if clashes:
-        has = ", ".join(f"{name}={decided[name]!r}" for name in clashes)
-        says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
-        raise SettingError(f"{source} has {has}; the command line says {says} (leave these flags out: {decider} "
-                           "decides them)")
-
-
-def same_setting(typed, decided):
-    """Whether a typed setting agrees with the one decided: two paths to one file or folder do, however written."""
-    if isinstance(typed, str) and isinstance(decided, str) and os.path.exists(typed) and os.path.exists(decided):
-        return os.path.samefile(typed, decided)
-    return typed == decided
-
-
-def resumed_batch(cfg, given, saved, path, world_size, steps_done):
-    """A resume continues its run: the same tokens a step, in sequences of the same T, of the same data
-    in the same order unless the command names other. --B may change (the same tokens a step by more or
-    less accumulation: the same arithmetic); those two may not."""
-    # (checkpoints before 2026-12 may hold 0, "one micro-batch a process": taken as this many processes)
-    tokens = saved.get("total_batch_size") or saved["B"] * saved["T"] * world_size
-    B = cfg.B if "B" in given else saved["B"]
-    typed_tokens = cfg.total_batch_size or B * saved["T"] * world_size  # (0 typed: one micro-batch a process)
-    for name, typed, run_value in (("T", cfg.T, saved["T"]), ("total_batch_size", typed_tokens, tokens)):
-        if name in given and typed != run_value:
-            says = getattr(cfg, name) if typed == getattr(cfg, name) else f"0 (B*T*processes = {typed})"
-            raise SettingError(f"--{name} {says} instead of the run's {run_value}: a resume continues "
-                               f"the run as it was; leave --{name} out, or start a new run from these weights "
-                               f"with --init_from {path}")
-    # the run's data too, unless the command names some (a data_dir run resumed without --data_dir would
-    # otherwise read input.txt), in the run's order unless it names another (without the run's --seed, the
-    # rest of an epoch's shards would come in another order: some read twice, some not at all)
-    data = {} if {"data_dir", "input_file"} & set(given) else \
-        {name: saved[name] for name in ("data_dir", "input_file") if name in saved}
-    order = {name: saved[name] for name in ("seed", "shuffle") if name in saved and name not in given}
-    cfg = replace(cfg, B=B, T=saved["T"], total_batch_size=tokens, **data, **order)
-    micro_batch = cfg.B * cfg.T * world_size  # tokens of one forward pass over all processes
-    if tokens % micro_batch:  # (another --B, or another number of processes)
-        raise SettingError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = "
-                           f"{cfg.B}*{cfg.T}*{world_size} = {micro_batch:,}: resume with a --B that makes them one")
-    check_data(cfg, steps_done=steps_done)  # the data it will read, now that the checkpoint has said which
-    return cfg
-
-
 def load_weights(model, ckpt, path):
     """The checkpoint's weights into `model`, all of them finite: a run never saves NaN or inf weights (its
     loss check stops it first), so such a file is damaged, and would sample or evaluate to nonsense."""
@@ -237,6 +255,10 @@ def load_weights(model, ckpt, path):
     not_finite = non_finite_weight(model)
     if not_finite:
         raise SettingError(f"{path!r} is not a usable train_gpt2 checkpoint: its {not_finite} holds NaN or inf")
+
+
+# -----------------------------------------------------------------------------
+# A resumed run put back where it was: optimizer, loss scale, data position, random streams
 
 
 def restore_training_state(ckpt, path, model, optimizer, scaler, train_loader, sample_generator):
@@ -324,52 +346,50 @@ def shard_after(loader, file):
     return next((name for name in names[names.index(file) + 1:] if name in holding_a_batch), None)
 
 
+def set_rng_state(state, sample_generator):
+    """Every random stream back as get_rng_state saved it."""
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    sample_generator.set_state(state["sample"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Writing: when, the random streams, the file itself
+
+
 def checkpoint_due(step, start_step, checkpoint_interval):
     """Whether --checkpoint_interval asks for a checkpoint of the model after `step` steps (the loop
     also saves the last step, and on a stop signal)."""
     return bool(checkpoint_interval) and step > start_step and step % checkpoint_interval == 0
 
 
-def names_a_checkpoint(init_from):
-    """Whether --init_from names a checkpoint file: a .pt name, or any file (a model by name or a
-    save_pretrained folder is never one file)."""
-    return init_from.endswith(".pt") or os.path.isfile(init_from)
+def get_rng_state(sample_generator):
+    """Python's, NumPy's, torch's (every GPU's too) and sampling's random streams, as plain data."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "sample": sample_generator.get_state()}
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = (kind, key.tolist(), pos, has_gauss, gauss)  # plain types: weights_only loads them
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def check_pretrained_shape(cfg, given):
-    """OpenAI's weights (or a save_pretrained folder) decide the model's shape as a checkpoint does: a
-    shape flag typed against it is one line, and so is a vocabulary below GPT-2's (a bigger --vocab_size
-    is the same weights, their table padded)."""
-    refuse_small_vocabulary(cfg.init_from, "GPT-2's tokens would index past its table")  # (as a checkpoint's)
-    shape = pretrained_shape(cfg.init_from)
-    if cfg.vocab_size >= shape.get("vocab_size", 0):
-        shape.pop("vocab_size", None)
-    refuse_clashes(cfg, given, shape, repr(cfg.init_from), "the model")
-
-
-def refuse_fine_tuning_over_its_source(cfg):
-    """A run that starts from the very checkpoint it would write (out_dir/ckpt.pt: with the defaults,
-    --init_from out/ckpt.pt and no --out_dir) would replace the weights it was given: one line instead."""
-    own = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.max_steps and not cfg.eval_only and os.path.isfile(own) and os.path.isfile(cfg.init_from) and \
-            os.path.samefile(cfg.init_from, own):
-        raise SettingError(f"--init_from {cfg.init_from} is the checkpoint this run would write over in --out_dir "
-                           f"{cfg.out_dir!r}: give this run another --out_dir (or continue that run with --resume)")
-
-
-def starting_checkpoint(cfg, given, world_size):
-    """(the checkpoint a run starts from, its path, cfg with its model shape, and for a resume its batch):
-    the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none (and where
-    --init_from names OpenAI's weights or a save_pretrained folder, the shape flags typed are checked
-    against theirs)."""
-    if cfg.resume:
-        path, missing = os.path.join(cfg.out_dir, "ckpt.pt"), "no checkpoint to resume from"
-    elif names_a_checkpoint(cfg.init_from):
-        refuse_fine_tuning_over_its_source(cfg)
-        path, missing = cfg.init_from, "--init_from: no checkpoint"
-    else:
-        if cfg.init_from != "scratch":
-            check_pretrained_shape(cfg, given)
-        return None, None, cfg
-    ckpt = load_checkpoint(path, missing, mmap=cfg.fsdp or cfg.cpu_offload, resume=cfg.resume)
-    return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, cfg.resume, world_size)
+def save_checkpoint(state, path):
+    """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint as it was. The
+    run's paths are kept absolute, so that a resume that names no data finds the run's from any folder
+    (and one that names its --init_from, however written, is not told it names another)."""
+    config = state.get("train_config", {})
+    data = {name: os.path.abspath(config[name]) for name in ("input_file", "data_dir") if config.get(name)}
+    if os.path.exists(config.get("init_from", "")):  # (a file or folder; not a GPT-2 name, not "scratch")
+        data["init_from"] = os.path.abspath(config["init_from"])
+    state = {**state, "train_config": {**config, **data}} if data else state
+    try:
+        with SignalsHeld():  # (a signal mid-write: once the file is whole)
+            write_atomically(path, lambda f: torch.save(state, f))
+    except DiskFull as e:
+        resumed = state.get("train_config", {}).get("resume", False)
+        raise DiskFull(f"{e}; {disk_full_hint(os.path.dirname(path), resumed)}") from None

@@ -228,7 +228,7 @@ def check_model_fits_in_ram(cfg):
     the machine's RAM cannot hold stops here in one line, not in the allocator's traceback. (Counted from
     the shape: this module, which prepare.py imports too, does not import torch.)"""
     ram = ram_bytes()
-    if cfg.init_from != "scratch" or ram is None:
+    if cfg.init_from != "scratch" or cfg.resume or ram is None:  # (a resume's shape is its checkpoint's)
         return
     C = cfg.n_embd
     masks = cfg.n_layer * cfg.block_size ** 2  # the attention masks: a byte a position pair

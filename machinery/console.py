@@ -63,6 +63,9 @@ def describe_model(model, cfg, start_step, ckpt):
         lines.append(f"note: {ckpt_path} exists; this fresh run (no --resume) replaces it when it saves its own, "
                      "and its log.jsonl then (until then this run logs to log.new.jsonl; stopped before, it saves "
                      "nothing)")
+    elif os.path.exists(os.path.join(cfg.out_dir, "log.jsonl")) and cfg.max_steps and not cfg.eval_only:
+        lines.append(f"note: {os.path.join(cfg.out_dir, 'log.jsonl')} exists (a run's that saved no checkpoint); this "
+                     "fresh run replaces it when it saves its first checkpoint (until then it logs to log.new.jsonl)")
     return "\n".join(lines)
 
 

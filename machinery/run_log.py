@@ -107,6 +107,8 @@ class RunLog:
         self.keeps_other_checkpoint = not cfg.resume and self.other_checkpoint is not None
         if int(os.environ.get("RANK", 0)) != 0:
             return
+        if cfg.wandb_project:  # (first: a W&B that cannot start leaves out_dir untouched)
+            self.tracker = start_wandb(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.lock = lock_folder(cfg.out_dir)  # (held until close: a second run into this folder is refused)
         names = [os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl")]
@@ -127,10 +129,8 @@ class RunLog:
         text = self.kept_text + (json.dumps(self.ended) + "\n" if self.ended is not None else "")
         write_atomically(self.path, lambda f: f.write(text.encode()))  # a full disk loses no record
         self.file = open(self.path, "a")
-        if cfg.wandb_project:
-            self.tracker = start_wandb(cfg)
-            for record in kept:
-                self.tracker.log(record, step=record["step"])
+        for record in kept if self.tracker is not None else ():
+            self.tracker.log(record, step=record["step"])
 
     def write(self, record, picture=False):
         """Append one record; with picture=True also redraw progress.png."""

@@ -38,8 +38,9 @@ def print_samples(model, cfg, device, autocast, generator):
 def finish_run(model, cfg, device, autocast, generator, master, trained, stopped=False):
     """The end of a run that did not stop early: a few samples (--num_samples, 0 for none; every process
     takes part: under FSDP each forward needs all), the export if --export_dir asks for one, and what it
-    wrote and the memory it used at most. (--eval_only and a stopped run return before this.) A stop asked
-    for in the last step (`stopped`, on any process), whose checkpoint is the run's last, skips all that: 130."""
+    wrote and the memory it used at most. (--eval_only, and a run stopped before its last step, return before
+    this.) A stop asked for in the last step (`stopped`, on any process) saved the run's last checkpoint,
+    and skips all that: 130."""
     if stop_requested_anywhere(stopped, device):
         skipped = [name for name, asked in (("samples", cfg.num_samples), ("export", cfg.export_dir)) if asked]
         then = f"; its {' and '.join(skipped)} skipped: the same command with --resume makes them" if skipped else ""

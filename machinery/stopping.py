@@ -98,7 +98,8 @@ def say_stopping(signum, other_run=None):
 
 
 def interrupt_at_once(signum, frame):
-    """A second SIGTERM, as a second Ctrl-C: a KeyboardInterrupt, which main says in one line (stopped_at_once)."""
+    """SIGTERM outside the training loop, or a second one in it, as Ctrl-C there: a KeyboardInterrupt, which
+    main says in one line (stopped_at_once)."""
     raise KeyboardInterrupt
 
 
@@ -153,7 +154,7 @@ def stopped_at_once(interrupt, out_dir):
     said = str(interrupt) or \
         f"stopped at once, saving and exporting nothing more; {kept} holds the last checkpoint written, if any"
     print0(f"interrupted: {said}", file=sys.stderr)
-    return 130  # (128 + SIGINT, as a shell reports it)
+    return 130  # (128 + SIGINT, as a shell reports a Ctrl-C: for SIGTERM too, one code for "stopped")
 
 
 # what a collective says when another process of the run has gone: gloo over TCP, NCCL

@@ -672,6 +672,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text
     assert digest(out / "ckpt.pt") == after_3
 
 
+def test_a_fresh_run_beside_a_log_without_a_checkpoint_says_so(tmp_path, four_steps, text_file, monkeypatch, capsys):
+    """An out_dir that holds a run's log but no checkpoint (one stopped before its first save, or deleted): the
+    fresh run keeps its own log apart until its first checkpoint, as beside a checkpoint, and says so."""
+    (tmp_path / "run").mkdir()
+    shutil.copy(four_steps / "log.jsonl", tmp_path / "run" / "log.jsonl")
+    code, out, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", "run", "--max_steps", "1",
+                                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "note: run/log.jsonl exists (a run's that saved no checkpoint); this fresh run replaces it " \
+        "when it saves its first checkpoint (until then it logs to log.new.jsonl)" in out, err
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [0, 1]
+    assert not (tmp_path / "run" / "log.new.jsonl").exists()
+
+
 def test_a_fresh_run_leaves_the_other_runs_log_alone_until_it_saves_its_own(tmp_path, four_steps, text_file,
                                                                             monkeypatch, capsys):
     """A fresh run into a finished run's out_dir replaces the checkpoint only when it saves its own, and the

@@ -510,6 +510,8 @@ class Run:
 
 
 def init(project=None, name=None, config=None, **kwargs):
+    if os.environ.get("STAND_IN_WANDB_FAILS"):  # (as wandb.init fails without a login in online mode)
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
     calls.append(("init", dict(project=project, name=name, config=copy.deepcopy(config), kwargs=kwargs,
                                WANDB_MODE=os.environ.get("WANDB_MODE"))))
     return Run()
@@ -550,6 +552,17 @@ def test_wandb_gets_the_config_and_every_record_of_the_log(tmp_path, text_file, 
     timing = ("ms", "tok_per_s", "tflops", "peak_memory_bytes")  # clocks and memory differ between runs
     assert [{k: v for k, v in r.items() if k not in timing} for r in log] == \
         [{k: v for k, v in r.items() if k not in timing} for r in untracked]
+
+
+def test_a_wandb_that_cannot_start_is_one_line_and_leaves_out_dir_untouched(tmp_path, text_file, stand_in_wandb,
+                                                                            monkeypatch, capsys):
+    """wandb.init fails (no login, no network in online mode): one line with wandb's reason and the offline
+    way, said before the run's folder is touched (a run's files there stay as they were; none are made)."""
+    monkeypatch.setenv("STAND_IN_WANDB_FAILS", "1")
+    code, _ = run_main(tmp_path, text_file, "--max_steps", "2", "--wandb_project", "p")
+    assert code == 1 and capsys.readouterr().err == ("error: could not start wandb: api_key not configured (no-tty) "
+                                                     "(WANDB_MODE=offline logs without a network)\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_a_project_wandb_is_never_imported(tmp_path, text_file, stand_in_wandb):
