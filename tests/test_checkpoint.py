@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import machinery.checkpoints
+import machinery.command_line
 import machinery.console
 import machinery.files
 import machinery.run_log
@@ -393,6 +394,17 @@ def test_a_resume_with_nothing_left_to_train_says_so_and_writes_nothing(tmp_path
     assert f"nothing to train: the run has done 4 steps, --max_steps is {max_steps} (a higher one trains on)" \
         in out and "step     4" not in out and "> " in out
     assert (digest(tmp_path / "run" / "ckpt.pt"), digest(tmp_path / "run" / "log.jsonl")) == before
+
+
+def test_a_resume_is_not_measured_against_ram_by_the_default_shape(tmp_path, text_file, four_steps, monkeypatch,
+                                                                    capsys):
+    """A resume's model is its checkpoint's (2 layers, 32 channels), not the default 124M the command's own
+    shape flags describe: a machine whose RAM could not hold GPT-2 124M still resumes it."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    monkeypatch.setattr(machinery.command_line, "ram_bytes", lambda: 200 * 2**20)  # (124M needs about 0.5 GB)
+    code, _, err = run_in_process(*TRAINING, "--device", "cpu", "--input_file", text_file, "--out_dir", "run",
+                                  "--resume", "--max_steps", "5", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
 
 
 def test_a_resume_with_nothing_left_to_train_does_not_need_the_runs_data(tmp_path, text_file, monkeypatch, capsys):
