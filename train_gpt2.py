@@ -571,7 +571,7 @@ def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sa
 
 
 def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
-    """Set up, then the training loop. Returns 0, or 130 when a signal stopped it (after saving)."""
+    """Set up, then the training loop. Returns 0, or 130 when a signal stopped it."""
     master = rank == 0  # rank 0 prints, logs and saves
     fsdp_wrapped = cfg.fsdp or cfg.cpu_offload  # FSDP2 holds the state (--cpu_offload: in RAM, one process too)
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type, fsdp_wrapped)

@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import re
+import stat
 import sys
 from dataclasses import field, fields
 from typing import get_args
@@ -59,7 +60,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else [str(a) for a in args]
         self.recipes_of = {}
-        expanded = self.expand_recipes(args)
+        expanded = self.expanded = self.expand_recipes(args)  # (kept: parse_args reads a recipe once)
         for typed in args:  # (an error about a flag also typed may be about the typed one)
             self.recipes_of.pop(typed.split("=")[0], None)
         return super().parse_known_args(expanded, namespace)
@@ -75,8 +76,9 @@ class ArgumentParser(argparse.ArgumentParser):
             path = arg[1:]
             if path in reading:
                 self.error(f"recipe {path!r} includes itself")
-            if os.path.exists(path) and not os.path.isfile(path):  # (a folder; a device or a pipe: no end, or a wait)
-                self.error(f"recipe {path!r} is not a regular file")
+            mode = os.stat(path).st_mode if os.path.exists(path) else None  # (a pipe is read: <(...), /dev/stdin)
+            if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # (a device has no end)
+                self.error(f"recipe {path!r} is not a file (nor a pipe)")
             try:
                 with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark some editors add)
                     lines = f.read().splitlines()
@@ -89,8 +91,8 @@ class ArgumentParser(argparse.ArgumentParser):
             for line in filter(None, map(self.convert_arg_line_to_args, lines)):  # (a line's first word: its flag)
                 for word in (line[0], *line[1:2]):  # (and a value that looks like a flag: two flags on a line)
                     self.recipes_of.setdefault(word.split()[0].split("=")[0], set()).add(path)
-            flags = [word for line in lines for word in self.convert_arg_line_to_args(line)]
-            expanded += self.expand_recipes(flags, (*reading, path))
+            for words in map(self.convert_arg_line_to_args, lines):  # a flag and its value, or @ another recipe
+                expanded += self.expand_recipes(words, (*reading, path)) if words[:1] and words[0][0] == "@" else words
         return expanded
 
     def takes_a_value(self, word):
@@ -153,8 +155,10 @@ def settings_parser(config_class, description, defaults=True):
 def parse_args(config_class, argv=None, description="Train or sample GPT-2."):
     """(the settings, the names of the flags that were given): a run started from a checkpoint takes
     the model's shape from it, and only a shape flag the user gave can contradict it."""
-    settings = vars(settings_parser(config_class, description).parse_args(argv))
-    given = settings_parser(config_class, description, defaults=False).parse_args(argv)
+    parser = settings_parser(config_class, description)
+    settings = vars(parser.parse_args(argv))
+    # (the flags as the recipes expanded to: a recipe read from a pipe can be read only once)
+    given = settings_parser(config_class, description, defaults=False).parse_args(parser.expanded)
     for name in PATHS & settings.keys():  # ~ is the shell's: in a recipe or --out_dir=~/run it reaches us as typed
         settings[name] = os.path.expanduser(settings[name])
     return config_class(**settings), set(vars(given))

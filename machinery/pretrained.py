@@ -36,6 +36,9 @@ SHAPE_FIELDS = dict(n_layer="n_layer", n_head="n_head", n_embd="n_embd", block_s
 # otherwise loads in transformers, and our model would compute other logits with its weights
 BUILT_IN = dict(activation_function=("gelu_new", "gelu_pytorch_tanh"),  # (the same tanh approximation)
                 layer_norm_epsilon=(1e-5,), scale_attn_weights=(True,), scale_attn_by_inverse_layer_idx=(False,))
+# the precisions a GPT-2's weights are saved in, as config.json's dtype names them (null: float32); transformers
+# fails in a traceback on a name torch lacks, and cannot read float8 or float4 weights back
+SAVED_DTYPES = (None, "float32", "float16", "bfloat16", "float64")
 # the weights files transformers reads from a directory, in the order it looks for them
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -154,22 +157,13 @@ def checked_config(directory):
             raise SettingError(f"{directory!r} config.json: {field} is {json.dumps(config[field])}, where GPT-2's "
                                f"is {json.dumps(ours[0])}: this model cannot hold it")
     for field in ("dtype", "torch_dtype"):  # (the precision the weights were saved in: transformers 5.x, 4.x)
-        if not floating_dtype_name(config.get(field)):
-            raise SettingError(f"{directory!r} config.json: {field} is {json.dumps(config[field])}, not a "
-                               "floating-point torch dtype such as \"float32\"")
+        if config.get(field) not in SAVED_DTYPES:
+            raise SettingError(f"{directory!r} config.json: {field} is {json.dumps(config[field])}, not one of "
+                               f"{', '.join(map(json.dumps, SAVED_DTYPES))}")
     if config.get("n_inner") not in (None, 4 * n_embd):  # (the MLP's width; null: 4 x n_embd, as GPT-2's)
         raise SettingError(f"{directory!r} config.json: n_inner is {json.dumps(config['n_inner'])}, where GPT-2's "
                            f"is 4 x n_embd = {4 * n_embd}: this model cannot hold it")
     return config
-
-
-def floating_dtype_name(value):
-    """Whether a config.json's dtype can be loaded: null (float32), or the name of a torch floating-point dtype
-    (transformers looks the name up in torch, and fails in a traceback for any other)."""
-    if value is None:
-        return True
-    dtype = getattr(torch, value, None) if isinstance(value, str) else None
-    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 
 def config_json(directory):
@@ -317,9 +311,11 @@ def export_to_transformers(config, state_dict, directory, conv1d_weights):
         shutil.copymode(os.path.join(staging, "config.json"), os.path.join(staging, "model.safetensors"))
         for name in os.listdir(staging):  # (renames in one file system: nothing left to fail for lack of space)
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
-    except (OSError, SafetensorError) as e:
+    except BaseException as e:  # (a full disk; a Ctrl-C: the folders this export made go again either way)
         if made:
             shutil.rmtree(made, ignore_errors=True)
+        if not isinstance(e, (OSError, SafetensorError)):
+            raise
         raise OSError(f"could not export to {directory!r}: {first_line(e)}; nothing there was changed") from None
     finally:
         if staging:

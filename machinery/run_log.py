@@ -111,6 +111,8 @@ class RunLog:
             self.tracker = start_wandb(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.lock = lock_folder(cfg.out_dir)  # (held until close: a second run into this folder is refused)
+        if cfg.resume:
+            self.settle_new_log()
         names = [os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl")]
         self.beside_another_run = not cfg.resume and any(map(os.path.exists, names))  # (whose files stay for now)
         suffix = ".new" if self.beside_another_run else ""
@@ -127,10 +129,32 @@ class RunLog:
             self.ended = next((r for r in records if r["step"] == start_step), None)
         self.kept_text = "".join(json.dumps(r) + "\n" for r in kept)
         text = self.kept_text + (json.dumps(self.ended) + "\n" if self.ended is not None else "")
-        write_atomically(self.path, lambda f: f.write(text.encode()))  # a full disk loses no record
+        try:
+            write_atomically(self.path, lambda f: f.write(text.encode()))  # a full disk loses no record
+        except DiskFull as e:
+            raise DiskFull(f"{e}; {disk_full_hint(self.out_dir, self.resumed)}") from None
         self.file = open(self.path, "a")
         for record in kept if self.tracker is not None else ():
             self.tracker.log(record, step=record["step"])
+
+    def settle_new_log(self):
+        """What a resume makes of a log.new.jsonl (and progress.new.png) left by a fresh run beside this run's
+        files. Killed between writing its first checkpoint and giving its log the name log.jsonl, that run left
+        a checkpoint newer than its log: the log is the checkpoint's, and takes the names. Stopped before it
+        saved one, it left a log newer than the checkpoint, which is not its: that log is removed."""
+        new_log, new_picture = (os.path.join(self.out_dir, name) for name in ("log.new.jsonl", "progress.new.png"))
+        if not os.path.exists(new_log):
+            return
+        checkpoint_written, log_written = os.stat(self.ckpt_path).st_mtime_ns, os.stat(new_log).st_mtime_ns
+        if checkpoint_written == log_written:  # (a file system that keeps whole seconds: which came first is unknown)
+            return
+        the_checkpoints = checkpoint_written > log_written
+        for new, name in ((new_log, "log.jsonl"), (new_picture, "progress.png")):
+            if os.path.exists(new):
+                os.replace(new, os.path.join(self.out_dir, name)) if the_checkpoints else os.remove(new)
+        print0(f"note: {new_log} is the log of {self.ckpt_path} (its run was killed before it took the name): "
+               "now log.jsonl" if the_checkpoints else f"note: removed {new_log}, left by a fresh run stopped here "
+               "before it saved a checkpoint (the checkpoint resumed is another run's)")
 
     def write(self, record, picture=False):
         """Append one record; with picture=True also redraw progress.png."""

@@ -684,6 +684,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text
     assert digest(out / "ckpt.pt") == after_3
 
 
+@pytest.mark.parametrize("fresh_run", ["killed after its first checkpoint", "stopped before it", "same second"])
+def test_a_resume_settles_the_log_a_fresh_run_left_beside_another_run(tmp_path, four_steps, text_file, fresh_run,
+                                                                      monkeypatch, capsys):
+    """A fresh run beside another run's files logs to log.new.jsonl until its first checkpoint, then renames it
+    log.jsonl. Killed (SIGKILL) between the two, it leaves its checkpoint newer than its log: a resume takes that
+    log as the run's (not the other run's log.jsonl, which would mix two runs). Stopped before it saved, it
+    leaves its log newer than the checkpoint, which is the other run's: a resume of that run removes it. (Times
+    that tie, on a file system that keeps whole seconds, say nothing: the log stays where it is.)"""
+    args = [*RUN, "--input_file", text_file, "--num_samples", "0"]
+    code, _, err = run_in_process(*args, "--max_steps", "2", "--seed", "7", "--out_dir", "fresh", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)  # (the fresh run's files, apart)
+    assert code == 0, err
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    shutil.copy(tmp_path / "fresh" / "log.jsonl", run / "log.new.jsonl")
+    killed = fresh_run.startswith("killed")
+    if killed:
+        shutil.copy(tmp_path / "fresh" / "ckpt.pt", run / "ckpt.pt")
+    checkpoint_written = (run / "ckpt.pt").stat().st_mtime_ns
+    log_written = checkpoint_written + {"killed": -1, "stopped": 1, "same": 0}[fresh_run.split()[0]] * 10**9
+    os.utime(run / "log.new.jsonl", ns=(log_written, log_written))
+    runs_log = read_log(tmp_path / "fresh" if killed else four_steps)
+    code, out, err = run_in_process(*args, "--resume", "--max_steps", "6", "--out_dir", "run", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    notes = {"killed": ["note: run/log.new.jsonl is the log of run/ckpt.pt (its run was killed before it took the "
+                        "name): now log.jsonl"],
+             "stopped": ["note: removed run/log.new.jsonl, left by a fresh run stopped here before it saved a "
+                         "checkpoint (the checkpoint resumed is another run's)"],
+             "same": []}
+    assert [line for line in out.splitlines() if "log.new.jsonl" in line] == notes[fresh_run.split()[0]]
+    done = len(runs_log) - 1  # (the run's records before its checkpoint's step: kept by the resume)
+    assert read_log(run)[:done] == runs_log[:done] and [r["step"] for r in read_log(run)] == list(range(7))
+    assert (run / "log.new.jsonl").exists() == (log_written == checkpoint_written)
+
+
 def test_a_fresh_run_beside_a_log_without_a_checkpoint_says_so(tmp_path, four_steps, text_file, monkeypatch, capsys):
     """An out_dir that holds a run's log but no checkpoint (one stopped before its first save, or deleted): the
     fresh run keeps its own log apart until its first checkpoint, as beside a checkpoint, and says so."""
@@ -868,6 +903,14 @@ def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_fi
     code, _, err = run_in_process(*args[:-1], "new/hf", "--resume", cwd=tmp_path, monkeypatch=monkeypatch,
                                   capsys=capsys)  # (nothing to train: the export at once)
     assert code == 1 and "could not export to 'new/hf'" in err and not (tmp_path / "new").exists()
+
+    def ctrl_c(tensors, path, metadata=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", ctrl_c)  # (a Ctrl-C during the export: the same)
+    code, _, err = run_in_process(*args[:-1], "new/hf", "--resume", cwd=tmp_path, monkeypatch=monkeypatch,
+                                  capsys=capsys)
+    assert code == 130 and "stopped at once" in err and not (tmp_path / "new").exists()
 
 
 def current_umask():

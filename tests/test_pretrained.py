@@ -363,10 +363,12 @@ DAMAGED = [  # (damage, its arguments, the line: {p} the folder's repr)
                  "match any type in (<class 'float'>, <class 'int'>)", id="other-field-mistyped"),
     pytest.param(set_config, dict(n_inner=16), "{p} config.json: n_inner is 16, where GPT-2's is 4 x n_embd = 128: "
                  "this model cannot hold it", id="n_inner"),
-    pytest.param(set_config, dict(dtype="float99"), '{p} config.json: dtype is "float99", not a floating-point torch '
-                 'dtype such as "float32"', id="dtype-unknown"),
-    pytest.param(set_config, dict(torch_dtype="int64"), '{p} config.json: torch_dtype is "int64", not a '
-                 'floating-point torch dtype such as "float32"', id="torch_dtype-integer"),
+    pytest.param(set_config, dict(dtype="float99"), '{p} config.json: dtype is "float99", not one of null, "float32", '
+                 '"float16", "bfloat16", "float64"', id="dtype-unknown"),
+    pytest.param(set_config, dict(torch_dtype="int64"), '{p} config.json: torch_dtype is "int64", not one of null, '
+                 '"float32", "float16", "bfloat16", "float64"', id="torch_dtype-integer"),
+    pytest.param(set_config, dict(dtype="float8_e4m3fn"), '{p} config.json: dtype is "float8_e4m3fn", not one of '
+                 'null, "float32", "float16", "bfloat16", "float64"', id="dtype-float8"),
     pytest.param(set_config, dict(n_head=3), "{p} config.json: n_embd 32 is not a multiple of n_head 3",
                  id="n_head-not-dividing"),
     pytest.param(set_config, dict(activation_function="relu"), '{p} config.json: activation_function is "relu", '

@@ -2,6 +2,7 @@
 two on stand-in data (a tiny shape where the real one would take minutes), so none goes stale."""
 
 import json
+import os
 import re
 
 import pytest
@@ -85,6 +86,14 @@ def test_a_flags_value_that_starts_with_an_at_sign_is_text_not_a_recipe(tmp_path
     assert (cfg.prompt, cfg.lr, cfg.input_file) == ("@someone says", 1e-3, "@corpus.txt")
     cfg, _ = parse_args(TrainConfig, ["--compile", f"@{tmp_path / 'inner.args'}"])  # (--compile takes no value)
     assert cfg.compile and cfg.lr == 1e-3
+    read, write = os.pipe()  # a recipe from a pipe, as bash's @<(printf ...) or @/dev/stdin give one
+    os.write(write, b"--max_steps 9\n")
+    os.close(write)
+    try:
+        cfg, given = parse_args(TrainConfig, [f"@/dev/fd/{read}"])  # (read once: given is the recipe's flags too)
+        assert cfg.max_steps == 9 and given == {"max_steps"}
+    finally:
+        os.close(read)
 
 
 def test_a_tilde_in_a_path_setting_is_the_home_folder_as_in_the_shell(tmp_path, monkeypatch):
@@ -123,7 +132,13 @@ def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch
     code, out, err = run_in_process("@empty.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.strip() == "error: recipe 'empty.args' holds no flags (see --help)"
     code, out, err = run_in_process("@/dev/zero", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)  # (no end)
-    assert code == 2 and err.strip() == "error: recipe '/dev/zero' is not a regular file (see --help)"
+    assert code == 2 and err.strip() == "error: recipe '/dev/zero' is not a file (nor a pipe) (see --help)"
+    # a line is a flag and its value: one left without its value does not take the next line's recipe as it
+    (tmp_path / "inner.args").write_text("--lr 1e-3\n")
+    (tmp_path / "no_value.args").write_text("--prompt\n@inner.args\n")
+    code, out, err = run_in_process("@no_value.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == "error: argument --prompt: expected one argument (in recipe no_value.args) " \
+        "(see --help)"
     (tmp_path / "two_on_a_line.args").write_text("--no-shuffle --max_steps 2\n")  # one flag a line: the rest is a value
     code, out, err = run_in_process("@two_on_a_line.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.strip() == ("error: unrecognized arguments: --max_steps 2 (in recipe two_on_a_line.args); "
