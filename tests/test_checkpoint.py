@@ -1134,6 +1134,24 @@ def test_a_file_that_cannot_grow_is_one_line_and_the_checkpoint_stays(tmp_path, 
     assert load_checkpoint(str(ckpt))["steps_done"] == 6
 
 
+def test_a_full_disk_when_a_resume_first_writes_its_log_says_to_resume_again(tmp_path, text_file, four_steps,
+                                                                              monkeypatch, capsys):
+    """The resume writes its log again before its first step (the records before its checkpoint): a full disk
+    there is the same one line as later in the run, with what to do, and the log as it was."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    before = digest(tmp_path / "run" / "log.jsonl")
+
+    def disk_full(path, write):
+        raise machinery.files.DiskFull(f"disk full: writing {path} failed (No space left on device)")
+
+    monkeypatch.setattr(machinery.run_log, "write_atomically", disk_full)
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "6", "--out_dir", "run", "--resume",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: disk full: writing run/log.jsonl failed (No space left on device); the last "
+                                 "checkpoint is intact: free some space and continue with --resume\n")
+    assert digest(tmp_path / "run" / "log.jsonl") == before
+
+
 def test_a_resume_skips_damaged_log_lines_as_it_skips_a_half_written_one(tmp_path, text_file, four_steps, monkeypatch,
                                                                          capsys):
     """four_steps' log (steps 0-3, and step 4's final evaluation) with damaged lines among its records:
