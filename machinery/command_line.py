@@ -86,13 +86,13 @@ class ArgumentParser(argparse.ArgumentParser):
                 self.error(f"cannot read recipe {path!r}: {e.strerror or e}")
             except UnicodeDecodeError:
                 self.error(f"recipe {path!r} is not UTF-8 text")
-            if not any(map(self.convert_arg_line_to_args, lines)):  # (empty, or cut short: not the recipe meant)
+            flag_lines = [words for words in map(self.convert_arg_line_to_args, lines) if words]  # (no comments)
+            if not flag_lines:  # (empty, or cut short: not the recipe meant)
                 self.error(f"recipe {path!r} holds no flags")
-            for line in filter(None, map(self.convert_arg_line_to_args, lines)):  # (a line's first word: its flag)
-                for word in (line[0], *line[1:2]):  # (and a value that looks like a flag: two flags on a line)
+            for words in flag_lines:  # a flag and its value, or @ another recipe
+                for word in words:  # (a line's flag, and a value that looks like one: two flags on a line)
                     self.recipes_of.setdefault(word.split()[0].split("=")[0], set()).add(path)
-            for words in map(self.convert_arg_line_to_args, lines):  # a flag and its value, or @ another recipe
-                expanded += self.expand_recipes(words, (*reading, path)) if words[:1] and words[0][0] == "@" else words
+                expanded += self.expand_recipes(words, (*reading, path)) if words[0][0] == "@" else words
         return expanded
 
     def takes_a_value(self, word):

@@ -116,10 +116,11 @@ def describe_plan(cfg, model):
     if int(os.environ.get("RANK", 0)) == 0 and free < need:  # (the write replaces the last one only when whole)
         raise ValueError(f"--out_dir {cfg.out_dir!r} has {in_units(free)} free, less than the run's checkpoint "
                          f"needs (about {in_units(need)}): free some space, or choose another --out_dir")
-    export_need = WEIGHT_BYTES * sum(p.numel() for p in model.parameters())  # (float32 weights)
-    if cfg.export_dir and int(os.environ.get("RANK", 0)) == 0 and free_bytes(cfg.export_dir) < export_need:
-        raise ValueError(f"--export_dir {cfg.export_dir!r} has {in_units(free_bytes(cfg.export_dir))} free, less than "
-                         f"the export needs (about {in_units(export_need)}): free some space, or choose another folder")
+    if cfg.export_dir and int(os.environ.get("RANK", 0)) == 0:
+        export_need, free = WEIGHT_BYTES * sum(p.numel() for p in model.parameters()), free_bytes(cfg.export_dir)
+        if free < export_need:  # (float32 weights)
+            raise ValueError(f"--export_dir {cfg.export_dir!r} has {in_units(free)} free, less than the export needs "
+                             f"(about {in_units(export_need)}): free some space, or choose another folder")
     when = f"every {cfg.checkpoint_interval} steps and at the end" if cfg.checkpoint_interval else "at the end"
     export = ""
     if cfg.export_dir:  # (a model already there is replaced, file by file, only once the new one is made)
