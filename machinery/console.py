@@ -11,6 +11,7 @@ import numpy as np
 
 from machinery.files import free_bytes, in_units, say_once
 from machinery.memory import ADAM_BYTES, WEIGHT_BYTES
+from machinery.tokens import read_manifest
 
 
 def print0(*args, **kwargs):
@@ -138,7 +139,10 @@ def describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, g
     if not cfg.data_dir:
         return f"data {cfg.input_file} | {train_loader.n_tokens:,} train tokens | {batch}"
     n_val = len(val_loader.shards) if val_loader else 0
-    return (f"data {cfg.data_dir} | {len(train_loader.shards)} train shards, {train_loader.n_tokens:,} tokens | "
+    listed = sum(shard["split"] == "train" for shard in read_manifest(cfg.data_dir)["shards"])
+    passed_over = listed - len(train_loader.shards)  # (the loader reads none shorter than one batch)
+    short = f" ({passed_over} shorter than a batch, passed over)" if passed_over else ""
+    return (f"data {cfg.data_dir} | {len(train_loader.shards)} train shards{short}, {train_loader.n_tokens:,} tokens | "
             f"{n_val} val shards, {val_loader.n_tokens if val_loader else 0:,} tokens | "
             f"shuffle {'on' if train_loader.shuffle else 'off'} | {batch}")
 

@@ -278,6 +278,19 @@ def test_a_resume_with_another_batch_finds_its_shard_by_name(tmp_path):
         restore_data_position(big, {"epoch": 0, "shard": 0, "position": 0, "file": "train_000009.npy"})
 
 
+def test_the_data_line_names_the_shards_too_short_for_a_batch(tmp_path):
+    """A shard shorter than one batch serves none (the loader passes it over): the data line counts the shards
+    read, and says how many were passed over (the split's tokens are all of them, as the checkpoint keeps)."""
+    data = write_shards(tmp_path / "d", [700, 700, 50])  # (50 tokens: no window of B=4, T=16)
+    loader = DataLoaderLite(4, 16, data_dir=str(data), split="train")
+    cfg = train_gpt2.TrainConfig(data_dir=str(data), B=4, T=16)
+    line = machinery.console.describe_data(cfg, loader, None, 64, 1, 1)
+    assert line.startswith(f"data {data} | 2 train shards (1 shorter than a batch, passed over), 1,450 tokens | ")
+    line = machinery.console.describe_data(cfg, DataLoaderLite(1, 16, data_dir=str(data), split="train"), None, 16,
+                                           1, 1)
+    assert line.startswith(f"data {data} | 3 train shards, 1,450 tokens | ")
+
+
 def damage(data, how):
     manifest = json.loads((data / "manifest.json").read_text())
     shard = data / manifest["shards"][0 if how == "val ids" else 1]["file"]  # (the val shard, or train's first)
