@@ -62,8 +62,7 @@ def refuse_fine_tuning_over_its_source(cfg):
     """A run that starts from the very checkpoint it would write (out_dir/ckpt.pt: with the defaults,
     --init_from out/ckpt.pt and no --out_dir) would replace the weights it was given: one line instead."""
     own = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.max_steps and not cfg.eval_only and os.path.isfile(own) and os.path.isfile(cfg.init_from) and \
-            os.path.samefile(cfg.init_from, own):
+    if cfg.max_steps and not cfg.eval_only and os.path.isfile(own) and same_setting(cfg.init_from, own):
         raise SettingError(f"--init_from {cfg.init_from} is the checkpoint this run would write over in --out_dir "
                            f"{cfg.out_dir!r}: give this run another --out_dir (or continue that run with --resume)")
 

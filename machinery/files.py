@@ -152,6 +152,15 @@ def nearest_existing(path):
     return path
 
 
+def first_missing_folder(path):
+    """The outermost folder of `path` that does not exist yet (what os.makedirs would make first; the one
+    below nearest_existing's), or None."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
 def free_bytes(path):
     """The free space where `path` is (or would be made)."""
     return shutil.disk_usage(nearest_existing(path)).free

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from machinery.files import SettingError, first_line
+from machinery.files import SettingError, first_line, first_missing_folder
 from machinery.hub import hub_or_cache
 from machinery.tokens import GPT2_VOCAB_SIZE
 
@@ -321,10 +321,3 @@ def export_to_transformers(config, state_dict, directory, conv1d_weights):
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
 
-
-def first_missing_folder(path):
-    """The outermost folder of `path` that does not exist yet (what os.makedirs would make first), or None."""
-    path, missing = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, missing = os.path.dirname(path), path
-    return missing
