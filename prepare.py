@@ -313,6 +313,7 @@ def needed_bytes(files, manifest):
 
 def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=True):
     """Tokenize `source` into shards in out_dir; returns the manifest. Continues an interrupted run."""
+    source, out_dir = os.fspath(source), os.fspath(out_dir)  # (a str or a pathlib.Path)
     hub = source == "fineweb-edu"
     files = stand_in_files() if hub else local_files(source)  # None: FineWeb-Edu's files, listed on the hub below
     source_name = f"{FINEWEB_EDU[0]}:{FINEWEB_EDU[1]}" if hub else os.path.abspath(source)

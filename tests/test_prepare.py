@@ -91,8 +91,8 @@ def test_shard_sizes_splits_and_hashes(tmp_path, corpus_folder):
 def test_a_corpus_within_one_shard_still_gets_both_splits(tmp_path):
     docs = make_documents(20, seed=2)
     (tmp_path / "small.txt").write_text(docs[0])
-    manifest = prepare.prepare(str(tmp_path / "small.txt"), str(tmp_path / "out"), shard_size=10**6,
-                               show_progress=False)
+    # (paths as pathlib gives them, as well as strings)
+    manifest = prepare.prepare(tmp_path / "small.txt", tmp_path / "out", shard_size=10**6, show_progress=False)
     (train, val) = manifest["shards"]
     assert (train["split"], val["split"]) == ("train", "val")  # in stream order: val is the end
     n = train["tokens"] + val["tokens"]
