@@ -121,9 +121,10 @@ def load_items(data="auto", flag="--data"):
 
 
 def load_items_across_ranks(source):
-    """load_items for a training run: under torchrun, rank 0 fetches the split while the others wait."""
+    """load_items for a training run: under torchrun, the first process of each machine (LOCAL_RANK 0) fetches
+    the split where that machine's cache lacks it, while the others wait."""
     if source == "auto" and dist.is_initialized():
-        if dist.get_rank() == 0 and not os.path.isfile(cache_path()):
+        if os.environ.get("LOCAL_RANK", "0") == "0" and not os.path.isfile(cache_path()):
             load_items("auto", "--hellaswag")
         dist.barrier()
     items = load_items(source, "--hellaswag")

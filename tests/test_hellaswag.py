@@ -94,6 +94,21 @@ def test_cli_prints_both_accuracies_with_counts_and_honours_limit(tmp_path, item
     assert "(3 items)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("rank, local_rank, fetches", [(0, 0, True), (1, 1, False), (8, 0, True), (9, 1, False)])
+def test_the_first_process_of_each_machine_fetches_the_split(tmp_path, monkeypatch, rank, local_rank, fetches):
+    """--hellaswag auto under torchrun over two machines of 8 GPUs (ranks 8-15 on the second, LOCAL_RANK 0-7
+    there): the first process of each machine fetches the split into its own cache, the others wait for it."""
+    fetched = []
+    monkeypatch.setattr(hellaswag_eval, "cache_path", lambda: str(tmp_path / "not-yet-cached.jsonl"))
+    monkeypatch.setattr(hellaswag_eval, "load_items", lambda source, flag: fetched.append(source) or ["item"])
+    monkeypatch.setattr(hellaswag_eval.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(hellaswag_eval.dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(hellaswag_eval.dist, "barrier", lambda: fetched.append("barrier"))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert hellaswag_eval.load_items_across_ranks("auto") == ["item"]
+    assert fetched == (["auto", "barrier", "auto"] if fetches else ["barrier", "auto"])  # (then read from the cache)
+
+
 def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_file, capfd):
     assert main([*TINY, "--input_file", str(text_file), "--B", "2", "--T", "16", "--max_steps", "2",
                  "--num_samples", "0", "--out_dir", str(tmp_path / "run")]) == 0
@@ -102,11 +117,13 @@ def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_fil
     assert f"({len(CONTEXTS)} items) | {tmp_path / 'run'}" in r.stdout
     # the checkpoint named as train_gpt2.py's --init_from takes it: the same model, the same accuracies
     capfd.readouterr()  # (what the run printed)
-    assert hellaswag.main(["--init_from", str(tmp_path / "run" / "ckpt.pt"), "--data", str(items_file)]) == 0
+    assert hellaswag.main(["--init_from", str(tmp_path / "run" / "ckpt.pt"), "--data", str(items_file),
+                           "--device", "cpu"]) == 0
     out, _ = capfd.readouterr()
     assert out.split(" | ")[0] == r.stdout.split(" | ")[0] and out.endswith(f"| {tmp_path / 'run' / 'ckpt.pt'}\n")
     shutil.copy(tmp_path / "run" / "ckpt.pt", tmp_path / "model.ckpt")  # (a checkpoint by any other name)
-    assert hellaswag.main(["--init_from", str(tmp_path / "model.ckpt"), "--data", str(items_file)]) == 0
+    assert hellaswag.main(["--init_from", str(tmp_path / "model.ckpt"), "--data", str(items_file),
+                           "--device", "cpu"]) == 0
     assert capfd.readouterr().out.split(" | ")[0] == r.stdout.split(" | ")[0]
     # the run's folder named where a save_pretrained one goes: one line naming the checkpoint to pass,
     # from either script
