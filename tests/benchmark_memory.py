@@ -176,8 +176,10 @@ def main():
     parser.add_argument("--vocab_size", type=int, default=50257)
     parser.add_argument("--B", type=int, default=1)
     parser.add_argument("--T", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="steps a run trains: 2 or more (the first warms up)")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps {args.steps}: the median step time leaves out the first step, so at least 2")
     if args.table:
         table()
     elif args.fit:
