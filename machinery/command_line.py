@@ -45,6 +45,15 @@ class NoneOr:
         return None if text.strip().lower() == "none" else self.kind(text)
 
 
+def truth_value(text):
+    """argparse's type for a boolean setting given a value (--compile true, --sdpa=no): true/false, yes/no, on/off,
+    1/0, in any case."""
+    meaning = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if text.strip().lower() not in meaning:
+        raise argparse.ArgumentTypeError(f"invalid true/false value: {text!r}")
+    return meaning[text.strip().lower()]
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors, and recipes: `@configs/NAME.args` stands for the flags in that file,
     one per line (`--lr 6e-4`, `--prompt Once upon a time`, `--compile`); lines starting with # are
@@ -128,9 +137,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def settings_parser(config_class, description, defaults=True):
-    """A parser with a flag for every field of the dataclass: --name value or --name=value; booleans are
-    --name / --no-name; a setting with a `bare` value (once a boolean) takes --name alone for it, and
-    --no-name for its default. Without defaults, a parse returns only the flags that were given."""
+    """A parser with a flag for every field of the dataclass: --name value or --name=value; booleans also
+    --name alone (true) and --no-name (false); a setting with a `bare` value (once a boolean) takes --name
+    alone for it, and --no-name for its default. Without defaults, a parse returns only the flags given."""
     parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                             argument_default=None if defaults else argparse.SUPPRESS)
     for f in fields(config_class):
@@ -138,8 +147,12 @@ def settings_parser(config_class, description, defaults=True):
         convert = NoneOr(kind) if type(None) in get_args(f.type) else kind
         default = f.default if defaults else argparse.SUPPRESS
         help = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+        if kind is bool:  # --name, --name true (or false), --name=false; and --no-name
+            more = f"; --no-{f.name}: false" if f.default and f"--no-{f.name}" not in help else ""
+            parser.add_argument(f"--{f.name}", nargs="?", const=True, type=truth_value, default=default,
+                                help=help + more, metavar="true|false")
+            parser.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", default=default,
+                                help=argparse.SUPPRESS)
         elif "bare" in f.metadata:  # --activation_checkpointing alone: full; --no-activation_checkpointing: none
             parser.add_argument(f"--{f.name}", nargs="?", const=f.metadata["bare"], default=default, help=help,
                                 choices=f.metadata.get("choices"))

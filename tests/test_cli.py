@@ -54,6 +54,21 @@ def test_flags_accept_both_spellings_and_help_lists_defaults(tmp_path, text_file
     assert "(default: 50)" in h.stdout and "(default: 0.0003)" in h.stdout
 
 
+@pytest.mark.parametrize("args,sdpa,compile", [
+    ([], True, False), (["--no-sdpa", "--compile"], False, True),
+    (["--sdpa", "false", "--compile", "true"], False, True),
+    (["--sdpa=No", "--compile=1"], False, True), (["--sdpa", "--compile=off"], True, False),
+    (["--sdpa", "off", "--sdpa"], True, False),  # (the last one given wins)
+])
+def test_a_boolean_is_set_like_any_setting_or_by_its_name_alone(args, sdpa, compile):
+    """--name value and --name=value, as every setting (true/false, yes/no, on/off, 1/0); and --name, --no-name."""
+    from machinery.command_line import parse_args
+    from train_gpt2 import TrainConfig
+    cfg, given = parse_args(TrainConfig, args)
+    assert (cfg.sdpa, cfg.compile) == (sdpa, compile)
+    assert given == {arg.split("=")[0].replace("--no-", "--")[2:] for arg in args if arg.startswith("--")}
+
+
 BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--input_file", "missing.txt"], "not found"),
     (["--data_dir", "short.txt"], "--data_dir 'short.txt' is a file: a text file is read with --input_file"),
@@ -67,6 +82,7 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--dtype", "float8"], "invalid choice"),
     (["--max_steps", "many"], "invalid int value"),
+    (["--sdpa", "maybe"], "argument --sdpa: invalid true/false value: 'maybe'"),
     (["--learning_rate", "1"], "unrecognized arguments: --learning_rate"),
     (["--B", "0"], "--B must be positive"),
     (["--n_embd", "30", "--n_head", "4"], "multiple of --n_head"),
