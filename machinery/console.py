@@ -138,13 +138,19 @@ def describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, g
              f"x {grad_accum_steps} accumulation steps")
     if not cfg.data_dir:
         return f"data {cfg.input_file} | {train_loader.n_tokens:,} train tokens | {batch}"
-    n_val = len(val_loader.shards) if val_loader else 0
-    listed = sum(shard["split"] == "train" for shard in read_manifest(cfg.data_dir)["shards"])
-    passed_over = listed - len(train_loader.shards)  # (the loader reads none shorter than one batch)
-    short = f" ({passed_over} shorter than a batch, passed over)" if passed_over else ""
-    return (f"data {cfg.data_dir} | {len(train_loader.shards)} train shards{short}, {train_loader.n_tokens:,} tokens | "
-            f"{n_val} val shards, {val_loader.n_tokens if val_loader else 0:,} tokens | "
-            f"shuffle {'on' if train_loader.shuffle else 'off'} | {batch}")
+    listed = read_manifest(cfg.data_dir)["shards"]
+    shuffle = "on" if train_loader.shuffle else "off"
+    return (f"data {cfg.data_dir} | {describe_split('train', train_loader, listed)} | "
+            f"{describe_split('val', val_loader, listed)} | shuffle {shuffle} | {batch}")
+
+
+def describe_split(split, loader, listed):
+    """"3 train shards (1 shorter than a batch, passed over), 1,450 tokens": the shards the loader reads (None:
+    no validation, none), and the split's tokens, all its shards' (listed: the manifest's shards)."""
+    shards = [shard for shard in listed if shard["split"] == split]
+    read = len(loader.shards) if loader else 0  # (the loader reads none shorter than one batch)
+    short = f" ({len(shards) - read} shorter than a batch, passed over)" if len(shards) > read else ""
+    return f"{read} {split} shards{short}, {sum(shard['tokens'] for shard in shards):,} tokens"
 
 
 def describe_evaluation(step, results):

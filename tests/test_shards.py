@@ -4,6 +4,7 @@ promises (exact resume, torchrun equals one process)."""
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -280,7 +281,8 @@ def test_a_resume_with_another_batch_finds_its_shard_by_name(tmp_path):
 
 def test_the_data_line_names_the_shards_too_short_for_a_batch(tmp_path):
     """A shard shorter than one batch serves none (the loader passes it over): the data line counts the shards
-    read, and says how many were passed over (the split's tokens are all of them, as the checkpoint keeps)."""
+    read, and says how many were passed over (the split's tokens are all of them, as the checkpoint keeps), in
+    either split (a val shard too short leaves the run without validation)."""
     data = write_shards(tmp_path / "d", [700, 700, 50])  # (50 tokens: no window of B=4, T=16)
     loader = DataLoaderLite(4, 16, data_dir=str(data), split="train")
     cfg = train_gpt2.TrainConfig(data_dir=str(data), B=4, T=16)
@@ -289,6 +291,9 @@ def test_the_data_line_names_the_shards_too_short_for_a_batch(tmp_path):
     line = machinery.console.describe_data(cfg, DataLoaderLite(1, 16, data_dir=str(data), split="train"), None, 16,
                                            1, 1)
     assert line.startswith(f"data {data} | 3 train shards, 1,450 tokens | ")
+    data = write_shards(tmp_path / "v", [700, 700, 50], splits=["train", "train", "val"])  # (too short: no validation)
+    line = machinery.console.describe_data(replace(cfg, data_dir=str(data)), loader, None, 64, 1, 1)
+    assert " | 0 val shards (1 shorter than a batch, passed over), 50 tokens | " in line
 
 
 def damage(data, how):
