@@ -182,12 +182,12 @@ class GPT(nn.Module):
                 x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None and self.loss_in_chunks:  # CPUs: the loss below, by rows: never all (B*T, V) logits
-            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))  # x: (B*T, C)
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))  # (B*T, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             # mean negative log-likelihood of the next token, over all B*T positions
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))  # (B*T, V), (B*T,)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))  # (B*T, V), (B*T,)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type):

@@ -238,6 +238,20 @@ def test_the_model_computes_the_same_loss_and_gradients_without_its_logits():
         assert (q.grad - p.grad).abs().max() <= 1e-5 * p.grad.abs().max(), name
 
 
+@pytest.mark.parametrize("loss_in_chunks", [False, True])
+def test_inputs_and_targets_may_be_two_slices_of_one_batch(loss_in_chunks):
+    """model(tokens[:, :-1], tokens[:, 1:]): the targets a slice, not contiguous in memory; the loss is the one
+    of contiguous copies (on both loss paths)."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    model.loss_in_chunks = loss_in_chunks
+    tokens = torch.randint(0, 1000, (3, 10))
+    assert not tokens[:, 1:].is_contiguous()
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    _, copied = model(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    assert loss.item() == copied.item()
+
+
 def test_model_loss_equals_f_cross_entropy_on_its_logits():
     model = GPT(TINY)
     idx, targets = torch.randint(0, 1000, (2, 9)), torch.randint(0, 1000, (2, 9))
