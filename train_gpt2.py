@@ -38,10 +38,10 @@ from torch.utils.checkpoint import checkpoint
 from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, restore_training_state,
                                    save_checkpoint, starting_checkpoint)
 from machinery.command_line import SettingError, check_block_size, check_config, flag, parse_args
-from machinery.console import (describe_data, describe_evaluation, describe_model, describe_optimizer,
-                               describe_plan, print0, say_error, step_line)
-from machinery.hardware import (DTYPES, attention_kernels, check_one_process_per_gpu, compile_model,
-                                cpu_allocator_for, resolve_dtype, select_device, synchronize, torchrun_ranks)
+from machinery.console import (describe_data, describe_evaluation, describe_model, describe_plan, print0,
+                               say_error, step_line)
+from machinery.hardware import (DTYPES, attention_kernels, compile_model, cpu_allocator_for, resolve_dtype,
+                                select_device, synchronize, torchrun_ranks)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
 from machinery.loss import linear_cross_entropy
 from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_memory
@@ -53,7 +53,8 @@ from machinery.sharding import (buffers_not_resent, builds_the_model, check_fsdp
                                 full_optimizer_state, set_gradient_sync, shard_model)
 from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import (StopRequested, TrainingDiverged, another_process_stopped, check_finite,
-                                sigterm_stops_at_once, stop_requested_anywhere, stopped_at_once, stopped_before_saving)
+                                sigterm_stops_at_once, stop_requested_anywhere, stopped_after_saving, stopped_at_once,
+                                stopped_before_saving)
 from machinery.tokens import (GPT2_VOCAB_SIZE, check_data, get_tokenizer,  # noqa: F401 (get_tokenizer: as plot_log)
                               open_shard, shard_files, text_file_split)
 
@@ -148,8 +149,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.activation_checkpointing = "none"  # set by train() for each run: not kept with the weights
-        self.loss_in_chunks = False  # set by train() on CPUs: forward gives the loss without the logits, (None, loss)
+        self.activation_checkpointing = "none"  # set by make_model for each run: not kept with the weights
+        self.loss_in_chunks = False  # set by make_model on CPUs: forward gives (None, the loss without the logits)
         # Weight tying: reading a token and predicting it use one matrix (one Parameter, counted once)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -198,10 +199,11 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # fused: all tensors in one pass, faster than a loop on CUDA and CPUs (MPS: the loop; fused is untested there)
-        fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,  # (GPT-3's betas and eps)
-                                 **(dict(fused=True) if fused else {}))
+        for name, group in zip(("decayed", "not decayed"), groups):  # (print0: under torchrun, rank 0 speaks)
+            n_params = sum(p.numel() for p in group["params"])
+            print0(f"optimizer {name}: {len(group['params'])} tensors, {n_params:,} parameters")
+        fused = device_type in ("cuda", "cpu")  # all tensors in one pass: faster than a loop (MPS: the loop, untested)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)  # (GPT-3's betas)
 
     def flops_per_token(self, T):
         """Training FLOPs per token at sequence length T (forward 2 and backward 4 per weight of a matmul):
@@ -214,14 +216,10 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, vocab_size=None, sdpa=True):
         """GPT-2 weights from the Hugging Face hub by name (gpt2 ... gpt2-xl) or from a directory written
         by save_pretrained (the offline path). vocab_size pads the token table (e.g. to 50304)."""
-        if name_or_path not in PRETRAINED and not os.path.isdir(name_or_path):
-            raise SettingError(f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
-                               "or a directory written by save_pretrained")
-        hf_model = load_transformers_gpt2(name_or_path, PRETRAINED)  # quiet, and one-line errors
+        hf_model = load_transformers_gpt2(name_or_path, PRETRAINED)  # quiet, and one-line errors (an unknown name)
         hf = hf_model.config
-        config = GPTConfig(block_size=hf.n_positions, vocab_size=max(hf.vocab_size, vocab_size or 0),
-                           n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, sdpa=sdpa)
-        model = cls(config)
+        model = cls(GPTConfig(block_size=hf.n_positions, vocab_size=max(hf.vocab_size, vocab_size or 0),
+                              n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, sdpa=sdpa))
         sd, sd_hf = model.state_dict(), hf_model.state_dict()
         keys = shared_weight_names(sd, sd_hf, name_or_path)  # all but the tied lm_head and transformers 4.x's masks
         with torch.no_grad():
@@ -266,11 +264,10 @@ class GPT(nn.Module):
 
 class DataLoaderLite:
     """Serves (x, y) batches of shape (B, T); y is x shifted by one token. The tokens: a text file (input_file)
-    tokenized in memory, all of it (split None), its first 90% ("train") or last 10% ("val"); or a folder of
-    prepare.py's shards (data_dir), read a window at a time so memory stays flat, training's in a new seeded
-    order each epoch (unless shuffle is False), validation's in manifest order. Each step reads the next
-    window of B*T*num_processes tokens (+1, the last target), process r its r-th B*T of them; a shard too
-    short for the next window gives way to the next shard."""
+    tokenized in memory, all of it (split None), its first 90% ("train") or last 10% ("val"); or prepare.py's
+    shards (data_dir), read a window at a time, training's in a new seeded order each epoch (unless shuffle is
+    False). Each step reads the next window of B*T*num_processes tokens (+1, the last target), process r its
+    r-th B*T of them; a shard too short for the next window gives way to the next."""
 
     def __init__(self, B, T, input_file="input.txt", split=None, process_rank=0, num_processes=1,
                  val_fraction=0.1, data_dir=None, shuffle=True, seed=1337):
@@ -410,7 +407,7 @@ class TrainConfig:
     seed: int = flag(1337, "random seed")
     # evaluation, logging, checkpoints
     eval_interval: int = flag(250, "steps between evaluations (also at step 0 and of the trained model)")
-    eval_iters: int = flag(20, "validation batches per evaluation")
+    eval_iters: int = flag(20, "validation steps per evaluation, each of total_batch_size tokens")
     eval_only: bool = flag(False, "evaluate once as the end of a run would (--init_from or --resume), then exit")
     hellaswag: str = flag("", "HellaSwag at every evaluation: a local jsonl file, or auto (downloaded once, cached)")
     sample_interval: int = flag(0, "steps between printed samples (0: only at the end)")
@@ -438,9 +435,8 @@ def join_process_group(device, device_type):
     """(distributed, rank, world_size, device): torchrun's processes (one per GPU) join one group of them."""
     if "RANK" not in os.environ:  # a plain `python train_gpt2.py`: rank 0 of 1
         return False, 0, 1, device
-    rank, local_rank, world_size = torchrun_ranks()  # from RANK, LOCAL_RANK and WORLD_SIZE
+    rank, local_rank, world_size = torchrun_ranks(device_type)  # from RANK, LOCAL_RANK and WORLD_SIZE
     if device_type == "cuda":
-        check_one_process_per_gpu(world_size)
         device = f"cuda:{local_rank}"  # one GPU per process: the local rank numbers them on each machine
         torch.cuda.set_device(device)
     # NCCL carries GPU tensors; gloo the CPU ones (a CPU run's, and --cpu_offload's state and checkpoints on a GPU run)
@@ -458,7 +454,7 @@ def batch_arithmetic(cfg, world_size):
     return total_batch_size, total_batch_size // tokens_per_micro_step
 
 
-def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped):
+def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device):
     """The model to train: a checkpoint's (cfg already has its shape), a fresh one, or OpenAI's weights.
     Sharded, only rank 0 makes it; the others get its shape now and their shards of it in shard_model."""
     if not builds_the_model(fsdp_wrapped):  # FSDP's other processes: rank 0's shape, on the meta device
@@ -475,6 +471,8 @@ def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped):
     if fsdp_wrapped and builds_the_model(fsdp_wrapped):
         from_rank0(model.config)  # rank 0 sends its shape to the others' from_rank0(None)
     check_block_size(cfg, model.config.block_size)
+    model.activation_checkpointing = cfg.activation_checkpointing  # (how this run trains it: not kept with it)
+    model.loss_in_chunks = torch.device(device).type == "cpu"  # where RAM runs out first (docs/performance.md)
     return model
 
 
@@ -492,7 +490,7 @@ def make_loader(cfg, split, rank, world_size):
 
 
 # -----------------------------------------------------------------------------
-# The run: one optimizer step's gradients, evaluation, and what a checkpoint holds
+# The run: one optimizer step's gradients, evaluation, what a checkpoint holds, then train() and main()
 
 
 def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scaler, device):
@@ -517,17 +515,17 @@ def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scale
 
 
 @torch.no_grad()
-def estimate_val_loss(model, loader, eval_iters, device, autocast):
-    """Mean loss over eval_iters batches from the start of `loader` (the same every time), over all ranks."""
+def estimate_val_loss(model, loader, n_batches, device, autocast):
+    """Mean loss over n_batches batches from the start of `loader` (the same every time), over all ranks."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=device)
-    for _ in range(eval_iters):
+    for _ in range(n_batches):
         x, y = loader.next_batch()
         with autocast:
             total += model(x.to(device), y.to(device))[1].float()
     model.train()
-    val_loss = total / eval_iters
+    val_loss = total / n_batches
     if dist.is_initialized():
         dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)  # each rank read its own part of the batches
     return val_loss.item()
@@ -536,14 +534,23 @@ def estimate_val_loss(model, loader, eval_iters, device, autocast):
 def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     """The validation loss (and HellaSwag with --hellaswag) over all ranks: printed, and returned for the log."""
     results = {}
-    if val_loader is not None:
-        results["val_loss"] = estimate_val_loss(model, val_loader, cfg.eval_iters, device, autocast)
+    if val_loader is not None:  # eval_iters steps' tokens: the same ones on any number of processes, any B
+        n_batches = cfg.eval_iters * cfg.total_batch_size // (cfg.B * cfg.T * val_loader.num_processes)
+        results["val_loss"] = estimate_val_loss(model, val_loader, n_batches, device, autocast)
     if hellaswag_items is not None:
         # (--eval_only, one process: a killed HellaSwag pass continues where it stopped when run again)
         results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast, resumable=cfg.eval_only))
     if results:  # (a run without validation data or HellaSwag has nothing to say)
         print0(describe_evaluation(step, results))
     return results
+
+
+def evaluate_only(model, hellaswag_items, step, cfg, rank, world_size, device, autocast):
+    """--eval_only: the evaluation that ends a run, once; nothing trained, nothing written."""
+    val_loader = make_loader(cfg, "val", rank, world_size)  # (the data may have no training split)
+    if not evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
+        raise SettingError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
+    return 0
 
 
 def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master):
@@ -566,8 +573,13 @@ def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sa
         save_checkpoint(state, os.path.join(cfg.out_dir, "ckpt.pt"))  # atomically: the last one stays intact
 
 
-# -----------------------------------------------------------------------------
-# The run: train() and main()
+def save_and_stop(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master, log):
+    """A stop signal mid-run: save the steps done, to continue with --resume. Returns the exit code, 130."""
+    if log.keeps_other_checkpoint:  # a fresh run, not saved yet: another run's checkpoint stays
+        return stopped_before_saving(steps_done, cfg.out_dir)
+    write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master)
+    log.checkpointed()
+    return stopped_after_saving(steps_done, cfg.out_dir)  # (then train's `with` closes the log, restores handlers)
 
 
 def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
@@ -580,9 +592,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
     cfg = replace(cfg, total_batch_size=total_batch_size)  # kept in the checkpoint: a resume keeps it
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
-    raw_model = make_model(cfg, ckpt, ckpt_path, fsdp_wrapped)
-    raw_model.activation_checkpointing = cfg.activation_checkpointing
-    raw_model.loss_in_chunks = device_type == "cpu"  # where RAM runs out first (docs/performance.md)
+    raw_model = make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device)
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step, ckpt))
     print0(plan_memory(raw_model, cfg, world_size, device, dtype, start_step))  # (a CPU: raises if RAM can't hold it)
@@ -592,17 +602,13 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
         raw_model.to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
     hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
-    if cfg.eval_only:  # the evaluation that ends a run, once: nothing trained, nothing written
-        val_loader = make_loader(cfg, "val", rank, world_size)  # (the data may have no training split)
-        if not evaluate(raw_model, val_loader, hellaswag_items, start_step, cfg, device, autocast):
-            raise SettingError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
-        return 0
+    if cfg.eval_only:
+        return evaluate_only(raw_model, hellaswag_items, start_step, cfg, rank, world_size, device, autocast)
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
         return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
     train_loader, val_loader = make_loader(cfg, "train", rank, world_size), make_loader(cfg, "val", rank, world_size)
     print0(describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps))
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)  # (after sharding: its shards)
-    print0(describe_optimizer(optimizer, cfg))
     print0(describe_plan(cfg, raw_model))  # what the run will write, and how big
     if cfg.resume:  # the optimizer's moments, the loss scale, the data's position and the random streams, as they were
         restore_training_state(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, sample_generator)
@@ -645,21 +651,17 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             stop_now = stop_requested_anywhere(stop.requested, device)  # every process stops after the same step
             synchronize(device_type)  # the GPU runs ahead of Python: all its work is done before the clock
             dt = time.perf_counter() - t0
-            loss = loss.item()
-            check_finite(loss, step, cfg.out_dir)
-            record.update(loss=loss, lr=lr, norm=norm.item(), ms=dt * 1000, tok_per_s=total_batch_size / dt,
+            loss, norm = loss.item(), norm.item()
+            check_finite(loss, norm, scaler.is_enabled(), step, cfg.out_dir)  # (inf or nan: stop before saving it)
+            record.update(loss=loss, lr=lr, norm=norm, ms=dt * 1000, tok_per_s=total_batch_size / dt,
                           tokens=(step + 1) * total_batch_size,
                           **hardware_use(flops_per_token, total_batch_size / world_size, dt, peak_tflops))
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
             log.write(record, picture="val_loss" in record or stop_now)  # progress.png: each val loss, and a stop
             if stop_now and step + 1 < cfg.max_steps:  # (a stop in the last step: done saves, finish_run stops)
-                if log.keeps_other_checkpoint:  # a fresh run, not saved yet: another run's checkpoint stays
-                    return stopped_before_saving(step + 1, cfg.out_dir)
-                write_checkpoint(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator, master)
-                log.checkpointed()
-                print0(f"interrupted: saved step {step + 1} to {cfg.out_dir}/ckpt.pt; continue with --resume")
-                return 130  # (leaving the `with`: the log closed, the signal handlers restored)
+                return save_and_stop(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator,
+                                     master, log)
     return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=True, stopped=stop.requested)
 
 
@@ -679,12 +681,10 @@ def main(argv=None):
         if distributed:
             dist.barrier()  # no rank leaves while rank 0 still samples or saves (that can abort the group)
         return code
-    except (ValueError, OSError, TrainingDiverged) as e:
-        say_error(e)  # (a bad setting under torchrun: one line, not one from each process)
-        return 1
-    except torch.OutOfMemoryError as e:  # what ran out, and what to change
-        print(f"error: {describe_out_of_memory(e, cfg, device)}", file=sys.stderr, flush=True)
-        return 1
+    except (ValueError, OSError, TrainingDiverged) as e:  # exit code 1, and under torchrun one line, not one a process
+        return say_error(e)
+    except torch.OutOfMemoryError as e:  # what ran out, and what to change (processes of one shape run out alike)
+        return say_error(describe_out_of_memory(e, cfg, device), every_process=True)
     except RuntimeError as e:  # under torchrun, a collective whose peer stopped first: one line (others: raised)
         return another_process_stopped(e)
     except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM outside the loop, or a second in it: stop at once, without saving

@@ -20,14 +20,15 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def say_error(error):
-    """`error: ...` on stderr for an error that ends a run: once on each machine for one that every process
-    meets alike (its class says so with every_process: a SettingError, a diverged loss), with say_once;
-    from every process that meets it otherwise."""
-    if getattr(error, "every_process", False):
+def say_error(error, every_process=False):
+    """`error: ...` on stderr for an error that ends a run (an exception, or its description): once on each
+    machine for one that every process meets alike (every_process, or its class says so: a SettingError, a
+    diverged loss), with say_once; from every process that meets it otherwise. Returns the exit code, 1."""
+    if every_process or getattr(error, "every_process", False):
         say_once(f"error: {error}")
     else:
         print(f"error: {error}", file=sys.stderr, flush=True)
+    return 1
 
 
 def format_seconds(seconds):
@@ -111,8 +112,9 @@ def checkpoint_bytes(model):
 
 
 def describe_plan(cfg, model):
-    """Said before the first step: what the run will write, and how big the checkpoint will be. Where the
-    disk has less room than one checkpoint, the run stops here, not at its first save (rank 0 saves)."""
+    """Said before the first step: a warmup longer than the run, what the run will write, and how big the
+    checkpoint will be. Where the disk has less room than one checkpoint, the run stops here, not at its
+    first save (rank 0 saves)."""
     need, free = checkpoint_bytes(model), free_bytes(cfg.out_dir)
     if int(os.environ.get("RANK", 0)) == 0 and free < need:  # (the write replaces the last one only when whole)
         raise ValueError(f"--out_dir {cfg.out_dir!r} has {in_units(free)} free, less than the run's checkpoint "
@@ -127,7 +129,7 @@ def describe_plan(cfg, model):
     if cfg.export_dir:  # (a model already there is replaced, file by file, only once the new one is made)
         holds_a_model = os.path.exists(os.path.join(cfg.export_dir, "model.safetensors"))
         export = f"; exports to {cfg.export_dir} at the end{' (replacing the model there)' if holds_a_model else ''}"
-    return (f"writes {os.path.join(cfg.out_dir, 'ckpt.pt')} {when} (about {in_units(need)}: "
+    return warmup_note(cfg) + (f"writes {os.path.join(cfg.out_dir, 'ckpt.pt')} {when} (about {in_units(need)}: "
             f"weights and AdamW moments), {os.path.join(cfg.out_dir, 'log.jsonl')} and "
             f"{os.path.join(cfg.out_dir, 'progress.png')}{export}")
 
@@ -162,16 +164,15 @@ def describe_evaluation(step, results):
     return "\n".join(lines)
 
 
-def describe_optimizer(optimizer, cfg):
-    """AdamW's two groups; and a warmup longer than the run, whose learning rate never reaches --lr."""
-    lines = [f"optimizer {name}: {len(group['params'])} tensors, {sum(p.numel() for p in group['params']):,} "
-             "parameters" for name, group in zip(("decayed", "not decayed"), optimizer.param_groups)]
-    if cfg.warmup_steps >= cfg.max_steps:  # (a recipe's warmup in a shortened run, say)
-        more = cfg.warmup_steps > cfg.max_steps
-        lines.append(f"note: --warmup_steps {cfg.warmup_steps} is {'more than' if more else 'equal to'} --max_steps "
-                     f"{cfg.max_steps}: the learning rate rises for the whole run and "
-                     + (f"never reaches --lr {cfg.lr}" if more else f"reaches --lr {cfg.lr} in its last step only"))
-    return "\n".join(lines)
+def warmup_note(cfg):
+    """A line (with its newline) for a warmup as long as the run or longer, whose learning rate never reaches
+    --lr or reaches it in the last step only (a recipe's warmup in a shortened run, say); else nothing."""
+    if cfg.warmup_steps < cfg.max_steps:
+        return ""
+    more = cfg.warmup_steps > cfg.max_steps
+    return (f"note: --warmup_steps {cfg.warmup_steps} is {'more than' if more else 'equal to'} --max_steps "
+            f"{cfg.max_steps}: the learning rate rises for the whole run and "
+            + (f"never reaches --lr {cfg.lr}" if more else f"reaches --lr {cfg.lr} in its last step only") + "\n")
 
 
 def describe_outputs(out_dir, peak):

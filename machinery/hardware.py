@@ -72,9 +72,10 @@ def synchronize(device_type):
         getattr(torch, device_type).synchronize()  # torch.cuda.synchronize(), torch.mps.synchronize()
 
 
-def torchrun_ranks():
+def torchrun_ranks(device_type):
     """(RANK, LOCAL_RANK, WORLD_SIZE), as torchrun sets them in each process it starts: one line where
-    RANK is set but the others are not numbers beside it (RANK set by something else)."""
+    RANK is set but the others are not numbers beside it (RANK set by something else), and on CUDA where
+    torchrun started more processes than the node has GPUs."""
     try:
         rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     except (KeyError, ValueError):
@@ -83,6 +84,8 @@ def torchrun_ranks():
     if not 0 <= local_rank <= rank < world_size:  # (a process numbered past the group waits for it forever)
         raise ValueError(f"RANK {rank}, LOCAL_RANK {local_rank} and WORLD_SIZE {world_size} do not fit together "
                          "(0 <= LOCAL_RANK <= RANK < WORLD_SIZE): start the run with torchrun")
+    if device_type == "cuda":
+        check_one_process_per_gpu(world_size)
     return rank, local_rank, world_size
 
 

@@ -286,6 +286,7 @@ def describe_out_of_memory(error, cfg, device):
         f"(micro-batch {cfg.B} x {cfg.T} on {device_name(device)}" + (f", {size(total)})" if total else ")")
     total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))
     saved = os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
-    ways = ways_to_need_less(cfg, total_batch_size) + ["split the model's state with --fsdp under torchrun",
-                                                       "keep it in RAM with --cpu_offload"]
+    ways = ways_to_need_less(cfg, total_batch_size)
+    ways += [] if cfg.fsdp else ["split the model's state with --fsdp under torchrun"]  # (not what is already on)
+    ways += [] if cfg.cpu_offload else ["keep it in RAM with --cpu_offload"]
     return f"out of memory {where}: {one_of(ways)}" + ("; the last checkpoint is intact" if saved else "")

@@ -48,7 +48,10 @@ MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 def load_transformers_gpt2(name_or_path, known_names):
     """transformers' GPT2LMHeadModel from the hub (a name) or a save_pretrained directory, with the
-    hub's retries kept quiet and every failure said in one line."""
+    hub's retries kept quiet and every failure said in one line (a name not among known_names first)."""
+    if name_or_path not in known_names and not os.path.isdir(name_or_path):
+        raise SettingError(f"unknown model {name_or_path!r}: use one of {', '.join(known_names)} "
+                           "or a directory written by save_pretrained")
     if os.path.isdir(name_or_path):  # (what transformers would stumble on, or load without a word, said first)
         checked_config(name_or_path)
     try:

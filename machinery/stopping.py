@@ -132,10 +132,14 @@ def stop_requested_anywhere(requested, device):
     return flag.item() > 0
 
 
-def check_finite(loss, step, out_dir):
-    if not np.isfinite(loss):
-        raise TrainingDiverged(f"loss is {loss} at step {step}; stopping. "
-                               f"The checkpoint in {out_dir!r}, if any, is left untouched")
+def check_finite(loss, norm, scaled, step, out_dir):
+    """Stops the run (before it saves the state) at a loss that is inf or nan, or a gradient norm that is: AdamW
+    applied those gradients, so the weights are no longer finite either. Not under float16's loss scaling
+    (scaled): its GradScaler skips the update of a step whose gradients overflowed, and scales down."""
+    if np.isfinite(loss) and (np.isfinite(norm) or scaled):
+        return
+    what = f"loss is {loss}" if not np.isfinite(loss) else f"the gradient norm is {norm}"
+    raise TrainingDiverged(f"{what} at step {step}; stopping. The checkpoint in {out_dir!r}, if any, is left untouched")
 
 
 def stopped_before_saving(steps_done, out_dir):
@@ -143,6 +147,12 @@ def stopped_before_saving(steps_done, out_dir):
     nothing, so that run stays whole (checkpoint, log and picture) and can be resumed. Returns the exit code."""
     print0(f"interrupted after {steps_done} steps, without saving: {os.path.join(out_dir, 'ckpt.pt')} is still the "
            "other run's (this run's log: log.new.jsonl; run the same command again to start this run over)")
+    return 130
+
+
+def stopped_after_saving(steps_done, out_dir):
+    """A run stopped mid-way, its steps saved (train_gpt2.save_and_stop). Returns the exit code."""
+    print0(f"interrupted: saved step {steps_done} to {os.path.join(out_dir, 'ckpt.pt')}; continue with --resume")
     return 130
 
 

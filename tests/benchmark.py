@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import io
 import os
 import re
 import shutil
@@ -97,10 +98,16 @@ class Contestant:
         return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
+def scripts_adamw(model, device_type):
+    """The script's AdamW for `model`, without the lines on its groups that it prints (the tables are the output)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return model.configure_optimizers(0.1, 3e-4, device_type)
+
+
 def ours(device, device_type, dtype, compile, vocab_size):
     """train_gpt2 as the script runs it on this device: its optimizer, precision policy, clipping."""
     model = GPT(GPTConfig(vocab_size=vocab_size)).to(device)
-    optimizer = model.configure_optimizers(0.1, 3e-4, device_type)
+    optimizer = scripts_adamw(model, device_type)
     return Contestant("train_gpt2", model, optimizer, lambda m, x, y: m(x, y)[1], True,
                       device_type, dtype, compile, context=lambda: machinery.hardware.attention_kernels(device_type))
 
@@ -128,7 +135,7 @@ def lever_chunked_loss(device, device_type, dtype, compile, vocab_size):
     time (machinery/loss.py), never all the logits."""
     model = GPT(GPTConfig(vocab_size=vocab_size)).to(device)
     model.loss_in_chunks = True
-    optimizer = model.configure_optimizers(0.1, 3e-4, device_type)
+    optimizer = scripts_adamw(model, device_type)
     return Contestant("chunked loss", model, optimizer, lambda m, x, y: m(x, y)[1], True, device_type, dtype, compile)
 
 
@@ -442,7 +449,7 @@ CHECKPOINTING_PROBE = textwrap.dedent("""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50304)).to(device)
     model.activation_checkpointing, model.loss_in_chunks = mode, device_type == "cpu"
-    optimizer = model.configure_optimizers(0.1, 3e-4, device_type)
+    optimizer = scripts_adamw(model, device_type)
     step = torch.compile(model) if device_type == "cuda" else model
     x, y = (torch.randint(0, 50257, (B, T), device=device) for _ in range(2))
     synchronize(device_type)

@@ -628,8 +628,8 @@ def test_a_resume_continues_the_runs_batch_and_names_another_B(tmp_path, text_fi
     out = run("--max_steps", "4", "--resume", "--B", "1", "--out_dir", "smaller")
     assert "--B 1 instead of the run's 2: the same 32 tokens per step in smaller micro-batches\n" in out
     assert "32 tokens per step = 1 x 16 x 1 processes x 2 accumulation steps" in out
-    # (validation reads --eval_iters batches of the B it runs with: at B=1, other tokens than the run's)
-    for name, key in (("same", "loss"), ("same", "val_loss"), ("smaller", "loss")):
+    # (validation reads --eval_iters steps' tokens: at B=1, twice the batches, the same tokens as the run)
+    for name, key in (("same", "loss"), ("same", "val_loss"), ("smaller", "loss"), ("smaller", "val_loss")):
         assert [r[key] for r in read_log(tmp_path / name) if key in r] == \
             pytest.approx([r[key] for r in read_log(tmp_path / "whole") if key in r], abs=1e-5), (name, key)
     for flag, value, run_value in (("--T", "8", "16"), ("--total_batch_size", "64", "32")):
@@ -652,7 +652,22 @@ def test_a_resume_continues_the_runs_batch_and_names_another_B(tmp_path, text_fi
     assert "32 tokens per step = 2 x 16 x 1 processes x 1 accumulation steps" in out
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys):
+class NanGradients(torch.autograd.Function):
+    """The loss as it is, going forward; NaN gradients going back: a finite loss whose update poisons the weights."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("diverged", ["loss", "gradients"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys, diverged):
+    """A loss that is nan, or a finite loss whose gradients are (AdamW would apply them): the run stops in one
+    line at that step, and the NaN state is never saved, over the last checkpoint or anywhere."""
     out = tmp_path / "o"
     args = [*RUN, "--input_file", str(text_file), "--out_dir", str(out)]
     assert main([*args, "--max_steps", "2"]) == 0
@@ -665,22 +680,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text
         if model.training:  # a training batch (evaluation puts the model in eval mode): one per step here
             trained.append(1)
             if len(trained) > 3:
-                loss = loss * float("nan")
+                loss = loss * float("nan") if diverged == "loss" else NanGradients.apply(loss)
         return logits, loss
 
     monkeypatch.setattr(train_gpt2.GPT, "forward", diverging)
+    said = "loss is nan at step 3" if diverged == "loss" else "the gradient norm is nan at step 3"
     # a fresh run into the same out_dir: it says it will replace the checkpoint, then diverges at step 3
     code = main([*args, "--max_steps", "10", "--checkpoint_interval", "1"])
     captured = capsys.readouterr()
     assert code == 1
     assert "replaces it when it saves its own" in captured.out
-    assert "loss is nan at step 3" in captured.err
+    assert said in captured.err
     # steps 0-2 were fine, each followed by a checkpoint; the last holds 3 steps done, and step 3's
     # NaN state was never written
     after_3 = digest(out / "ckpt.pt")
-    assert load_checkpoint(str(out / "ckpt.pt"))["steps_done"] == 3
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["steps_done"] == 3 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
     code = main([*args, "--max_steps", "10", "--resume", "--checkpoint_interval", "1"])
-    assert code == 1 and "loss is nan at step 3" in capsys.readouterr().err
+    assert code == 1 and said in capsys.readouterr().err
     assert digest(out / "ckpt.pt") == after_3
 
 

@@ -7,11 +7,13 @@ run really used."""
 import dataclasses
 import math
 import re
+import sys
 import types
 
 import pytest
 import torch
 
+import machinery.console
 import machinery.memory
 from conftest import REPO, TINY, run_in_process
 from machinery.memory import activation_bytes, describe_out_of_memory, parameters_per_process, plan_memory
@@ -176,10 +178,12 @@ def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypa
         return backward(model, raw_model, loader, *args)
 
     monkeypatch.setattr(train_gpt2, "forward_backward", out_of_memory_at_step_3)
+    said_once = []  # (under torchrun, processes of one shape run out alike: the line is said once a machine)
+    monkeypatch.setattr(machinery.console, "say_once", lambda line: said_once.append(print(line, file=sys.stderr)))
     code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "6", "--num_samples", "0",
                                     "--checkpoint_interval", "2", cwd=small_text, monkeypatch=monkeypatch,
                                     capsys=capsys)
-    assert code == 1 and err.count("\n") == 1
+    assert code == 1 and err.count("\n") == 1 and len(said_once) == 1
     assert err.startswith("error: out of memory at step 3 (micro-batch 4 x 32 on cpu")
     assert "lower --B and keep --total_batch_size 128" in err and "--activation_checkpointing" in err
     assert "--fsdp" in err and "--cpu_offload" in err and "the last checkpoint is intact" in err
@@ -193,6 +197,16 @@ def test_the_out_of_memory_line_counts_the_tokens_of_every_process(tmp_path, mon
     cfg = TrainConfig(B=4, T=32, out_dir=str(tmp_path))
     line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, "cpu")
     assert "lower --B and keep --total_batch_size 1024 " in line
+
+
+@pytest.mark.parametrize("on, not_suggested", [("fsdp", "split the model's state with --fsdp"),
+                                               ("cpu_offload", "keep it in RAM with --cpu_offload")])
+def test_the_out_of_memory_line_does_not_suggest_what_is_already_on(on, not_suggested, tmp_path):
+    everything = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"),
+                                        TrainConfig(out_dir=str(tmp_path)), "cpu")
+    line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"),
+                                  TrainConfig(out_dir=str(tmp_path), **{on: True}), "cpu")
+    assert not_suggested in everything and not_suggested not in line and line.count("--") == everything.count("--") - 1
 
 
 @pytest.mark.parametrize("mode, advice", [("none", "add --activation_checkpointing, "),

@@ -184,9 +184,14 @@ def test_finetune_recipe(stand_in, tmp_path, monkeypatch, capsys):
 
 
 def test_eval_recipe(stand_in, tmp_path, monkeypatch, capsys):
+    """OpenAI's GPT-2 evaluated on the tokens the reproduction evaluates itself on (eval_iters steps of its
+    total_batch_size, on the same data), on a stand-in here; it writes nothing."""
+    bar, run = (parse_args(TrainConfig, [recipe(name)])[0] for name in ("eval_gpt2.args", "gpt2_124m.args"))
+    assert (bar.data_dir, bar.T, bar.total_batch_size, bar.eval_iters) == (run.data_dir, run.T, run.total_batch_size,
+                                                                          run.eval_iters)
     out_dir = tmp_path / "nothing-written"
     code, out, err = run_in_process(recipe("eval_gpt2.args"), "--init_from", stand_in / "gpt2-local",
-                                     "--B", "2", "--T", "32", "--out_dir", out_dir,
+                                     "--B", "2", "--T", "32", "--total_batch_size", "64", "--out_dir", out_dir,
                                      cwd=stand_in, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     assert re.search(r"^step     0 \| val loss \d+\.\d{4}$", out, re.M)

@@ -125,10 +125,11 @@ def test_an_fsdp_checkpoint_is_the_plain_file_one_process_reads(fsdp_runs, monke
     assert ckpt["model"].keys() == single["model"].keys()
     assert ckpt["model"]["lm_head.weight"].data_ptr() == ckpt["model"]["transformer.wte.weight"].data_ptr()  # tied
     assert ckpt["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()  # by name, in every mode
-    # one plain process evaluates it: the FSDP run's last validation loss
+    # one plain process evaluates it with the run's own B (2): the FSDP run's last validation loss (the same
+    # tokens: eval_iters steps of total_batch_size, read in twice the batches of 2 processes)
     code, out, err = run_in_process("--resume", "--eval_only", "--out_dir", tmp / "fsdp", "--input_file", "text.txt",
-                                    "--dtype", "float32", "--eval_iters", "2", "--B", "4", cwd=tmp,
-                                    monkeypatch=monkeypatch, capsys=capsys)
+                                    "--dtype", "float32", "--eval_iters", "2", cwd=tmp, monkeypatch=monkeypatch,
+                                    capsys=capsys)
     assert code == 0, err
     printed = float(re.search(r"step    12 \| val loss (\S+)", out).group(1))
     assert printed == pytest.approx(log(tmp / "fsdp")[-1]["val_loss"], abs=1e-4)

@@ -59,9 +59,16 @@ def test_a_warmup_longer_than_the_run_is_a_note(tmp_path, text_file, capsys):
     assert code == 0 and "note:" not in capsys.readouterr().out
 
 
-def test_weight_decay_groups():
+def test_weight_decay_groups(capsys):
+    """Decay on the matrices and embeddings, none on biases and LayerNorm; the method says how many of each."""
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, device_type="cpu")
+    # counted another way, by module: Linear and Embedding weights (lm_head is wte: once) against the rest
+    matrices = {id(m.weight): m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    rest = [p for p in model.parameters() if id(p) not in matrices]
+    assert capsys.readouterr().out.splitlines() == [
+        f"optimizer decayed: {len(matrices)} tensors, {sum(p.numel() for p in matrices.values()):,} parameters",
+        f"optimizer not decayed: {len(rest)} tensors, {sum(p.numel() for p in rest):,} parameters"]
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
