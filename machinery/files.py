@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 
@@ -80,11 +81,13 @@ def disk_full_error(error):
     return next((e for e in exception_chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL), None)
 
 
-def write_atomically(path, write):
+def write_atomically(path, write, shared=False):
     """write(f) into a temporary file beside `path`, then rename it to `path`: a reader, or a run killed
     half way, sees the old file or the new one, never half of one. A full disk raises DiskFull, with
-    the old file intact and no temporary file left."""
-    tmp = path + ".tmp"  # same folder, so os.replace is a rename on one filesystem
+    the old file intact and no temporary file left. `shared`: processes on several machines may write
+    `path` at once (a cache on a network filesystem), so the temporary file is named for this one."""
+    mine = f".{socket.gethostname()}.{os.getpid()}" if shared else ""
+    tmp = path + mine + ".tmp"  # same folder, so os.replace is a rename on one filesystem
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -104,7 +104,8 @@ def download_items(path, flag="--data"):
         raise ValueError(f"downloaded {len(items)} HellaSwag items, expected {N_VALIDATION}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     text = "".join(json.dumps(item) + "\n" for item in items)
-    write_atomically(path, lambda f: f.write(text.encode("utf-8")))  # a partial download never looks like data
+    # a partial download never looks like data; (shared: the first process of each machine may fetch it at once)
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")), shared=True)
 
 
 def load_items(data="auto", flag="--data"):
@@ -230,7 +231,7 @@ class Interrupted(KeyboardInterrupt):
 def progress_path(model, items, batch_size, dtype, device_type):
     """Where the counts of this evaluation in progress are kept, named by a hash of all that decides them."""
     digest = hashlib.sha256(json.dumps([items, batch_size, str(dtype), device_type, repr(model.config)]).encode())
-    for name, tensor in model.state_dict().items():  # ~2 GB/s: a fraction of a second for GPT-2 124M
+    for name, tensor in model.state_dict().items():  # (every weight: a fraction of a second for GPT-2 124M)
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return os.path.join(os.path.dirname(cache_path()), f"hellaswag_progress_{digest.hexdigest()[:16]}.json")

@@ -109,6 +109,25 @@ def test_the_first_process_of_each_machine_fetches_the_split(tmp_path, monkeypat
     assert fetched == (["auto", "barrier", "auto"] if fetches else ["barrier", "auto"])  # (then read from the cache)
 
 
+def test_machines_sharing_the_cache_folder_each_write_a_temporary_file_of_their_own(tmp_path, monkeypatch):
+    """Two machines fetching the split into one cache on a shared filesystem at once: each writes a
+    temporary file of its own and renames it, so the cache is one whole download and neither fails. Here
+    machine b's whole write happens while machine a is half way through its own."""
+    import machinery.files
+
+    path = str(tmp_path / "hellaswag_val.jsonl")
+    monkeypatch.setattr(machinery.files.socket, "gethostname", lambda: "machine-a")
+
+    def a_writes(f):
+        f.write(b"a, first half; ")
+        monkeypatch.setattr(machinery.files.socket, "gethostname", lambda: "machine-b")
+        machinery.files.write_atomically(path, lambda g: g.write(b"b, all of it\n"), shared=True)
+        f.write(b"a, second half\n")
+
+    machinery.files.write_atomically(path, a_writes, shared=True)
+    assert open(path).read() == "a, first half; a, second half\n" and os.listdir(tmp_path) == ["hellaswag_val.jsonl"]
+
+
 def test_cli_evaluates_the_checkpoint_a_run_wrote(tmp_path, items_file, text_file, capfd):
     assert main([*TINY, "--input_file", str(text_file), "--B", "2", "--T", "16", "--max_steps", "2",
                  "--num_samples", "0", "--out_dir", str(tmp_path / "run")]) == 0
