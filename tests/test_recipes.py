@@ -144,6 +144,11 @@ def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch
     assert code == 2 and err.strip() == ("error: unrecognized arguments: --max_steps 2 (in recipe two_on_a_line.args); "
                                          "a recipe line holds one flag and its value: put each flag on a line of its "
                                          "own (see --help)")
+    (tmp_path / "after_a_boolean.args").write_text("--sdpa false --max_steps 2\n")  # (a boolean's value: the rest)
+    code, out, err = run_in_process("@after_a_boolean.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == ("error: argument --sdpa: invalid true/false value: 'false --max_steps 2'; a "
+                                         "recipe line holds one flag and its value: put each flag on a line of its own "
+                                         "(in recipe after_a_boolean.args) (see --help)")
 
 
 def test_learner_recipe(stand_in, tmp_path, monkeypatch, capsys):
