@@ -55,8 +55,8 @@ from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import (StopRequested, TrainingDiverged, another_process_stopped, check_finite,
                                 sigterm_stops_at_once, stop_requested_anywhere, stopped_after_saving, stopped_at_once,
                                 stopped_before_saving)
-from machinery.tokens import (GPT2_VOCAB_SIZE, check_data, get_tokenizer,  # noqa: F401 (get_tokenizer: as plot_log)
-                              open_shard, shard_files, text_file_split)
+from machinery.tokens import (GPT2_VOCAB_SIZE, batches_per_pass, check_data,  # noqa: F401 (get_tokenizer: as plot_log)
+                              get_tokenizer, open_shard, shard_files, text_file_split)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -448,7 +448,7 @@ def batch_arithmetic(cfg, world_size):
     """(tokens per optimizer step, micro-steps per optimizer step)."""
     tokens_per_micro_step = cfg.B * cfg.T * world_size
     total_batch_size = cfg.total_batch_size or tokens_per_micro_step
-    if total_batch_size % tokens_per_micro_step:
+    if total_batch_size % tokens_per_micro_step and not cfg.eval_only:  # (evaluating alone accumulates nothing)
         raise SettingError(f"--total_batch_size {total_batch_size} is not a multiple of B*T*processes "
                            f"= {cfg.B}*{cfg.T}*{world_size} = {tokens_per_micro_step}")
     return total_batch_size, total_batch_size // tokens_per_micro_step
@@ -534,8 +534,9 @@ def estimate_val_loss(model, loader, n_batches, device, autocast):
 def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     """The validation loss (and HellaSwag with --hellaswag) over all ranks: printed, and returned for the log."""
     results = {}
-    if val_loader is not None:  # eval_iters steps' tokens: the same ones on any number of processes, any B
+    if val_loader is not None:  # eval_iters steps' tokens (the same on any number of processes), at most the split
         n_batches = cfg.eval_iters * cfg.total_batch_size // (cfg.B * cfg.T * val_loader.num_processes)
+        n_batches = max(1, min(n_batches, batches_per_pass(val_loader)))  # (never a token twice)
         results["val_loss"] = estimate_val_loss(model, val_loader, n_batches, device, autocast)
     if hellaswag_items is not None:
         # (--eval_only, one process: a killed HellaSwag pass continues where it stopped when run again)

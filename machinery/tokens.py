@@ -2,7 +2,8 @@
 Tokens: GPT-2's tokenizer built offline, a text file's tokens, and the folders of token shards that
 prepare.py writes (the manifest, checked against its files). train_gpt2.py checks a run's data with
 check_data before it builds a model, and its DataLoaderLite reads batches through shard_files,
-open_shard and text_file_split; prepare.py writes what read_manifest checks.
+open_shard and text_file_split (batches_per_pass: how many before it starts over); prepare.py writes
+what read_manifest checks.
 """
 
 import functools
@@ -244,6 +245,15 @@ def open_shard(path):
                            "changed since prepare.py wrote it; prepare it again with prepare.py")
     check_token_ids(path)
     return tokens
+
+
+def batches_per_pass(loader):
+    """How many batches a DataLoaderLite serves before it starts again from its first: each of its shards of
+    L tokens (a text split: one array) serves a window of W = B*T*processes tokens (+1, the last target) at
+    0, W, 2W, ... while one fits, (L - 1) // W of them."""
+    window = loader.B * loader.T * loader.num_processes
+    lengths = [len(shard) if isinstance(shard, np.ndarray) else listed_tokens(shard) for shard in loader.shards]
+    return sum((length - 1) // window for length in lengths)
 
 
 def listed_tokens(path):

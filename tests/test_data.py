@@ -70,6 +70,19 @@ def test_a_window_is_served_exactly_when_its_last_target_fits(tmp_path, monkeypa
     assert served == starts * 2
 
 
+@pytest.mark.parametrize("n_tokens, B, T, processes", [(100, 2, 8, 1), (96, 2, 8, 2), (33, 2, 8, 2), (97, 3, 4, 3)])
+def test_batches_per_pass_is_what_the_loader_serves_before_it_starts_over(tmp_path, monkeypatch, n_tokens, B, T,
+                                                                          processes):
+    """batches_per_pass counts from the lengths; here the loader is read until it serves its first batch again."""
+    counting_tokens(monkeypatch, n_tokens)
+    (tmp_path / "t.txt").write_text("counted")
+    loader = DataLoaderLite(B, T, str(tmp_path / "t.txt"), num_processes=processes)
+    first, served = loader.next_batch()[0], 1
+    while not torch.equal(loader.next_batch()[0], first):
+        served += 1
+    assert machinery.tokens.batches_per_pass(loader) == served
+
+
 def test_processes_read_interleaved_slices(tmp_path, monkeypatch):
     counting_tokens(monkeypatch, 100)
     loaders = [DataLoaderLite(2, 5, tmp_path / "any.txt", process_rank=r, num_processes=2) for r in range(2)]

@@ -82,6 +82,17 @@ def test_no_window_is_skipped_at_a_shard_boundary(tmp_path):
     assert int(loaders[0].next_batch()[0][0, 0]) == 0  # then a new epoch
 
 
+@pytest.mark.parametrize("B, processes", [(2, 1), (2, 2), (4, 1)])
+def test_batches_per_pass_counts_the_windows_of_every_shard(tmp_path, B, processes):
+    """From the manifest's lengths, as many batches as the loader serves before its first comes again."""
+    loader = DataLoaderLite(B, 16, data_dir=str(write_shards(tmp_path / "d", [700, 333, 50, 704])), split="train",
+                            shuffle=False, num_processes=processes)
+    first, served = loader.next_batch()[0], 1
+    while not torch.equal(loader.next_batch()[0], first):
+        served += 1
+    assert machinery.tokens.batches_per_pass(loader) == served
+
+
 def test_each_epoch_reads_every_shard_once_in_a_seeded_order(tmp_path):
     n_shards, B, T = 8, 1, 4
     data = write_shards(tmp_path / "d", [B * T + 1] * n_shards)  # one batch per shard

@@ -2,6 +2,7 @@
 precision policy, and main() run in-process on a tiny model."""
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -17,6 +18,7 @@ import machinery.files
 import machinery.hardware
 import machinery.run_log
 import machinery.speed
+import machinery.tokens
 import train_gpt2
 from conftest import TINY
 from machinery.hardware import resolve_dtype
@@ -605,3 +607,31 @@ def test_only_rank_0_logs_and_tracks(tmp_path, stand_in_wandb, monkeypatch):
         log.write(record)
     assert (tmp_path / "out" / "log.jsonl").read_text() == json.dumps(record) + "\n"
     assert [c[0] for c in sys.modules["wandb"].calls] == ["init", "log", "finish"]
+
+
+def test_validation_reads_eval_iters_steps_of_tokens_and_at_most_the_whole_split(tmp_path, text_file, monkeypatch):
+    """Validation reads eval_iters optimizer steps' tokens (total_batch_size each: B=2, T=16 with 2
+    accumulation steps is 2 micro-batches a step), the same tokens whatever B or the processes, and never
+    more than the split holds: with eval_iters 1000 it reads each of its batches once."""
+    import train_gpt2
+
+    counts, estimate = [], train_gpt2.estimate_val_loss
+    monkeypatch.setattr(train_gpt2, "estimate_val_loss", lambda model, loader, n_batches, *args: counts.append(
+        (n_batches, machinery.tokens.batches_per_pass(loader))) or estimate(model, loader, n_batches, *args))
+    code, _ = run_main(tmp_path / "a", text_file, "--max_steps", "1", "--total_batch_size", "64", "--eval_iters", "3")
+    assert code == 0 and [n for n, _ in counts] == [6, 6]  # (step 0 and the trained model: 3 steps x 2)
+    counts.clear()
+    code, _ = run_main(tmp_path / "b", text_file, "--max_steps", "1", "--eval_iters", "1000")
+    whole_split = counts[0][1]
+    assert code == 0 and 0 < whole_split < 1000 and counts == [(whole_split, whole_split)] * 2
+
+
+def test_evaluating_alone_takes_a_total_batch_size_the_processes_do_not_divide():
+    """--eval_only accumulates nothing: the reproduction's 524,288 tokens a step over 3 GPUs (196,608 a
+    micro-step) evaluates; training with it is refused in one line."""
+    from train_gpt2 import TrainConfig, batch_arithmetic
+
+    cfg = TrainConfig(B=64, T=1024, total_batch_size=524288, eval_only=True)
+    assert batch_arithmetic(cfg, 3)[0] == 524288
+    with pytest.raises(ValueError, match="is not a multiple of B\\*T\\*processes = 64\\*1024\\*3 = 196608"):
+        batch_arithmetic(dataclasses.replace(cfg, eval_only=False), 3)
