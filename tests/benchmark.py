@@ -52,8 +52,8 @@ sys.path.insert(0, REPO)
 import machinery.files  # noqa: E402
 import machinery.hardware  # noqa: E402
 import machinery.speed  # noqa: E402
-from machinery.hardware import resolve_dtype  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, DataLoaderLite, resolve_device, synchronize  # noqa: E402
+from machinery.hardware import resolve_dtype, synchronize  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, DataLoaderLite, resolve_device  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # contestants: each exposes one training step, split into forward+backward and optimizer time
@@ -105,8 +105,10 @@ def scripts_adamw(model, device_type):
 
 
 def ours(device, device_type, dtype, compile, vocab_size):
-    """train_gpt2 as the script runs it on this device: its optimizer, precision policy, clipping."""
+    """train_gpt2 as the script runs it on this device: its optimizer, precision policy, clipping, and its loss
+    (on CPUs the loss without the logits, as make_model sets it)."""
     model = GPT(GPTConfig(vocab_size=vocab_size)).to(device)
+    model.loss_in_chunks = device_type == "cpu"
     optimizer = scripts_adamw(model, device_type)
     return Contestant("train_gpt2", model, optimizer, lambda m, x, y: m(x, y)[1], True,
                       device_type, dtype, compile, context=lambda: machinery.hardware.attention_kernels(device_type))
@@ -283,7 +285,8 @@ HF_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {repo!r})
     from transformers import GPT2Config, GPT2LMHeadModel
-    from train_gpt2 import DataLoaderLite, resolve_device, resolve_dtype, synchronize
+    from machinery.hardware import resolve_dtype, synchronize
+    from train_gpt2 import DataLoaderLite, resolve_device
     B, T, steps = {B}, {T}, {steps}
     device, device_type = resolve_device("auto")
     dtype = resolve_dtype("auto", device_type)
@@ -379,7 +382,8 @@ COMPILE_PROBE = textwrap.dedent("""
     # First training step (compile included) and a steady one, of a GPT-2 shape compiled one way.
     import sys, time, torch
     sys.path.insert(0, {repo!r})
-    from train_gpt2 import GPT, GPTConfig, Block, resolve_device, resolve_dtype, synchronize
+    from machinery.hardware import resolve_dtype, synchronize
+    from train_gpt2 import GPT, GPTConfig, Block, resolve_device
     how, n_layer, n_head, n_embd, B, T = {how!r}, {n_layer}, {n_head}, {n_embd}, {B}, {T}
     device, device_type = resolve_device("auto")
     dtype = resolve_dtype("auto", device_type)
@@ -410,7 +414,8 @@ LOSS_PROBE = textwrap.dedent("""
     import torch.nn.functional as F
     from machinery.loss import linear_cross_entropy
     from run_measuring_memory import status_kb  # this process's memory, from /proc/self/status
-    from train_gpt2 import resolve_device, resolve_dtype, synchronize
+    from machinery.hardware import resolve_dtype, synchronize
+    from train_gpt2 import resolve_device
     how, rows, C, V = {how!r}, {rows}, 768, 50304
     device, device_type = resolve_device("auto")
     dtype = resolve_dtype("auto", device_type)
@@ -441,7 +446,8 @@ CHECKPOINTING_PROBE = textwrap.dedent("""
     sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]
     from machinery.speed import bf16_peak_tflops
     from run_measuring_memory import status_kb  # this process's memory, from /proc/self/status
-    from train_gpt2 import GPT, GPTConfig, resolve_device, resolve_dtype, synchronize
+    from machinery.hardware import resolve_dtype, synchronize
+    from train_gpt2 import GPT, GPTConfig, resolve_device
     mode, n_layer, n_head, n_embd, B, T, steps = {mode!r}, {n_layer}, {n_head}, {n_embd}, {B}, {T}, {steps}
     device, device_type = resolve_device("auto")
     dtype = resolve_dtype("auto", device_type)

@@ -17,7 +17,7 @@ import pytest
 import prepare
 from conftest import make_documents, run_script
 from machinery import corpus, fineweb, shard_folder
-from machinery.files import SettingError
+from machinery.files import PrepareError, SettingError
 from machinery.tokens import get_tokenizer, read_manifest
 
 EOT = 50256
@@ -651,7 +651,7 @@ def test_fineweb_edu_gives_up_after_failing_retries_in_a_row(tmp_path, stand_in,
     import pyarrow.parquet as pq
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", failing_iter_batches)
-    with pytest.raises(prepare.PrepareError, match=r"^downloading HuggingFaceFW/fineweb-edu \(sample-10BT\) "
+    with pytest.raises(PrepareError, match=r"^downloading HuggingFaceFW/fineweb-edu \(sample-10BT\) "
                                                    r"failed 5 times: Connection reset by peer$"):
         prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=1000, show_progress=False)
     assert capsys.readouterr().err.count("retrying in") == 4  # one line each
@@ -666,7 +666,7 @@ def test_a_file_that_cannot_be_read_ends_the_run_at_once(tmp_path, stand_in, mon
     """Refused in the middle of the second file: the first failure ends the run, in one line."""
     error = http_error(403) if error == "403" else error
     reads = record_reads(monkeypatch, fail_at=[(1, 30)], error=error)
-    with pytest.raises(prepare.PrepareError, match=r"^reading 001_00000.parquet at row 30: "):
+    with pytest.raises(PrepareError, match=r"^reading 001_00000.parquet at row 30: "):
         prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=1000, show_progress=False)
     assert "retrying" not in capsys.readouterr().err and reads[-1] == (1, 29)
 
@@ -680,7 +680,7 @@ def test_a_hub_file_whose_text_is_not_strings_is_one_line(tmp_path, monkeypatch)
     (tmp_path / "hub").mkdir()
     pq.write_table(pa.table({"text": [b"bin a", b"bin b"]}), tmp_path / "hub" / "000_00000.parquet")
     monkeypatch.setenv(fineweb.STAND_IN_ENV, str(tmp_path / "hub"))
-    with pytest.raises(prepare.PrepareError, match=r"^'000_00000.parquet' has a 'text' column of binary, not of "
+    with pytest.raises(PrepareError, match=r"^'000_00000.parquet' has a 'text' column of binary, not of "
                                                    r"strings$"):
         prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=1000, show_progress=False)
 
@@ -1055,7 +1055,7 @@ def test_jsonl_is_read_as_bytes_its_bad_utf8_named_where_it_is_and_a_byte_order_
     for i, bom in enumerate((b"", b"\xef\xbb\xbf")):  # (the mark's bytes count: the byte is the file's)
         (tmp_path / f"bad{i}").mkdir()
         (tmp_path / f"bad{i}" / "a.jsonl").write_bytes(bom + body + b'{"text": "caf\xff"}\n')
-        with pytest.raises(prepare.PrepareError, match=rf"not UTF-8 text \(line 301, byte {len(bom + body) + 13}: "):
+        with pytest.raises(PrepareError, match=rf"not UTF-8 text \(line 301, byte {len(bom + body) + 13}: "):
             prepare.prepare(str(tmp_path / f"bad{i}"), str(tmp_path / f"out_bad{i}"), shard_size=10**6,
                             show_progress=False)
     for name, data in (("plain", body), ("bom", b"\xef\xbb\xbf" + body), ("crlf", body.replace(b"\n", b"\r\n"))):
@@ -1074,7 +1074,7 @@ def test_a_file_of_the_source_removed_before_it_is_read_is_one_line(tmp_path, co
     monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)  # (tokenizing begins long before sub/d.txt, the last, is read)
     monkeypatch.setattr(prepare, "tokenize_batch",
                         lambda pieces: (folder / "sub" / "d.txt").unlink(missing_ok=True) or tokenize_batch(pieces))
-    with pytest.raises(prepare.PrepareError, match=r"^'.*sub/d.txt' was removed while the source was read: its "
+    with pytest.raises(PrepareError, match=r"^'.*sub/d.txt' was removed while the source was read: its "
                                                    r"shards cannot be finished; prepare the source again into a new "
                                                    r"--out_dir$"):
         prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1000, show_progress=False)
@@ -1167,10 +1167,10 @@ def test_a_source_changed_while_it_is_read_is_not_marked_complete(tmp_path, corp
     tokenize_batch = prepare.tokenize_batch
     monkeypatch.setattr(prepare, "tokenize_batch",
                         lambda pieces: make_change(folder / "a.txt") or tokenize_batch(pieces))
-    with pytest.raises(prepare.PrepareError, match=r"corpus changed while it was read: the shards in '.*out' may"):
+    with pytest.raises(PrepareError, match=r"corpus changed while it was read: the shards in '.*out' may"):
         prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1000, show_progress=False)
     assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
-    with pytest.raises(prepare.PrepareError, match=said):
+    with pytest.raises(PrepareError, match=said):
         prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1000, show_progress=False)
 
 
@@ -1458,6 +1458,24 @@ if __name__ == "__main__":
 """
 
 
+def slowed_prepare(tmp_path, slowed):
+    """The command that runs prepare.py, its reading or tokenizing slowed (SLOW_PREPARE), on 400 documents
+    in tmp_path, into tmp_path/run, with two workers."""
+    from conftest import REPO
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=8)))
+    (tmp_path / "slow_prepare.py").write_text(SLOW_PREPARE.format(repo=str(REPO)))
+    return [sys.executable, "slow_prepare.py", slowed, "docs.jsonl", "--out_dir", "run", "--shard_size", "2000",
+            "--num_proc", "2"]
+
+
+def wait_for_a_shard(run, out_dir):
+    """Until the launched prepare.py's workers have tokenized a shard into out_dir (or it ended; a minute at most)."""
+    deadline = time.time() + 60
+    while time.time() < deadline and run.proc.poll() is None and not list(out_dir.glob("*.npy")):
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("signum,to_group,slowed", [(signal.SIGINT, True, "tokenizing"),
                                                     (signal.SIGTERM, False, "tokenizing"),
                                                     (signal.SIGTERM, True, "reading")],
@@ -1470,17 +1488,10 @@ def test_a_signal_mid_preparation_with_workers_is_one_line_and_the_same_command_
     leave the main process waiting forever). Either way: the one line, no worker's traceback, and the
     repeat finishes with the uninterrupted run's shards. Tokenizing or reading is slowed so the signal
     comes mid-run."""
-    import sys
+    from conftest import Launched
 
-    from conftest import REPO, Launched
-
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=8)))
-    (tmp_path / "slow_prepare.py").write_text(SLOW_PREPARE.format(repo=str(REPO)))
-    args = ["docs.jsonl", "--out_dir", "run", "--shard_size", "2000", "--num_proc", "2"]
-    with Launched([sys.executable, "slow_prepare.py", slowed, *args], tmp_path) as run:
-        deadline = time.time() + 60
-        while time.time() < deadline and run.proc.poll() is None and not list((tmp_path / "run").glob("*.npy")):
-            time.sleep(0.005)  # until the workers have tokenized a shard
+    with Launched(slowed_prepare(tmp_path, slowed), tmp_path) as run:
+        wait_for_a_shard(run, tmp_path / "run")
         os.killpg(run.proc.pid, signum) if to_group else run.send_signal(signum)
         code, _, err = run.finish(60)
     lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and not l.startswith("tokenizing")]  # no bar
@@ -1505,15 +1516,10 @@ def test_the_workers_end_with_a_killed_main_process_quietly_and_leave_out_dir_fr
     own, end too, rather than wait for work forever holding the lock on out_dir they inherit (every
     repeat would be refused), and without a word: a busy one is not left to find the pool's pipe closed
     and print a BrokenPipeError traceback. The same command continues to the uninterrupted run's shards."""
-    from conftest import REPO, Launched, descendants
+    from conftest import Launched, descendants
 
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=8)))
-    (tmp_path / "slow_prepare.py").write_text(SLOW_PREPARE.format(repo=str(REPO)))
-    args = ["docs.jsonl", "--out_dir", "run", "--shard_size", "2000", "--num_proc", "2"]
-    with Launched([sys.executable, "slow_prepare.py", slowed, *args], tmp_path) as run:
-        deadline = time.time() + 60
-        while time.time() < deadline and run.proc.poll() is None and not list((tmp_path / "run").glob("*.npy")):
-            time.sleep(0.005)  # until the workers have tokenized a shard
+    with Launched(slowed_prepare(tmp_path, slowed), tmp_path) as run:
+        wait_for_a_shard(run, tmp_path / "run")
         workers = descendants(run.proc.pid)
         run.send_signal(signal.SIGKILL)
         run.proc.wait()

@@ -14,8 +14,9 @@ from transformers import GPT2LMHeadModel
 import hellaswag
 import train_gpt2
 from conftest import run_script, step_losses
+from machinery.pretrained import PRETRAINED
 from machinery.tokens import GPT2_VOCAB_SIZE, tokenize_file
-from train_gpt2 import GPT, PRETRAINED, GPTConfig, main
+from train_gpt2 import GPT, GPTConfig, main
 
 SHAPES = [  # (n_layer, n_head, n_embd, n_positions)
     (2, 2, 32, 64),
