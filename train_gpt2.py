@@ -69,7 +69,7 @@ class GPTConfig:
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # channels of the residual stream
-    sdpa: bool = True  # how attention runs (each run's --sdpa wins): F.scaled_dot_product_attention; False: explicit
+    sdpa: bool = True  # True: F.scaled_dot_product_attention; False: the explicit softmax (--sdpa overrides a ckpt's)
 
 
 class CausalSelfAttention(nn.Module):
@@ -202,7 +202,7 @@ class GPT(nn.Module):
         for name, group in zip(("decayed", "not decayed"), groups):  # (print0: under torchrun, rank 0 speaks)
             n_params = sum(p.numel() for p in group["params"])
             print0(f"optimizer {name}: {len(group['params'])} tensors, {n_params:,} parameters")
-        fused = device_type in ("cuda", "cpu")  # all tensors in one pass: faster than a loop (MPS: the loop, untested)
+        fused = device_type in ("cuda", "cpu")  # all tensors in one pass: faster than a loop (MPS: the loop)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)  # (GPT-3's betas)
 
     def flops_per_token(self, T):
@@ -251,7 +251,7 @@ class GPT(nn.Module):
             else:
                 k = min(top_k, n_vocab) if top_k else n_vocab
                 top_logits, top_ids = torch.topk(logits, k, dim=-1)  # (B, k), best first: sample among the k best
-                probs = F.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1).cpu()  # <= 0: no inf - inf
+                probs = F.softmax((top_logits - top_logits[:, :1]) / temperature, dim=-1).cpu()  # max 0: no overflow
                 choice = torch.multinomial(probs, 1, generator=generator).to(idx.device)  # (B, 1)
                 next_id = torch.gather(top_ids, -1, choice)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)  # (B, T + 1)
@@ -454,8 +454,8 @@ def batch_arithmetic(cfg, world_size):
     return total_batch_size, total_batch_size // tokens_per_micro_step
 
 
-def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device):
-    """The model to train: a checkpoint's (cfg already has its shape), a fresh one, or OpenAI's weights.
+def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device_type):
+    """The model to train: a checkpoint's (its model_config), a fresh one, or OpenAI's weights.
     Sharded, only rank 0 makes it; the others get its shape now and their shards of it in shard_model."""
     if not builds_the_model(fsdp_wrapped):  # FSDP's other processes: rank 0's shape, on the meta device
         with torch.device("meta"):
@@ -472,7 +472,7 @@ def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device):
         from_rank0(model.config)  # rank 0 sends its shape to the others' from_rank0(None)
     check_block_size(cfg, model.config.block_size)
     model.activation_checkpointing = cfg.activation_checkpointing  # (how this run trains it: not kept with it)
-    model.loss_in_chunks = torch.device(device).type == "cpu"  # where RAM runs out first (docs/performance.md)
+    model.loss_in_chunks = device_type == "cpu"  # where RAM runs out first (docs/performance.md)
     return model
 
 
@@ -494,8 +494,8 @@ def make_loader(cfg, split, rank, world_size):
 
 
 def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scaler, device):
-    """One optimizer step's gradients, accumulated over micro-batches; returns the mean loss. `model` runs
-    the step (compiled, or wrapped by DDP); `raw_model` is the module itself, where FSDP's switch lives."""
+    """One step's gradients, accumulated over micro-batches; returns the mean loss, on the device (no .item(): no wait
+    for the GPU). `model` runs the step (compiled, DDP-wrapped); `raw_model` is the module (FSDP's switch is there)."""
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
@@ -503,7 +503,7 @@ def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scale
         # DDP and FSDP average gradients across processes in backward. Only the last micro-batch needs that; on
         # the others, DDP's no_sync (it must wrap forward too) and FSDP's set_gradient_sync skip it.
         syncing = micro_step == grad_accum_steps - 1
-        set_gradient_sync(raw_model, syncing)  # (FSDP only; --cpu_offload syncs every one: gradients add up in RAM)
+        set_gradient_sync(raw_model, syncing)  # (FSDP only; --cpu_offload syncs each micro-batch: they add up in RAM)
         with model.no_sync() if isinstance(model, DDP) and not syncing else contextlib.nullcontext():
             with autocast:
                 _, loss = model(x, y)
@@ -516,14 +516,15 @@ def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scale
 
 @torch.no_grad()
 def estimate_val_loss(model, loader, n_batches, device, autocast):
-    """Mean loss over n_batches batches from the start of `loader` (the same every time), over all ranks."""
+    """Mean loss of n_batches batches from the start of `loader` (each rank's; the same every time), over all ranks."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=device)
     for _ in range(n_batches):
         x, y = loader.next_batch()
         with autocast:
-            total += model(x.to(device), y.to(device))[1].float()
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
     model.train()
     val_loss = total / n_batches
     if dist.is_initialized():
@@ -534,12 +535,11 @@ def estimate_val_loss(model, loader, n_batches, device, autocast):
 def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     """The validation loss (and HellaSwag with --hellaswag) over all ranks: printed, and returned for the log."""
     results = {}
-    if val_loader is not None:  # eval_iters steps' tokens (the same on any number of processes), at most the split
-        n_batches = cfg.eval_iters * cfg.total_batch_size // (cfg.B * cfg.T * val_loader.num_processes)
-        n_batches = max(1, min(n_batches, batches_per_pass(val_loader)))  # (never a token twice)
+    if val_loader is not None:  # eval_iters steps of total_batch_size tokens: the same whatever B, or the processes
+        n_batches = cfg.eval_iters * cfg.total_batch_size // (cfg.B * cfg.T * val_loader.num_processes)  # each rank's
+        n_batches = max(1, min(n_batches, batches_per_pass(val_loader)))  # (at most the split: never a token twice)
         results["val_loss"] = estimate_val_loss(model, val_loader, n_batches, device, autocast)
-    if hellaswag_items is not None:
-        # (--eval_only, one process: a killed HellaSwag pass continues where it stopped when run again)
+    if hellaswag_items is not None:  # (resumable: with --eval_only, a killed pass continues where it stopped)
         results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast, resumable=cfg.eval_only))
     if results:  # (a run without validation data or HellaSwag has nothing to say)
         print0(describe_evaluation(step, results))
@@ -574,9 +574,9 @@ def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sa
         save_checkpoint(state, os.path.join(cfg.out_dir, "ckpt.pt"))  # atomically: the last one stays intact
 
 
-def save_and_stop(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master, log):
+def stop_mid_run(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master, log):
     """A stop signal mid-run: save the steps done, to continue with --resume. Returns the exit code, 130."""
-    if log.keeps_other_checkpoint:  # a fresh run, not saved yet: another run's checkpoint stays
+    if log.keeps_other_checkpoint:  # this run saved nothing yet, over another run's checkpoint: keep that one whole
         return stopped_before_saving(steps_done, cfg.out_dir)
     write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master)
     log.checkpointed()
@@ -593,7 +593,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
     cfg = replace(cfg, total_batch_size=total_batch_size)  # kept in the checkpoint: a resume keeps it
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
-    raw_model = make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device)
+    raw_model = make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device_type)
     start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step, ckpt))
     print0(plan_memory(raw_model, cfg, world_size, device, dtype, start_step))  # (a CPU: raises if RAM can't hold it)
@@ -616,12 +616,12 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     del ckpt  # free the CPU copy (or the file's mapping)
     model = compile_model(raw_model, cfg.B, cfg.T, device, autocast) if cfg.compile else raw_model
     if distributed and not fsdp_wrapped:  # DDP averages gradients across processes during backward
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
+        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
                     **buffers_not_resent())  # (the buffers, the causal masks, never change: no resending)
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
     # MFU, model FLOPs utilization: the FLOPs a step's tokens need, per second, over the GPU's bf16 peak
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)
-    step_times = []
+    step_times = []  # (step_line's median step and time left)
     with RunLog(cfg, start_step) as log, StopRequested(log) as stop:  # Ctrl-C/SIGTERM: stop.requested, saved below
         # step s's record (log.jsonl): the losses of the model after s updates, then update s's lr, norm, tokens
         for step in range(start_step, cfg.max_steps + 1):
@@ -642,17 +642,17 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             loss = forward_backward(model, raw_model, train_loader, grad_accum_steps, autocast, scaler, device)
             if distributed:  # for the log: each process saw its part of the batch; the batch's loss is their mean
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones (float16 only: else a no-op)
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)  # (FSDP: over all shards)
             lr = get_lr(step, cfg.lr, min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             scaler.step(optimizer)  # optimizer.step(), skipped if float16 gradients overflowed
             scaler.update()
-            stop_now = stop_requested_anywhere(stop.requested, device)  # every process stops after the same step
             synchronize(device_type)  # the GPU runs ahead of Python: all its work is done before the clock
             dt = time.perf_counter() - t0
             loss, norm = loss.item(), norm.item()
+            stop_now = stop_requested_anywhere(stop.requested, device)  # every process stops after the same step
             check_finite(loss, norm, scaler.is_enabled(), step, cfg.out_dir)  # (inf or nan: stop before saving it)
             record.update(loss=loss, lr=lr, norm=norm, ms=dt * 1000, tok_per_s=total_batch_size / dt,
                           tokens=(step + 1) * total_batch_size,
@@ -660,9 +660,9 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
             log.write(record, picture="val_loss" in record or stop_now)  # progress.png: each val loss, and a stop
-            if stop_now and step + 1 < cfg.max_steps:  # (a stop in the last step: done saves, finish_run stops)
-                return save_and_stop(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator,
-                                     master, log)
+            if stop_now and step + 1 < cfg.max_steps:  # (in the last step: the next pass saves, finish_run returns 130)
+                return stop_mid_run(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator,
+                                    master, log)
     return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=True, stopped=stop.requested)
 
 
@@ -682,7 +682,7 @@ def main(argv=None):
         if distributed:
             dist.barrier()  # no rank leaves while rank 0 still samples or saves (that can abort the group)
         return code
-    except (ValueError, OSError, TrainingDiverged) as e:  # exit code 1, and under torchrun one line, not one a process
+    except (ValueError, OSError, TrainingDiverged) as e:  # exit code 1; under torchrun one line, not one per process
         return say_error(e)
     except torch.OutOfMemoryError as e:  # what ran out, and what to change (processes of one shape run out alike)
         return say_error(describe_out_of_memory(e, cfg, device), every_process=True)

@@ -151,7 +151,7 @@ def stopped_before_saving(steps_done, out_dir):
 
 
 def stopped_after_saving(steps_done, out_dir):
-    """A run stopped mid-way, its steps saved (train_gpt2.save_and_stop). Returns the exit code."""
+    """A run stopped mid-way, its steps saved (train_gpt2.stop_mid_run). Returns the exit code."""
     print0(f"interrupted: saved step {steps_done} to {os.path.join(out_dir, 'ckpt.pt')}; continue with --resume")
     return 130
 
