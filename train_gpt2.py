@@ -589,6 +589,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     fsdp_wrapped = cfg.fsdp or cfg.cpu_offload  # FSDP2 holds the state (--cpu_offload: in RAM, one process too)
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type, fsdp_wrapped)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
+    hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None  # (before anything heavy)
     ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # its shape (resumed: batch, data, order)
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
     cfg = replace(cfg, total_batch_size=total_batch_size)  # kept in the checkpoint: a resume keeps it
@@ -602,7 +603,6 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     else:
         raw_model.to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
-    hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None
     if cfg.eval_only:
         return evaluate_only(raw_model, hellaswag_items, start_step, cfg, rank, world_size, device, autocast)
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)

@@ -50,8 +50,9 @@ def load_transformers_gpt2(name_or_path, known_names):
     """transformers' GPT2LMHeadModel from the hub (a name) or a save_pretrained directory, with the
     hub's retries kept quiet and every failure said in one line (a name not among known_names first)."""
     if name_or_path not in known_names and not os.path.isdir(name_or_path):
-        raise SettingError(f"unknown model {name_or_path!r}: use one of {', '.join(known_names)} "
-                           "or a directory written by save_pretrained")
+        a_path = os.sep in name_or_path or name_or_path.startswith(".")  # (not a misspelled name: a folder not there)
+        raise SettingError(f"unknown model {name_or_path!r}{' (no such folder)' if a_path else ''}: use one of "
+                           f"{', '.join(known_names)}, a directory written by save_pretrained or a run's ckpt.pt")
     if os.path.isdir(name_or_path):  # (what transformers would stumble on, or load without a word, said first)
         checked_config(name_or_path)
     try:

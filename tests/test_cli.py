@@ -78,7 +78,10 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--input_file", "binary.bin"], "input file 'binary.bin' is not UTF-8 text (byte 128: invalid start byte)"),
     (["--input_file", "short.txt"], "fewer than"),
     (["--T", "65"], "T=65 exceeds block_size=64"),
-    (["--init_from", "gpt5"], "unknown model 'gpt5'"),
+    (["--init_from", "gpt5"], "unknown model 'gpt5': use one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, a "
+                              "directory written by save_pretrained or a run's ckpt.pt"),
+    (["--init_from", "./runs/mine"], "unknown model './runs/mine' (no such folder): use one of gpt2"),
+    (["--hellaswag", "missing.jsonl"], "HellaSwag file 'missing.jsonl' not found"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--dtype", "float8"], "invalid choice"),
     (["--max_steps", "many"], "invalid int value"),
@@ -125,6 +128,15 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--export_dir", "mine"], "--export_dir 'mine' holds config.json, not a GPT-2 export's, which the export would "
                                "replace: choose another folder"),
 ]
+
+
+def test_the_hellaswag_items_are_read_before_the_model_is_built(tmp_path, text_file, monkeypatch, capsys):
+    """A HellaSwag file that is not there (or a download that fails) is said before the model is built or
+    a checkpoint read: a 1.5B model takes minutes to load."""
+    code, out, err = run_in_process(*TINY, "--input_file", str(text_file), "--hellaswag", "missing.jsonl",
+                                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == "error: HellaSwag file 'missing.jsonl' not found\n"
+    assert out.startswith("device cpu") and not any(line.startswith(("model", "memory")) for line in out.splitlines())
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
