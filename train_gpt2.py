@@ -55,8 +55,8 @@ from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import (StopRequested, TrainingDiverged, another_process_stopped, check_finite,
                                 sigterm_stops_at_once, stop_requested_anywhere, stopped_after_saving, stopped_at_once,
                                 stopped_before_saving)
-from machinery.tokens import (GPT2_VOCAB_SIZE, batches_per_pass, check_data,  # noqa: F401 (get_tokenizer: as plot_log)
-                              get_tokenizer, open_shard, shard_files, text_file_split)
+from machinery.tokens import (GPT2_VOCAB_SIZE, batches_per_pass, check_data, open_shard, shard_files, text_file_split,
+                              get_tokenizer)  # noqa: F401 (get_tokenizer: importers take it from here, as plot_log)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -535,7 +535,7 @@ def estimate_val_loss(model, loader, n_batches, device, autocast):
 def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     """The validation loss (and HellaSwag with --hellaswag) over all ranks: printed, and returned for the log."""
     results = {}
-    if val_loader is not None:  # eval_iters steps of total_batch_size tokens: the same whatever B, or the processes
+    if val_loader is not None:  # eval_iters steps of total_batch_size tokens (a resume keeps it: on any B or GPUs)
         n_batches = cfg.eval_iters * cfg.total_batch_size // (cfg.B * cfg.T * val_loader.num_processes)  # each rank's
         n_batches = max(1, min(n_batches, batches_per_pass(val_loader)))  # (at most the split: never a token twice)
         results["val_loss"] = estimate_val_loss(model, val_loader, n_batches, device, autocast)

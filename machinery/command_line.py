@@ -49,11 +49,11 @@ def truth_value(text):
     """argparse's type for a boolean setting given a value (--compile true, --sdpa=no): true/false, yes/no, on/off,
     1/0, in any case."""
     meaning = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-    if text.strip().lower() not in meaning:  # (a recipe line's rest is the value: "--compile --lr 1e-3" on one)
-        more = "; a recipe line holds one flag and its value: put each flag on a line of its own" \
-            if " " in text.strip() else ""
+    word = text.strip().lower()
+    if word not in meaning:  # (a recipe line's rest is the value: "--compile --lr 1e-3" on one)
+        more = "; a recipe line holds one flag and its value: put each flag on a line of its own" if " " in word else ""
         raise argparse.ArgumentTypeError(f"invalid true/false value: {text!r}{more}")
-    return meaning[text.strip().lower()]
+    return meaning[word]
 
 
 class ArgumentParser(argparse.ArgumentParser):

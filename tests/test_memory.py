@@ -178,7 +178,7 @@ def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypa
         return backward(model, raw_model, loader, *args)
 
     monkeypatch.setattr(train_gpt2, "forward_backward", out_of_memory_at_step_3)
-    said_once = []  # (under torchrun, processes of one shape run out alike: the line is said once a machine)
+    said_once = []  # (several processes of one shape run out alike: the line is said once a machine)
     monkeypatch.setattr(machinery.console, "say_once", lambda line: said_once.append(print(line, file=sys.stderr)))
     code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "6", "--num_samples", "0",
                                     "--checkpoint_interval", "2", cwd=small_text, monkeypatch=monkeypatch,
