@@ -388,11 +388,15 @@ def write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress)
     with tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, smoothing=0.05, desc=desc,
               disable=not show_progress) as progress, \
             contextlib.closing(tokenized(batches_of(documents, progress), num_proc)) as results:  # (ends the workers)
-        for tokens, lengths, at in results:
-            writer.add(tokens, lengths, at)
-            progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
-    if writer.position == writer.documents:  # every document was empty: nothing but separators
-        raise PrepareError(f"{source!r} holds no text")
+        try:
+            for tokens, lengths, at in results:
+                writer.add(tokens, lengths, at)
+                progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
+            if writer.position == writer.documents:  # every document was empty: nothing but separators
+                raise PrepareError(f"{source!r} holds no text")
+        except Exception:  # an error's one line stands alone: the bar is cleared (a stop leaves it: how far it got)
+            progress.leave = False
+            raise
     return writer
 
 

@@ -1016,6 +1016,7 @@ def test_bad_input_is_one_clear_line(tmp_path, source, setup, message, monkeypat
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # after the progress bar, if it started
     assert last.startswith("error:") and message in last, err
+    assert err.count("\n") == 1  # (a bar that started is cleared: on a terminal, the error's line is all there is)
     # nothing written is kept, not even the manifest: mended, the source is prepared by the same command
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
