@@ -607,6 +607,22 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, text_file, monke
     assert code == 1 and err.strip() == "error: --init_from: no checkpoint at 'nothing.pt'"
 
 
+def test_a_run_is_evaluated_on_processes_that_do_not_divide_its_tokens_per_step(tmp_path):
+    """--resume --eval_only on two processes of a one-process run of 64 tokens a step at B=2, T=32 (128 a
+    micro-step over two): evaluating accumulates nothing, so it is not refused; resuming to train is, in one line."""
+    from train_gpt2 import TrainConfig
+
+    from conftest import REPO
+
+    saved = dict(B=2, T=32, total_batch_size=64, input_file=str(REPO / "input.txt"))
+    cfg = machinery.checkpoints.resumed_batch(TrainConfig(resume=True, eval_only=True), set(), saved, "run/ckpt.pt", 2,
+                                              steps_done=4)
+    assert (cfg.B, cfg.T, cfg.total_batch_size) == (2, 32, 64)
+    with pytest.raises(ValueError, match="the run's 64 tokens per step are not a multiple of B\\*T\\*processes = "
+                                         "2\\*32\\*2 = 128: resume with a --B that makes them one"):
+        machinery.checkpoints.resumed_batch(TrainConfig(resume=True), set(), saved, "run/ckpt.pt", 2, steps_done=4)
+
+
 def test_a_resume_continues_the_runs_batch_and_names_another_B(tmp_path, text_file, monkeypatch, capsys):
     """A run trained at --B 2 --T 16 (32 tokens a step) and resumed with no batch flags carries on as it
     was, not at the defaults (B=4, T=32); with --B 1 it says so in one line and keeps 32 tokens a step by
