@@ -128,7 +128,9 @@ def plan_memory(model, cfg, world_size, device, dtype, start_step=0):
     total = device_memory(device)
     has = f"{device_name(device)} has {size(total)}" if total else device_name(device)
     if cfg.eval_only or start_step >= cfg.max_steps:  # no gradients, no AdamW: the weights and a forward pass
-        return f"memory per process: weights {size(WEIGHT_BYTES * parameters_per_process(model))} (no training) | {has}"
+        n = parameters_per_process(model, world_size if cfg.fsdp else 1)  # (FSDP: this process's share)
+        where = " in RAM" if cfg.cpu_offload else f" (its 1/{world_size} share)" if cfg.fsdp else ""
+        return f"memory per process: weights {size(WEIGHT_BYTES * n)}{where} (no training) | {has}"
     parts = memory_needs(model, cfg, world_size, dtype)  # [(what, bytes)]
     need = sum(bytes_ for _, bytes_ in parts)
     line = f"memory per process: {' + '.join(what for what, _ in parts)} = about {size(need)}{fit(need, total)} | {has}"

@@ -163,8 +163,15 @@ def test_training_that_cannot_fit_in_a_cpus_ram_is_refused_before_step_0(small_t
             with pytest.raises(ValueError, match=r"\(3 processes x [\d.]+ MiB\), more than this machine's .*, "
                                                  r"split the state with --fsdp, or start fewer processes a machine$"):
                 plan_memory(model, cfg, processes, "cpu", torch.float32)
-    # a resume with no step left to train (--max_steps reached: it only samples) needs only the weights
-    assert "(no training)" in plan_memory(model, cfg, 3, "cpu", torch.float32, start_step=cfg.max_steps)
+    # a resume with no step left to train (--max_steps reached: it only samples) needs only the weights: under
+    # FSDP this process's share of them (each tensor's largest piece of three, counted here by hand), offloaded in RAM
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    share = 4 * sum(-(-p.shape[0] // 3) * (p.numel() // p.shape[0]) for p in model.parameters())
+    for mode, what in (({}, f"weights {weights / MIB:.1f} MiB (no training)"),
+                       ({"fsdp": True}, f"weights {share / MIB:.1f} MiB (its 1/3 share) (no training)"),
+                       ({"cpu_offload": True}, f"weights {weights / MIB:.1f} MiB in RAM (no training)")):
+        line = plan_memory(model, dataclasses.replace(cfg, **mode), 3, "cpu", torch.float32, start_step=cfg.max_steps)
+        assert line.startswith(f"memory per process: {what} | "), line
 
 
 def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypatch, capsys):
