@@ -68,7 +68,7 @@ from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
 from machinery.shard_folder import (check_disk_space, check_finished, check_memory, finished_problem, lock_out_dir,
                                     refuse_folders_under_its_names, remove_unfinished_writes, sha256_of,
                                     start_manifest)
-from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE, get_tokenizer
+from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE, blank_ids, get_tokenizer
 
 FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only
 EOT = 50256  # <|endoftext|>: starts every document
@@ -206,6 +206,7 @@ class ShardWriter:
         self.documents = done["next_document"] + (self.resume[1] > 0)  # documents begun before the next piece
         self.document_start = self.position - done["next_offset"]  # where the last one begun starts
         self.stream_position = self.document_start + done.get("next_byte_offset", 0)  # where the next piece starts
+        self.text_seen = bool(manifest["shards"])  # a token that is not whitespace (a resume: in its shards)
 
     def resume_point(self):
         """(documents to skip, the byte of the next one to read from)."""
@@ -216,6 +217,7 @@ class ShardWriter:
         begins one). The first piece may be partly written already, on a resume."""
         starts = self.stream_position + np.cumsum(lengths) - lengths  # stream position where each piece starts
         data = tokens[self.position - self.stream_position:]  # skip what earlier shards hold
+        self.text_seen = self.text_seen or not blank_ids()[data].all()  # (a corpus's first batch, in practice)
         while len(data):
             if self.filled == self.shard_size:  # full, and a token follows: write it
                 self.write_shard(self.buffer, "val" if not self.manifest["shards"] else "train",
@@ -394,6 +396,8 @@ def write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress)
                 progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
             if writer.position == writer.documents:  # every document was empty: nothing but separators
                 raise PrepareError(f"{source!r} holds no text")
+            if not writer.text_seen:  # (as train_gpt2.py refuses an --input_file of whitespace)
+                raise PrepareError(f"{source!r} holds only whitespace")
         except Exception:  # an error's one line stands alone: the bar is cleared (a stop leaves it: how far it got)
             progress.leave = False
             raise

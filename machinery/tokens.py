@@ -44,6 +44,14 @@ def get_tokenizer() -> tiktoken.Encoding:
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
+@functools.lru_cache(maxsize=None)
+def blank_ids():
+    """A mask over GPT-2's ids, True where a token is only whitespace (ASCII), and for <|endoftext|>: the
+    tokens of a corpus that holds no text."""
+    enc = get_tokenizer()
+    return np.array([enc.decode_single_token_bytes(i).isspace() for i in range(enc.n_vocab - 1)] + [True])
+
+
 # RAM to tokenize a text at once, a byte of it: the bytes, the str, tiktoken's list of Python ints (~36 bytes
 # a token, and a token is ~4 bytes of text) and the array (measured: 11.7 for English, 46 MB of it)
 TOKENIZE_BYTES_PER_BYTE = 12

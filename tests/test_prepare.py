@@ -978,6 +978,9 @@ BAD_SOURCES = [  # (source, setup, what the one line must say)
     ("folder", lambda p: (p / "folder").mkdir() or (p / "folder" / "notes.md").write_text("x"),
      "has no .txt, .jsonl or .parquet files"),
     ("empty.txt", lambda p: (p / "empty.txt").write_text(""), "holds no text"),
+    ("spaces.txt", lambda p: (p / "spaces.txt").write_text("   \n\n \t \n" * 50), "'spaces.txt' holds only whitespace"),
+    ("blanks", lambda p: (p / "blanks").mkdir() or (p / "blanks" / "a.jsonl").write_text('{"text": " \\n "}\n' * 9),
+     "'blanks' holds only whitespace"),
     ("blank", lambda p: (p / "blank").mkdir() or (p / "blank" / "a.jsonl").write_text('{"text": ""}\n'),
      "holds no text"),
     ("notext", lambda p: (p / "notext").mkdir() or (p / "notext" / "a.jsonl").write_text(
