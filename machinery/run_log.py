@@ -62,13 +62,15 @@ EVALUATION = ("val_loss", "hellaswag_acc", "hellaswag_acc_norm")
 def gpt2_val_loss_on(data_dir):
     """GPT-2 124M's published validation loss on data_dir's first shard, where it is known: FineWeb-Edu
     sample-10BT prepared by prepare.py in shards of its default size (another size makes another first
-    shard). None for other data (get it with --init_from gpt2 --eval_only)."""
+    shard), its first shard the val split (a part of it that fits in one shard is split 90/10 instead).
+    None for other data (get it with --init_from gpt2 --eval_only)."""
     if not data_dir:
         return None
     with open(os.path.join(data_dir, MANIFEST)) as f:
         manifest = json.load(f)
+    first = (manifest.get("shards") or [{}])[0]
     fineweb = manifest.get("source") == ":".join(FINEWEB_EDU) and manifest.get("tokenizer") == "gpt2" and \
-        manifest.get("shard_size") == SHARD_SIZE
+        manifest.get("shard_size") == SHARD_SIZE and first.get("split") == "val"
     return GPT2_FINEWEB_EDU_VAL_LOSS if fineweb else None
 
 

@@ -405,6 +405,22 @@ def test_the_picture_marks_gpt2s_val_loss_only_on_fineweb_edu(tmp_path, prepared
         assert drawn == [gpt2_val_loss, gpt2_val_loss], name  # drawn at each evaluation: steps 0 and 1
 
 
+def test_no_gpt2_mark_on_fineweb_edu_that_fits_in_one_shard(tmp_path):
+    """FineWeb-Edu prepared in shards of the default size, but so little of it (a stand-in) that it fits in
+    one: prepare.py splits it 90/10, train first, and its val split is not the first shard GPT-2's 3.2924
+    was measured on."""
+    def with_shards(*splits):
+        folder = tmp_path / "-".join(splits)
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps(dict(
+            source=":".join(machinery.tokens.FINEWEB_EDU), tokenizer="gpt2", shard_size=100_000_000,
+            shards=[dict(split=split, tokens=10) for split in splits])))
+        return str(folder)
+
+    assert machinery.run_log.gpt2_val_loss_on(with_shards("val", "train", "train")) == 3.2924
+    assert machinery.run_log.gpt2_val_loss_on(with_shards("train", "val")) is None
+
+
 @pytest.mark.parametrize("change", ["shorter", "cut_short", "deleted"])
 def test_a_shard_changed_while_training_runs_is_one_line_naming_it(tmp_path, prepared, change):
     """The manifest and every shard's header are checked when a run begins; a shard changed after that
