@@ -23,6 +23,7 @@ import sys
 
 from machinery.checkpoints import load_checkpoint, load_weights, names_a_checkpoint
 from machinery.command_line import ArgumentParser
+from machinery.files import print_line
 from machinery.hardware import DTYPES
 from machinery.hellaswag_eval import (N_VALIDATION, REFERENCE, Interrupted, count_correct_resumably, load_items,
                                       progress_path)
@@ -94,10 +95,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: before scoring began", file=sys.stderr, flush=True)
         return 130
-    print(f"hellaswag acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} ({n} items) | {name}")
+    # (stdout gone, a pipe's reader stopped: the score is said on stderr, not lost)
+    print_line(f"hellaswag acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} ({n} items) | {name}", sys.stdout)
     if name in REFERENCE and n == N_VALIDATION:
         acc, acc_norm = REFERENCE[name]
-        print(f"reference for {name}: acc {acc:.4f} acc_norm {acc_norm:.4f}")
+        print_line(f"reference for {name}: acc {acc:.4f} acc_norm {acc_norm:.4f}", sys.stdout)
     return 0
 
 

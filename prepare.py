@@ -63,7 +63,7 @@ import numpy as np
 
 from machinery.command_line import ArgumentParser
 from machinery.corpus import local_documents, local_files, source_fingerprint
-from machinery.files import DiskFull, PrepareError, write_atomically
+from machinery.files import DiskFull, PrepareError, print_line, write_atomically
 from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
 from machinery.shard_folder import (check_disk_space, check_finished, check_memory, finished_problem, lock_out_dir,
                                     refuse_folders_under_its_names, remove_unfinished_writes, sha256_of,
@@ -450,8 +450,8 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, previous)
     splits = [s["split"] for s in manifest["shards"]]
-    print(f"{out_dir}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
-          f"{splits.count('train')} train and {splits.count('val')} val shards")
+    print_line(f"{out_dir}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
+               f"{splits.count('train')} train and {splits.count('val')} val shards", sys.stdout)  # (stdout gone: stderr)
     return 0
 
 

@@ -9,15 +9,16 @@ import sys
 
 import numpy as np
 
-from machinery.files import free_bytes, in_units, say_once
+from machinery.files import free_bytes, in_units, print_line, say_once
 from machinery.memory import ADAM_BYTES, WEIGHT_BYTES
 from machinery.tokens import read_manifest
 
 
-def print0(*args, **kwargs):
-    """print(), from one process only: torchrun gives each process it starts a RANK, and rank 0 speaks."""
+def print0(line, file=None):
+    """print(line), from one process only: torchrun gives each process it starts a RANK, and rank 0 speaks.
+    (A console gone mid-run, a `| tee` stopped with it, does not stop the run: print_line.)"""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
+        print_line(line, file or sys.stdout)
 
 
 def say_error(error, every_process=False):
@@ -27,7 +28,7 @@ def say_error(error, every_process=False):
     if every_process or getattr(error, "every_process", False):
         say_once(f"error: {error}")
     else:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print_line(f"error: {error}", sys.stderr)
     return 1
 
 

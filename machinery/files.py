@@ -1,6 +1,6 @@
 """
 Files and errors: one-line error messages (said once under torchrun where every process meets them
-alike: say_once), atomic writes, a full disk said as such, sizes for people (files in powers of
+alike: say_once), lines printed where the console may be gone (print_line), atomic writes, a full disk said as such, sizes for people (files in powers of
 1000, memory in powers of 1024), the machine's RAM, and is_whole_number for the counts a file read
 back holds (a checkpoint, a manifest, the log: each may have been edited by hand).
 
@@ -59,7 +59,25 @@ def say_once(line):
     stopped before that one has printed.)"""
     if "RANK" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0":  # (torchrun sets both; as strings)
         time.sleep(SAY_ONCE_WAIT_S)
-    print(line, file=sys.stderr, flush=True)
+    print_line(line, sys.stderr)
+
+
+def print_line(line, stream):
+    """print(line) to `stream` (sys.stdout or sys.stderr), flushed. A stream that cannot take it (the reader
+    of its pipe gone, as a `| tee` stopped with the run; a closed terminal; a full disk) is pointed at
+    os.devnull from then on, and the work goes on: a run still saves its checkpoint (its lines are in its
+    log.jsonl). Lost stdout is said once on stderr, with the line it could not print."""
+    try:
+        print(line, file=stream, flush=True)
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):  # (no file descriptor, as under a test's capture: as it was)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())  # (what print left in the stream's buffer goes there too)
+            os.close(null)
+        if stream is not sys.stderr:
+            with contextlib.suppress(OSError, ValueError):
+                print(f"cannot write to stdout ({e.strerror or e}): its lines are dropped from here on; "
+                      f"this one was: {line}", file=sys.stderr, flush=True)
 
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, too large, quota

@@ -22,23 +22,29 @@ class TrainingDiverged(Exception):
     every_process = True  # (the loss is averaged across processes: all of them stop on it, and it is said once)
 
 
+def stop_signals():
+    """The signals that stop a run after its step: Ctrl-C (SIGINT); SIGTERM, what torchrun sends its workers on
+    Ctrl-C and cluster schedulers send before preempting a job; SIGHUP, the terminal closed or the ssh connection
+    lost, unless it is ignored (as under nohup: then the run goes on, as asked)."""
+    hangup = getattr(signal, "SIGHUP", None)  # (Windows has none)
+    ignored = hangup is None or signal.getsignal(hangup) in (signal.SIG_IGN, None)  # (None: set outside Python)
+    return (signal.SIGINT, signal.SIGTERM) + (() if ignored else (hangup,))
+
+
 class StopRequested:
-    """Ctrl-C (SIGINT) or SIGTERM during training asks to stop after the current step, so the
-    checkpoint written on the way out is a consistent step. SIGTERM is what torchrun sends its
-    workers on Ctrl-C, and what cluster schedulers send before preempting a job. A second signal
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP during training asks to stop after the current step, so the
+    checkpoint written on the way out is a consistent step (stop_signals). A second signal
     interrupts at once: the handlers it found answer it (a second Ctrl-C, Python's KeyboardInterrupt; a
     second SIGTERM, interrupt_at_once, which main set through sigterm_stops_at_once). Use as
     `with StopRequested(log) as stop:`, then read stop.requested (the RunLog says whether the stop will
     save: not over another run's checkpoint, see RunLog)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log=None):
         self.log = log
 
     def __enter__(self):
         self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self.previous = {s: signal.signal(s, self._handle) for s in stop_signals()}
         return self
 
     def _handle(self, signum, frame):
@@ -56,18 +62,16 @@ class StopRequested:
 
 
 class SignalsHeld:
-    """Ctrl-C and SIGTERM held while the block runs, then delivered to the handlers there were. torch.save
+    """Ctrl-C, SIGTERM and SIGHUP (stop_signals) held while the block runs, then delivered to the handlers there were. torch.save
     turns an exception raised inside it (a second signal's KeyboardInterrupt) into a RuntimeError about
     the file's position, with a traceback: a signal during a checkpoint's write now acts once the file
     is whole (a second one: the run stops at once, with that checkpoint). Only the main thread may set
     handlers, and a handler set outside Python (None) could not be put back: those are left as they are."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __enter__(self):
         self.held, self.previous = [], {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.getsignal(s) for s in self.SIGNALS if signal.getsignal(s) is not None}
+            self.previous = {s: signal.getsignal(s) for s in stop_signals() if signal.getsignal(s) is not None}
             for s in self.previous:
                 signal.signal(s, self._hold)
         return self

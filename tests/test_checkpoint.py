@@ -21,8 +21,9 @@ import machinery.command_line
 import machinery.console
 import machinery.files
 import machinery.run_log
+import machinery.stopping
 import train_gpt2
-from conftest import REPO, TINY, Launched, run_in_process, run_script, shakespeare_sample, step_losses
+from conftest import REPO, SCRIPT_ENV, TINY, Launched, run_in_process, run_script, shakespeare_sample, step_losses
 from machinery.checkpoints import load_checkpoint, save_checkpoint
 from machinery.stopping import say_stopping
 from train_gpt2 import main
@@ -186,6 +187,71 @@ def test_a_sigterm_before_the_loop_stops_at_once_in_one_line(tmp_path, text_file
     assert code == 130, (rest, err)
     assert "interrupted: stopped at once, saving and exporting nothing more" in err and "Traceback" not in err
     assert "step     0" not in rest and not (tmp_path / "run" / "ckpt.pt").exists()  # (it never reached the loop)
+
+
+def test_a_hangup_stops_after_the_step_with_a_checkpoint(tmp_path, text_file):
+    """SIGHUP (the terminal closed, the ssh connection lost) stops a run as SIGTERM does: the step finished,
+    saved, exit code 130; the OS's default would end it without a word and without its steps."""
+    args = (*RUN, "--input_file", text_file, "--max_steps", "300", "--out_dir", "run")
+    with start(tmp_path, *args) as run:
+        run.wait_for("step     3 | loss", deadline_s=120)
+        run.send_signal(signal.SIGHUP)
+        code, rest, err = run.finish(deadline_s=120)
+    assert code == 130, err
+    assert "SIGHUP: stopping after this step, with a checkpoint" in err and "Traceback" not in err
+    assert 4 < load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"] < 300
+
+
+def test_an_ignored_hangup_stays_ignored():
+    """Under nohup, SIGHUP is ignored before the run starts: the run leaves it so (the user asked it to outlive
+    the terminal), while Ctrl-C and SIGTERM still stop it after the step, and saving holds them."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with machinery.stopping.StopRequested() as stop, machinery.stopping.SignalsHeld():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (not ignored: caught in the loop)
+        with machinery.stopping.StopRequested() as stop:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # (and put back)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+TRAIN_WITHOUT_STDOUT = [*TINY, "--B", "2", "--T", "16", "--max_steps", "3", "--num_samples", "1",
+                        "--max_new_tokens", "4", "--out_dir", "run"]
+
+
+def test_a_run_whose_stdout_is_gone_goes_on_and_saves(tmp_path, text_file):
+    """stdout's reader gone (a `| tee` stopped along with the run, a `| head`): every print would fail with a
+    broken pipe. The run says so once on stderr and goes on: it trains, saves its checkpoint and log, exit 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader: each write to stdout fails (EPIPE)
+    try:
+        r = subprocess.run([sys.executable, str(REPO / "train_gpt2.py"), *TRAIN_WITHOUT_STDOUT, "--input_file",
+                            str(text_file)], cwd=tmp_path, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, **SCRIPT_ENV}, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("cannot write to stdout") == 1 and "Traceback" not in r.stderr
+    assert "cannot write to stdout (Broken pipe): its lines are dropped from here on; this one was: device cpu" in r.stderr
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"] == 3
+    assert [record["step"] for record in read_log(tmp_path / "run")] == [0, 1, 2, 3]
+
+
+def test_print_line_points_a_stream_gone_at_devnull(capsys):
+    """print_line's fallback: the broken stream's descriptor becomes os.devnull (a later line, and what the
+    failed one left in its buffer, go there quietly), and stderr is told once, with the line that was lost."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as stream:
+        machinery.files.print_line("the first line", stream)
+        machinery.files.print_line("the second line", stream)
+        assert os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))
+    err = capsys.readouterr().err
+    assert "cannot write to stdout (Broken pipe)" in err and "this one was: the first line" in err
+    assert "second" not in err
 
 
 def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, text_file, uninterrupted):
