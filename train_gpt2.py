@@ -610,7 +610,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     train_loader, val_loader = make_loader(cfg, "train", rank, world_size), make_loader(cfg, "val", rank, world_size)
     print0(describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps))
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)  # (after sharding: its shards)
-    print0(describe_plan(cfg, raw_model))  # what the run will write, and how big
+    print0(describe_plan(cfg, raw_model, start_step))  # what the run will write, and how big
     if cfg.resume:  # the optimizer's moments, the loss scale, the data's position and the random streams, as they were
         restore_training_state(ckpt, ckpt_path, raw_model, optimizer, scaler, train_loader, sample_generator)
     del ckpt  # free the CPU copy (or the file's mapping)

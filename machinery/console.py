@@ -112,14 +112,24 @@ def checkpoint_bytes(model):
     return (WEIGHT_BYTES + ADAM_BYTES) * sum(p.numel() for p in model.parameters())
 
 
-def describe_plan(cfg, model):
+def checkpoint_copies(cfg, start_step):
+    """How many checkpoints the disk must hold at once: a save writes the new one whole before it replaces
+    the last one. Where out_dir holds none yet, a run that saves more than once needs room for two."""
+    next_due = (start_step // cfg.checkpoint_interval + 1) * cfg.checkpoint_interval if cfg.checkpoint_interval else 0
+    saves_twice = 0 < next_due < cfg.max_steps  # (a periodic save, then the last step's)
+    return 2 if saves_twice and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")) else 1
+
+
+def describe_plan(cfg, model, start_step):
     """Said before the first step: a warmup longer than the run, what the run will write, and how big the
-    checkpoint will be. Where the disk has less room than one checkpoint, the run stops here, not at its
-    first save (rank 0 saves)."""
-    need, free = checkpoint_bytes(model), free_bytes(cfg.out_dir)
-    if int(os.environ.get("RANK", 0)) == 0 and free < need:  # (the write replaces the last one only when whole)
-        raise ValueError(f"--out_dir {cfg.out_dir!r} has {in_units(free)} free, less than the run's checkpoint "
-                         f"needs (about {in_units(need)}): free some space, or choose another --out_dir")
+    checkpoint will be. Where the disk has less room than the checkpoints need, the run stops here, not at
+    a save (rank 0 saves)."""
+    size, free, copies = checkpoint_bytes(model), free_bytes(cfg.out_dir), checkpoint_copies(cfg, start_step)
+    need = copies * size
+    if int(os.environ.get("RANK", 0)) == 0 and free < need:
+        held = ", two at once: the last one is replaced only once the next is whole" if copies == 2 else ""
+        raise ValueError(f"--out_dir {cfg.out_dir!r} has {in_units(free)} free, less than the run's checkpoints "
+                         f"need (about {in_units(need)}{held}): free some space, or choose another --out_dir")
     if cfg.export_dir and int(os.environ.get("RANK", 0)) == 0:
         export_need, free = WEIGHT_BYTES * sum(p.numel() for p in model.parameters()), free_bytes(cfg.export_dir)
         if free < export_need:  # (float32 weights)
@@ -130,7 +140,7 @@ def describe_plan(cfg, model):
     if cfg.export_dir:  # (a model already there is replaced, file by file, only once the new one is made)
         holds_a_model = os.path.exists(os.path.join(cfg.export_dir, "model.safetensors"))
         export = f"; exports to {cfg.export_dir} at the end{' (replacing the model there)' if holds_a_model else ''}"
-    return warmup_note(cfg) + (f"writes {os.path.join(cfg.out_dir, 'ckpt.pt')} {when} (about {in_units(need)}: "
+    return warmup_note(cfg) + (f"writes {os.path.join(cfg.out_dir, 'ckpt.pt')} {when} (about {in_units(size)}: "
             f"weights and AdamW moments), {os.path.join(cfg.out_dir, 'log.jsonl')} and "
             f"{os.path.join(cfg.out_dir, 'progress.png')}{export}")
 

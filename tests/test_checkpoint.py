@@ -1155,7 +1155,7 @@ def test_a_disk_with_less_room_than_a_checkpoint_is_said_before_training(tmp_pat
     monkeypatch.setattr(machinery.files.shutil, "disk_usage", lambda path: usage(path)._replace(free=10 ** 6))
     code, out, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run",
                                     cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 1 and err == ("error: --out_dir 'run' has 1.0 MB free, less than the run's checkpoint needs "
+    assert code == 1 and err == ("error: --out_dir 'run' has 1.0 MB free, less than the run's checkpoints need "
                                  "(about 19.6 MB): free some space, or choose another --out_dir\n")
     assert "step    0" not in out and not (tmp_path / "run" / "ckpt.pt").exists()
     # an --export_dir with less room than the export (4 bytes a parameter) too, before training, not after it
@@ -1167,6 +1167,20 @@ def test_a_disk_with_less_room_than_a_checkpoint_is_said_before_training(tmp_pat
     assert code == 1 and err == ("error: --export_dir 'exported' has 1.0 MB free, less than the export needs (about "
                                  "6.5 MB): free some space, or choose another folder\n")
     assert "step    0" not in out and not (tmp_path / "run" / "ckpt.pt").exists()
+    # room for one checkpoint, not two: a run that saves twice (at step 1, then at 2) needs both at once, as the
+    # second is written whole before it replaces the first; a run that saves once, or a resume (its checkpoint
+    # is on the disk already), needs one
+    monkeypatch.setattr(machinery.files.shutil, "disk_usage", lambda path: usage(path)._replace(free=30 * 10 ** 6))
+    code, out, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run",
+                                    "--checkpoint_interval", "1", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: --out_dir 'run' has 30.0 MB free, less than the run's checkpoints need "
+                                 "(about 39.3 MB, two at once: the last one is replaced only once the next is whole): "
+                                 "free some space, or choose another --out_dir\n")
+    for resume, interval in (([], "2"), ([], "1"), (["--resume"], "1")):  # once; twice, the first there; a resume
+        code, out, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "2" if not resume else "4",
+                                        "--out_dir", "run", "--checkpoint_interval", interval, *resume, cwd=tmp_path,
+                                        monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 0, err
 
 
 @pytest.mark.parametrize("fills", ["ckpt.pt", "log.jsonl"])
