@@ -9,9 +9,11 @@ import pickle
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -341,8 +343,20 @@ def four_steps(tmp_path_factory):
     return finished_run(tmp_path_factory, "four_steps", 4)[1]
 
 
+def flip_a_byte_of_the_biggest_tensor(path):
+    """Bits flipped on a disk: one byte in the middle of the largest record's data (the token table), found
+    through the zip's local header (30 bytes, then the name and the extra field)."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26: record.header_offset + 30])
+    data[record.header_offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    return record.filename
+
+
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code",
-                                  "wrong_weights", "unreadable"])
+                                  "wrong_weights", "unreadable", "flipped_bits"])
 def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, four_steps, kind, monkeypatch,
                                                                 capsys):
     shutil.copytree(four_steps, tmp_path / "run")
@@ -362,6 +376,9 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
         def refused(path, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(path))
         monkeypatch.setattr(machinery.checkpoints.torch, "load", refused)
+    elif kind == "flipped_bits":  # torch.load itself takes the file, the byte changed
+        record = flip_a_byte_of_the_biggest_tensor(ckpt)
+        torch.load(ckpt, weights_only=True)
     else:
         ckpt.write_bytes(pickle.dumps(Exploit()))
     before, log_before = digest(ckpt), digest(tmp_path / "run" / "log.jsonl")
@@ -370,6 +387,8 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
     assert code == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "ckpt.pt" in err
     assert ("cannot read" in err) == (kind == "unreadable")  # (not "truncated or corrupt?")
+    if kind == "flipped_bits":
+        assert f"is damaged: the bytes of {record} no longer match the checksum saved with them" in err
     assert digest(ckpt) == before and digest(tmp_path / "run" / "log.jsonl") == log_before
     assert not (tmp_path / "PWNED").exists()  # loading never runs code from the file
 
