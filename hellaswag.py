@@ -27,6 +27,7 @@ from machinery.files import print_line
 from machinery.hardware import DTYPES
 from machinery.hellaswag_eval import (N_VALIDATION, REFERENCE, Interrupted, count_correct_resumably, load_items,
                                       progress_path)
+from machinery.memory import out_of_memory
 from machinery.pretrained import refuse_small_vocabulary
 from machinery.stopping import sigterm_stops_at_once
 from train_gpt2 import GPT, GPTConfig, make_precision, resolve_device
@@ -88,6 +89,12 @@ def main(argv=None):
             correct, correct_norm, n, name = score(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as e:  # out of memory: one line (any other error is raised again, with its traceback)
+        if not out_of_memory(e):
+            raise
+        print_line(f"error: out of memory on {args.device} scoring {args.batch_size} items a batch: a smaller "
+                   "--batch_size needs less", sys.stderr)
         return 1
     except Interrupted as e:  # (the progress bar has ended its line)
         print(f"interrupted: {e}", file=sys.stderr, flush=True)

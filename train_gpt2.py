@@ -44,7 +44,7 @@ from machinery.hardware import (DTYPES, attention_kernels, compile_model, cpu_al
                                 select_device, synchronize, torchrun_ranks)
 from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ranks
 from machinery.loss import linear_cross_entropy
-from machinery.memory import describe_out_of_memory, largest_peak_memory, plan_memory
+from machinery.memory import describe_out_of_memory, largest_peak_memory, out_of_memory, plan_memory
 from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2, shared_weight_names
 from machinery.recompute import MODES, checkpoint_options, recomputed
 from machinery.samples import finish_run, print_samples
@@ -684,10 +684,10 @@ def main(argv=None):
         return code
     except (ValueError, OSError, TrainingDiverged) as e:  # exit code 1; under torchrun one line, not one per process
         return say_error(e)
-    except torch.OutOfMemoryError as e:  # what ran out, and what to change (processes of one shape run out alike)
-        return say_error(describe_out_of_memory(e, cfg, device), every_process=True)
-    except RuntimeError as e:  # under torchrun, a collective whose peer stopped first: one line (others: raised)
-        return another_process_stopped(e)
+    except RuntimeError as e:  # out of GPU memory or RAM; or, under torchrun, a collective whose peer stopped first
+        if out_of_memory(e):  # what ran out, and what to change (processes of one shape run out alike)
+            return say_error(describe_out_of_memory(e, cfg, device), every_process=True)
+        return another_process_stopped(e)  # one line (any other error: raised again, with its traceback)
     except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM outside the loop, or a second in it: stop at once, without saving
         return stopped_at_once(e, cfg.out_dir)
     finally:

@@ -1,7 +1,8 @@
 """
 Files and errors: one-line error messages (said once under torchrun where every process meets them
-alike: say_once), lines printed where the console may be gone (print_line), atomic writes, a full disk said as such, sizes for people (files in powers of
-1000, memory in powers of 1024), the machine's RAM, and is_whole_number for the counts a file read
+alike: say_once), lines printed where the console may be gone (print_line), atomic writes, a full disk
+said as such, sizes for people (files in powers of 1000, memory in powers of 1024), the RAM a process
+may use (a container's or a job's limit, `ulimit -v`), and is_whole_number for the counts a file read
 back holds (a checkpoint, a manifest, the log: each may have been edited by hand).
 
 Every script writes whole files through write_atomically (checkpoints, the picture, shards, the
@@ -137,12 +138,50 @@ def in_binary_units(n_bytes):
 
 
 def ram_bytes():
-    """The machine's RAM in bytes, or None where unknown. (Here, not in memory.py, whose torch the
-    scripts that only need this number, prepare.py and its workers, never import.)"""
+    """The RAM this process may use, in bytes: the machine's, or less where a container or a scheduler's job
+    (a cgroup's memory.max) or `ulimit -v` caps it; None where unknown. (Here, not in memory.py, whose
+    torch the scripts that only need this number, prepare.py and its workers, never import.)"""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
+        machine = None
+    known = [limit for limit in (machine, address_space_limit(), cgroup_memory_limit()) if limit]
+    return min(known, default=None)
+
+
+def address_space_limit():
+    """`ulimit -v` (RLIMIT_AS) in bytes, or None where there is none."""
+    try:
+        import resource  # (Unix only)
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
         return None
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def cgroup_memory_limit(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """The lowest memory limit of this process's cgroup (v2: memory.max; v1: memory.limit_in_bytes) and those
+    above it, in bytes, or None (no cgroups, no limit: "max", or v1's near-2**63)."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    limits = []
+    for _, controllers, path in (line for line in lines if len(line) == 3):
+        if controllers == "":  # v2: one tree
+            folder, name = root + path, "memory.max"
+        elif "memory" in controllers.split(","):  # v1: the memory controller's tree
+            folder, name = os.path.join(root, "memory") + path, "memory.limit_in_bytes"
+        else:
+            continue
+        while folder.startswith(root):  # this cgroup, then each above it (a container sees its own as the root)
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(folder, name)) as f:
+                    limits.append(int(f.read()))  # ("max": ValueError, no limit)
+            folder = os.path.dirname(folder.rstrip("/"))
+    limits = [limit for limit in limits if limit < 1 << 60]  # (v1 says "no limit" with about 2**63)
+    return min(limits, default=None)
 
 
 def is_whole_number(value, least=0):

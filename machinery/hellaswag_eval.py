@@ -266,8 +266,8 @@ def save_progress(path, counts):
 
 def count_correct_resumably(model, items, device, autocast, batch_size, path):
     """count_correct's (correct, correct_norm, items), counted batch by batch from the counts an interrupted
-    or killed run saved in `path`: saved there every SAVE_EVERY_S seconds and on Ctrl-C (which then raises
-    Interrupted), removed at the end. Where they cannot be saved, that is said once, and scoring goes on."""
+    or killed run saved in `path`: saved there every SAVE_EVERY_S seconds, on Ctrl-C (which then raises
+    Interrupted) and on an error (out of memory), removed at the end. Where they cannot be saved, that is said once, and scoring goes on."""
     from tqdm import tqdm
 
     counts = read_progress(path, len(items))  # (items scored, correct, correct_norm)
@@ -288,6 +288,9 @@ def count_correct_resumably(model, items, device, autocast, batch_size, path):
         failure = save_progress(path, counts)
         then = f"the counts could not be saved ({failure})" if failure else "run the same command to continue"
         raise Interrupted(f"scored {counts[0]:,} of {len(items):,} items; {then}") from None
+    except Exception:  # (out of memory, say: the same command, once there is room, continues from here)
+        save_progress(path, counts)
+        raise
     with contextlib.suppress(OSError):  # none saved, or a cache that cannot be written: the counts are whole
         os.remove(path)
     scored, correct, correct_norm = counts

@@ -279,9 +279,16 @@ def train_local(error, name):
     return None
 
 
+def out_of_memory(error):
+    """Whether an error is memory running out: a GPU's torch.OutOfMemoryError, or the RuntimeError of torch's
+    CPU allocator (RAM, or a `ulimit -v`, exhausted)."""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
 def describe_out_of_memory(error, cfg, device):
-    """One line for a CUDA out-of-memory error: where, and the ways to need less memory. The settings are
-    train's own where the error came through it (a resume's batch is the checkpoint's, not cfg's)."""
+    """One line for an out-of-memory error: where, and the ways to need less memory (on a GPU, also moving
+    the state off it; a CPU's processes share one RAM, which those do not shrink). The settings are train's
+    own where the error came through it (a resume's batch is the checkpoint's, not cfg's)."""
     total = device_memory(device)
     step, cfg = step_of(error), train_local(error, "cfg") or cfg
     where = (f"at step {step} " if step is not None else "before training ") + \
@@ -289,6 +296,7 @@ def describe_out_of_memory(error, cfg, device):
     total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))
     saved = os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
     ways = ways_to_need_less(cfg, total_batch_size)
-    ways += [] if cfg.fsdp else ["split the model's state with --fsdp under torchrun"]  # (not what is already on)
-    ways += [] if cfg.cpu_offload else ["keep it in RAM with --cpu_offload"]
+    if not device.startswith("cpu"):  # (not what is already on)
+        ways += [] if cfg.fsdp else ["split the model's state with --fsdp under torchrun"]
+        ways += [] if cfg.cpu_offload else ["keep it in RAM with --cpu_offload"]
     return f"out of memory {where}: {one_of(ways)}" + ("; the last checkpoint is intact" if saved else "")

@@ -284,6 +284,51 @@ def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(
     assert not list((tmp_path / "cache").rglob("*.json"))
 
 
+CPU_ALLOCATOR_FAILED = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                        "tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError(CPU_ALLOCATOR_FAILED)], ids=["gpu", "ram"])
+def test_out_of_memory_while_scoring_is_one_line_the_counts_saved(tmp_path, items_file, random_gpt2, monkeypatch,
+                                                                  capsys, error):
+    """Memory running out in the third batch (a GPU's, or RAM as torch's CPU allocator says it) is one line and
+    exit code 1, not a traceback; the counts of the first two batches are kept, and the same command continues."""
+    args, expected = scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
+    count_correct, scored = hellaswag_eval.count_correct, []
+
+    def recording(model, items, *args):
+        scored.extend(items)
+        return count_correct(model, items, *args)
+
+    def out_of_memory_in_the_third_batch(model, items, *args):
+        if len(scored) == 4:
+            raise error
+        return recording(model, items, *args)
+
+    monkeypatch.setattr(hellaswag_eval, "count_correct", out_of_memory_in_the_third_batch)
+    assert hellaswag.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("\nerror: out of memory on cpu scoring 2 items a batch: a smaller --batch_size needs less\n")
+    monkeypatch.setattr(hellaswag_eval, "count_correct", recording)
+    scored.clear()
+    assert hellaswag.main(args) == 0 and capsys.readouterr().out == expected
+    assert scored == hellaswag_eval.read_items(str(items_file))[4:]
+
+
+def a_bug(*args):
+    raise RuntimeError("a bug")
+
+
+def test_an_error_that_is_not_out_of_memory_keeps_its_traceback(tmp_path, items_file, random_gpt2, monkeypatch):
+    """Only memory running out is an expected fault: any other RuntimeError is a bug, raised with its traceback."""
+    path, _, _ = random_gpt2
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(hellaswag_eval, "count_correct", a_bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--device", "cpu"])
+
+
 class NotAnswered(Exception):
     """Raised by this test's own SIGTERM handler, which stands for the OS's (the end of the process)."""
 

@@ -174,17 +174,33 @@ def test_training_that_cannot_fit_in_a_cpus_ram_is_refused_before_step_0(small_t
         assert line.startswith(f"memory per process: {what} | "), line
 
 
-def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypatch, capsys):
+# what torch's CPU allocator raises where RAM (or a `ulimit -v`) runs out: a RuntimeError, not an OutOfMemoryError
+CPU_ALLOCATOR_FAILED = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                        "tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+
+
+class OutOfMemoryAtStep3:
+    """forward_backward that runs out of memory in step 3, with `error`."""
+
+    def __init__(self, error):
+        import train_gpt2
+
+        self.error, self.backward = error, train_gpt2.forward_backward
+
+    def __call__(self, model, raw_model, loader, *args):
+        if loader.state_dict()["position"] >= 3 * 4 * 32:  # the batch of step 3 (B=4, T=32)
+            raise self.error
+        return self.backward(model, raw_model, loader, *args)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError(CPU_ALLOCATOR_FAILED)], ids=["gpu_kind", "cpu_allocator"])
+def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypatch, capsys, error):
+    """Memory running out (as a GPU says it, or as torch's CPU allocator does) is one line: where, and what to
+    change. On a CPU, not --fsdp or --cpu_offload: its processes share one RAM, which they do not shrink."""
     import train_gpt2
 
-    backward = train_gpt2.forward_backward
-
-    def out_of_memory_at_step_3(model, raw_model, loader, *args):
-        if loader.state_dict()["position"] >= 3 * 4 * 32:  # the batch of step 3 (B=4, T=32)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.19 GiB total)")
-        return backward(model, raw_model, loader, *args)
-
-    monkeypatch.setattr(train_gpt2, "forward_backward", out_of_memory_at_step_3)
+    monkeypatch.setattr(train_gpt2, "forward_backward", OutOfMemoryAtStep3(error))
     said_once = []  # (several processes of one shape run out alike: the line is said once a machine)
     monkeypatch.setattr(machinery.console, "say_once", lambda line: said_once.append(print(line, file=sys.stderr)))
     code, out, err = run_in_process(*TINY[:-2], "--input_file", "text.txt", "--max_steps", "6", "--num_samples", "0",
@@ -193,7 +209,7 @@ def test_out_of_memory_is_one_line_that_says_what_to_change(small_text, monkeypa
     assert code == 1 and err.count("\n") == 1 and len(said_once) == 1
     assert err.startswith("error: out of memory at step 3 (micro-batch 4 x 32 on cpu")
     assert "lower --B and keep --total_batch_size 128" in err and "--activation_checkpointing" in err
-    assert "--fsdp" in err and "--cpu_offload" in err and "the last checkpoint is intact" in err
+    assert "--fsdp" not in err and "--cpu_offload" not in err and "the last checkpoint is intact" in err
     assert torch.load(small_text / "out" / "ckpt.pt", weights_only=True)["steps_done"] == 2
 
 
@@ -206,13 +222,21 @@ def test_the_out_of_memory_line_counts_the_tokens_of_every_process(tmp_path, mon
     assert "lower --B and keep --total_batch_size 1024 " in line
 
 
+@pytest.fixture
+def a_gpu(monkeypatch):
+    """describe_out_of_memory's view of cuda:0, an 80 GB GPU (none is needed: only its name and memory are asked)."""
+    monkeypatch.setattr(machinery.memory, "device_memory", lambda device: 80 * 10 ** 9)
+    monkeypatch.setattr(machinery.memory, "device_name", lambda device: "cuda:0 (NVIDIA H100 80GB HBM3)")
+    return "cuda:0"
+
+
 @pytest.mark.parametrize("on, not_suggested", [("fsdp", "split the model's state with --fsdp"),
                                                ("cpu_offload", "keep it in RAM with --cpu_offload")])
-def test_the_out_of_memory_line_does_not_suggest_what_is_already_on(on, not_suggested, tmp_path):
+def test_the_out_of_memory_line_does_not_suggest_what_is_already_on(on, not_suggested, tmp_path, a_gpu):
     everything = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"),
-                                        TrainConfig(out_dir=str(tmp_path)), "cpu")
+                                        TrainConfig(out_dir=str(tmp_path)), a_gpu)
     line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"),
-                                  TrainConfig(out_dir=str(tmp_path), **{on: True}), "cpu")
+                                  TrainConfig(out_dir=str(tmp_path), **{on: True}), a_gpu)
     assert not_suggested in everything and not_suggested not in line and line.count("--") == everything.count("--") - 1
 
 
@@ -220,9 +244,9 @@ def test_the_out_of_memory_line_does_not_suggest_what_is_already_on(on, not_sugg
                                           ("selective", "recompute more with --activation_checkpointing full, "),
                                           ("every_other", "recompute more with --activation_checkpointing full, "),
                                           ("full", "the same training), split the model's state")])
-def test_the_out_of_memory_line_suggests_checkpointing_only_where_more_is_left(mode, advice, tmp_path):
+def test_the_out_of_memory_line_suggests_checkpointing_only_where_more_is_left(mode, advice, tmp_path, a_gpu):
     cfg = TrainConfig(B=4, T=32, out_dir=str(tmp_path), activation_checkpointing=mode)
-    line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, "cpu")
+    line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, a_gpu)
     assert advice in line and line.count("--activation_checkpointing") == (mode != "full")
 
 
@@ -244,3 +268,42 @@ def test_a_resumed_runs_out_of_memory_line_names_the_batch_it_trains_with(small_
                                   capsys=capsys)
     assert code == 1 and err.startswith("error: out of memory at step 2 (micro-batch 2 x 16 on cpu")
     assert "keep --total_batch_size 32 (more accumulation" in err
+
+
+def test_the_ram_a_process_may_use_is_the_lowest_cgroup_limit_above_it(tmp_path):
+    """A container or a scheduler's job caps RAM below the machine's with a cgroup: v2's memory.max in this
+    process's cgroup or any above it ("max": none), v1's memory.limit_in_bytes (about 2**63: none)."""
+    from machinery.files import cgroup_memory_limit
+
+    root, proc = tmp_path / "cgroup", tmp_path / "proc_self_cgroup"
+    for folder, limit in (("job", str(4 << 30)), ("job/step", "max"), ("memory/batch", str(2 << 30)),
+                          ("memory", "9223372036854771712")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / ("memory.limit_in_bytes" if folder.startswith("memory") else "memory.max")).write_text(limit)
+    proc.write_text("0::/job/step\n")  # v2: the job's 4 GiB, above the step's "max"
+    assert cgroup_memory_limit(str(proc), str(root)) == 4 << 30
+    proc.write_text("4:memory:/batch\n1:cpu:/batch\n")  # v1: the memory controller's tree
+    assert cgroup_memory_limit(str(proc), str(root)) == 2 << 30
+    proc.write_text("4:memory:/\n")  # v1's "no limit"
+    assert cgroup_memory_limit(str(proc), str(root)) is None
+    proc.write_text("0::/\n")  # none at the top
+    assert cgroup_memory_limit(str(proc), str(root)) is None
+    assert cgroup_memory_limit(str(tmp_path / "no such file"), str(root)) is None
+
+
+ULIMIT_V = """import resource, sys
+sys.path.insert(0, {repo!r})
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+from machinery.files import ram_bytes
+print(ram_bytes())
+"""
+
+
+def test_the_ram_a_process_may_use_is_at_most_its_ulimit_v():
+    """`ulimit -v` (RLIMIT_AS) caps what the allocator gets: ram_bytes, which the start-of-run RAM check uses,
+    says that rather than the machine's RAM (set in a process of its own: it cannot be raised back)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", ULIMIT_V.format(repo=str(REPO))], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and int(r.stdout) == 3 << 30, r
