@@ -455,7 +455,7 @@ CHECKPOINTING_PROBE = textwrap.dedent("""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50304)).to(device)
     model.activation_checkpointing, model.loss_in_chunks = mode, device_type == "cpu"
-    optimizer = scripts_adamw(model, device_type)
+    optimizer = model.configure_optimizers(0.1, 3e-4, device_type)  # (its lines on stdout: probe reads RESULT only)
     step = torch.compile(model) if device_type == "cuda" else model
     x, y = (torch.randint(0, 50257, (B, T), device=device) for _ in range(2))
     synchronize(device_type)

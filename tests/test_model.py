@@ -300,6 +300,20 @@ def test_flops_per_token_counted_from_the_shapes(gpt2_124m):
     assert gpt2_124m.flops_per_token(1024) == 855_166_464
 
 
+@pytest.mark.parametrize("probe, values", [
+    ("COMPILE_PROBE", dict(how="eager", n_layer=1, n_head=2, n_embd=32, B=1, T=16)),
+    ("LOSS_PROBE", dict(how="chunked", rows=64)),
+    ("CHECKPOINTING_PROBE", dict(mode="selective", n_layer=2, n_head=2, n_embd=32, B=1, T=16, steps=2))])
+def test_each_benchmark_probe_runs_and_gives_its_numbers(probe, values):
+    """tests/benchmark.py measures compile time, the loss's memory and checkpointing's costs in fresh processes
+    (probe), and prints a probe's error as its row: a probe that stopped with an error (a name the script lacks)
+    would fill a GPU session's table with one line each. Here each runs at a tiny shape on the CPU."""
+    import benchmark
+
+    result = benchmark.probe(getattr(benchmark, probe), **values)
+    assert isinstance(result, list) and result, result  # (an error: its first line, a string)
+
+
 def test_benchmark_counts_flops_as_the_training_script_does(gpt2_124m, capsys):
     """tests/benchmark.py's GFLOP/s and MFU columns use GPT.flops_per_token, so its figures and the step
     line's agree. Importing it runs nothing (pytest does not collect it; this imports it, again if an
