@@ -216,7 +216,7 @@ def check_config(cfg):
             raise SettingError(f"{os.path.join(cfg.out_dir, name)!r} is a folder: the run's {what} is written there")
     if cfg.export_dir:
         from machinery.pretrained import export_problem  # (here, not above: prepare.py imports this module, not torch)
-        problem = export_problem(cfg.export_dir)
+        problem = export_problem(cfg.export_dir, cfg.init_from)
         if problem:
             raise SettingError(problem)
     if cfg.eval_only and cfg.export_dir:

@@ -31,6 +31,9 @@ def local_files(source):
     read once, under the name that sorts first."""
     if os.path.isfile(source):
         return [source]
+    if os.path.exists(source) and not os.path.isdir(source):
+        raise PrepareError(f"source {source!r} is not a regular file (a pipe or a device?): give a .txt file, a "
+                           "folder, or fineweb-edu")
     if not os.path.isdir(source):
         raise PrepareError(f"source {source!r} not found (a .txt file, a folder, or fineweb-edu)")
     files, seen = [], set()

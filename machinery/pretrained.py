@@ -203,10 +203,14 @@ def weights_file(directory):
     raise SettingError(f"{directory!r} holds no weights file ({' or '.join(WEIGHTS_FILES[::2])})")
 
 
-def export_problem(directory):
+def export_problem(directory, init_from=""):
     """Why exporting into `directory` would replace a file of the user's, or None. An export writes
     config.json and model.safetensors: where either is there already, it must be an earlier export (a
-    GPT-2 config.json), not another model's or another program's."""
+    GPT-2 config.json), not another model's or another program's, and not the folder the run's weights
+    came from (--init_from): fine-tuned, they would replace the model it started from."""
+    if os.path.isdir(directory) and os.path.isdir(init_from) and os.path.samefile(directory, init_from):
+        return (f"--export_dir {directory!r} is the folder --init_from reads: the export would replace the model "
+                "this run starts from: choose another folder")
     replaced = [name for name in ("config.json", "model.safetensors") if os.path.exists(os.path.join(directory, name))]
     if replaced and model_type_of(directory) != "gpt2":
         return (f"--export_dir {directory!r} holds {' and '.join(replaced)}, not a GPT-2 export's, which the export "

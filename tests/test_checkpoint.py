@@ -989,6 +989,22 @@ def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file
     assert "| loss" not in sampled.stdout
 
 
+def test_an_export_into_the_folder_the_run_starts_from_is_refused(tmp_path, text_file, hf_gpt2_dir, monkeypatch,
+                                                                  capsys):
+    """--export_dir naming the save_pretrained folder --init_from reads (however the path is written) would
+    replace the model a fine-tuning started from with its result: one line before anything is built."""
+    source, _ = hf_gpt2_dir()
+    before = {path.name: digest(path) for path in source.iterdir()}
+    capsys.readouterr()  # (save_pretrained's progress)
+    for export_dir in (source, f"{source}/../{source.name}/"):
+        code, out, err = run_in_process("--init_from", source, "--export_dir", export_dir, "--input_file", text_file,
+                                        "--B", "2", "--T", "16", "--max_steps", "1", "--out_dir", "run",
+                                        cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 1 and err == (f"error: --export_dir {str(export_dir)!r} is the folder --init_from reads: the "
+                                     "export would replace the model this run starts from: choose another folder\n")
+    assert {path.name: digest(path) for path in source.iterdir()} == before and not (tmp_path / "run").exists()
+
+
 def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_file, monkeypatch, capsys):
     """The export is made in a folder of its own and moved in whole: a disk that fills up while the weights
     are written is one line, and the model exported before is still the one there (and loads); an export

@@ -975,6 +975,7 @@ def test_cli_prepares_a_text_file_and_says_what_it_wrote(tmp_path):
 
 BAD_SOURCES = [  # (source, setup, what the one line must say)
     ("missing.txt", None, "source 'missing.txt' not found"),
+    ("pipe", lambda p: os.mkfifo(p / "pipe"), "source 'pipe' is not a regular file (a pipe or a device?)"),
     ("folder", lambda p: (p / "folder").mkdir() or (p / "folder" / "notes.md").write_text("x"),
      "has no .txt, .jsonl or .parquet files"),
     ("empty.txt", lambda p: (p / "empty.txt").write_text(""), "holds no text"),
