@@ -450,8 +450,8 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, previous)
     splits = [s["split"] for s in manifest["shards"]]
-    print_line(f"{out_dir}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
-               f"{splits.count('train')} train and {splits.count('val')} val shards", sys.stdout)  # (stdout gone: stderr)
+    print_line(f"{out_dir}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "  # (stdout gone:
+               f"{splits.count('train')} train and {splits.count('val')} val shards", sys.stdout)  # said on stderr)
     return 0
 
 

@@ -267,7 +267,8 @@ def save_progress(path, counts):
 def count_correct_resumably(model, items, device, autocast, batch_size, path):
     """count_correct's (correct, correct_norm, items), counted batch by batch from the counts an interrupted
     or killed run saved in `path`: saved there every SAVE_EVERY_S seconds, on Ctrl-C (which then raises
-    Interrupted) and on an error (out of memory), removed at the end. Where they cannot be saved, that is said once, and scoring goes on."""
+    Interrupted) and on an error (out of memory), removed at the end. Where they cannot be saved, that is
+    said once, and scoring goes on."""
     from tqdm import tqdm
 
     counts = read_progress(path, len(items))  # (items scored, correct, correct_norm)

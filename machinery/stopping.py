@@ -62,11 +62,11 @@ class StopRequested:
 
 
 class SignalsHeld:
-    """Ctrl-C, SIGTERM and SIGHUP (stop_signals) held while the block runs, then delivered to the handlers there were. torch.save
-    turns an exception raised inside it (a second signal's KeyboardInterrupt) into a RuntimeError about
-    the file's position, with a traceback: a signal during a checkpoint's write now acts once the file
-    is whole (a second one: the run stops at once, with that checkpoint). Only the main thread may set
-    handlers, and a handler set outside Python (None) could not be put back: those are left as they are."""
+    """Ctrl-C, SIGTERM and SIGHUP (stop_signals) held while the block runs, then delivered to the handlers there
+    were. torch.save turns an exception raised inside it (a second signal's KeyboardInterrupt) into a RuntimeError
+    about the file's position, with a traceback: a signal during a checkpoint's write now acts once the file is
+    whole (a second one: the run stops at once, with that checkpoint). Only the main thread may set handlers, and a
+    handler set outside Python (None) could not be put back: those are left as they are."""
 
     def __enter__(self):
         self.held, self.previous = [], {}

@@ -237,7 +237,8 @@ def test_a_run_whose_stdout_is_gone_goes_on_and_saves(tmp_path, text_file):
         os.close(write_end)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("cannot write to stdout") == 1 and "Traceback" not in r.stderr
-    assert "cannot write to stdout (Broken pipe): its lines are dropped from here on; this one was: device cpu" in r.stderr
+    assert "cannot write to stdout (Broken pipe): its lines are dropped from here on; this one was: device cpu" \
+        in r.stderr
     assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"] == 3
     assert [record["step"] for record in read_log(tmp_path / "run")] == [0, 1, 2, 3]
 
