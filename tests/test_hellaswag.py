@@ -249,12 +249,21 @@ def scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
     return args, capsys.readouterr().out
 
 
-@pytest.mark.parametrize("how", ["ctrl_c", "killed"])
+# what runs out where memory does: a GPU's error, and torch's CPU allocator's (a RuntimeError)
+CPU_ALLOCATOR_FAILED = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                        "tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+STOPS = {"ctrl_c": KeyboardInterrupt, "killed": Killed,
+         "out_of_gpu_memory": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+         "out_of_ram": RuntimeError(CPU_ALLOCATOR_FAILED)}
+
+
+@pytest.mark.parametrize("how", STOPS)
 def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(tmp_path, items_file, random_gpt2,
                                                                                 monkeypatch, capsys, how):
     """Ctrl-C during the third batch: one line and 130, the counts of the first two saved; killed there
-    instead, the counts saved last (here after every batch) are kept. The same command then scores only
-    the items after them, prints what an uninterrupted run prints, and removes what it kept."""
+    instead, the counts saved last (here after every batch) are kept; memory running out there (a GPU's, or
+    RAM as torch's CPU allocator says it): one line and 1, not a traceback, the counts kept. The same command
+    then scores only the items after them, prints what an uninterrupted run prints, and removes what it kept."""
     args, expected = scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
     count_correct, scored = hellaswag_eval.count_correct, []
 
@@ -264,56 +273,26 @@ def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(
 
     def stopped_at_the_third_batch(model, items, *args):
         if len(scored) == 4:
-            raise KeyboardInterrupt if how == "ctrl_c" else Killed
+            raise STOPS[how]
         return recording(model, items, *args)
 
     monkeypatch.setattr(hellaswag_eval, "count_correct", stopped_at_the_third_batch)
-    if how == "ctrl_c":
-        assert hellaswag.main(args) == 130
-        err = capsys.readouterr().err
-        assert err.endswith("\ninterrupted: scored 4 of 7 items; run the same command to continue\n"), err
-    else:
+    if how == "killed":
         monkeypatch.setattr(hellaswag_eval, "SAVE_EVERY_S", 0.0)
         with pytest.raises(Killed):
             hellaswag.main(args)
+    else:
+        assert hellaswag.main(args) == (130 if how == "ctrl_c" else 1)
+        err = capsys.readouterr().err
+        assert err.endswith("\ninterrupted: scored 4 of 7 items; run the same command to continue\n" if how == "ctrl_c"
+                            else "\nerror: out of memory on cpu scoring 2 items a batch: a smaller --batch_size needs "
+                            "less\n"), err
     monkeypatch.setattr(hellaswag_eval, "count_correct", recording)
     scored.clear()
     assert hellaswag.main(args) == 0
     assert capsys.readouterr().out == expected
     assert scored == hellaswag_eval.read_items(str(items_file))[4:]
     assert not list((tmp_path / "cache").rglob("*.json"))
-
-
-CPU_ALLOCATOR_FAILED = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
-                        "tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
-
-
-@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                                   RuntimeError(CPU_ALLOCATOR_FAILED)], ids=["gpu", "ram"])
-def test_out_of_memory_while_scoring_is_one_line_the_counts_saved(tmp_path, items_file, random_gpt2, monkeypatch,
-                                                                  capsys, error):
-    """Memory running out in the third batch (a GPU's, or RAM as torch's CPU allocator says it) is one line and
-    exit code 1, not a traceback; the counts of the first two batches are kept, and the same command continues."""
-    args, expected = scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
-    count_correct, scored = hellaswag_eval.count_correct, []
-
-    def recording(model, items, *args):
-        scored.extend(items)
-        return count_correct(model, items, *args)
-
-    def out_of_memory_in_the_third_batch(model, items, *args):
-        if len(scored) == 4:
-            raise error
-        return recording(model, items, *args)
-
-    monkeypatch.setattr(hellaswag_eval, "count_correct", out_of_memory_in_the_third_batch)
-    assert hellaswag.main(args) == 1
-    err = capsys.readouterr().err
-    assert err.endswith("\nerror: out of memory on cpu scoring 2 items a batch: a smaller --batch_size needs less\n")
-    monkeypatch.setattr(hellaswag_eval, "count_correct", recording)
-    scored.clear()
-    assert hellaswag.main(args) == 0 and capsys.readouterr().out == expected
-    assert scored == hellaswag_eval.read_items(str(items_file))[4:]
 
 
 def a_bug(*args):
