@@ -65,8 +65,14 @@ def score(args):
     model, name = load_model(args)  # (first: a model that is not there is said before any download)
     items = load_items(args.data)[: args.limit or None]
     path = progress_path(model, items, args.batch_size, dtype, device_type)
-    correct, correct_norm, n = count_correct_resumably(model.to(device), items, device, autocast, args.batch_size,
-                                                       path)
+    model.to(device)
+    try:
+        correct, correct_norm, n = count_correct_resumably(model, items, device, autocast, args.batch_size, path)
+    except RuntimeError as e:  # (any other error: raised again, with its traceback)
+        if not out_of_memory(e):
+            raise
+        raise ValueError(f"out of memory on {device} scoring {args.batch_size} items a batch: a smaller --batch_size "
+                         "needs less (and scores from the first item: the counts kept are for this one)") from None
     return correct, correct_norm, n, name
 
 
@@ -90,11 +96,10 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    except RuntimeError as e:  # out of memory: one line (any other error is raised again, with its traceback)
+    except RuntimeError as e:  # out of memory before scoring: one line (any other error: raised, with its traceback)
         if not out_of_memory(e):
             raise
-        print_line(f"error: out of memory on {args.device} scoring {args.batch_size} items a batch: a smaller "
-                   "--batch_size needs less", sys.stderr)
+        print_line(f"error: out of memory before scoring, reading the model or moving it to {args.device}", sys.stderr)
         return 1
     except Interrupted as e:  # (the progress bar has ended its line)
         print(f"interrupted: {e}", file=sys.stderr, flush=True)

@@ -63,7 +63,7 @@ import numpy as np
 
 from machinery.command_line import ArgumentParser
 from machinery.corpus import local_documents, local_files, source_fingerprint
-from machinery.files import DiskFull, PrepareError, print_line, write_atomically
+from machinery.files import DiskFull, PrepareError, SettingError, print_line, write_atomically
 from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
 from machinery.shard_folder import (check_disk_space, check_finished, check_memory, finished_problem, lock_out_dir,
                                     refuse_folders_under_its_names, remove_unfinished_writes, sha256_of,
@@ -441,7 +441,7 @@ def main(argv=None):
     except DiskFull as e:  # the shards and manifest written so far are intact
         print(f"error: {e}; free some space and run the same command to continue", file=sys.stderr, flush=True)
         return 1
-    except (PrepareError, OSError) as e:
+    except (PrepareError, SettingError, OSError) as e:  # (SettingError: the tokenizer's files or its cache)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

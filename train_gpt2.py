@@ -35,8 +35,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from machinery.checkpoints import (checkpoint_due, get_rng_state, load_weights, restore_training_state,
-                                   save_checkpoint, starting_checkpoint)
+from machinery.checkpoints import (checkpoint_due, load_weights, restore_training_state, save_checkpoint,
+                                   starting_checkpoint)
 from machinery.command_line import SettingError, check_block_size, check_config, flag, parse_args
 from machinery.console import (describe_data, describe_evaluation, describe_model, describe_plan, print0,
                                say_error, step_line)
@@ -46,6 +46,7 @@ from machinery.hellaswag_eval import accuracy_across_ranks, load_items_across_ra
 from machinery.loss import linear_cross_entropy
 from machinery.memory import describe_out_of_memory, largest_peak_memory, out_of_memory, plan_memory
 from machinery.pretrained import PRETRAINED, export_to_transformers, load_transformers_gpt2, shared_weight_names
+from machinery.random_streams import get_rng_state
 from machinery.recompute import MODES, checkpoint_options, recomputed
 from machinery.samples import finish_run, print_samples
 from machinery.run_log import RunLog, plot_log  # noqa: F401 (plot_log: importers take it from here)
@@ -559,8 +560,7 @@ def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sa
     if not (master or cfg.fsdp):  # (under FSDP every process takes part: the state is gathered from all)
         return
     state = {
-        # whole tensors (under FSDP gathered from the shards), named as in the plain module (no "module."
-        # or "_orig_mod."): the same file in every mode
+        # whole tensors (FSDP: gathered from the shards), named as the plain module's (no "module." or "_orig_mod.")
         "model": full_model_state(model),
         "optimizer": full_optimizer_state(model, optimizer),  # AdamW's exp_avg and exp_avg_sq of every weight
         "steps_done": steps_done,  # the next step to run

@@ -16,7 +16,8 @@ say what happens; prepare.py and hellaswag.py use them too. Nothing here imports
     loss.py            the loss without the logits: lm_head and cross-entropy a chunk of rows at a time
     recompute.py       activation checkpointing: which blocks run again in backward, and what each keeps
     speed.py           model FLOPs per second and MFU against the GPUs' bf16 peaks
-    checkpoints.py     checkpoint files: written atomically, read safely, checked; random streams
+    checkpoints.py     checkpoint files: written atomically, read safely, checked
+    random_streams.py  every random stream a checkpoint holds (Python, NumPy, torch, CUDA, sampling)
     stopping.py        stop signals in every process at once, and a diverged loss
     run_log.py         log.jsonl, progress.png and Weights & Biases
     samples.py         the samples a run prints, and how every run ends (samples, export, last line)

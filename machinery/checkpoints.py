@@ -6,20 +6,21 @@ the rest, in the order a run meets it:
   settings it decides (its shape; for a resume, its batch, data and order: resumed_batch).
 - load_weights, restore_training_state: the model's weights, then a resumed run's optimizer, loss scale,
   place in the data (restore_data_position) and random streams.
-- checkpoint_due, get_rng_state, save_checkpoint: when a checkpoint is written, and the atomic write.
+- checkpoint_due, save_checkpoint: when a checkpoint is written, and the atomic write. (The random
+  streams it holds: random_streams.py.)
 """
 
 import os
-import random
 import warnings
 import zipfile
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from machinery.files import DiskFull, SettingError, first_line, is_whole_number, write_atomically
-from machinery.pretrained import non_finite_weight, pretrained_shape, refuse_small_vocabulary
+from machinery.memory import out_of_memory
+from machinery.pretrained import check_export_dir, non_finite_weight, pretrained_shape, refuse_small_vocabulary
+from machinery.random_streams import set_rng_state
 from machinery.run_log import disk_full_hint
 from machinery.sharding import load_optimizer_state
 from machinery.stopping import SignalsHeld
@@ -50,7 +51,9 @@ def starting_checkpoint(cfg, given, world_size):
             check_pretrained_shape(cfg, given)
         return None, None, cfg
     ckpt = load_checkpoint(path, missing, mmap=cfg.fsdp or cfg.cpu_offload, resume=cfg.resume)
-    return ckpt, path, settings_from_checkpoint(cfg, given, ckpt, path, cfg.resume, world_size)
+    cfg = settings_from_checkpoint(cfg, given, ckpt, path, cfg.resume, world_size)
+    check_export_dir(cfg.export_dir, cfg.init_from)  # (again: a resume's --init_from is the run's, read just now)
+    return ckpt, path, cfg
 
 
 def names_a_checkpoint(init_from):
@@ -154,6 +157,8 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, re
     except PermissionError as e:
         raise SettingError(f"cannot read {path!r}: {e.strerror}") from None
     except Exception as e:
+        if out_of_memory(e):  # (not the file's fault: the one out-of-memory line)
+            raise
         if str(e).startswith("Weights only load failed"):
             raise SettingError(f"{path!r} is not a train_gpt2 checkpoint: not tensors and plain data "
                                "(a pickle of anything else is refused: loading it could run code)") from None
@@ -175,7 +180,10 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, re
 def damaged_record(path):
     """The first record (a tensor's bytes, the pickle) of a checkpoint whose bytes do not match the CRC-32
     torch.save wrote with them, or None. torch.load does not compare them: bits flipped on a disk or in a
-    copy would load as other numbers, and a resume would save them on. (0.2 s a GB from the page cache.)"""
+    copy would load as other numbers, and a resume would save them on. (0.2 s a GB from the page cache.)
+    torch's format before 1.6, not a zip, has no checksums to compare."""
+    if not zipfile.is_zipfile(path):
+        return None
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.testzip()
@@ -361,36 +369,14 @@ def shard_after(loader, file):
     return next((name for name in names[names.index(file) + 1:] if name in holding_a_batch), None)
 
 
-def set_rng_state(state, sample_generator):
-    """Every random stream back as get_rng_state saved it."""
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    sample_generator.set_state(state["sample"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # -----------------------------------------------------------------------------
-# Writing: when, the random streams, the file itself
+# Writing: when, and the file itself
 
 
 def checkpoint_due(step, start_step, checkpoint_interval):
     """Whether --checkpoint_interval asks for a checkpoint of the model after `step` steps (the loop
     also saves the last step, and on a stop signal)."""
     return bool(checkpoint_interval) and step > start_step and step % checkpoint_interval == 0
-
-
-def get_rng_state(sample_generator):
-    """Python's, NumPy's, torch's (every GPU's too) and sampling's random streams, as plain data."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "sample": sample_generator.get_state()}
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = (kind, key.tolist(), pos, has_gauss, gauss)  # plain types: weights_only loads them
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def save_checkpoint(state, path):

@@ -214,11 +214,8 @@ def check_config(cfg):
     for name, what in RUN_FILES.items():
         if writes_run and os.path.isdir(os.path.join(cfg.out_dir, name)):
             raise SettingError(f"{os.path.join(cfg.out_dir, name)!r} is a folder: the run's {what} is written there")
-    if cfg.export_dir:
-        from machinery.pretrained import export_problem  # (here, not above: prepare.py imports this module, not torch)
-        problem = export_problem(cfg.export_dir, cfg.init_from)
-        if problem:
-            raise SettingError(problem)
+    from machinery.pretrained import check_export_dir  # (here, not above: prepare.py imports this module, not torch)
+    check_export_dir(cfg.export_dir, cfg.init_from)
     if cfg.eval_only and cfg.export_dir:
         raise SettingError("--eval_only writes nothing, so --export_dir would not be written: export with "
                            "--max_steps 0 instead of --eval_only")

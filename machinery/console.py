@@ -112,22 +112,25 @@ def checkpoint_bytes(model):
     return (WEIGHT_BYTES + ADAM_BYTES) * sum(p.numel() for p in model.parameters())
 
 
-def checkpoint_copies(cfg, start_step):
-    """How many checkpoints the disk must hold at once: a save writes the new one whole before it replaces
-    the last one. Where out_dir holds none yet, a run that saves more than once needs room for two."""
+def checkpoint_room(cfg, size, start_step):
+    """The free space a run's checkpoints of `size` bytes need. A save writes the new one whole before it
+    replaces the last one: one checkpoint's room, and for a run that saves more than once, room for its
+    second while its first is there, less what the first frees by replacing a ckpt.pt out_dir holds now."""
     next_due = (start_step // cfg.checkpoint_interval + 1) * cfg.checkpoint_interval if cfg.checkpoint_interval else 0
-    saves_twice = 0 < next_due < cfg.max_steps  # (a periodic save, then the last step's)
-    return 2 if saves_twice and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")) else 1
+    if not 0 < next_due < cfg.max_steps:  # saves once: at the end (a periodic save, then the last step's: twice)
+        return size
+    there = os.path.join(cfg.out_dir, "ckpt.pt")
+    return max(size, 2 * size - (os.path.getsize(there) if os.path.isfile(there) else 0))
 
 
 def describe_plan(cfg, model, start_step):
     """Said before the first step: a warmup longer than the run, what the run will write, and how big the
     checkpoint will be. Where the disk has less room than the checkpoints need, the run stops here, not at
     a save (rank 0 saves)."""
-    size, free, copies = checkpoint_bytes(model), free_bytes(cfg.out_dir), checkpoint_copies(cfg, start_step)
-    need = copies * size
+    size, free = checkpoint_bytes(model), free_bytes(cfg.out_dir)
+    need = checkpoint_room(cfg, size, start_step)
     if int(os.environ.get("RANK", 0)) == 0 and free < need:
-        held = ", two at once: the last one is replaced only once the next is whole" if copies == 2 else ""
+        held = ", two at once: the last one is replaced only once the next is whole" if need > size else ""
         raise ValueError(f"--out_dir {cfg.out_dir!r} has {in_units(free)} free, less than the run's checkpoints "
                          f"need (about {in_units(need)}{held}): free some space, or choose another --out_dir")
     if cfg.export_dir and int(os.environ.get("RANK", 0)) == 0:

@@ -2,7 +2,7 @@
 Files and errors: one-line error messages (said once under torchrun where every process meets them
 alike: say_once), lines printed where the console may be gone (print_line), atomic writes, a full disk
 said as such, sizes for people (files in powers of 1000, memory in powers of 1024), the RAM a process
-may use (a container's or a job's limit, `ulimit -v`), and is_whole_number for the counts a file read
+may use (a container's or a job's limit), and is_whole_number for the counts a file read
 back holds (a checkpoint, a manifest, the log: each may have been edited by hand).
 
 Every script writes whole files through write_atomically (checkpoints, the picture, shards, the
@@ -138,25 +138,16 @@ def in_binary_units(n_bytes):
 
 
 def ram_bytes():
-    """The RAM this process may use, in bytes: the machine's, or less where a container or a scheduler's job
-    (a cgroup's memory.max) or `ulimit -v` caps it; None where unknown. (Here, not in memory.py, whose
-    torch the scripts that only need this number, prepare.py and its workers, never import.)"""
+    """The RAM this machine's processes may use together, in bytes: the machine's, or less where a container or
+    a scheduler's job caps it (a cgroup's memory limit); None where unknown. (`ulimit -v` caps each process
+    alone, and counts address space, not RAM: memory running out under it is the out-of-memory line.) Here,
+    not in memory.py, whose torch the scripts that only need this number (prepare.py, its workers) never import."""
     try:
         machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
         machine = None
-    known = [limit for limit in (machine, address_space_limit(), cgroup_memory_limit()) if limit]
+    known = [limit for limit in (machine, cgroup_memory_limit()) if limit]
     return min(known, default=None)
-
-
-def address_space_limit():
-    """`ulimit -v` (RLIMIT_AS) in bytes, or None where there is none."""
-    try:
-        import resource  # (Unix only)
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    except (ImportError, OSError, ValueError):
-        return None
-    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def cgroup_memory_limit(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):

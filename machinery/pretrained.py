@@ -127,7 +127,7 @@ def refuse_small_vocabulary(name_or_path, consequence):
 
 def config_if_readable(directory):
     """A directory's config.json as a dict, or {} where there is none or it cannot be read: what
-    export_problem asks of a folder an export would write into (loading reads it with checked_config)."""
+    check_export_dir asks of a folder an export would write into (loading reads it with checked_config)."""
     try:
         with open(os.path.join(directory, "config.json")) as f:
             config = json.load(f)
@@ -203,19 +203,20 @@ def weights_file(directory):
     raise SettingError(f"{directory!r} holds no weights file ({' or '.join(WEIGHTS_FILES[::2])})")
 
 
-def export_problem(directory, init_from=""):
-    """Why exporting into `directory` would replace a file of the user's, or None. An export writes
+def check_export_dir(directory, init_from):
+    """A SettingError where exporting into `directory` would replace a file of the user's. An export writes
     config.json and model.safetensors: where either is there already, it must be an earlier export (a
     GPT-2 config.json), not another model's or another program's, and not the folder the run's weights
-    came from (--init_from): fine-tuned, they would replace the model it started from."""
+    came from (--init_from; a resume's, the run's): fine-tuned, they would replace the model it started from."""
+    if not directory:
+        return
     if os.path.isdir(directory) and os.path.isdir(init_from) and os.path.samefile(directory, init_from):
-        return (f"--export_dir {directory!r} is the folder --init_from reads: the export would replace the model "
-                "this run starts from: choose another folder")
+        raise SettingError(f"--export_dir {directory!r} is the folder --init_from reads: the export would replace "
+                           "the model this run starts from: choose another folder")
     replaced = [name for name in ("config.json", "model.safetensors") if os.path.exists(os.path.join(directory, name))]
     if replaced and model_type_of(directory) != "gpt2":
-        return (f"--export_dir {directory!r} holds {' and '.join(replaced)}, not a GPT-2 export's, which the export "
-                "would replace: choose another folder")
-    return None
+        raise SettingError(f"--export_dir {directory!r} holds {' and '.join(replaced)}, not a GPT-2 export's, which "
+                           "the export would replace: choose another folder")
 
 
 def check_complete(model, missing, name_or_path):

@@ -25,7 +25,8 @@ class TrainingDiverged(Exception):
 def stop_signals():
     """The signals that stop a run after its step: Ctrl-C (SIGINT); SIGTERM, what torchrun sends its workers on
     Ctrl-C and cluster schedulers send before preempting a job; SIGHUP, the terminal closed or the ssh connection
-    lost, unless it is ignored (as under nohup: then the run goes on, as asked)."""
+    lost, unless it is ignored (as under `nohup python`: then the run goes on, as asked; torchrun passes a
+    SIGHUP on to its workers, nohup or not)."""
     hangup = getattr(signal, "SIGHUP", None)  # (Windows has none)
     ignored = hangup is None or signal.getsignal(hangup) in (signal.SIG_IGN, None)  # (None: set outside Python)
     return (signal.SIGINT, signal.SIGTERM) + (() if ignored else (hangup,))

@@ -356,6 +356,26 @@ def flip_a_byte_of_the_biggest_tensor(path):
     return record.filename
 
 
+def test_a_checkpoint_in_torchs_format_before_zip_files_still_loads(tmp_path, four_steps):
+    """torch.save wrote no zip (and no checksums) before torch 1.6: such a file, read whole by torch.load,
+    has nothing for the checksum comparison to refuse."""
+    state = torch.load(four_steps / "ckpt.pt", weights_only=True)
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(tmp_path / "legacy.pt")
+    assert load_checkpoint(str(tmp_path / "legacy.pt"))["steps_done"] == 4
+
+
+def test_memory_running_out_while_a_checkpoint_is_read_is_not_called_damage(four_steps, monkeypatch):
+    """A checkpoint bigger than the RAM left: torch.load's allocator error goes on to the out-of-memory line,
+    not "not a readable checkpoint (truncated or corrupt?)", which would send the user after a good file."""
+    def ram_runs_out(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(machinery.checkpoints.torch, "load", ram_runs_out)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        load_checkpoint(str(four_steps / "ckpt.pt"))
+
+
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code",
                                   "wrong_weights", "unreadable", "flipped_bits"])
 def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, four_steps, kind, monkeypatch,
@@ -1004,6 +1024,15 @@ def test_an_export_into_the_folder_the_run_starts_from_is_refused(tmp_path, text
         assert code == 1 and err == (f"error: --export_dir {str(export_dir)!r} is the folder --init_from reads: the "
                                      "export would replace the model this run starts from: choose another folder\n")
     assert {path.name: digest(path) for path in source.iterdir()} == before and not (tmp_path / "run").exists()
+    # a resume's --init_from is the run's, from its checkpoint: the export into it is refused there
+    tuning = ("--input_file", text_file, "--B", "2", "--T", "16", "--num_samples", "0", "--out_dir", "run")
+    code, _, err = run_in_process("--init_from", source, *tuning, "--max_steps", "1", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    code, _, err = run_in_process(*tuning, "--resume", "--max_steps", "2", "--export_dir", source, cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and "is the folder --init_from reads: the export would replace the model" in err
+    assert {path.name: digest(path) for path in source.iterdir()} == before
 
 
 def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_file, monkeypatch, capsys):
@@ -1203,19 +1232,20 @@ def test_a_disk_with_less_room_than_a_checkpoint_is_said_before_training(tmp_pat
     assert code == 1 and err == ("error: --export_dir 'exported' has 1.0 MB free, less than the export needs (about "
                                  "6.5 MB): free some space, or choose another folder\n")
     assert "step    0" not in out and not (tmp_path / "run" / "ckpt.pt").exists()
-    # room for one checkpoint, not two: a run that saves twice (at step 1, then at 2) needs both at once, as the
-    # second is written whole before it replaces the first; a run that saves once, or a resume (its checkpoint
-    # is on the disk already), needs one
-    monkeypatch.setattr(machinery.files.shutil, "disk_usage", lambda path: usage(path)._replace(free=30 * 10 ** 6))
-    code, out, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run",
-                                    "--checkpoint_interval", "1", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 1 and err == ("error: --out_dir 'run' has 30.0 MB free, less than the run's checkpoints need "
-                                 "(about 39.3 MB, two at once: the last one is replaced only once the next is whole): "
-                                 "free some space, or choose another --out_dir\n")
-    for resume, interval in (([], "2"), ([], "1"), (["--resume"], "1")):  # once; twice, the first there; a resume
-        code, out, err = run_in_process(*RUN, "--input_file", text_file, "--max_steps", "2" if not resume else "4",
-                                        "--out_dir", "run", "--checkpoint_interval", interval, *resume, cwd=tmp_path,
-                                        monkeypatch=monkeypatch, capsys=capsys)
+    # a run that saves twice (at step 1, then at 2) needs room for its second checkpoint while its first is
+    # there (written whole before it replaces the first), less what a checkpoint out_dir holds now frees when
+    # the first replaces it; a run that saves once, or a resume (its checkpoint there already), needs one
+    monkeypatch.setattr(machinery.files.shutil, "disk_usage", lambda path: usage(path)._replace(free=25 * 10 ** 6))
+    twice = (*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run", "--checkpoint_interval", "1")
+    for made_first, room in (([], "39.3 MB"), (["--n_embd", "16", "--max_steps", "1"], "29.5 MB")):
+        if made_first:  # another run's checkpoint, smaller (9.9 MB): it frees less than this run's second needs
+            assert run_in_process(*twice, *made_first, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)[0] == 0
+        code, out, err = run_in_process(*twice, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 1 and err == ("error: --out_dir 'run' has 25.0 MB free, less than the run's checkpoints need "
+                                     f"(about {room}, two at once: the last one is replaced only once the next is "
+                                     "whole): free some space, or choose another --out_dir\n")
+    for args in (("--checkpoint_interval", "2"), (), ("--resume", "--max_steps", "4")):  # once; twice; a resume
+        code, out, err = run_in_process(*twice, *args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
         assert code == 0, err
 
 

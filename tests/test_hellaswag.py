@@ -286,7 +286,7 @@ def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(
         err = capsys.readouterr().err
         assert err.endswith("\ninterrupted: scored 4 of 7 items; run the same command to continue\n" if how == "ctrl_c"
                             else "\nerror: out of memory on cpu scoring 2 items a batch: a smaller --batch_size needs "
-                            "less\n"), err
+                            "less (and scores from the first item: the counts kept are for this one)\n"), err
     monkeypatch.setattr(hellaswag_eval, "count_correct", recording)
     scored.clear()
     assert hellaswag.main(args) == 0
@@ -297,6 +297,20 @@ def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(
 
 def a_bug(*args):
     raise RuntimeError("a bug")
+
+
+def ram_runs_out(*args):
+    raise RuntimeError(CPU_ALLOCATOR_FAILED)
+
+
+def test_out_of_memory_before_scoring_is_one_line_that_does_not_blame_the_batch(tmp_path, items_file, random_gpt2,
+                                                                               monkeypatch, capsys):
+    """Memory running out while the model is read (a checkpoint bigger than RAM) is one line too, which says so
+    rather than blame --batch_size, which scoring has not used yet."""
+    path, _, _ = random_gpt2
+    monkeypatch.setattr(hellaswag, "load_model", ram_runs_out)
+    assert hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == "error: out of memory before scoring, reading the model or moving it to cpu\n"
 
 
 def test_an_error_that_is_not_out_of_memory_keeps_its_traceback(tmp_path, items_file, random_gpt2, monkeypatch):

@@ -1025,6 +1025,24 @@ def test_bad_input_is_one_clear_line(tmp_path, source, setup, message, monkeypat
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_a_tokenizer_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """A TIKTOKEN_CACHE_DIR that cannot be written (here a file) stops the tokenizer in its worker: one line
+    naming it, as train_gpt2.py says it, not the worker's traceback."""
+    from machinery.tokens import get_tokenizer
+
+    (tmp_path / "book.txt").write_text("To be, or not to be, that is the question. " * 300)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "a_file"))
+    monkeypatch.chdir(tmp_path)
+    get_tokenizer.cache_clear()  # (made afresh, in this process and in the workers it starts)
+    try:
+        assert prepare.main(["book.txt", "--out_dir", "out", "--num_proc", "1"]) == 1
+    finally:
+        get_tokenizer.cache_clear()  # (made again, for later tests, without the setting)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: tiktoken's cache folder") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("first", ["", "Hi"], ids=["empty", "too short to split"])
 def test_a_source_mended_after_its_error_is_prepared_by_the_same_command(tmp_path, monkeypatch, capsys, first):
     """An empty file (or one too short for a train and a val split), then the same file with text: the
