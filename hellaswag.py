@@ -99,7 +99,7 @@ def main(argv=None):
     except RuntimeError as e:  # out of memory before scoring: one line (any other error: raised, with its traceback)
         if not out_of_memory(e):
             raise
-        print_line(f"error: out of memory before scoring, reading the model or moving it to {args.device}", sys.stderr)
+        print_line(f"error: out of memory before scoring: the model does not fit (--device {args.device})", sys.stderr)
         return 1
     except Interrupted as e:  # (the progress bar has ended its line)
         print(f"interrupted: {e}", file=sys.stderr, flush=True)

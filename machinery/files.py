@@ -1,7 +1,7 @@
 """
 Files and errors: one-line error messages (said once under torchrun where every process meets them
 alike: say_once), lines printed where the console may be gone (print_line), atomic writes, a full disk
-said as such, sizes for people (files in powers of 1000, memory in powers of 1024), the RAM a process
+said as such, sizes for people (files in powers of 1000, memory in powers of 1024), the RAM processes
 may use (a container's or a job's limit), and is_whole_number for the counts a file read
 back holds (a checkpoint, a manifest, the log: each may have been edited by hand).
 

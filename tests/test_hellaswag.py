@@ -310,7 +310,7 @@ def test_out_of_memory_before_scoring_is_one_line_that_does_not_blame_the_batch(
     path, _, _ = random_gpt2
     monkeypatch.setattr(hellaswag, "load_model", ram_runs_out)
     assert hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--device", "cpu"]) == 1
-    assert capsys.readouterr().err == "error: out of memory before scoring, reading the model or moving it to cpu\n"
+    assert capsys.readouterr().err == "error: out of memory before scoring: the model does not fit (--device cpu)\n"
 
 
 def test_an_error_that_is_not_out_of_memory_keeps_its_traceback(tmp_path, items_file, random_gpt2, monkeypatch):
