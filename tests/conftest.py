@@ -21,6 +21,11 @@ sys.path.insert(0, str(REPO))
 # and say so, so that they run the same on a machine with a GPU.
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--device", "cpu"]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# What torch's CPU allocator raises where RAM (or a `ulimit -v`) runs out: a RuntimeError, not torch's
+# OutOfMemoryError (test_memory.py checks that a real allocation that fails is known by these words)
+CPU_ALLOCATOR_FAILED = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                        "tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+
 # Scripts run by the tests use one thread. With two, a busy CPU sometimes sums a float32 reduction in
 # another order: here one fresh process in ten printed step 0's loss 2e-6 off (10.811058 for 10.811056),
 # and the tests compare separate runs to the last digit. One thread made 30 of 30 runs agree.

@@ -25,7 +25,8 @@ import machinery.files
 import machinery.run_log
 import machinery.stopping
 import train_gpt2
-from conftest import REPO, SCRIPT_ENV, TINY, Launched, run_in_process, run_script, shakespeare_sample, step_losses
+from conftest import (CPU_ALLOCATOR_FAILED, REPO, SCRIPT_ENV, TINY, Launched, run_in_process, run_script,
+                      shakespeare_sample, step_losses)
 from machinery.checkpoints import load_checkpoint, save_checkpoint
 from machinery.stopping import say_stopping
 from train_gpt2 import main
@@ -369,7 +370,7 @@ def test_memory_running_out_while_a_checkpoint_is_read_is_not_called_damage(four
     """A checkpoint bigger than the RAM left: torch.load's allocator error goes on to the out-of-memory line,
     not "not a readable checkpoint (truncated or corrupt?)", which would send the user after a good file."""
     def ram_runs_out(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+        raise RuntimeError(CPU_ALLOCATOR_FAILED)
 
     monkeypatch.setattr(machinery.checkpoints.torch, "load", ram_runs_out)
     with pytest.raises(RuntimeError, match="can't allocate memory"):

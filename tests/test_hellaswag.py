@@ -15,7 +15,7 @@ import hellaswag
 import machinery.checkpoints
 import machinery.tokens
 import train_gpt2
-from conftest import CONTEXTS, TINY, official, run_script
+from conftest import CONTEXTS, CPU_ALLOCATOR_FAILED, TINY, official, run_script
 from machinery import hellaswag_eval
 from machinery.run_log import plot_log
 from train_gpt2 import GPT, GPTConfig, main
@@ -249,9 +249,7 @@ def scored_uninterrupted(tmp_path, items_file, random_gpt2, monkeypatch, capsys)
     return args, capsys.readouterr().out
 
 
-# what runs out where memory does: a GPU's error, and torch's CPU allocator's (a RuntimeError)
-CPU_ALLOCATOR_FAILED = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
-                        "tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+# what stops scoring in its third batch: Ctrl-C, a SIGKILL, and memory running out (a GPU's, or RAM)
 STOPS = {"ctrl_c": KeyboardInterrupt, "killed": Killed,
          "out_of_gpu_memory": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
          "out_of_ram": RuntimeError(CPU_ALLOCATOR_FAILED)}

@@ -15,7 +15,7 @@ import torch
 
 import machinery.console
 import machinery.memory
-from conftest import REPO, TINY, run_in_process
+from conftest import CPU_ALLOCATOR_FAILED, REPO, TINY, run_in_process
 from machinery.memory import activation_bytes, describe_out_of_memory, parameters_per_process, plan_memory
 from train_gpt2 import GPT, GPTConfig, TrainConfig
 
@@ -174,9 +174,6 @@ def test_training_that_cannot_fit_in_a_cpus_ram_is_refused_before_step_0(small_t
         assert line.startswith(f"memory per process: {what} | "), line
 
 
-# what torch's CPU allocator raises where RAM (or a `ulimit -v`) runs out: a RuntimeError, not an OutOfMemoryError
-CPU_ALLOCATOR_FAILED = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
-                        "tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
 
 
 class OutOfMemoryAtStep3:
