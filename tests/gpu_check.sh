@@ -69,7 +69,7 @@ fi
 
 if want levers; then
   t "benchmark with levers (the step against transformers at B=16 and 64, and the whole program)"
-  timeout "$(lim 420)" $TS python3 tests/benchmark.py --levers > "$LOG/bench.log" 2>&1; echo "rc=$?"; cat "$LOG/bench.log"
+  timeout "$(lim 540)" $TS python3 tests/benchmark.py --levers > "$LOG/bench.log" 2>&1; echo "rc=$?"; cat "$LOG/bench.log"
 fi
 
 if want checkpointing; then
