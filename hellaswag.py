@@ -94,7 +94,7 @@ def main(argv=None):
         with sigterm_stops_at_once():  # a scheduler's SIGTERM, as Ctrl-C: one line (while scoring: counts saved)
             correct, correct_norm, n, name = score(args)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print_line(f"error: {e}", sys.stderr)
         return 1
     except RuntimeError as e:  # out of memory before scoring: one line (any other error: raised, with its traceback)
         if not out_of_memory(e):
@@ -102,10 +102,10 @@ def main(argv=None):
         print_line(f"error: out of memory before scoring: the model does not fit (--device {args.device})", sys.stderr)
         return 1
     except Interrupted as e:  # (the progress bar has ended its line)
-        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        print_line(f"interrupted: {e}", sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("interrupted: before scoring began", file=sys.stderr, flush=True)
+        print_line("interrupted: before scoring began", sys.stderr)
         return 130
     # (stdout gone, a pipe's reader stopped: the score is said on stderr, not lost)
     print_line(f"hellaswag acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} ({n} items) | {name}", sys.stdout)

@@ -439,13 +439,13 @@ def main(argv=None):
         args.num_proc = tokenizer_processes(args.num_proc)
         manifest = prepare(args.source, out_dir, args.shard_size, args.num_proc)
     except DiskFull as e:  # the shards and manifest written so far are intact
-        print(f"error: {e}; free some space and run the same command to continue", file=sys.stderr, flush=True)
+        print_line(f"error: {e}; free some space and run the same command to continue", sys.stderr)
         return 1
     except (PrepareError, SettingError, OSError) as e:  # (SettingError: the tokenizer's files or its cache)
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print_line(f"error: {e}", sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: the complete shards are kept; run the same command to continue", file=sys.stderr)
+        print_line("\ninterrupted: the complete shards are kept; run the same command to continue", sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
