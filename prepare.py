@@ -63,11 +63,10 @@ import numpy as np
 
 from machinery.command_line import ArgumentParser
 from machinery.corpus import local_documents, local_files, source_fingerprint
-from machinery.files import DiskFull, PrepareError, SettingError, print_line, write_atomically
+from machinery.files import DiskFull, PrepareError, SettingError, print_line, sha256_of, write_atomically
 from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
 from machinery.shard_folder import (check_disk_space, check_finished, check_memory, finished_problem, lock_out_dir,
-                                    refuse_folders_under_its_names, remove_unfinished_writes, sha256_of,
-                                    start_manifest)
+                                    refuse_folders_under_its_names, remove_unfinished_writes, start_manifest)
 from machinery.tokens import FINEWEB_EDU, MANIFEST, SHARD_SIZE, blank_ids, get_tokenizer
 
 FINEWEB_EDU_TOKENS = 10_000_000_000  # for the progress bar's ETA and the disk-space estimate only

@@ -1,9 +1,10 @@
 """
 Files and errors: one-line error messages (said once under torchrun where every process meets them
 alike: say_once), lines printed where the console may be gone (print_line), atomic writes, a full disk
-said as such, sizes for people (files in powers of 1000, memory in powers of 1024), the RAM processes
-may use (a container's or a job's limit), and is_whole_number for the counts a file read
-back holds (a checkpoint, a manifest, the log: each may have been edited by hand).
+said as such, a file's SHA-256 (a shard's, in its manifest), sizes for people (files in powers of 1000,
+memory in powers of 1024), the RAM processes may use (a container's or a job's limit), and
+is_whole_number for the counts a file read back holds (a checkpoint, a manifest, the log: each may have
+been edited by hand).
 
 Every script writes whole files through write_atomically (checkpoints, the picture, shards, the
 manifest, the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file
@@ -14,6 +15,7 @@ modules here and by the scripts.
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -120,6 +122,15 @@ def write_atomically(path, write, shared=False):
         if full is not None:
             raise DiskFull(f"disk full: writing {path} failed ({os.strerror(full.errno)})") from None
         raise
+
+
+def sha256_of(path):
+    """A file's SHA-256, in hex: read 16 MB at a time (a shard is 200 MB), never all of it at once."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def in_units(n_bytes, binary=False):

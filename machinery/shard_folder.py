@@ -7,7 +7,6 @@ the folder before and after.
 """
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -15,7 +14,7 @@ import sys
 
 import numpy as np
 
-from machinery.files import PrepareError, SettingError, free_bytes, in_units, lock_folder, ram_bytes
+from machinery.files import PrepareError, SettingError, free_bytes, in_units, lock_folder, ram_bytes, sha256_of
 from machinery.tokens import MANIFEST, manifest_problem, read_manifest
 
 DISK_SLACK = 0.9  # refuse to start below 90% of the estimated space: it is an estimate, and a full disk is survivable
@@ -103,14 +102,6 @@ def fingerprint_change(recorded, now, path):
 def is_fingerprint_entry(entry):
     return (type(entry) is list and len(entry) == 3 and isinstance(entry[0], str)
             and all(type(number) is int for number in entry[1:]))
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 checked against the concatenated token stream sliced by hand; runs against the text-file path's
 promises (exact resume, torchrun equals one process)."""
 
+import hashlib
 import json
 import os
 from dataclasses import replace
@@ -29,7 +30,8 @@ def write_shards(folder, lengths, splits=None):
     for i, (n, split) in enumerate(zip(lengths, splits)):
         file = f"{split}_{i:06d}.npy"
         np.save(folder / file, (1000 * i + np.arange(n)).astype(np.uint16))
-        shards.append(dict(file=file, split=split, tokens=n, sha256="", next_document=0, next_offset=0))
+        sha256 = hashlib.sha256((folder / file).read_bytes()).hexdigest()  # (hashed another way than prepare.py's)
+        shards.append(dict(file=file, split=split, tokens=n, sha256=sha256, next_document=0, next_offset=0))
     manifest = dict(tokenizer="gpt2", dtype="uint16", source="hand", shard_size=max(lengths), shards=shards,
                     documents=0, tokens=sum(lengths), complete=True)
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -326,6 +328,10 @@ def damage(data, how):
         tokens = np.load(shard)
         tokens[5] = 60000
         np.save(shard, tokens)
+    elif how == "other ids":  # a flipped bit that leaves a GPT-2 id: only the shard's SHA-256 tells
+        tokens = np.load(shard)
+        tokens[5] ^= 1
+        np.save(shard, tokens)
     elif how == "manifest dtype":  # a manifest edited to say another type than its shards hold
         (data / "manifest.json").write_text(json.dumps({**manifest, "dtype": "float64"}))
     elif how == "tokenizer":  # another tokenizer's ids: the model's rows would mean other tokens
@@ -354,6 +360,7 @@ def damage(data, how):
     ("manifest dtype", "manifest says its tokens are 'float64'; prepare.py writes uint16"),
     ("ids", "holds token id 60000, past GPT-2's 50,257 tokens: it is damaged"),
     ("val ids", "holds token id 60000, past GPT-2's 50,257 tokens: it is damaged"),  # (not "no validation")
+    ("other ids", "train_000001.npy' is damaged: its SHA-256 is not the one its manifest.json lists"),
     ("npz", "train_000001.npy' is not a .npy file"),
     ("folder", "cannot read shard"),
     ("edited tokens", "is not a manifest as prepare.py writes it: its shard 1's tokens is '300', not a whole number"),
@@ -421,11 +428,12 @@ def test_no_gpt2_mark_on_fineweb_edu_that_fits_in_one_shard(tmp_path):
     assert machinery.run_log.gpt2_val_loss_on(with_shards("train", "val")) is None
 
 
-@pytest.mark.parametrize("change", ["shorter", "cut_short", "deleted"])
+@pytest.mark.parametrize("change", ["shorter", "cut_short", "deleted", "other_ids"])
 def test_a_shard_changed_while_training_runs_is_one_line_naming_it(tmp_path, prepared, change):
     """The manifest and every shard's header are checked when a run begins; a shard changed after that
-    (rewritten shorter, cut short, deleted: another prepare.py, a full disk, a cleanup) is found when the
-    loader opens it, and said naming the file: not a reshape's RuntimeError, nor numpy's nameless EOF."""
+    (rewritten shorter, cut short, deleted: another prepare.py, a full disk, a cleanup; or one id changed to
+    another of GPT-2's, which nothing else would find) is found when the loader opens it, and said naming the
+    file: not a reshape's RuntimeError, nor numpy's nameless EOF, nor silently trained on."""
     import shutil
 
     data = tmp_path / "data"
@@ -436,6 +444,9 @@ def test_a_shard_changed_while_training_runs_is_one_line_naming_it(tmp_path, pre
         np.save(second, np.arange(10, dtype=np.uint16))
     elif change == "cut_short":
         second.write_bytes(second.read_bytes()[:100])
+    elif change == "other_ids":
+        tokens = np.load(second)
+        np.save(second, np.roll(tokens, 1))  # (the same ids, each one place later)
     else:
         second.unlink()
     with pytest.raises(machinery.tokens.DamagedShard, match=f"^shard {str(second)!r} "):
