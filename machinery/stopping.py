@@ -36,9 +36,12 @@ class StopRequested:
     """Ctrl-C (SIGINT), SIGTERM or SIGHUP during training asks to stop after the current step, so the
     checkpoint written on the way out is a consistent step (stop_signals). A second signal
     interrupts at once: the handlers it found answer it (a second Ctrl-C, Python's KeyboardInterrupt; a
-    second SIGTERM, interrupt_at_once, which main set through sigterm_stops_at_once). Use as
-    `with StopRequested(log) as stop:`, then read stop.requested (the RunLog says whether the stop will
-    save: not over another run's checkpoint, see RunLog)."""
+    second SIGTERM, interrupt_at_once, which main set through sigterm_stops_at_once). Except a SIGTERM
+    after a SIGTERM under torchrun: a scheduler (Slurm) signals every process of a job, torchrun among them,
+    which passes its own on, so each process gets the one request twice (torchrun ends its processes itself
+    when they take longer than its --shutdown-timeout; after a Ctrl-C, its SIGINT passed on, a second Ctrl-C
+    reaches them as a SIGTERM: at once). Use as `with StopRequested(log) as stop:`, then read
+    stop.requested (the RunLog says whether the stop will save: not over another run's checkpoint)."""
 
     def __init__(self, log=None):
         self.log = log
@@ -49,8 +52,13 @@ class StopRequested:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:  # (a SIGTERM after a SIGTERM under torchrun, the one handler left in place: the same)
+            return
         self.requested = True
-        self.restore()  # (a second signal: main's handlers, a KeyboardInterrupt for either, sigterm_stops_at_once)
+        same_again = signal.SIGTERM if signum == signal.SIGTERM and "RANK" in os.environ else None
+        for s, handler in self.previous.items():  # a second signal: main's handlers (see the docstring)
+            if s != same_again:
+                signal.signal(s, handler)
         other_run = self.log.out_dir if self.log is not None and self.log.other_checkpoint_kept() else None
         say_stopping(signum, other_run)
 
@@ -96,8 +104,10 @@ def say_stopping(signum, other_run=None):
         saving = "with a checkpoint" if other_run is None else \
             f"without saving over {os.path.join(other_run, 'ckpt.pt')}, another run's (unless a checkpoint of this " \
             "run falls due first)"
-        line = f"{signal.Signals(signum).name}: stopping after this step, {saving}; " \
-               "a second Ctrl-C or SIGTERM stops at once, without saving\n"
+        then = "torchrun ends the processes, saved or not, after its --shutdown-timeout (30 s unless set)" \
+            if signum == signal.SIGTERM and "RANK" in os.environ else \
+            "a second Ctrl-C or SIGTERM stops at once, without saving"
+        line = f"{signal.Signals(signum).name}: stopping after this step, {saving}; {then}\n"
         with contextlib.suppress(OSError):  # (stderr closed: nothing to tell)
             os.write(2, line.encode())
 

@@ -148,11 +148,24 @@ class Launched:
             rest.append(line)
         return code, "".join(rest), self.stderr()
 
+    def wait_for_stderr(self, text, deadline_s):
+        """Once stderr holds `text` (an AssertionError after deadline_s)."""
+        end = time.monotonic() + deadline_s
+        while text not in self.stderr():
+            if time.monotonic() > end:
+                self.kill()
+                raise AssertionError(f"no {text!r} on stderr within {deadline_s} s: {self.stderr()[-2000:]}")
+            time.sleep(0.01)
+
     def stderr(self):
         return "".join(line for line in self.err if line is not None)
 
-    def send_signal(self, signum):
-        self.proc.send_signal(signum)
+    def send_signal(self, signum, to_descendants=False):
+        """`signum` to the process; to_descendants: to each process it started too (torchrun's workers), as
+        Slurm signals every process of a job step."""
+        for pid in [self.proc.pid, *(descendants(self.proc.pid) if to_descendants else [])]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def kill(self):
         """SIGKILL to the process and all its descendants (torchrun starts each worker in a session of

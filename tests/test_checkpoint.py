@@ -131,6 +131,40 @@ def test_a_second_sigterm_stops_at_once_as_a_second_ctrl_c_does(tmp_path):
     assert r.stderr.count("SIGTERM: stopping after this step") == 1  # the first is answered; the second stops
 
 
+SECOND_SIGNAL = """import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from machinery.stopping import StopRequested, sigterm_stops_at_once
+with sigterm_stops_at_once(), StopRequested() as stop:
+    os.kill(os.getpid(), signal.{first})
+    time.sleep(0.1)
+    try:
+        os.kill(os.getpid(), signal.{second})
+        time.sleep(0.5)
+        print("went on" if stop.requested else "not asked", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize("first,second,torchrun,then", [
+    ("SIGTERM", "SIGTERM", True, "went on"),  # Slurm signals every process, and torchrun passes its own on
+    ("SIGTERM", "SIGTERM", False, "interrupted"),
+    ("SIGINT", "SIGTERM", True, "interrupted"),  # Ctrl-C at torchrun (passed on as SIGINT), then a second one
+    ("SIGTERM", "SIGINT", True, "interrupted"),
+])
+def test_under_torchrun_a_sigterm_after_a_sigterm_is_the_same_request(tmp_path, first, second, torchrun, then):
+    """A scheduler (Slurm's --signal, scancel) signals every process of a job: torchrun, which passes its
+    SIGTERM on, and each of its workers, which so get the one request twice. Taken as a second, it stopped
+    every process at once without the checkpoint the stop was for. Under torchrun (RANK set) a SIGTERM after
+    a SIGTERM is the same request; any other second signal, and every second signal without torchrun,
+    still stops at once."""
+    env = {**os.environ, "RANK": "0"} if torchrun else {k: v for k, v in os.environ.items() if k != "RANK"}
+    r = subprocess.run([sys.executable, "-c", SECOND_SIGNAL.format(repo=str(REPO), first=first, second=second)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert (r.returncode, r.stdout) == (0, then + "\n"), r
+    assert r.stderr.count("stopping after this step") == 1, r.stderr  # (the first is answered, once)
+
+
 SIGTERM_MID_SAVE = """import os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
@@ -291,6 +325,23 @@ def test_checkpoint_contents_are_plain_and_unwrapped(tmp_path, text_file):
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "sample"}
     assert ckpt["optimizer"]["state"] and ckpt["train_loader"]["position"] == 3 * 2 * 16
     assert ckpt["scaler"] == {}  # float32: no loss scaling, an empty GradScaler state
+
+
+def test_a_resume_on_fewer_gpus_restores_the_cuda_streams_it_has(monkeypatch):
+    """A checkpoint holds one CUDA random stream per GPU its saving process saw (all 8 of a node's, under
+    torchrun); a resume that sees fewer (one GPU, CUDA_VISIBLE_DEVICES=0) sets those it has: setting the
+    ninth of 8 failed the resume with "tuple index out of range". No GPU here: torch.cuda's calls are stood
+    in for, so this checks which states set_rng_state hands to torch, not torch's handling of them."""
+    from machinery.random_streams import get_rng_state, set_rng_state
+
+    state = get_rng_state(torch.Generator())  # (before torch.cuda is stood in for: no "cuda" streams in it)
+    state["cuda"] = [torch.full((16,), gpu, dtype=torch.uint8) for gpu in range(8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    set_rng_state(state, torch.Generator())
+    assert [int(stream[0]) for stream in restored] == [0, 1]  # GPU 0's and GPU 1's, in order
 
 
 def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -981,15 +1032,22 @@ def test_a_signal_during_the_first_checkpoints_write_is_answered_by_what_the_fol
         assert log.keeps_other_checkpoint and not log.other_checkpoint_kept()
 
 
-def test_the_first_signal_says_whether_the_stop_will_save(capfd):
-    """The first Ctrl-C or SIGTERM is answered at once: with what the stop will do to out_dir's checkpoint."""
+def test_the_first_signal_says_whether_the_stop_will_save(capfd, monkeypatch):
+    """The first Ctrl-C or SIGTERM is answered at once: with what the stop will do to out_dir's checkpoint,
+    and what a second signal does (under torchrun a second SIGTERM is the first again: torchrun's timeout
+    is what ends the processes then)."""
+    monkeypatch.delenv("RANK", raising=False)
     say_stopping(signal.SIGTERM)
     say_stopping(signal.SIGINT, "run")
+    monkeypatch.setenv("RANK", "0")
+    say_stopping(signal.SIGTERM)
     assert capfd.readouterr().err.splitlines() == [
         "SIGTERM: stopping after this step, with a checkpoint; a second Ctrl-C or SIGTERM stops at once, "
         "without saving",
         f"SIGINT: stopping after this step, without saving over {os.path.join('run', 'ckpt.pt')}, another run's "
-        "(unless a checkpoint of this run falls due first); a second Ctrl-C or SIGTERM stops at once, without saving"]
+        "(unless a checkpoint of this run falls due first); a second Ctrl-C or SIGTERM stops at once, without saving",
+        "SIGTERM: stopping after this step, with a checkpoint; torchrun ends the processes, saved or not, after "
+        "its --shutdown-timeout (30 s unless set)"]
 
 
 def test_export_loads_in_transformers_and_checkpoint_samples(tmp_path, text_file):

@@ -60,7 +60,11 @@ def fsdp_runs(tmp_path_factory):
     with Launched([*TORCHRUN, str(REPO / "train_gpt2.py"), *common, *hellaswag, "--B", "2", "--fsdp",
                    "--out_dir", "fsdp"], tmp) as stopped:
         first = stopped.wait_for("step     3 | loss", deadline_s=120)
-        stopped.send_signal(signal.SIGTERM)  # torchrun passes it on to every process
+        # as Slurm stops a job: to torchrun, which passes it on to every process, and to each process itself
+        # (here once the first has been answered, so that the two are not merged into one by the OS)
+        stopped.send_signal(signal.SIGTERM)
+        stopped.wait_for_stderr("SIGTERM: stopping after this step", deadline_s=60)
+        stopped.send_signal(signal.SIGTERM, to_descendants=True)
         code, rest, err = stopped.finish(deadline_s=120)
     assert code != 0 and "interrupted: saved step" in rest, err
     assert err.count("SIGTERM: stopping after this step") == 1, err  # every process got it; rank 0 answers
