@@ -29,4 +29,6 @@ def set_rng_state(state, sample_generator):
     torch.set_rng_state(state["torch"])
     sample_generator.set_state(state["sample"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state for each GPU the saving process saw (all of its machine's, under torchrun): a resume that sees
+        # fewer (1 GPU of 8, CUDA_VISIBLE_DEVICES) restores those it has, where setting the others would fail
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
