@@ -28,7 +28,8 @@ KEPT_BY_SELECTIVE = {ops.aten.mm.default, ops.aten.addmm.default, ops.aten.bmm.d
                      ops.aten._scaled_dot_product_flash_attention.default,
                      ops.aten._scaled_dot_product_efficient_attention.default,
                      ops.aten._scaled_dot_product_cudnn_attention.default,
-                     ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+                     ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                     ops.aten._scaled_dot_product_attention_math_for_mps.default}
 
 
 def setting(mode):

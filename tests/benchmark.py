@@ -3,7 +3,7 @@ Side-by-side speed benchmark: train_gpt2's GPT-2 (124M) training step against tr
 
     python tests/benchmark.py              # CPU: B=4 T=32 and B=8 T=256; CUDA: B=16 and B=64, T=1024 (compiled)
     python tests/benchmark.py --quick      # fewer steps, one shape
-    python tests/benchmark.py --levers     # also ours with each alternative we considered, side by side
+    python tests/benchmark.py --levers     # also ours with each alternative we considered, side by side (last)
     python tests/benchmark.py --checkpointing  # only: each --activation_checkpointing setting's memory and step
 
 Not a test (pytest does not collect it): timings on a shared machine are noisy, so instead of asserting
@@ -200,9 +200,11 @@ def lever_cuda_graphs(device, device_type, dtype, compile, vocab_size):
     return c
 
 
-LEVERS = {"cuda": (lever_flash_attention, lever_chunked_loss, lever_erf_gelu, lever_compile_blocks,
-                   lever_blocks_and_chunked_loss, lever_max_autotune, lever_cuda_graphs),
-          "cpu": (lever_erf_gelu,)}
+# in groups, each timed against ours and transformers' in a table of its own, printed as it ends: the compile modes,
+# whose compiling may take minutes (never timed on a GPU), come last, so a time limit cuts them off alone
+LEVERS = {"cuda": ((lever_flash_attention, lever_chunked_loss, lever_erf_gelu, lever_compile_blocks,
+                    lever_blocks_and_chunked_loss), (lever_max_autotune, lever_cuda_graphs)),
+          "cpu": ((lever_erf_gelu,),)}
 
 
 def matmul_peak(device, device_type, dtype, repeats=10):
@@ -382,11 +384,12 @@ COMPILE_PROBE = textwrap.dedent("""
     # First training step (compile included) and a steady one, of a GPT-2 shape compiled one way.
     import sys, time, torch
     sys.path.insert(0, {repo!r})
-    from machinery.hardware import resolve_dtype, synchronize
+    from machinery.hardware import attention_kernels, resolve_dtype, synchronize
     from train_gpt2 import GPT, GPTConfig, Block, resolve_device
     how, n_layer, n_head, n_embd, B, T = {how!r}, {n_layer}, {n_head}, {n_embd}, {B}, {T}
     device, device_type = resolve_device("auto")
     dtype = resolve_dtype("auto", device_type)
+    attention_kernels(device_type).__enter__()  # the attention kernel train_gpt2.py's run uses (cuDNN's on Hopper)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50304)).to(device)
     if how == "nested":  # one region the compiler traces once and stamps out for every Block
@@ -446,11 +449,12 @@ CHECKPOINTING_PROBE = textwrap.dedent("""
     sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]
     from machinery.speed import bf16_peak_tflops
     from run_measuring_memory import status_kb  # this process's memory, from /proc/self/status
-    from machinery.hardware import resolve_dtype, synchronize
+    from machinery.hardware import attention_kernels, resolve_dtype, synchronize
     from train_gpt2 import GPT, GPTConfig, resolve_device
     mode, n_layer, n_head, n_embd, B, T, steps = {mode!r}, {n_layer}, {n_head}, {n_embd}, {B}, {T}, {steps}
     device, device_type = resolve_device("auto")
     dtype = resolve_dtype("auto", device_type)
+    attention_kernels(device_type).__enter__()  # the attention kernel train_gpt2.py's run uses (cuDNN's on Hopper)
     torch.set_float32_matmul_precision("high")
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50304)).to(device)
@@ -466,6 +470,7 @@ CHECKPOINTING_PROBE = textwrap.dedent("""
         with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
             loss = step(x, y)[1]
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device_type)
@@ -521,7 +526,8 @@ def checkpointing_costs(device_type):
     """Each --activation_checkpointing setting at the shapes where it matters: the activations' peak
     (above the model's state) and the step. CPU: GPT-2 124M at B=4, T=512; CUDA: 124M at B=64 and
     1.5B at B=16, T=1024, compiled (the first step compiles)."""
-    shapes = [(12, 12, 768, 64, 1024, 12), (48, 25, 1600, 16, 1024, 6)] if device_type == "cuda" else \
+    # (1.5B first, the goals' shape: its compiles take minutes, and a time limit then cuts 124M's rows off)
+    shapes = [(48, 25, 1600, 16, 1024, 6), (12, 12, 768, 64, 1024, 12)] if device_type == "cuda" else \
         [(12, 12, 768, 4, 512, 3)]
     print(f"{'shape':<26}{'checkpointing':<15}{'act. GiB':>9}{'first s':>9}{'ms/step':>9}{'tok/s':>10}{'MFU':>7}")
     for n_layer, n_head, n_embd, B, T, steps in shapes:
@@ -539,22 +545,25 @@ def checkpointing_costs(device_type):
 
 
 def plan(device_type, quick, levers):
-    """Shapes, step counts and run lengths for this device."""
+    """Shapes, step counts and run lengths for this device. With levers, their tables come last, at the
+    first shape, each with ours and transformers' again (then not timed apart at that shape)."""
     if device_type == "cuda":
         # compiled steps recompile and autotune for the first few: time 20 after 3 warm-up steps.
         # 50304 rows: the reproduction pads the vocabulary to a multiple of 128, for both contestants
-        # B=64 first: the goals' shape is measured before the levers' many compilations at B=16
-        in_process_runs = [(64, 1024, 20, 3, False), (16, 1024, 20, 3, levers)]
+        # B=64 and the whole program first: the goals' shapes are measured before the levers' many compilations
+        in_process_runs = [(16, 1024, 20, 3)] if quick else [(64, 1024, 20, 3), (16, 1024, 20, 3)]
         # one run of each program: a second, shorter one would mostly time compilation again
-        program_runs = [(64, 1024, None, 24, 3)]  # (B, T, short run, long run, steps skipped in printed ms)
-        return dict(vocab_size=50304, compile=True, in_process=in_process_runs[1:] if quick else in_process_runs,
-                    programs=[] if quick else program_runs)
-    if quick:
-        return dict(vocab_size=50257, compile=False, in_process=[(4, 32, 4, 2, levers)],
-                    programs=[(4, 32, 2, 12, 1)])
-    # on CPU, compiling costs more than it saves in a 50-step run
-    return dict(vocab_size=50257, compile=False, in_process=[(4, 32, 6, 2, levers), (8, 256, 3, 1, False)],
-                programs=[(4, 32, 4, 20, 1), (8, 256, 1, 4, 1)])
+        program_runs = [] if quick else [(64, 1024, None, 24, 3)]  # (B, T, short run, long run, skipped)
+        lever_shape = (16, 1024, 20, 3)
+    elif quick:
+        in_process_runs, program_runs, lever_shape = [(4, 32, 4, 2)], [(4, 32, 2, 12, 1)], (4, 32, 4, 2)
+    else:  # on CPU, compiling costs more than it saves in a 50-step run
+        in_process_runs, program_runs = [(4, 32, 6, 2), (8, 256, 3, 1)], [(4, 32, 4, 20, 1), (8, 256, 1, 4, 1)]
+        lever_shape = (4, 32, 6, 2)
+    lever_runs = [(*lever_shape, group) for group in LEVERS[device_type]] if levers else []
+    in_process_runs = [(*run, ()) for run in in_process_runs if not (levers and run == lever_shape)]
+    return dict(vocab_size=50304 if device_type == "cuda" else 50257, compile=device_type == "cuda",
+                in_process=in_process_runs, programs=program_runs, levers=lever_runs)
 
 
 def main():
@@ -588,25 +597,13 @@ def main():
     peak = peaks[dtype] if dtype in peaks else peaks[torch.float32]
     datasheet_peak = machinery.speed.bf16_peak_tflops(device_type)  # TFLOP/s, or None
 
-    print("\nin-process training steps (medians, contestants alternating step by step; "
-          "peak GiB: the contestant's own, CUDA only; first s: the first step, compile included)")
-    print(f"{'shape':<12}{'model':<14}{'ms/step':>9}{'tok/s':>10}{'ratio':>7}{'fwd+bwd ms':>12}"
-          f"{'optim ms':>10}{'GFLOP/s':>9}{'% peak':>8}{'MFU':>7}{'peak GiB':>10}{'first s':>9}")
-    for B, T, steps, warmup, levers in p["in_process"]:
-        makers = [ours, *(LEVERS[device_type] if levers else ()), transformers_baseline]
-        r = in_process(B, T, steps, warmup, makers, p["vocab_size"], device, device_type, dtype, p["compile"])
-        base = r["transformers"]["ms"]
-        for name, m in r.items():
-            mfu = 100 * m["gflops"] / 1e3 / datasheet_peak if datasheet_peak else float("nan")
-            print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>10,.0f}{base / m['ms']:>6.2f}x"
-                  f"{m['fb_ms']:>12.1f}{m['opt_ms']:>10.1f}{m['gflops']:>9,.0f}{100 * m['gflops'] / peak:>7.0f}%"
-                  f"{mfu:>6.1f}%{m['peak_gib']:>10.1f}{m['first_s']:>9.1f}".replace("nan%", "   -")
-                  .replace("nan", "  -"), flush=True)
-
-    print("\nwhole programs: per-step time from two run lengths (start-up excluded), the median step time "
-          "each printed, peak memory")
-    print(f"{'shape':<12}{'program':<14}{'ms/step':>9}{'tok/s':>10}{'ratio':>7}{'peak MB':>9}"
-          f"{'printed ms':>12}{'printed tok/s':>15}")
+    if p["in_process"]:
+        in_process_tables(p["in_process"], p, peak, datasheet_peak, device, device_type, dtype)
+    if p["programs"]:
+        print("\nwhole programs: per-step time from two run lengths (start-up excluded), the median step time "
+              "each printed, peak memory")
+        print(f"{'shape':<12}{'program':<14}{'ms/step':>9}{'tok/s':>10}{'ratio':>7}{'peak MB':>9}"
+              f"{'printed ms':>12}{'printed tok/s':>15}")
     for B, T, n_short, n_long, skip in p["programs"]:
         extra = ["--compile"] if p["compile"] else []
         r = whole_programs(B, T, n_short, n_long, extra, p["vocab_size"], skip)
@@ -615,6 +612,28 @@ def main():
             print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>10,.0f}{base / m['ms']:>6.2f}x"
                   f"{m['peak_mb']:>9,.0f}{m['printed_ms']:>12.1f}{B * T / m['printed_ms'] * 1e3:>15,.0f}",
                   flush=True)
+    if p["levers"]:  # (last: CUDA's compile modes may compile for minutes; each table is printed as it ends)
+        print("\nlevers: ours with each alternative, a group at a time")
+        in_process_tables(p["levers"], p, peak, datasheet_peak, device, device_type, dtype)
+
+
+def in_process_tables(runs, p, peak, datasheet_peak, device, device_type, dtype):
+    """One table of in-process steps for each run (B, T, steps, warm-up steps, levers): ours, the levers,
+    transformers' GPT-2, alternating step by step; each printed as it ends."""
+    print("\nin-process training steps (medians, contestants alternating step by step; "
+          "peak GiB: the contestant's own, CUDA only; first s: the first step, compile included)")
+    print(f"{'shape':<12}{'model':<14}{'ms/step':>9}{'tok/s':>10}{'ratio':>7}{'fwd+bwd ms':>12}"
+          f"{'optim ms':>10}{'GFLOP/s':>9}{'% peak':>8}{'MFU':>7}{'peak GiB':>10}{'first s':>9}")
+    for B, T, steps, warmup, levers in runs:
+        makers = [ours, *levers, transformers_baseline]
+        r = in_process(B, T, steps, warmup, makers, p["vocab_size"], device, device_type, dtype, p["compile"])
+        base = r["transformers"]["ms"]
+        for name, m in r.items():
+            mfu = 100 * m["gflops"] / 1e3 / datasheet_peak if datasheet_peak else float("nan")
+            print(f"{f'B={B} T={T}':<12}{name:<14}{m['ms']:>9.1f}{m['tok_s']:>10,.0f}{base / m['ms']:>6.2f}x"
+                  f"{m['fb_ms']:>12.1f}{m['opt_ms']:>10.1f}{m['gflops']:>9,.0f}{100 * m['gflops'] / peak:>7.0f}%"
+                  f"{mfu:>6.1f}%{m['peak_gib']:>10.1f}{m['first_s']:>9.1f}".replace("nan%", "   -")
+                  .replace("nan", "  -"), flush=True)
 
 
 if __name__ == "__main__":

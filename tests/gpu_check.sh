@@ -4,9 +4,9 @@
 # A lent GPU session has about 15 minutes, its start included, and runs one command for at most 600 s:
 # pick a group that fits. No part's time limit reaches past BUDGET seconds (570) from the start, so a
 # group that runs long loses its last parts, not the whole command. Estimates ("new": never run on a GPU):
-#   PARTS="checkpointing"              issue 23: each --activation_checkpointing setting, 124M B=64, 1.5B B=16 (~9 min, new)
+#   PARTS="checkpointing"              issue 23: each --activation_checkpointing setting, 1.5B B=16, 124M B=64 (~9 min, new)
 #   PARTS="compile loss"               issue 23: compile time (whole model, blocks), the loss's memory      (~9 min, new)
-#   PARTS="levers"                     issue 23: the step against transformers', each lever, whole program (~8 min, new)
+#   PARTS="levers"                     issue 23: the step against transformers', whole program, each lever (~8 min, new)
 #   PARTS="tests offload24 memory24"   issue 22: the suite with a GPU present, GPT-2 1.5B on a 24 GB cap  (~9 min, new)
 #   PARTS="nproc default fp16 torchrun data oom"   the older end-to-end checks                          (~4 min)
 # Extends ../shared/gpu/check.sh. LOG_DIR receives the full logs; WHEEL_DIR holds wheels to install first
@@ -68,12 +68,12 @@ if want loss; then
 fi
 
 if want levers; then
-  t "benchmark with levers (the step against transformers at B=16 and 64, and the whole program)"
+  t "benchmark with levers (the step against transformers at B=64, the whole program, then the levers at B=16)"
   timeout "$(lim 540)" $TS python3 tests/benchmark.py --levers > "$LOG/bench.log" 2>&1; echo "rc=$?"; cat "$LOG/bench.log"
 fi
 
 if want checkpointing; then
-  t "activation checkpointing: none, selective, every_other, full; memory and step, compiled, 124M B=64 and 1.5B B=16"
+  t "activation checkpointing: none, selective, every_other, full; memory and step, compiled, 1.5B B=16 and 124M B=64"
   timeout "$(lim 540)" $TS python3 tests/benchmark.py --checkpointing > "$LOG/checkpointing.log" 2>&1; echo "rc=$?"
   cat "$LOG/checkpointing.log"
 fi
