@@ -149,7 +149,9 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, re
     stay in the file until read (under FSDP each process reads only its shards of them). Its model's
     settings are checked, and for a resume its training state's too."""
     if not os.path.isfile(path):
-        raise SettingError(f"{missing} at {path!r}")
+        machines = int(os.environ.get("WORLD_SIZE", 1)) > int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        raise SettingError(f"{missing} at {path!r}" + (" on this machine (a run across machines needs its out_dir on "
+                                                       "a filesystem they share)" if machines and resume else ""))
     try:
         with warnings.catch_warnings():  # a foreign pickle also gets a multi-line warning: we say it once
             warnings.simplefilter("ignore")

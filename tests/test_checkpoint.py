@@ -765,6 +765,19 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, text_file, monke
     assert code == 1 and err.strip() == "error: --init_from: no checkpoint at 'nothing.pt'"
 
 
+def test_a_node_without_the_checkpoint_says_out_dir_must_be_shared(tmp_path, monkeypatch):
+    """Across machines (torchrun's WORLD_SIZE over its LOCAL_WORLD_SIZE) every process reads the checkpoint to
+    resume: a machine that has no copy of out_dir says why it might not."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"^no checkpoint to resume from at '.*ckpt.pt' on this machine \(a run "
+                                         r"across machines needs its out_dir on a filesystem they share\)$"):
+        load_checkpoint(str(tmp_path / "ckpt.pt"), resume=True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one machine: the plain line
+    with pytest.raises(ValueError, match=r"^no checkpoint to resume from at '.*ckpt.pt'$"):
+        load_checkpoint(str(tmp_path / "ckpt.pt"), resume=True)
+
+
 def test_a_run_is_evaluated_on_processes_that_do_not_divide_its_tokens_per_step(tmp_path):
     """--resume --eval_only on two processes of a one-process run of 64 tokens a step at B=2, T=32 (128 a
     micro-step over two): evaluating accumulates nothing, so it is not refused; resuming to train is, in one line."""
