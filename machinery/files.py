@@ -245,7 +245,8 @@ def lock_folder(path, flag="--out_dir"):
         raise ValueError(f"another run is writing {path!r} now: wait for it to end, or choose another {flag}") from None
     except OSError as e:
         os.close(handle)
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks (some NFS)
+        # a file system without locks (some NFS; SMB on macOS, whose ENOTSUP is not its EOPNOTSUPP)
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
             return None
         raise
     return handle

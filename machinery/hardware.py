@@ -74,8 +74,8 @@ def synchronize(device_type):
 
 def torchrun_ranks(device_type):
     """(RANK, LOCAL_RANK, WORLD_SIZE), as torchrun sets them in each process it starts: one line where
-    RANK is set but the others are not numbers beside it (RANK set by something else), and on CUDA where
-    torchrun started more processes than the node has GPUs."""
+    RANK is set but the others are not numbers beside it (RANK set by something else), on CUDA where
+    torchrun started more processes than the node has GPUs, and on MPS (one GPU, which gloo cannot carry)."""
     try:
         rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     except (KeyError, ValueError):
@@ -86,6 +86,9 @@ def torchrun_ranks(device_type):
                          "(0 <= LOCAL_RANK <= RANK < WORLD_SIZE): start the run with torchrun")
     if device_type == "cuda":
         check_one_process_per_gpu(world_size)
+    if device_type == "mps":  # (gloo, the group's CPU backend, carries no MPS tensors: the first all-reduce fails)
+        raise SettingError("torchrun runs one process per GPU, and a Mac's GPU (mps) is one: run python "
+                           "train_gpt2.py, or several processes on its CPU with --device cpu")
     return rank, local_rank, world_size
 
 

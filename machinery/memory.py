@@ -131,7 +131,7 @@ def plan_memory(model, cfg, world_size, device, dtype, start_step=0):
         n = parameters_per_process(model, world_size if cfg.fsdp else 1)  # (FSDP: this process's share)
         where = " in RAM" if cfg.cpu_offload else f" (its 1/{world_size} share)" if cfg.fsdp else ""
         return f"memory per process: weights {size(WEIGHT_BYTES * n)}{where} (no training) | {has}"
-    parts = memory_needs(model, cfg, world_size, dtype)  # [(what, bytes)]
+    parts = memory_needs(model, cfg, world_size, dtype, device)  # [(what, bytes)]
     need = sum(bytes_ for _, bytes_ in parts)
     line = f"memory per process: {' + '.join(what for what, _ in parts)} = about {size(need)}{fit(need, total)} | {has}"
     # on CPUs, refused when even the estimate, which runs low there (docs/memory.md), passes the RAM: a
@@ -145,14 +145,16 @@ def plan_memory(model, cfg, world_size, device, dtype, start_step=0):
     return line
 
 
-def memory_needs(model, cfg, world_size, dtype):
+def memory_needs(model, cfg, world_size, dtype, device="cuda"):
     """What one process keeps on its device while it trains, as [(words, bytes)]: the state (unless
     offloaded), DDP's buckets, the activations (an estimate) and, under FSDP, the units in flight."""
+    # (MPS has no fused attention that trains: torch's math attention keeps the (T, T) scores, as --no-sdpa does)
+    fused_attention = cfg.sdpa and not device.startswith("mps")
     fsdp_wrapped, n = cfg.fsdp or cfg.cpu_offload, parameters_per_process(model, world_size if cfg.fsdp else 1)
     parts = [] if cfg.cpu_offload else [(describe_state(n, cfg, world_size), STATE_BYTES * n)]
     if world_size > 1 and not fsdp_wrapped:  # DDP reduces gradients through buckets: a second copy of them
         parts.append((f"DDP's gradient buckets {size(GRAD_BYTES * n)}", GRAD_BYTES * n))
-    act = activation_bytes(model.config, cfg.B, cfg.T, cfg.activation_checkpointing, cfg.sdpa,
+    act = activation_bytes(model.config, cfg.B, cfg.T, cfg.activation_checkpointing, fused_attention,
                            dtype == torch.float32, getattr(model, "loss_in_chunks", False))
     mode = setting(cfg.activation_checkpointing)
     checkpointing = {"none": "", "full": " with activation checkpointing"}.get(
@@ -280,14 +282,16 @@ def train_local(error, name):
 
 
 def out_of_memory(error):
-    """Whether an error is memory running out: a GPU's torch.OutOfMemoryError, or the RuntimeError of torch's
-    CPU allocator (RAM, or a `ulimit -v`, exhausted)."""
-    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+    """Whether an error is memory running out: a CUDA GPU's torch.OutOfMemoryError, or a RuntimeError in the
+    words of torch's CPU allocator (RAM, or a `ulimit -v`, exhausted) or of its MPS one (an Apple GPU's share
+    of memory; or one tensor past Metal's largest buffer, "Invalid buffer size")."""
+    words = ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory", "Invalid buffer size")
+    return isinstance(error, torch.OutOfMemoryError) or any(w in str(error) for w in words)
 
 
 def describe_out_of_memory(error, cfg, device):
-    """One line for an out-of-memory error: where, and the ways to need less memory (on a GPU, also moving
-    the state off it; a CPU's processes share one RAM, which those do not shrink). The settings are train's
+    """One line for an out-of-memory error: where, and the ways to need less memory (on a CUDA GPU, also
+    moving the state off it; a CPU's processes share one RAM, which those do not shrink). The settings are train's
     own where the error came through it (a resume's batch is the checkpoint's, not cfg's)."""
     total = device_memory(device)
     step, cfg = step_of(error), train_local(error, "cfg") or cfg
@@ -296,7 +300,7 @@ def describe_out_of_memory(error, cfg, device):
     total_batch_size = cfg.total_batch_size or cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))
     saved = os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt"))
     ways = ways_to_need_less(cfg, total_batch_size)
-    if not device.startswith("cpu"):  # (not what is already on)
+    if device.startswith("cuda"):  # (not what is already on; a CPU's processes share one RAM, MPS has neither)
         ways += [] if cfg.fsdp else ["split the model's state with --fsdp under torchrun"]
         ways += [] if cfg.cpu_offload else ["keep it in RAM with --cpu_offload"]
     return f"out of memory {where}: {one_of(ways)}" + ("; the last checkpoint is intact" if saved else "")

@@ -254,6 +254,20 @@ def test_rank_set_without_torchruns_other_variables_is_one_line(tmp_path, text_f
                                  "<= RANK < WORLD_SIZE): start the run with torchrun\n")
 
 
+def test_torchrun_on_a_macs_gpu_is_one_line(monkeypatch):
+    """torchrun's processes on a Mac pick its one GPU (mps) each, and the group's gloo backend carries no MPS
+    tensor: the first all-reduce failed with a traceback. One line instead, before the group is joined. (No
+    Mac here: torchrun_ranks is asked with the device type a Mac's --device auto gives.)"""
+    from machinery.hardware import torchrun_ranks
+
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert torchrun_ranks("cpu") == (1, 1, 2)
+    with pytest.raises(ValueError, match=r"^torchrun runs one process per GPU, and a Mac's GPU \(mps\) is one: run "
+                                         r"python train_gpt2.py, or several processes on its CPU with --device cpu$"):
+        torchrun_ranks("mps")
+
+
 def test_samples_are_made_b_rows_at_a_time(tmp_path, monkeypatch, capsys):
     """--num_samples 5 at --B 2: three calls of generate, of 2, 2 and 1 rows (never more rows than a
     training micro-batch: a big --num_samples takes longer, not more memory), and five samples."""

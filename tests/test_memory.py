@@ -309,3 +309,34 @@ def test_torchs_cpu_allocator_running_out_is_recognised_as_out_of_memory():
     r = subprocess.run([sys.executable, "-c", RAM_RUNS_OUT.format(repo=str(REPO))], capture_output=True, text=True,
                        timeout=120)
     assert (r.returncode, r.stdout) == (0, "RuntimeError True\n"), r
+
+
+# torch's MPS allocator's words (MPSAllocator.mm) for an Apple GPU's memory running out, and for one tensor past
+# Metal's largest buffer; no Mac here, so the errors are made by hand in those words
+MPS_OUT_OF_MEMORY = ("MPS backend out of memory (MPS allocated: 17.50 GB, other allocations: 1.20 GB, max allowed: "
+                     "18.13 GB). Tried to allocate 1.54 GB on private pool.", "Invalid buffer size: 40.00 GB")
+
+
+@pytest.mark.parametrize("words", MPS_OUT_OF_MEMORY, ids=["pool", "buffer"])
+def test_an_apple_gpu_running_out_is_one_line_without_advice_it_cannot_take(words, tmp_path, monkeypatch):
+    """MPS says memory ran out as a plain RuntimeError (a traceback before); its line suggests neither --fsdp
+    nor --cpu_offload, which a Mac's GPU cannot use (one GPU, and no FSDP on MPS), as a CUDA GPU's does."""
+    monkeypatch.setattr(machinery.memory, "device_memory", lambda device: 18 * 2**30)  # (what torch.mps would say)
+    error = RuntimeError(words)
+    assert machinery.memory.out_of_memory(error) and not machinery.memory.out_of_memory(RuntimeError("other"))
+    cfg = TrainConfig(B=4, T=32, out_dir=str(tmp_path))
+    line = describe_out_of_memory(error, cfg, "mps")
+    assert line.startswith("out of memory before training (micro-batch 4 x 32 on mps")
+    assert "--activation_checkpointing" in line and "--fsdp" not in line and "--cpu_offload" not in line
+
+
+def test_the_plan_counts_the_attention_scores_an_apple_gpu_keeps():
+    """On MPS, training attention runs torch's math attention (its fused kernel serves only inference), whose
+    (T, T) scores are kept as --no-sdpa's are: the plan counts them there, and not on CUDA."""
+    model = gpt2_xl()
+    cfg = TrainConfig(B=4, T=1024)
+    activations = {device: next(b for what, b in machinery.memory.memory_needs(model, cfg, 1, torch.bfloat16, device)
+                                if what.startswith("activations"))
+                   for device in ("cuda:0", "mps")}
+    assert activations["cuda:0"] == activation_bytes(model.config, 4, 1024, sdpa=True)
+    assert activations["mps"] == activation_bytes(model.config, 4, 1024, sdpa=False) > activations["cuda:0"]
