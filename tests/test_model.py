@@ -159,6 +159,24 @@ def test_a_temperature_near_zero_samples_the_greedy_tokens():
         assert torch.equal(model.generate(idx, 6, temperature=temperature), greedy), temperature
 
 
+@pytest.mark.parametrize("temperature, top_k", [(0.5, 0), (2.0, 0), (0.7, 20)])
+def test_sampling_draws_from_the_softmax_of_the_logits_over_the_temperature(temperature, top_k, monkeypatch):
+    """The distribution each token is drawn from is softmax(logits / temperature) over the top_k most likely
+    (all of GPT-2's tokens for top_k 0), computed here another way: from the model's own logits, in float64."""
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    drawn_from, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **k: drawn_from.append(probs) or multinomial(probs, *a,
+                                                                                                            **k))
+    model.generate(idx, 1, temperature=temperature, top_k=top_k)
+    with torch.no_grad():
+        logits = model(idx)[0][:, -1, :GPT2_VOCAB_SIZE].double()  # (B, V)
+    logits = logits.topk(top_k or GPT2_VOCAB_SIZE, dim=-1).values  # (the top_k, best first, as generate orders them)
+    expected = torch.softmax(logits / temperature, dim=-1)
+    assert torch.allclose(drawn_from[0].double(), expected, rtol=1e-4, atol=1e-7)  # (float32 softmax)
+
+
 def test_sampling_has_its_own_random_stream():
     """Sampling never draws from torch's global generator, so it cannot change training."""
     model = GPT(TINY).eval()

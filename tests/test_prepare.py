@@ -88,6 +88,22 @@ def test_shard_sizes_splits_and_hashes(tmp_path, corpus_folder):
     assert written == sorted(["manifest.json", *(s["file"] for s in shards)])  # nothing else, no leftovers
 
 
+@pytest.mark.parametrize("past_the_start", [0, 3])
+def test_a_shard_records_the_document_the_next_one_begins_in(tmp_path, past_the_start):
+    """A shard's entry names where the stream goes on after it: the document the next shard begins in and
+    that document's tokens already written. A shard that ends exactly where a document begins says that
+    document and 0 (not the one before and its whole length, which a resume would read again); one that
+    ends 3 tokens into it says so. The documents' starts are counted from the stream (an EOT begins each)."""
+    docs = [f"document {i}: " + " ".join(["word"] * (30 + 7 * i)) for i in range(6)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    starts = np.flatnonzero(stream_of(docs) == EOT)
+    prepare.prepare(tmp_path / "docs.jsonl", tmp_path / "out", shard_size=int(starts[2]) + past_the_start,
+                    num_proc=1, show_progress=False)
+    first = read_manifest(str(tmp_path / "out"))["shards"][0]
+    assert (first["next_document"], first["next_offset"]) == (2, past_the_start)
+    assert "next_byte" not in first  # (a document's first piece: a resume reads it from its start)
+
+
 def test_a_corpus_within_one_shard_still_gets_both_splits(tmp_path):
     docs = make_documents(20, seed=2)
     (tmp_path / "small.txt").write_text(docs[0])

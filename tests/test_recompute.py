@@ -56,19 +56,20 @@ class CountOperators(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# (setting, blocks run again in backward of 4, and whether those recompute their matmuls and attention)
-RECOMPUTED = [("none", 0, False), ("full", 4, True), ("every_other", 2, True), ("selective", 4, False)]
+# (setting, blocks, those run again in backward, and whether they recompute their matmuls and attention)
+RECOMPUTED = [("none", 4, 0, False), ("full", 4, 4, True), ("every_other", 4, 2, True), ("selective", 4, 4, False),
+              ("every_other", 3, 2, True)]  # (blocks 0 and 2 of 3: from the first, not the second)
 
 
-@pytest.mark.parametrize("mode, again, matmuls", RECOMPUTED)
-def test_each_setting_runs_again_in_backward_what_it_says(mode, again, matmuls):
+@pytest.mark.parametrize("mode, n_layer, again, matmuls", RECOMPUTED)
+def test_each_setting_runs_again_in_backward_what_it_says(mode, n_layer, again, matmuls):
     """Backward of a Linear layer needs only mm (addmm is forward's), and attention's backward has its own
     kernel, so addmm, attention's forward, layer norm's forward and GELU in backward are recomputation:
     full recomputes each block (but its last Linear, whose output backward does not read: torch stops
     the recomputation once it has what backward needs); selective only the layer norms and GELU, keeping
     matmuls and attention; every_other recomputes blocks 0 and 2 as full does."""
     x, y = batch()
-    gpt = model(4, mode)
+    gpt = model(n_layer, mode)
     loss = gpt(x, y)[1]
     with CountOperators() as ops:
         loss.backward()

@@ -320,6 +320,8 @@ def damage(data, how):
         shard.write_bytes(b"")
     elif how == "dtype":
         np.save(shard, np.zeros(manifest["shards"][1]["tokens"], dtype=np.int32))
+    elif how == "length":  # a whole .npy file of GPT-2 ids, another length than the manifest lists
+        np.save(shard, np.zeros(manifest["shards"][1]["tokens"] - 10, dtype=np.uint16))
     elif how == "no manifest":
         (data / "manifest.json").unlink()
     elif how == "incomplete":
@@ -354,6 +356,7 @@ def damage(data, how):
     ("truncated", "is truncated or not a .npy file"),
     ("empty", "is truncated or not a .npy file"),
     ("dtype", "holds int32"),
+    ("length", "train_000001.npy' holds uint16 (290,), the manifest says uint16 (300,)"),
     ("no manifest", "has no manifest.json: prepare it with  python prepare.py"),
     ("incomplete", "is not fully prepared"),
     ("tokenizer", "holds cl100k_base tokens; train_gpt2.py reads GPT-2's (gpt2)"),
