@@ -58,6 +58,7 @@ def test_flags_accept_both_spellings_and_help_lists_defaults(tmp_path, text_file
     ([], True, False), (["--no-sdpa", "--compile"], False, True),
     (["--sdpa", "false", "--compile", "true"], False, True),
     (["--sdpa=No", "--compile=1"], False, True), (["--sdpa", "--compile=off"], True, False),
+    (["--sdpa", "0", "--compile", "yes"], False, True),
     (["--sdpa", "off", "--sdpa"], True, False),  # (the last one given wins)
 ])
 def test_a_boolean_is_set_like_any_setting_or_by_its_name_alone(args, sdpa, compile):

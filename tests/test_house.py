@@ -132,6 +132,8 @@ def test_a_misspelled_flag_says_which_flag_was_meant(tmp_path, monkeypatch, caps
     code, out, err = run_in_process("--max_step", "5", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert (code, out) == (2, "")
     assert err == "error: unrecognized arguments: --max_step 5; did you mean --max_steps? (see --help)\n"
+    code, out, err = run_in_process("--warmup", "5", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert err == "error: unrecognized arguments: --warmup 5; did you mean --warmup_steps? (see --help)\n"  # (a part)
     code, out, err = run_in_process("--frobnicate", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and "did you mean" not in err  # nothing close: no guess
 

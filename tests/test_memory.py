@@ -6,6 +6,7 @@ run really used."""
 
 import dataclasses
 import math
+import os
 import re
 import sys
 import types
@@ -286,6 +287,19 @@ def test_the_ram_processes_may_use_is_the_lowest_cgroup_limit_above_them(tmp_pat
     proc.write_text("0::/\n")  # none at the top
     assert cgroup_memory_limit(str(proc), str(root)) is None
     assert cgroup_memory_limit(str(tmp_path / "no such file"), str(root)) is None
+    (root / "job" / "step" / "memory.max").write_text(str(6 << 30))  # a looser limit below a tighter one
+    proc.write_text("0::/job/step\n")
+    assert cgroup_memory_limit(str(proc), str(root)) == 4 << 30  # the tightest on the way up holds
+
+
+def test_the_ram_processes_may_use_is_the_machines_or_a_lower_limit(monkeypatch):
+    """ram_bytes: the machine's RAM (sysconf's pages), or a cgroup's limit where that is lower, never higher."""
+    import machinery.files
+
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit, expected in ((machine // 4, machine // 4), (machine * 4, machine), (None, machine)):
+        monkeypatch.setattr(machinery.files, "cgroup_memory_limit", lambda: limit)
+        assert machinery.files.ram_bytes() == expected, limit
 
 
 RAM_RUNS_OUT = """import resource, sys

@@ -75,6 +75,7 @@ def test_flags_after_a_recipe_override_it_and_comments_and_spaces_are_read(tmp_p
     # --min_lr None gives a recipe's min_lr back its default meaning (None: a constant rate)
     assert parse_args(TrainConfig, [f"@{path}"])[0].min_lr == 1e-5
     assert parse_args(TrainConfig, [f"@{path}", "--min_lr", "None"])[0].min_lr is None
+    assert parse_args(TrainConfig, [f"@{path}", "--min_lr", "none"])[0].min_lr is None  # (as typed, lower case)
 
 
 def test_a_flags_value_that_starts_with_an_at_sign_is_text_not_a_recipe(tmp_path):

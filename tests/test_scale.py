@@ -112,6 +112,33 @@ def test_an_fsdp_run_stopped_by_sigterm_saves_and_resumes_under_fsdp_exactly(fsd
     assert resumed["fsdp"].stdout.count("> Hello") == 1  # every process samples (FSDP needs all), rank 0 prints
 
 
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """A signal that reaches one of torchrun's processes only (a `kill` of its pid, a scheduler's agent): all of
+    them stop after the same step, the largest of their stop flags taken each step, and the run saves. (The
+    others waited forever in the next step's collectives, or trained on without it.)"""
+    from conftest import descendants
+    from machinery.checkpoints import load_checkpoint
+
+    (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:60_000])
+    args = [*TINY, "--input_file", "text.txt", "--B", "2", "--T", "16", "--max_steps", "300", "--num_samples", "0"]
+    with Launched([*TORCHRUN, str(REPO / "train_gpt2.py"), *args], tmp_path, {"OMP_NUM_THREADS": "1"}) as run:
+        run.wait_for("step     3 | loss", deadline_s=120)
+        rank = {pid: environment_of(pid).get("RANK") for pid in descendants(run.proc.pid)}
+        os.kill(next(pid for pid, r in rank.items() if r == "1"), signal.SIGTERM)  # rank 1's process, alone
+        code, rest, err = run.finish(deadline_s=120)
+    assert code != 0 and "interrupted: saved step" in rest, err
+    assert 3 < load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["steps_done"] < 300
+
+
+def environment_of(pid):
+    """A process's environment variables, from Linux's /proc ({} if it is gone or not ours to read)."""
+    try:
+        entries = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
+
+
 def test_a_plain_checkpoint_resumes_under_fsdp_with_the_state_in_ram(fsdp_runs):
     tmp, _, resumed = fsdp_runs
     assert "resumed from plain/ckpt.pt at step 2" in resumed["plain"].stdout
