@@ -990,6 +990,18 @@ def test_a_fresh_runs_stop_before_its_first_checkpoint_leaves_the_other_runs_che
     assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 6
 
 
+def test_a_resumed_runs_stop_before_its_next_checkpoint_saves(tmp_path, four_steps, text_file, monkeypatch, capsys):
+    """The checkpoint in out_dir is the resumed run's own: a stop after the resume's first step saves over it
+    (the steps since the resume kept), where a fresh run's stop would leave another run's alone."""
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    calls = []
+    monkeypatch.setattr(train_gpt2, "stop_requested_anywhere", lambda requested, device: calls.append(1) or True)
+    code, out, _ = run_in_process(*RUN, "--input_file", text_file, "--out_dir", run, "--max_steps", "8", "--resume",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 130 and f"interrupted: saved step 5 to {run}/ckpt.pt" in out, out
+    assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 5
+
+
 def test_a_stop_in_the_last_step_saves_the_run_and_skips_its_samples_and_export(tmp_path, text_file, monkeypatch,
                                                                                 capfd):
     """A Ctrl-C in the run's last step: as the answer says, the step is finished and saved (the run's last

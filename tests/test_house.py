@@ -188,6 +188,10 @@ def test_init_from_a_checkpoint_takes_its_shape_and_names_every_contradiction(tm
                                  "--out_dir 'out': give this run another --out_dir (or continue that run with "
                                  "--resume)\n")
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+    # evaluating it writes nothing: the same command with --eval_only is not refused
+    code, out, err = run_in_process("--init_from", "./out/ckpt.pt", "--input_file", "text.txt", "--eval_only",
+                                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "val loss" in out and (tmp_path / "out" / "ckpt.pt").read_bytes() == before, err
     # a scratch model that trains nothing is random weights: said, not refused
     code, out, err = run_in_process(*TINY[:-2], "--max_steps", "0", "--num_samples", "0", cwd=tmp_path,
                                     monkeypatch=monkeypatch, capsys=capsys)

@@ -1388,7 +1388,8 @@ def test_a_lone_surrogate_in_json_text_is_tokenized_as_a_replacement_character(t
 
 def test_a_folder_with_link_loops_and_a_folder_named_like_a_file_reads_each_file_once(tmp_path):
     """A link to a folder above (a loop), a second link to a file, and a folder named sub.txt: each real
-    file is read once, under the name that sorts first, and sub.txt is walked as a folder."""
+    file is read once, under the name that sorts first, and sub.txt is walked as a folder. Hidden files
+    (.draft.txt, macOS's ._c.txt) are not the corpus: passed over."""
     folder = tmp_path / "corpus"
     (folder / "d" / "sub.txt").mkdir(parents=True)
     docs = ["the c file", "the a file", "the b file"]
@@ -1397,6 +1398,8 @@ def test_a_folder_with_link_loops_and_a_folder_named_like_a_file_reads_each_file
     (folder / "d" / "sub.txt" / "b.txt").write_text(docs[2])
     (folder / "d" / "up").symlink_to("..")
     (folder / "copy.txt").symlink_to("c.txt")
+    (folder / ".draft.txt").write_text("an editor's hidden file")  # (and macOS's ._c.txt beside a copied c.txt)
+    (folder / "._c.txt").write_bytes(b"\x00\x05\x16\x07 not UTF-8")
     files = corpus.local_files(str(folder))
     assert files == [str(folder / name) for name in ("c.txt", "d/a.txt", "d/sub.txt/b.txt")]
     prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=10**6, show_progress=False)

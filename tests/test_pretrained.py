@@ -176,7 +176,9 @@ def test_fine_tuning_starts_from_the_weights_of_a_local_gpt2_directory(tmp_path,
     assert main(["--init_from", str(path), "--input_file", str(text_file), "--max_steps", "2", "--B", str(B),
                  "--T", str(T), "--device", "cpu", "--dtype", "float32", "--num_samples", "1",
                  "--max_new_tokens", "4", "--out_dir", str(out)]) == 0
-    assert list(step_losses(capsys.readouterr().out)) == [0, 1]
+    printed = capsys.readouterr().out
+    assert list(step_losses(printed)) == [0, 1]
+    assert f"| {hf.num_parameters():,} parameters" in printed  # transformers' count (the tied matrix once)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2] and "loss" not in log[2]
 

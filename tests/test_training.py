@@ -37,6 +37,19 @@ def test_lr_schedule_endpoints_and_shape():
     assert all(b < a for a, b in zip(decay, decay[1:]))  # strictly falling
     assert get_lr(100, **kw) == pytest.approx(6e-5)
     assert get_lr(5000, **kw) == pytest.approx(6e-5)  # then flat
+    # a warmup as long as the run: at max_steps, min_lr (no decay of length 0 to divide by)
+    assert get_lr(100, max_lr=6e-4, min_lr=6e-5, warmup_steps=100, max_steps=100) == 6e-5
+
+
+def test_the_time_left_counts_the_steps_after_this_one():
+    """The step line's eta: the typical step (the median, step 0's warm-up left out) times the steps still to
+    run after this one: none after the last step, an hour for 3,600 more steps of 1 s."""
+    import machinery.console
+
+    record = dict(loss=1.0, lr=1e-3, norm=1.0, ms=1000.0, tok_per_s=128.0, tflops=0.1)
+    times = [30.0, 1.0, 1.0, 1.2]  # (step 0: compiling, say)
+    assert machinery.console.step_line({**record, "step": 99}, times, 100).endswith("| eta 0:00:00")
+    assert machinery.console.step_line({**record, "step": 0}, times, 3601).endswith("| eta 1:00:00")
 
 
 def test_default_schedule_is_constant():
