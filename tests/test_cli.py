@@ -446,6 +446,18 @@ def test_readme_documents_every_option():
     table = [line for line in readme.splitlines() if line.startswith("| `")]
     for f in fields(TrainConfig):
         assert any(f"`{f.name}`" in line.split("|")[1] for line in table), f.name
+    # and its default as TrainConfig has it (the table's words: off, on, empty, None; numbers as written)
+    words = {"off": False, "on": True, "empty": "", "None": None}
+    defaults = TrainConfig()
+    for line in table:
+        names, said = [n.strip(" `") for n in line.split("|")[1].split(",")], line.split("|")[2].strip()
+        values = [v.strip(" `") for v in (said.split(", ") if len(names) > 1 else [said])]
+        for name, value in zip(names, values):
+            if name in {f.name for f in fields(TrainConfig)}:
+                default = getattr(defaults, name)
+                value = words.get(value, value)
+                assert value == default or (isinstance(default, (int, float)) and not isinstance(default, bool)
+                                            and float(value) == default), (name, value, default)
 
 
 def test_more_torchrun_processes_than_gpus_is_one_line(tmp_path):

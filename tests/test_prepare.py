@@ -663,6 +663,16 @@ def test_fineweb_edu_retries_a_dropped_connection_within_the_file(tmp_path, stan
     assert reads[:again] + reads[again + 5:] == [label(d) for d in docs]  # rows 40..44 read twice, nothing else
 
 
+def test_fineweb_edu_gives_up_only_after_failures_in_a_row(tmp_path, stand_in, monkeypatch, capsys):
+    """A long download meets dropped connections now and then: six, each followed by documents read, are more
+    than DOWNLOAD_RETRIES (5) in all but never in a row, and the run ends with every document, each once."""
+    docs, files, expected = stand_in
+    record_reads(monkeypatch, fail_at=[(0, 10), (0, 30), (1, 5), (1, 45), (2, 20), (3, 15)])
+    prepare.prepare("fineweb-edu", str(tmp_path / "fw"), shard_size=1000, show_progress=False)
+    assert folder_bytes(tmp_path / "fw") == expected
+    assert capsys.readouterr().err.count("(try 2 of 5)") == 6  # each the first retry of its own failure
+
+
 def test_fineweb_edu_gives_up_after_failing_retries_in_a_row(tmp_path, stand_in, monkeypatch, capsys):
     import pyarrow.parquet as pq
 
