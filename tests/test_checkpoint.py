@@ -990,6 +990,19 @@ def test_a_fresh_runs_stop_before_its_first_checkpoint_leaves_the_other_runs_che
     assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 6
 
 
+def test_a_fresh_run_that_draws_no_picture_leaves_none_of_the_other_runs(tmp_path, four_steps, text_file,
+                                                                        monkeypatch):
+    """A fresh run into a finished run's out_dir takes over its names once it has its own checkpoint: its log
+    becomes log.jsonl, and the other run's progress.png goes too when this run has drawn none (no
+    matplotlib, say: stood in for by a plot_log that draws nothing), so no picture of another run is left
+    beside this run's log."""
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    assert (run / "progress.png").exists()
+    monkeypatch.setattr(machinery.run_log, "plot_log", lambda *args, **kwargs: None)
+    assert main([*RUN, "--input_file", text_file, "--out_dir", str(run), "--max_steps", "2", "--seed", "7"]) == 0
+    assert [r["step"] for r in read_log(run)] == [0, 1, 2] and not (run / "progress.png").exists()
+
+
 def test_a_resumed_runs_stop_before_its_next_checkpoint_saves(tmp_path, four_steps, text_file, monkeypatch, capsys):
     """The checkpoint in out_dir is the resumed run's own: a stop after the resume's first step saves over it
     (the steps since the resume kept), where a fresh run's stop would leave another run's alone."""

@@ -287,10 +287,31 @@ def test_interrupted_scoring_says_how_far_it_got_and_the_same_command_continues(
                             "less (and scores from the first item: the counts kept are for this one)\n"), err
     monkeypatch.setattr(hellaswag_eval, "count_correct", recording)
     scored.clear()
+    if how == "out_of_ram":  # as the line says: a smaller --batch_size scores from the first item (its own counts)
+        assert hellaswag.main([*args[:-1], "1"]) == 0
+        assert scored == hellaswag_eval.read_items(str(items_file)) and capsys.readouterr().out == expected
+        scored.clear()
     assert hellaswag.main(args) == 0
     assert capsys.readouterr().out == expected
     assert scored == hellaswag_eval.read_items(str(items_file))[4:]
     assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_openais_reference_is_printed_only_beside_a_score_of_the_whole_set(tmp_path, items_file, random_gpt2,
+                                                                          monkeypatch, capsys):
+    """For OpenAI's GPT-2 the published scores of all 10,042 items are printed under the score, to compare;
+    under the score of a part (--limit) they are not comparable: not printed. (The random model stands in for
+    "gpt2", and the 7 items for the whole set.)"""
+    load_model = hellaswag.load_model
+    monkeypatch.setattr(hellaswag, "load_model", lambda args: (load_model(args)[0], "gpt2"))
+    monkeypatch.setattr(hellaswag, "N_VALIDATION", 7)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["--init_from", str(random_gpt2[0]), "--data", str(items_file), "--device", "cpu", "--dtype", "float32"]
+    assert hellaswag.main(args) == 0
+    acc, acc_norm = hellaswag_eval.REFERENCE["gpt2"]
+    assert capsys.readouterr().out.splitlines()[-1] == f"reference for gpt2: acc {acc:.4f} acc_norm {acc_norm:.4f}"
+    assert hellaswag.main([*args, "--limit", "2"]) == 0
+    assert "reference" not in capsys.readouterr().out
 
 
 def a_bug(*args):

@@ -985,7 +985,7 @@ def test_a_shard_the_disk_takes_only_part_of_is_said_as_a_full_disk(tmp_path, re
 
 def test_cli_prepares_a_text_file_and_says_what_it_wrote(tmp_path):
     (tmp_path / "book.txt").write_text(" ".join(make_documents(30, seed=4)))
-    r = run_script("book.txt", "--out_dir", "data/book", "--shard_size", "1000", "--num_proc", "1",
+    r = run_script("book.txt", "--shard_size", "1000", "--num_proc", "1",  # (--out_dir's default: data/book)
                    cwd=tmp_path, script="prepare.py")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "data" / "book" / "manifest.json").read_text())
