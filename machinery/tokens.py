@@ -250,7 +250,8 @@ def open_shard(path):
     bytes (to other ids GPT-2 has: a SHA-256 unlike its manifest's) are refused here, in one line naming the
     file: not by a reshape's error, or the embedding's index error, which on a GPU is a device-side assert
     that ends every process, and not by training on. (The hash and the ids: two passes over the file, 0.3 s
-    for 100M tokens from the page cache on a Zen 5, once per shard and process.)"""
+    for 100M tokens from the page cache on a Zen 5, each time a process opens it: validation's, at every
+    evaluation.)"""
     try:
         tokens, listed = ShardTokens(path), listed_shard(path)
     except (OSError, ValueError, EOFError, KeyError, StopIteration) as e:  # (EOFError: emptied; the others: unlisted)
