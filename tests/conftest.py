@@ -97,6 +97,16 @@ def descendants(pid):
     return found
 
 
+def environment_of(pid):
+    """A process's environment variables, from Linux's /proc ({} if it is gone or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
+
+
 class Launched:
     """A command in a session of its own, its output read line by line with deadlines. When a deadline
     passes, or the test is done with it (`with Launched(...) as run:`), it is killed with every process it

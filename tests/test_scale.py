@@ -14,7 +14,8 @@ import torch
 
 from machinery.files import in_binary_units
 from train_gpt2 import GPT, GPTConfig
-from conftest import CONTEXTS, REPO, TINY, Launched, official, run_in_process, run_script, step_losses
+from conftest import (CONTEXTS, REPO, TINY, Launched, descendants, environment_of, official, run_in_process,
+                      run_script, step_losses)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # float32: the comparisons below are between arithmetic orders, not precisions
@@ -116,7 +117,6 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
     """A signal that reaches one of torchrun's processes only (a `kill` of its pid, a scheduler's agent): all of
     them stop after the same step, the largest of their stop flags taken each step, and the run saves. (The
     others waited forever in the next step's collectives, or trained on without it.)"""
-    from conftest import descendants
     from machinery.checkpoints import load_checkpoint
 
     (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:60_000])
@@ -128,15 +128,6 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
         code, rest, err = run.finish(deadline_s=120)
     assert code != 0 and "interrupted: saved step" in rest, err
     assert 3 < load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["steps_done"] < 300
-
-
-def environment_of(pid):
-    """A process's environment variables, from Linux's /proc ({} if it is gone or not ours to read)."""
-    try:
-        entries = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-    except OSError:
-        return {}
-    return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
 
 
 def test_a_plain_checkpoint_resumes_under_fsdp_with_the_state_in_ram(fsdp_runs):
