@@ -74,7 +74,7 @@ def synchronize(device_type):
 
 def torchrun_ranks(device_type):
     """(RANK, LOCAL_RANK, WORLD_SIZE), as torchrun sets them in each process it starts: one line where
-    RANK is set but the others are not numbers beside it (RANK set by something else), on CUDA where
+    RANK is set but the others are not numbers that fit beside it (RANK set by something else), on CUDA where
     torchrun started more processes than the node has GPUs, and on MPS (one GPU, which gloo cannot carry)."""
     try:
         rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -84,6 +84,11 @@ def torchrun_ranks(device_type):
     if not 0 <= local_rank <= rank < world_size:  # (a process numbered past the group waits for it forever)
         raise ValueError(f"RANK {rank}, LOCAL_RANK {local_rank} and WORLD_SIZE {world_size} do not fit together "
                          "(0 <= LOCAL_RANK <= RANK < WORLD_SIZE): start the run with torchrun")
+    processes_here = os.environ.get("LOCAL_WORLD_SIZE", str(world_size))  # (read again where RAM is shared)
+    if not processes_here.isdigit() or not local_rank < int(processes_here) <= world_size:
+        raise ValueError(f"LOCAL_WORLD_SIZE {processes_here!r} is not a process count beside LOCAL_RANK {local_rank} "
+                         f"and WORLD_SIZE {world_size} (LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE): start the run "
+                         "with torchrun")
     if device_type == "cuda":
         check_one_process_per_gpu(world_size)
     if device_type == "mps":  # (gloo, the group's CPU backend, carries no MPS tensors: the first all-reduce fails)

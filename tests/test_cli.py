@@ -253,6 +253,16 @@ def test_rank_set_without_torchruns_other_variables_is_one_line(tmp_path, text_f
                                   monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == ("error: RANK 5, LOCAL_RANK 0 and WORLD_SIZE 2 do not fit together (0 <= LOCAL_RANK "
                                  "<= RANK < WORLD_SIZE): start the run with torchrun\n")
+    # LOCAL_WORLD_SIZE (read where the processes of a machine share its RAM): a count, not a ValueError of int()
+    monkeypatch.setenv("RANK", "1")
+    for processes_here in ("two", "1", "3"):  # not a number; too few for LOCAL_RANK 1; more than the group
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes_here)
+        code, _, err = run_in_process(*SMALL, "--input_file", text_file, "--max_steps", "1", cwd=tmp_path,
+                                      monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 1 and err == (f"error: LOCAL_WORLD_SIZE '{processes_here}' is not a process count beside "
+                                     "LOCAL_RANK 1 and WORLD_SIZE 2 (LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE): "
+                                     "start the run with torchrun\n")
 
 
 def test_torchrun_on_a_macs_gpu_is_one_line(monkeypatch):
