@@ -58,6 +58,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 
 import numpy as np
 
@@ -158,17 +160,36 @@ def quiet_worker():
 
 
 PR_SET_PDEATHSIG = 1  # Linux's prctl option: the signal a process gets when the one that started it ends
+ORPHAN_POLL_SECONDS = 0.05  # elsewhere: how often a worker looks for its main process
 
 
 def die_with_parent():
-    """On Linux, the kernel kills the worker the moment the main process ends, killed outright (kill -9, the
-    OOM killer) included: a worker left alone would find the pool's pipe closed as it hands back its
-    tokens, and print a BrokenPipeError traceback as it ends. Elsewhere nothing."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+    """The worker ends the moment the main process ends, killed outright (kill -9, the OOM killer) included:
+    a worker left alone would wait for work forever, or find the pool's pipe closed as it hands back its
+    tokens and print a BrokenPipeError traceback as it ends. On Linux the kernel kills it; elsewhere (macOS)
+    a thread ends it once it is handed to another parent, within ORPHAN_POLL_SECONDS (a busy worker may
+    finish its batch first, and print that traceback)."""
+    if not kernel_ends_with_parent():
+        threading.Thread(target=end_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
-        with contextlib.suppress(OSError, AttributeError):  # (a libc without prctl: as elsewhere)
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+def kernel_ends_with_parent():
+    """Whether the kernel will SIGKILL this process when its parent ends: asked of Linux's prctl."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+    except (OSError, AttributeError):  # (a libc without prctl: as elsewhere)
+        return False
+
+
+def end_when_orphaned(parent):
+    """Poll the parent's pid: the main process's until it ends, then the one the OS hands orphans to."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_SECONDS)
+    os._exit(1)  # (at once: no clean-up of a pool whose main process is gone)
 
 
 # -----------------------------------------------------------------------------

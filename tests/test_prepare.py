@@ -1482,7 +1482,7 @@ def test_sigkill_mid_preparation_then_the_same_command_finishes_the_same_shards(
     assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
 
 
-SLOW_PREPARE = """import sys, time
+SLOW_PREPARE = """import os, sys, time
 sys.path.insert(0, {repo!r})
 import prepare
 
@@ -1500,9 +1500,19 @@ def slow_batches_of(pieces, progress):  # reading slowed: the workers wait for t
         yield batch
 
 
+def stuck_tokenize_batch(texts):  # a batch that takes a minute, begun: the file busy.PID says so
+    open(f"busy.{{os.getpid()}}", "w").close()
+    time.sleep(60)
+    return tokenize_batch(texts)
+
+
 if __name__ == "__main__":
     prepare.BATCH_CHARS = 1000
-    if sys.argv.pop(1) == "tokenizing":
+    slowed = sys.argv.pop(1)
+    if slowed == "stuck":  # as on macOS too: no prctl, the workers' own threads watch for the main process's end
+        prepare.tokenize_batch = stuck_tokenize_batch
+        prepare.kernel_ends_with_parent = lambda: False  # (forked workers inherit both)
+    elif slowed == "tokenizing":
         prepare.tokenize_batch = slow_tokenize_batch
     else:
         prepare.batches_of = slow_batches_of
@@ -1589,6 +1599,35 @@ def test_the_workers_end_with_a_killed_main_process_quietly_and_leave_out_dir_fr
     for out in ("run", "ref"):
         prepare.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / out), shard_size=2000, show_progress=False)
     assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
+def test_without_the_kernels_help_a_busy_worker_ends_with_a_killed_main_process_quietly(tmp_path):
+    """Where the kernel cannot be asked to end the workers with the main process (macOS), each worker's
+    own thread sees that it was handed to another parent and ends it: one stuck in a minute-long batch
+    ends in well under that minute, and without the BrokenPipeError traceback it would print when it
+    finished the batch and found the pool's pipe closed."""
+    from conftest import Launched, descendants
+
+    with Launched(slowed_prepare(tmp_path, "stuck"), tmp_path) as run:
+        deadline = time.time() + 60
+        while time.time() < deadline and run.proc.poll() is None and not list(tmp_path.glob("busy.*")):
+            time.sleep(0.005)
+        workers = descendants(run.proc.pid)
+        assert len(workers) == 2 and list(tmp_path.glob("busy.*")), run.stderr()
+        run.send_signal(signal.SIGKILL)
+        run.proc.wait()
+        deadline = time.time() + 30  # (half the batch's minute)
+        while time.time() < deadline and not all(has_ended(pid) for pid in workers):
+            time.sleep(0.05)
+        ended = [has_ended(pid) for pid in workers]
+        for pid in workers:  # (no longer the launched process's: Launched would not find them)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for reader in run.readers:  # (the workers held stderr too: its end is theirs)
+            reader.join(30)
+    assert ended == [True, True]
+    assert "Traceback" not in run.stderr(), run.stderr()
 
 
 def test_a_shard_bigger_than_the_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
