@@ -45,15 +45,29 @@ class NoneOr:
         return None if text.strip().lower() == "none" else self.kind(text)
 
 
+TRUTH = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def truth_value(text):
     """argparse's type for a boolean setting given a value (--compile true, --sdpa=no): true/false, yes/no, on/off,
     1/0, in any case."""
-    meaning = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
     word = text.strip().lower()
-    if word not in meaning:  # (a recipe line's rest is the value: "--compile --lr 1e-3" on one)
+    if word not in TRUTH:  # (a recipe line's rest is the value: "--compile --lr 1e-3" on one)
         more = "; a recipe line holds one flag and its value: put each flag on a line of its own" if " " in word else ""
         raise argparse.ArgumentTypeError(f"invalid true/false value: {text!r}{more}")
-    return meaning[word]
+    return TRUTH[word]
+
+
+class OnceBoolean:
+    """argparse's type for a setting that was a boolean before it had settings (--activation_checkpointing):
+    its old values still mean what they meant, true (yes, on, 1) its bare value and false its default."""
+
+    def __init__(self, bare, default):
+        self.bare, self.default, self.__name__ = bare, default, "setting"
+
+    def __call__(self, text):
+        meaning = TRUTH.get(text.strip().lower())
+        return text if meaning is None else self.bare if meaning else self.default
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -157,7 +171,7 @@ def settings_parser(config_class, description, defaults=True):
                                 help=argparse.SUPPRESS)
         elif "bare" in f.metadata:  # --activation_checkpointing alone: full; --no-activation_checkpointing: none
             parser.add_argument(f"--{f.name}", nargs="?", const=f.metadata["bare"], default=default, help=help,
-                                choices=f.metadata.get("choices"))
+                                type=OnceBoolean(f.metadata["bare"], f.default), choices=f.metadata.get("choices"))
             parser.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const=f.default,
                                 default=default, help=argparse.SUPPRESS)
         else:

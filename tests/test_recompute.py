@@ -149,3 +149,7 @@ def test_the_command_line_takes_each_setting_and_the_bare_flag_for_full():
         assert parse_args(TrainConfig, [f"--activation_checkpointing={mode}"])[0].activation_checkpointing == mode
     assert parse_args(TrainConfig, ["--activation_checkpointing", "--no-activation_checkpointing"])[0] \
         .activation_checkpointing == "none"
+    # its values from when it was a boolean (issue 19) mean what they meant: true the bare flag's full, false none
+    for word, mode in (("true", "full"), ("Yes", "full"), ("1", "full"), ("false", "none"), ("off", "none")):
+        assert parse_args(TrainConfig, ["--activation_checkpointing", word])[0].activation_checkpointing == mode
+        assert parse_args(TrainConfig, [f"--activation_checkpointing={word}"])[0].activation_checkpointing == mode
