@@ -659,7 +659,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
                           **hardware_use(flops_per_token, total_batch_size / world_size, dt, peak_tflops))
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
-            log.write(record, picture="val_loss" in record or stop_now)  # progress.png: each val loss, and a stop
+            log.write(record, picture=step % cfg.eval_interval == 0 or stop_now)  # progress.png: at evaluations, a stop
             if stop_now and step + 1 < cfg.max_steps:  # (in the last step: the next pass saves, finish_run returns 130)
                 return stop_mid_run(raw_model, optimizer, scaler, step + 1, cfg, train_loader, sample_generator,
                                     master, log)

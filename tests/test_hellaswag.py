@@ -13,6 +13,7 @@ import torch
 
 import hellaswag
 import machinery.checkpoints
+import machinery.run_log
 import machinery.tokens
 import train_gpt2
 from conftest import CONTEXTS, CPU_ALLOCATOR_FAILED, TINY, official, run_script
@@ -579,6 +580,33 @@ def test_training_logs_hellaswag_at_every_evaluation(tmp_path, text_file, lopsid
     assert panels(tmp_path / "run" / "progress.png") == 2  # drawn by the run: losses, and HellaSwag beside them
     plot_log(str(tmp_path / "run" / "log.jsonl"), str(tmp_path / "again.png"))  # and redrawn from its log
     assert panels(tmp_path / "again.png") == 2
+
+
+def test_without_validation_data_the_picture_is_drawn_at_each_hellaswag_evaluation(tmp_path, lopsided_items_file,
+                                                                                  monkeypatch, capsys):
+    """progress.png is redrawn at every evaluation, also where HellaSwag is the only one (a text too short for
+    a validation batch): steps 0 and 2 in the loop, 4 at the end."""
+    from conftest import REPO
+
+    text = tmp_path / "short.txt"
+    text.write_text((REPO / "input.txt").read_text()[:600])  # ~150 tokens: val's 10% < a 2 x 16 batch
+    monkeypatch.setattr(machinery.run_log, "plot_log", drawing := DrawingSpy())
+    assert main([*RUN, "--input_file", str(text), "--hellaswag", str(lopsided_items_file),
+                 "--out_dir", str(tmp_path / "run")]) == 0
+    assert "no validation:" in capsys.readouterr().out
+    assert drawing.steps == [0, 2, 4]
+
+
+class DrawingSpy:
+    """plot_log, noting the step of the log's last record each time it draws."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, log_path, png_path, gpt2_val_loss=None):
+        with open(log_path) as f:
+            self.steps.append(json.loads(f.read().splitlines()[-1])["step"])
+        return plot_log(log_path, png_path, gpt2_val_loss)
 
 
 def test_eval_only_scores_hellaswag_as_a_run_would(tmp_path, random_gpt2, lopsided_items_file, monkeypatch,
