@@ -197,15 +197,19 @@ def jsonl_text(line, path, line_number):
 
 
 def read_parquet(path):
-    """(text, bytes) of each row of a parquet file's text column; a null is an empty document."""
+    """(text, bytes) of each row of a parquet file's text column; a null is an empty document. The bytes
+    are the row's share of the file's size: its text is compressed there, and the progress bar's total
+    is the files' sizes (counted in text, a file's rows would pass it, and the bar would lose its ETA)."""
     import pyarrow.parquet as pq  # comes with datasets; only parquet sources need it
 
     try:
         table = pq.ParquetFile(path)
         check_text_column(table, path)
+        rows, size, row = table.metadata.num_rows, os.path.getsize(path), 0
         for batch in table.iter_batches(columns=["text"], batch_size=1024):
             for text in batch.column(0).to_pylist():
-                yield text or "", len((text or "").encode("utf-8"))
+                row += 1
+                yield text or "", row * size // rows - (row - 1) * size // rows  # (the rows' shares add up to size)
     except (PrepareError, FileNotFoundError):
         raise
     except Exception as e:  # pyarrow's own errors: not a parquet file, truncated, ...

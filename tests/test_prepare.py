@@ -248,29 +248,37 @@ def test_a_small_corpus_killed_at_any_write_finishes_the_same(tmp_path, monkeypa
 @pytest.mark.parametrize("kind", ["text file", "folder"])
 def test_a_resumed_runs_progress_starts_where_the_killed_one_stopped(tmp_path, big_text, corpus_folder, monkeypatch,
                                                                      kind):
-    """The progress bar counts the bytes read. A run killed part way, then resumed, counts at once what
-    the killed run did (not read again: a text file from the piece it stopped in, a folder's documents
-    skipped), then the rest as it reads it: it ends where an uninterrupted run's bar ends."""
+    """The progress bar counts the bytes read, and ends at its total, the source's size (a parquet file's
+    rows count their shares of its compressed size: their text would pass it, and the bar lose its ETA).
+    A run killed part way, then resumed, counts at once what the killed run did (not read again: a text
+    file from the piece it stopped in, a folder's documents skipped), then the rest as it reads it: it
+    ends where an uninterrupted run's bar ends."""
     import tqdm
 
     source = big_text[0] if kind == "text file" else corpus_folder[0]
-    counted = []
+    counted, totals = [], []
 
     class Bar(tqdm.tqdm):
+        def __init__(self, *args, total=None, **kwargs):
+            totals.append(total)
+            super().__init__(*args, total=total, **kwargs)
+
         def update(self, n=1):
             counted.append(n)
             return super().update(n)
 
     monkeypatch.setattr(tqdm, "tqdm", Bar)
-    prepare.prepare(str(source), str(tmp_path / "ref"), shard_size=1000, show_progress=False)
-    whole, counted[:] = sum(counted), []
-    prepare_killed_at_write(monkeypatch, 4, source, tmp_path / "run", shard_size=1000)
-    counted.clear()
     tokenized, tokenize_batch = [], prepare.tokenize_batch
     monkeypatch.setattr(prepare, "tokenize_batch", lambda pieces: tokenized.extend(pieces) or tokenize_batch(pieces))
+    prepare.prepare(str(source), str(tmp_path / "ref"), shard_size=1000, show_progress=False)
+    whole, all_text = sum(counted), sum(len(text) for text, _ in tokenized)
+    files = [source] if source.is_file() else [f for f in source.rglob("*") if f.suffix in corpus.SOURCE_TYPES]
+    assert totals == [whole] == [sum(f.stat().st_size for f in files)]
+    prepare_killed_at_write(monkeypatch, 4, source, tmp_path / "run", shard_size=1000)
+    counted.clear(), tokenized.clear()
     prepare.prepare(str(source), str(tmp_path / "run"), shard_size=1000, show_progress=False)
     assert sum(counted) == whole
-    assert sum(len(text.encode()) for text, _ in tokenized) < whole  # (what the killed run did: not again)
+    assert sum(len(text) for text, _ in tokenized) < all_text  # (what the killed run did: not again)
 
 
 def test_a_resumed_fineweb_edu_run_starts_its_bar_at_what_was_done(tmp_path, stand_in, monkeypatch):
