@@ -1579,6 +1579,23 @@ def has_ended(pid):
         return True
 
 
+def which_workers_end_with_it(run, workers):
+    """SIGKILL to the launched prepare.py alone; then, for each of its workers, whether it has ended within
+    30 s (any left are killed, and the run's stderr, which they held too, read to its end)."""
+    run.send_signal(signal.SIGKILL)
+    run.proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and not all(has_ended(pid) for pid in workers):
+        time.sleep(0.05)
+    ended = [has_ended(pid) for pid in workers]
+    for pid in workers:  # (no longer the launched process's: Launched would not find them)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for reader in run.readers:
+        reader.join(30)
+    return ended
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
 @pytest.mark.parametrize("slowed", ["reading", "tokenizing"], ids=["waiting_workers", "busy_workers"])
 def test_the_workers_end_with_a_killed_main_process_quietly_and_leave_out_dir_free(tmp_path, slowed):
@@ -1590,18 +1607,7 @@ def test_the_workers_end_with_a_killed_main_process_quietly_and_leave_out_dir_fr
 
     with Launched(slowed_prepare(tmp_path, slowed), tmp_path) as run:
         wait_for_a_shard(run, tmp_path / "run")
-        workers = descendants(run.proc.pid)
-        run.send_signal(signal.SIGKILL)
-        run.proc.wait()
-        deadline = time.time() + 30
-        while time.time() < deadline and not all(has_ended(pid) for pid in workers):
-            time.sleep(0.05)
-        ended = [has_ended(pid) for pid in workers]
-        for pid in workers:  # (no longer the launched process's: Launched would not find them)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for reader in run.readers:  # (the workers held stderr too: its end is theirs)
-            reader.join(30)
+        ended = which_workers_end_with_it(run, descendants(run.proc.pid))
     assert ended == [True, True]
     assert "Traceback" not in run.stderr(), run.stderr()
     for out in ("run", "ref"):
@@ -1623,17 +1629,7 @@ def test_without_the_kernels_help_a_busy_worker_ends_with_a_killed_main_process_
             time.sleep(0.005)
         workers = descendants(run.proc.pid)
         assert len(workers) == 2 and list(tmp_path.glob("busy.*")), run.stderr()
-        run.send_signal(signal.SIGKILL)
-        run.proc.wait()
-        deadline = time.time() + 30  # (half the batch's minute)
-        while time.time() < deadline and not all(has_ended(pid) for pid in workers):
-            time.sleep(0.05)
-        ended = [has_ended(pid) for pid in workers]
-        for pid in workers:  # (no longer the launched process's: Launched would not find them)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for reader in run.readers:  # (the workers held stderr too: its end is theirs)
-            reader.join(30)
+        ended = which_workers_end_with_it(run, workers)  # (within 30 s: half the batch's minute)
     assert ended == [True, True]
     assert "Traceback" not in run.stderr(), run.stderr()
 
