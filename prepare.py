@@ -165,10 +165,10 @@ ORPHAN_POLL_SECONDS = 0.05  # elsewhere: how often a worker looks for its main p
 
 def die_with_parent():
     """The worker ends the moment the main process ends, killed outright (kill -9, the OOM killer) included:
-    a worker left alone would wait for work forever, or find the pool's pipe closed as it hands back its
-    tokens and print a BrokenPipeError traceback as it ends. On Linux the kernel kills it; elsewhere (macOS)
-    a thread ends it once it is handed to another parent, within ORPHAN_POLL_SECONDS (a busy worker may
-    finish its batch first, and print that traceback)."""
+    a worker left busy with a batch would go on with it, then find the pool's pipe closed as it hands back
+    its tokens and print a BrokenPipeError traceback as it ends (an idle one ends as its queue closes). On
+    Linux the kernel kills it; elsewhere (macOS) a thread ends it once it is handed to another parent,
+    within ORPHAN_POLL_SECONDS (a batch may end first, and print that traceback)."""
     if not kernel_ends_with_parent():
         threading.Thread(target=end_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
