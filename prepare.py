@@ -65,7 +65,7 @@ import numpy as np
 
 from machinery.command_line import ArgumentParser
 from machinery.corpus import local_documents, local_files, source_fingerprint
-from machinery.files import DiskFull, PrepareError, SettingError, print_line, sha256_of, write_atomically
+from machinery.files import BarStream, DiskFull, PrepareError, SettingError, print_line, sha256_of, write_atomically
 from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
 from machinery.shard_folder import (check_disk_space, check_finished, check_memory, finished_problem, lock_out_dir,
                                     refuse_folders_under_its_names, remove_unfinished_writes, start_manifest)
@@ -408,7 +408,7 @@ def write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress)
     done_bytes = TEXT_BYTES_PER_TOKEN * writer.position if hub else 0  # (a resumed local run's documents count it)
     desc = f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}"
     with tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, smoothing=0.05, desc=desc,
-              disable=not show_progress) as progress, \
+              disable=not show_progress, file=BarStream()) as progress, \
             contextlib.closing(tokenized(batches_of(documents, progress), num_proc)) as results:  # (ends the workers)
         try:
             for tokens, lengths, at in results:

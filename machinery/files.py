@@ -1,10 +1,10 @@
 """
 Files and errors: one-line error messages (said once under torchrun where every process meets them
-alike: say_once), lines printed where the console may be gone (print_line), atomic writes, a full disk
-said as such, a file's SHA-256 (a shard's, in its manifest), sizes for people (files in powers of 1000,
-memory in powers of 1024), the RAM processes may use (a container's or a job's limit), and
-is_whole_number for the counts a file read back holds (a checkpoint, a manifest, the log: each may have
-been edited by hand).
+alike: say_once), lines printed where the console may be gone (print_line; BarStream for progress
+bars), atomic writes, a full disk said as such, a file's SHA-256 (a shard's, in its manifest), sizes
+for people (files in powers of 1000, memory in powers of 1024), the RAM processes may use (a
+container's or a job's limit), and is_whole_number for the counts a file read back holds (a checkpoint,
+a manifest, the log: each may have been edited by hand).
 
 Every script writes whole files through write_atomically (checkpoints, the picture, shards, the
 manifest, the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file
@@ -73,14 +73,43 @@ def print_line(line, stream):
     try:
         print(line, file=stream, flush=True)
     except OSError as e:
-        with contextlib.suppress(OSError, ValueError):  # (no file descriptor, as under a test's capture: as it was)
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, stream.fileno())  # (what print left in the stream's buffer goes there too)
-            os.close(null)
+        point_at_devnull(stream)
         if stream is not sys.stderr:
             with contextlib.suppress(OSError, ValueError):
                 print(f"cannot write to stdout ({e.strerror or e}): its lines are dropped from here on; "
                       f"this one was: {line}", file=sys.stderr, flush=True)
+
+
+def point_at_devnull(stream):
+    """From now on `stream` writes to os.devnull (what its buffer holds goes there too)."""
+    with contextlib.suppress(OSError, ValueError):  # (no file descriptor, as under a test's capture: as it was)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+
+
+class BarStream:
+    """sys.stderr for a progress bar (tqdm's file=): a write it cannot take (the reader of its pipe gone,
+    a full disk) points it at os.devnull, as print_line does, instead of ending the work the bar shows."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError:
+            point_at_devnull(self.stream)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError:
+            point_at_devnull(self.stream)
+
+    def __getattr__(self, name):  # (isatty, fileno, encoding: the stream's)
+        return getattr(self.stream, name)
 
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, too large, quota

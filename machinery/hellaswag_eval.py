@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from machinery.console import print0
-from machinery.files import SettingError, first_line, is_whole_number, write_atomically
+from machinery.files import BarStream, SettingError, first_line, is_whole_number, write_atomically
 from machinery.hub import hub_or_cache
 from machinery.tokens import get_tokenizer
 
@@ -274,7 +274,7 @@ def count_correct_resumably(model, items, device, autocast, batch_size, path):
     counts = read_progress(path, len(items))  # (items scored, correct, correct_norm)
     saved_at, failure = time.monotonic(), None
     try:
-        with tqdm(total=len(items), initial=counts[0], unit="item",
+        with tqdm(total=len(items), initial=counts[0], unit="item", file=BarStream(),
                   desc="resuming hellaswag" if counts[0] else "hellaswag") as bar:
             for i in range(counts[0], len(items), batch_size):
                 correct, correct_norm, n = count_correct(model, items[i: i + batch_size], device, autocast, batch_size)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -93,6 +94,20 @@ def test_cli_prints_both_accuracies_with_counts_and_honours_limit(tmp_path, item
     assert f"hellaswag acc {correct / n:.4f} acc_norm {correct_norm / n:.4f} ({n} items)" in r.stdout
     assert hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--limit", "3", "--device", "cpu"]) == 0
     assert "(3 items)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file every write to fails")
+def test_a_stderr_that_takes_no_writes_costs_the_progress_bar_not_the_score(tmp_path, items_file, random_gpt2):
+    """The bar writes to stderr: where that fails (the reader of its pipe gone, a full disk under `2> log`;
+    /dev/full here) the bar goes quiet and the scoring goes on to its line on stdout (it ended in exit 1,
+    silently, the score lost)."""
+    from conftest import REPO
+
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, str(REPO / "hellaswag.py"), "--init_from", str(random_gpt2[0]), "--data",
+                            str(items_file), "--device", "cpu"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=full,
+                           text=True, timeout=300)
+    assert r.returncode == 0 and f"({len(CONTEXTS)} items)" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("rank, local_rank, fetches", [(0, 0, True), (1, 1, False), (8, 0, True), (9, 1, False)])

@@ -1471,6 +1471,26 @@ def test_importing_prepare_does_nothing_visible_and_needs_no_torch():
     assert r.returncode == 0 and r.stdout == "False\n" and r.stderr == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file every write to fails")
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_stderr_that_takes_no_writes_costs_the_progress_bar_not_the_shards(tmp_path, num_proc):
+    """The bar writes to stderr: where that fails (the reader of its pipe gone, a full disk under `2> log`;
+    /dev/full here) the bar goes quiet and the shards are all written (it ended in exit 1, silently, with
+    only a manifest)."""
+    import subprocess
+
+    from conftest import REPO
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(200, seed=3)))
+    prepare.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "ref"), shard_size=2000, show_progress=False)
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "docs.jsonl", "--out_dir", "run", "--shard_size",
+                            "2000", "--num_proc", str(num_proc)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=full,
+                           text=True, timeout=300)
+    assert r.returncode == 0 and "shards" in r.stdout, r.stdout
+    assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "ref")
+
+
 def test_sigkill_mid_preparation_then_the_same_command_finishes_the_same_shards(tmp_path):
     """A real kill (no chance to clean up), while shards are being written."""
     import subprocess
