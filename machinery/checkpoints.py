@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from machinery.files import DiskFull, SettingError, first_line, is_whole_number, write_atomically
+from machinery.files import DiskFull, SettingError, first_line, is_whole_number, number_problem, write_atomically
 from machinery.memory import out_of_memory
 from machinery.pretrained import check_export_dir, non_finite_weight, pretrained_shape, refuse_small_vocabulary
 from machinery.random_streams import set_rng_state
@@ -193,17 +193,6 @@ def damaged_record(path):
         return f"the archive ({first_line(e)})"
 
 
-def number_problem(numbers):
-    """What is wrong with the first of `numbers`, (part's name, part, key, least, default if missing),
-    whose part is not a dict or whose value is not a whole number >= least; None if none is."""
-    for name, part, key, least, default in numbers:
-        if not isinstance(part, dict):
-            return f"{name} is a {type(part).__name__}, not a dict"
-        if not is_whole_number(part.get(key, default), least):
-            return f"{name} {key} is {part.get(key, default)!r}, not a whole number >= {least}"
-    return None
-
-
 def model_problem(ckpt):
     """What in the settings of the checkpoint's model is not as write_checkpoint makes them (a file
     edited by hand, or another program's), or None: one line here, not a TypeError deep in the run."""
@@ -244,10 +233,9 @@ def training_state_problem(ckpt):
     """The same for what only a resume reads: its batch, data position, optimizer state and random streams.
     (total_batch_size and the loader's epoch, shard and file are missing from older checkpoints.)"""
     train_config, loader = ckpt["train_config"], ckpt["train_loader"]
-    numbers = [("train_config", train_config, "B", 1, None), ("train_config", train_config, "T", 1, None),
-               ("train_config", train_config, "total_batch_size", 0, 0)]
+    numbers = [("train_config", train_config, name, least, default) for name, least, default in
+               (("B", 1, None), ("T", 1, None), ("total_batch_size", 0, 0), ("seed", 0, 0))]
     numbers += [("train_loader", loader, name, 0, 0) for name in ("epoch", "shard", "position", "tokens")]
-    numbers.append(("train_config", train_config, "seed", 0, 0))
     problem = number_problem(numbers)
     if problem:
         return problem
@@ -312,13 +300,19 @@ def check_saved_moments(model, state):
         missing = {"exp_avg", "exp_avg_sq"} - set(saved.get(key, {}))
         if missing:
             raise ValueError(f"its optimizer holds no {' or '.join(sorted(missing))} for {name}")
+        odd = [field for field, value in dict(saved[key]).items() if not torch.is_tensor(value)]
+        if odd:  # (a step saved as text, say: load_state_dict's own error about it is garbled)
+            raise ValueError(f"its optimizer's {odd[0]} for {name} is not a tensor")
 
 
 def check_optimizer_state(model, optimizer):
     """AdamW's moments, as loaded, each of its parameter's shape: load_state_dict takes them as they are,
     and one of another shape would crash the first step (the fused kernel reads past its end)."""
     names = {id(param): name for name, param in model.named_parameters()}
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # (a setting edited into text would be the first step's TypeError)
+        numbers = [group["lr"], group["eps"], group["weight_decay"], *group["betas"]]
+        if not all(isinstance(number, (int, float)) for number in numbers):
+            raise ValueError(f"its optimizer's lr, eps, weight_decay and betas are {numbers}: not all numbers")
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
                 if torch.is_tensor(value) and value.dim() and value.shape != param.shape:

@@ -3,8 +3,8 @@ Files and errors: one-line error messages (said once under torchrun where every 
 alike: say_once), lines printed where the console may be gone (print_line; BarStream for progress
 bars), atomic writes, a full disk said as such, a file's SHA-256 (a shard's, in its manifest), sizes
 for people (files in powers of 1000, memory in powers of 1024), the RAM processes may use (a
-container's or a job's limit), and is_whole_number for the counts a file read back holds (a checkpoint,
-a manifest, the log: each may have been edited by hand).
+container's or a job's limit), and is_whole_number and number_problem for the counts a file read back
+holds (a checkpoint, a manifest, the log: each may have been edited by hand).
 
 Every script writes whole files through write_atomically (checkpoints, the picture, shards, the
 manifest, the HellaSwag cache), so a run killed or a disk filled half way never leaves half a file
@@ -218,6 +218,17 @@ def cgroup_memory_limit(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
 def is_whole_number(value, least=0):
     """An int (not a bool, which is one in Python) of at least `least`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def number_problem(numbers):
+    """What is wrong with the first of `numbers`, (part's name, part, key, least, default if missing),
+    whose part is not a dict or whose value is not a whole number >= least; None if none is."""
+    for name, part, key, least, default in numbers:
+        if not isinstance(part, dict):
+            return f"{name} is a {type(part).__name__}, not a dict"
+        if not is_whole_number(part.get(key, default), least):
+            return f"{name} {key} is {part.get(key, default)!r}, not a whole number >= {least}"
+    return None
 
 
 def folder_problem(path):

@@ -503,6 +503,11 @@ HAND_EDITS = [
                                                              "no exp_avg or exp_avg_sq for transformer.wte.weight"),
     ("optimizer", lambda c: c["optimizer"]["state"]["transformer.h.1.mlp.c_fc.weight"].pop("exp_avg_sq"),
      "its optimizer holds no exp_avg_sq for transformer.h.1.mlp.c_fc.weight"),
+    # AdamW's step count and settings edited into text: the first step's TypeError, or torch's garbled line, before
+    ("optimizer", lambda c: next(iter(c["optimizer"]["state"].values())).update(step="x"),
+     "cannot resume from 'run/ckpt.pt': its optimizer's step for transformer.wte.weight is not a tensor"),
+    ("optimizer", lambda c: c["optimizer"]["param_groups"][0].update(weight_decay="x"),
+     "its optimizer's lr, eps, weight_decay and betas are [0.003, 1e-08, 'x', 0.9, 0.95]: not all numbers"),
     ("rng", lambda c: c["rng"].pop("torch"), "rng does not hold python, numpy, torch, sample"),
     ("rng", lambda c: c["rng"].update(python=(1, (), None)), "cannot resume from 'run/ckpt.pt': state with version 1"),
 ]
