@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from machinery.files import SettingError, first_line, first_missing_folder
+from machinery.files import SettingError, first_line, first_missing_folder, in_binary_units, ram_bytes
 from machinery.hub import hub_or_cache
 from machinery.tokens import GPT2_VOCAB_SIZE
 
@@ -167,7 +167,22 @@ def checked_config(directory):
     if config.get("n_inner") not in (None, 4 * n_embd):  # (the MLP's width; null: 4 x n_embd, as GPT-2's)
         raise SettingError(f"{directory!r} config.json: n_inner is {json.dumps(config['n_inner'])}, where GPT-2's "
                            f"is 4 x n_embd = {4 * n_embd}: this model cannot hold it")
+    check_shape_fits_in_ram(directory, config)
     return config
+
+
+def check_shape_fits_in_ram(directory, config):
+    """transformers makes the model config.json describes, in float32, before it reads a weight: a shape
+    (edited to a huge n_positions, say) that RAM cannot hold is said here, not blamed on the weights file."""
+    C, n_positions = config.get("n_embd", 768), config.get("n_positions", 1024)
+    tables = (config.get("vocab_size", GPT2_VOCAB_SIZE) + n_positions) * C  # the token and position tables
+    n_params = tables + config.get("n_layer", 12) * (12 * C * C + 13 * C) + 2 * C
+    ram = ram_bytes()
+    if ram is not None and 4 * n_params > ram:
+        raise SettingError(f"{directory!r} config.json describes a model of {n_params:,} parameters (n_layer "
+                           f"{config.get('n_layer', 12)}, n_embd {C}, n_positions {n_positions}): "
+                           f"{in_binary_units(4 * n_params)} in float32, more than this machine's "
+                           f"{in_binary_units(ram)} of RAM")
 
 
 def config_json(directory):

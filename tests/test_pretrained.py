@@ -425,6 +425,26 @@ def test_hellaswag_refuses_a_damaged_folder_in_the_same_line(items_file, hf_gpt2
     assert capfd.readouterr() == ("", "error: " + says.format(p=repr(str(path))) + "\n")
 
 
+def test_a_config_whose_model_ram_cannot_hold_is_said_before_transformers_builds_it(items_file, hf_gpt2_dir, capfd,
+                                                                                     monkeypatch):
+    """transformers makes config.json's model in float32 before reading a weight: an n_positions edited to a
+    billion (32 billion parameters at this width, 119 GiB) on a machine of 16 GiB is that one line, from either
+    script, not the allocator's failure blamed on the weights file (which is whole)."""
+    import machinery.pretrained
+
+    path = damaged_dir(hf_gpt2_dir, set_config, dict(n_positions=10**9), capfd)
+    monkeypatch.setattr(machinery.pretrained, "ram_bytes", lambda: 16 * 2**30)
+    n_params = (GPT2_VOCAB_SIZE + 10**9) * 32 + 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32  # (counted as GPT's are)
+    assert n_params == sum(p.numel() for p in GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=1)
+                                                  ).parameters()) + (10**9 - 1) * 32
+    says = (f"error: {str(path)!r} config.json describes a model of {n_params:,} parameters (n_layer 2, n_embd 32, "
+            f"n_positions 1000000000): 119.2 GiB in float32, more than this machine's 16.0 GiB of RAM\n")
+    assert main(["--init_from", str(path), "--max_steps", "0", "--device", "cpu"]) == 1
+    assert capfd.readouterr().err == says
+    assert hellaswag.main(["--init_from", str(path), "--data", str(items_file), "--device", "cpu"]) == 1
+    assert capfd.readouterr() == ("", says)
+
+
 def test_openai_files_with_their_mask_buffers_load(hf_gpt2_dir):
     """OpenAI's files on the hub name their tensors without "transformer." and keep transformers 4.x's
     attention masks (attn.bias, attn.masked_bias), which transformers lists as unexpected: constants, not
