@@ -65,7 +65,8 @@ import numpy as np
 
 from machinery.command_line import ArgumentParser
 from machinery.corpus import local_documents, local_files, source_fingerprint
-from machinery.files import BarStream, DiskFull, PrepareError, SettingError, print_line, sha256_of, write_atomically
+from machinery.files import (BarStream, DiskFull, PrepareError, SettingError, folder_problem, print_line, sha256_of,
+                             write_atomically)
 from machinery.fineweb import HubStream, check_online, hub_files, stand_in_files
 from machinery.shard_folder import (check_disk_space, check_finished, check_memory, finished_problem, lock_out_dir,
                                     refuse_folders_under_its_names, remove_unfinished_writes, start_manifest)
@@ -452,10 +453,8 @@ def main(argv=None):
         for name, least in (("shard_size", 2), ("num_proc", 1)):
             if getattr(args, name) < least:
                 raise PrepareError(f"--{name} must be at least {least}, got {getattr(args, name)}")
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise PrepareError(f"--out_dir {out_dir!r} is a file, not a folder")
-        if os.path.islink(out_dir) and not os.path.exists(out_dir):
-            raise PrepareError(f"--out_dir {out_dir!r} is a link to {os.readlink(out_dir)!r}, which does not exist")
+        if folder_problem(out_dir):  # (a file, a link to nowhere, a folder that cannot be made or written)
+            raise PrepareError(f"--out_dir {out_dir!r} {folder_problem(out_dir)}")
         args.num_proc = tokenizer_processes(args.num_proc)
         manifest = prepare(args.source, out_dir, args.shard_size, args.num_proc)
     except DiskFull as e:  # the shards and manifest written so far are intact

@@ -233,18 +233,36 @@ def number_problem(numbers):
 
 def folder_problem(path):
     """Why a run could not write its files into the folder `path` (made if missing), or None: a file
-    there, a link to nowhere, a file where a folder would be made, no permission to write. Checked before
-    a run starts, so that no training is lost to it at the first save."""
+    there, a link to nowhere (or a loop of links), there or on the way to it, a file where a folder would
+    be made, a name longer than the filesystem takes, no permission to write. Checked before a run starts,
+    so that no training is lost to it at the first save."""
     if os.path.islink(path) and not os.path.exists(path):
-        return f"is a link to {os.readlink(path)!r}, which does not exist"
+        return f"is {broken_link(path)}"
     if os.path.exists(path) and not os.path.isdir(path):
         return "is a file, not a folder"
-    existing = nearest_existing(path)  # (the folder it would be made in, if it is not there)
+    existing, first_made = nearest_existing(path), first_missing_folder(path)  # (where it would be made, if missing)
     if not os.path.isdir(existing):
         return f"cannot be made: {existing!r} is a file"
+    if first_made is not None and os.path.islink(first_made):
+        return f"cannot be made: {first_made!r} is {broken_link(first_made)}"
+    longest = max(os.path.relpath(os.path.abspath(path), existing).split(os.sep), key=len)
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # (no pathconf: Windows)
+        if len(os.fsencode(longest)) > os.pathconf(existing, "PC_NAME_MAX"):
+            return (f"cannot be made: the name {longest[:20]}... is longer than the "
+                    f"{os.pathconf(existing, 'PC_NAME_MAX')} bytes a name may have there")
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"cannot be written: no permission to write in {existing!r}"
     return None
+
+
+def broken_link(path):
+    """What a link that leads nowhere is, in words: a loop of links, or a link to a missing file."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a link in a loop of links, which leads nowhere"
+    return f"a link to {os.readlink(path)!r}, which does not exist"
 
 
 def nearest_existing(path):

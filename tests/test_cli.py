@@ -120,6 +120,9 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     # where the run writes, checked before it trains (not at its first save)
     (["--out_dir", "short.txt/run"], "--out_dir 'short.txt/run' cannot be made: "),
     (["--out_dir", "dangling"], "--out_dir 'dangling' is a link to 'gone', which does not exist"),
+    (["--export_dir", "dangling/exported"], "dangling' is a link to 'gone', which does not exist"),  # (on the way)
+    (["--out_dir", "loop_a"], "--out_dir 'loop_a' is a link in a loop of links, which leads nowhere"),
+    (["--out_dir", "run/" + "x" * 300], "cannot be made: the name xxxxxxxxxxxxxxxxxxxx... is longer than the "),
     (["--out_dir", "holder"], "'holder/ckpt.pt' is a folder: the run's checkpoint is written there"),
     (["--out_dir", "logholder"], "'logholder/log.jsonl' is a folder: the run's log is written there"),
     (["--out_dir", "pictureholder"], "'pictureholder/progress.png' is a folder: the run's picture is written there"),
@@ -149,6 +152,8 @@ def test_bad_input_is_one_clear_line(tmp_path, text_file, args, message, monkeyp
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "short.txt").write_text("Too short.")
     os.symlink("gone", tmp_path / "dangling")
+    os.symlink("loop_b", tmp_path / "loop_a")
+    os.symlink("loop_a", tmp_path / "loop_b")
     (tmp_path / "holder" / "ckpt.pt").mkdir(parents=True)
     (tmp_path / "logholder" / "log.jsonl").mkdir(parents=True)
     (tmp_path / "pictureholder" / "progress.png").mkdir(parents=True)

@@ -1448,6 +1448,9 @@ def test_more_processes_than_cpus_are_not_started_and_a_file_as_out_dir_is_one_l
     (tmp_path / "link").symlink_to("nowhere")
     assert prepare.main(["a.txt", "--out_dir", "link"]) == 1
     assert capsys.readouterr().err == "error: --out_dir 'link' is a link to 'nowhere', which does not exist\n"
+    assert prepare.main(["a.txt", "--out_dir", "link/shards"]) == 1  # (on the way: a raw OSError before)
+    assert capsys.readouterr().err == (f"error: --out_dir 'link/shards' cannot be made: {str(tmp_path / 'link')!r} "
+                                       "is a link to 'nowhere', which does not exist\n")
 
 
 @pytest.mark.parametrize("flags,message", [(["--shard_size", "1"], "--shard_size must be at least 2, got 1"),
