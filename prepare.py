@@ -439,6 +439,12 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def default_out_dir(source):
+    """data/<the source's name>: data/book for book.txt, data/corpus for corpus/, and for `.` inside it (the
+    name of the folder it names, not "." or "..": data/.. would put the shards beside data/)."""
+    return os.path.join("data", os.path.splitext(os.path.basename(os.path.abspath(source)))[0])
+
+
 def main(argv=None):
     parser = ArgumentParser(description="Tokenize a corpus into GPT-2 token shards for train_gpt2.py --data_dir.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -447,7 +453,7 @@ def main(argv=None):
     parser.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="tokens per shard")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
     args = parser.parse_args(argv)
-    out_dir = args.out_dir or os.path.join("data", os.path.splitext(os.path.basename(os.path.normpath(args.source)))[0])
+    out_dir = args.out_dir or default_out_dir(args.source)
     previous = signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: the workers ended, the complete shards kept
     try:
         for name, least in (("shard_size", 2), ("num_proc", 1)):

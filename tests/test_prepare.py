@@ -1007,6 +1007,20 @@ def test_cli_prepares_a_text_file_and_says_what_it_wrote(tmp_path):
     assert again.returncode == 0 and again.stdout == r.stdout  # complete: nothing to do
 
 
+def test_the_default_out_dir_is_named_for_the_folder_a_dot_names(tmp_path, monkeypatch, capsys):
+    """`python prepare.py .` in a folder of texts writes data/<that folder's name>, not data/. (the shards
+    straight into data/), and `..` not data/.. (beside data/, in the folder it runs in)."""
+    corpus = tmp_path / "poems"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text(" ".join(make_documents(20, seed=6)))
+    for source, cwd in ((".", corpus), ("..", corpus / "sub")):
+        monkeypatch.chdir(cwd)
+        assert prepare.main([source, "--shard_size", "500", "--num_proc", "1"]) == 0
+        assert capsys.readouterr().out.startswith(os.path.join("data", "poems") + ": 1 documents")
+        assert (cwd / "data" / "poems" / "manifest.json").is_file()
+        assert not (cwd / "data" / "manifest.json").exists() and not (cwd / "manifest.json").exists()
+
+
 BAD_SOURCES = [  # (source, setup, what the one line must say)
     ("missing.txt", None, "source 'missing.txt' not found"),
     ("pipe", lambda p: os.mkfifo(p / "pipe"), "source 'pipe' is not a regular file (a pipe or a device?)"),
