@@ -51,7 +51,9 @@ def load_transformers_gpt2(name_or_path, known_names):
     hub's retries kept quiet and every failure said in one line (a name not among known_names first)."""
     if name_or_path not in known_names and not os.path.isdir(name_or_path):
         a_path = os.sep in name_or_path or name_or_path.startswith(".")  # (not a misspelled name: a folder not there)
-        raise SettingError(f"unknown model {name_or_path!r}{' (no such folder)' if a_path else ''}: use one of "
+        where = " (not a folder or a file: a device?)" if os.path.exists(name_or_path) else \
+            " (no such folder)" if a_path else ""
+        raise SettingError(f"unknown model {name_or_path!r}{where}: use one of "
                            f"{', '.join(known_names)}, a directory written by save_pretrained or a run's ckpt.pt")
     if os.path.isdir(name_or_path):  # (what transformers would stumble on, or load without a word, said first)
         checked_config(name_or_path)

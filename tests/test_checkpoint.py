@@ -431,7 +431,7 @@ def test_memory_running_out_while_a_checkpoint_is_read_is_not_called_damage(four
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "pickle_with_code",
-                                  "wrong_weights", "unreadable", "flipped_bits"])
+                                  "wrong_weights", "unreadable", "flipped_bits", "text"])
 def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_file, four_steps, kind, monkeypatch,
                                                                 capsys):
     shutil.copytree(four_steps, tmp_path / "run")
@@ -454,6 +454,8 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
     elif kind == "flipped_bits":  # torch.load itself takes the file, the byte changed
         record = flip_a_byte_of_the_biggest_tensor(ckpt)
         torch.load(ckpt, weights_only=True)
+    elif kind == "text":  # (another of the run's files passed for it: not a pickle, let alone one of code)
+        shutil.copy(tmp_path / "run" / "log.jsonl", ckpt)
     else:
         ckpt.write_bytes(pickle.dumps(Exploit()))
     before, log_before = digest(ckpt), digest(tmp_path / "run" / "log.jsonl")
@@ -464,6 +466,8 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, text_f
     assert ("cannot read" in err) == (kind == "unreadable")  # (not "truncated or corrupt?")
     if kind == "flipped_bits":
         assert f"is damaged: the bytes of {record} no longer match the checksum saved with them" in err
+    assert ("(a pickle of anything else is refused: loading it could run code)" in err) == (kind == "pickle_with_code")
+    assert ("is not a checkpoint (not a file torch.save writes)" in err) == (kind in ("garbage", "text"))
     assert digest(ckpt) == before and digest(tmp_path / "run" / "log.jsonl") == log_before
     assert not (tmp_path / "PWNED").exists()  # loading never runs code from the file
 

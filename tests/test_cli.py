@@ -82,6 +82,7 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
     (["--init_from", "gpt5"], "unknown model 'gpt5': use one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, a "
                               "directory written by save_pretrained or a run's ckpt.pt"),
     (["--init_from", "./runs/mine"], "unknown model './runs/mine' (no such folder): use one of gpt2"),
+    (["--init_from", "/dev/null"], "unknown model '/dev/null' (not a folder or a file: a device?): use one of gpt2"),
     (["--hellaswag", "missing.jsonl"], "HellaSwag file 'missing.jsonl' not found"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--dtype", "float8"], "invalid choice"),
@@ -423,13 +424,10 @@ def test_an_error_every_process_meets_alike_is_said_by_the_first_process_of_a_ma
     assert waits == [] and capsys.readouterr().err == "error: e\n"
 
 
-CORRUPT_CHECKPOINT = "error: 'out/ckpt.pt' is not a train_gpt2 checkpoint: not tensors and plain data"
-
-
 @pytest.mark.parametrize("args,line", [
     (["--max_step", "5"], "error: unrecognized arguments: --max_step 5; did you mean --max_steps? (see --help)"),
     (["--B", "0"], "error: --B must be positive, got 0"),
-    (["--resume"], CORRUPT_CHECKPOINT + " (a pickle of anything else is refused: loading it could run code)"),
+    (["--resume"], "error: 'out/ckpt.pt' is not a checkpoint (not a file torch.save writes)"),
     (["--device", "foo"], "error: unknown device 'foo': use auto, cpu, cuda, cuda:N or mps"),
     (["--input_file", "empty.txt"], "empty.txt' is empty"),
     (["--B", "2", "--T", "16", "--total_batch_size", "100"], "error: --total_batch_size 100 is not a multiple of "
