@@ -25,8 +25,8 @@ from machinery.checkpoints import load_checkpoint, load_weights, names_a_checkpo
 from machinery.command_line import ArgumentParser
 from machinery.files import print_line
 from machinery.hardware import DTYPES
-from machinery.hellaswag_eval import (N_VALIDATION, REFERENCE, Interrupted, count_correct_resumably, load_items,
-                                      progress_path)
+from machinery.hellaswag_eval import (N_VALIDATION, REFERENCE, Interrupted, check_items_fit, count_correct_resumably,
+                                      load_items, progress_path)
 from machinery.memory import out_of_memory
 from machinery.pretrained import refuse_small_vocabulary
 from machinery.stopping import sigterm_stops_at_once
@@ -64,6 +64,7 @@ def score(args):
     dtype, autocast, _ = make_precision(args.dtype, device_type)
     model, name = load_model(args)  # (first: a model that is not there is said before any download)
     items = load_items(args.data)[: args.limit or None]
+    check_items_fit(items, model.config.block_size)
     path = progress_path(model, items, args.batch_size, dtype, device_type)
     model.to(device)
     try:

@@ -144,6 +144,17 @@ def render(item, enc):
     return [ctx + e for e in endings], len(ctx)
 
 
+def check_items_fit(items, block_size):
+    """Each item's rows (context and ending) within the model's block_size: said before scoring begins,
+    naming the item, not partway through (hellaswag.py; a training run finds it at its first evaluation)."""
+    enc = get_tokenizer()
+    for number, item in enumerate(items, 1):
+        longest = max(map(len, render(item, enc)[0]))
+        if longest > block_size:
+            raise SettingError(f"HellaSwag item {number} has {longest} tokens (context and ending), more than the "
+                               f"model's block_size of {block_size}")
+
+
 @torch.no_grad()
 def ending_losses(model, items, device, autocast):
     """(sum, mean) of each ending's token losses: two (len(items), 4) float32 tensors, from one forward

@@ -215,6 +215,29 @@ def test_bad_data_is_one_clear_line(tmp_path, random_gpt2, content, message, cap
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
 
 
+def test_an_item_longer_than_the_models_context_is_said_before_scoring(tmp_path, items_file, random_gpt2, capsys):
+    """An item whose context and ending pass the model's block_size (128 here) is one line naming it and its
+    length, before any item is scored (it was found partway, by the batch that held it, its counts left
+    saved for a resume that could only fail again)."""
+    from machinery.tokens import get_tokenizer
+
+    path, _, _ = random_gpt2
+    long = official("The " + "very " * 150 + "long story goes on. It", ["ends.", "stops.", "halts.", "is over."], 0, 9)
+    lines = items_file.read_text().splitlines()
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join(lines[:2] + [json.dumps(long)] + lines[2:]) + "\n")
+    enc = get_tokenizer()
+    length = max(len(enc.encode_ordinary(long["ctx"])) + len(enc.encode_ordinary(" " + e)) for e in long["endings"])
+    assert length > 128
+    scored = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hellaswag_eval, "count_correct", lambda *args: scored.append(args) or (0, 0, 0))
+        assert hellaswag.main(["--init_from", str(path), "--data", str(data), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (f"error: HellaSwag item 3 has {length} tokens (context and ending), more than "
+                                       "the model's block_size of 128\n")
+    assert scored == []
+
+
 def test_a_model_with_fewer_rows_than_gpt2s_tokens_is_refused_in_one_line(tmp_path, items_file, hf_gpt2_dir, capfd):
     """HellaSwag's items are GPT-2 tokens (ids up to 50256): a 100-token table cannot look them up, in a
     save_pretrained directory or in a run's checkpoint (a model fine-tuned from such a directory; refused
