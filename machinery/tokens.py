@@ -141,7 +141,8 @@ def read_manifest(data_dir):
         raise SettingError(f"--data_dir {data_dir!r} is a file: a text file is read with --input_file, or made into "
                            f"shards with  python prepare.py {data_dir} --out_dir DIR")
     if not os.path.isfile(path):
-        missing = "" if os.path.isdir(data_dir) else " (there is no such folder)"
+        missing = " (a folder of that name is there)" if os.path.isdir(path) else "" if os.path.isdir(data_dir) else \
+            " (there is no such folder)"
         raise SettingError(f"{data_dir!r} has no {MANIFEST}{missing}: prepare it with  "
                            f"python prepare.py SOURCE --out_dir {data_dir}")
     try:

@@ -344,6 +344,9 @@ def damage(data, how):
     elif how == "folder":
         shard.unlink()
         shard.mkdir()
+    elif how == "manifest folder":  # (made by hand under the manifest's name)
+        (data / "manifest.json").unlink()
+        (data / "manifest.json").mkdir()
     elif how.startswith("edited"):  # a hand-edited manifest: a shard's tokens as text, its file a number
         field, value = ("tokens", "300") if how == "edited tokens" else ("file", 1)
         manifest["shards"][1][field] = value
@@ -358,6 +361,7 @@ def damage(data, how):
     ("dtype", "holds int32"),
     ("length", "train_000001.npy' holds uint16 (290,), the manifest says uint16 (300,)"),
     ("no manifest", "has no manifest.json: prepare it with  python prepare.py"),
+    ("manifest folder", "has no manifest.json (a folder of that name is there): prepare it with"),
     ("incomplete", "is not fully prepared"),
     ("tokenizer", "holds cl100k_base tokens; train_gpt2.py reads GPT-2's (gpt2)"),
     ("manifest dtype", "manifest says its tokens are 'float64'; prepare.py writes uint16"),
