@@ -133,7 +133,9 @@ class ArgumentParser(argparse.ArgumentParser):
         return line.split(maxsplit=1)  # the flag, and its value with any spaces in it
 
     def error(self, message):  # one line, no usage dump
-        recipes = sorted(set().union(*(self.recipes_of.get(word, ()) for word in re.findall(r"-[-\w]+", message))))
+        words = re.findall(r"-[-\w]+", message)  # the flags it names, and what argparse could not take
+        words += message.removeprefix("unrecognized arguments: ").split() if message.startswith("unrecognized") else []
+        recipes = sorted(set().union(*(self.recipes_of.get(word, ()) for word in words)))
         where = f" (in recipe {', '.join(recipes)})" if recipes else ""
         # (under torchrun: one line, not one from each process; files.say_once, as prepare.py, which uses this
         # parser too, does not import the torch that console.say_error's module brings)

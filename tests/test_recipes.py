@@ -115,6 +115,11 @@ def test_a_missing_recipe_or_a_bad_line_in_one_is_one_line(tmp_path, monkeypatch
     code, out, err = run_in_process("@bad.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.strip() == ("error: unrecognized arguments: --max_step 5 (in recipe bad.args); did you "
                                          "mean --max_steps? (see --help)")
+    (tmp_path / "word.args").write_text("--max_steps 1\nhello\n")  # a line that is no flag at all: named too
+    code, out, err = run_in_process("@word.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == "error: unrecognized arguments: hello (in recipe word.args) (see --help)"
+    code, out, err = run_in_process("hello", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.strip() == "error: unrecognized arguments: hello (see --help)"  # typed: no recipe
     (tmp_path / "two.args").write_text("--B two\n")  # the line that is wrong is in the recipe, which is named
     code, out, err = run_in_process("@two.args", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2
