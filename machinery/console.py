@@ -1,7 +1,7 @@
 """
 The lines a run prints: print0 (rank 0 speaks), say_error (the line that ends a run), one line per
-step, and the lines that describe the model, the data, the optimizer, an evaluation and what the run
-wrote. train_gpt2.py prints them.
+step, and the lines that describe the model, the data, what the run will write, an evaluation and what
+the run wrote. train_gpt2.py prints them (and its optimizer's two lines itself, in configure_optimizers).
 """
 
 import os

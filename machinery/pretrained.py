@@ -1,7 +1,7 @@
 """
 OpenAI's GPT-2 through transformers: its weights loaded quietly, with every failure in one line, and
 our model written back as a transformers GPT-2 directory. Used by GPT.from_pretrained and
-GPT.save_pretrained in train_gpt2.py; check_config asks export_problem whether an export would replace
+GPT.save_pretrained in train_gpt2.py; check_config asks check_export_dir whether an export would replace
 a file that is not an earlier export's. A save_pretrained directory is checked before transformers
 reads it (checked_config) and after (check_fits, check_finite_weights, check_tied): transformers would
 load a model ours cannot hold, or weights that are not its config's, without a word, or fail in a

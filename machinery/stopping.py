@@ -1,5 +1,5 @@
 """
-Stopping: by a signal (Ctrl-C, or the SIGTERM that torchrun and cluster schedulers send), in every
+Stopping: by a signal (Ctrl-C, the SIGTERM that torchrun and cluster schedulers send, or SIGHUP), in every
 process at the same step, or because the loss diverged. train_gpt2.py's loop asks these after each step,
 and says with them how a run stopped; a checkpoint's write holds signals until the file is whole (SignalsHeld).
 """
