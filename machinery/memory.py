@@ -2,10 +2,10 @@
 Memory: what a run will need per process, said before it runs out (the model state exact from the
 counts, the activations from a formula fitted to measurements), training on CPUs, or a --cpu_offload
 run, that the machine's RAM cannot hold refused before step 0, the peak a run really used, and memory
-running out (a CUDA GPU's, an Apple GPU's, or RAM) said in one line with what to change. train_gpt2.py prints plan_memory at the start
-and logs largest_peak_memory at the end (samples.finish_run prints it on the run's last line); main()
-turns an out-of-memory error into describe_out_of_memory's line. docs/memory.md has the table for every
-GPT-2 size and the measurements behind the formula.
+running out (a CUDA GPU's, an Apple GPU's, or RAM) said in one line with what to change. train_gpt2.py
+prints plan_memory at the start and logs largest_peak_memory at the end (samples.finish_run prints it on
+the run's last line); main() turns an out-of-memory error into describe_out_of_memory's line.
+docs/memory.md has the table for every GPT-2 size and the measurements behind the formula.
 """
 
 import math
