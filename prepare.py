@@ -459,8 +459,9 @@ def main(argv=None):
         for name, least in (("shard_size", 2), ("num_proc", 1)):
             if getattr(args, name) < least:
                 raise PrepareError(f"--{name} must be at least {least}, got {getattr(args, name)}")
-        if folder_problem(out_dir):  # (a file, a link to nowhere, a folder that cannot be made or written)
-            raise PrepareError(f"--out_dir {out_dir!r} {folder_problem(out_dir)}")
+        problem = folder_problem(out_dir)  # (a file, a link to nowhere, a folder that cannot be made or written)
+        if problem:
+            raise PrepareError(f"--out_dir {out_dir!r} {problem}")
         args.num_proc = tokenizer_processes(args.num_proc)
         manifest = prepare(args.source, out_dir, args.shard_size, args.num_proc)
     except DiskFull as e:  # the shards and manifest written so far are intact

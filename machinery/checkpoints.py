@@ -161,7 +161,7 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, re
     except Exception as e:
         if out_of_memory(e):  # (not the file's fault: the one out-of-memory line)
             raise
-        if str(e).startswith("Weights only load failed") and not a_pickle(path):  # (a text file, say)
+        if str(e).startswith("Weights only load failed") and not saved_by_torch(path):  # (a text file, say)
             raise SettingError(f"{path!r} is not a checkpoint (not a file torch.save writes)") from None
         if str(e).startswith("Weights only load failed"):
             raise SettingError(f"{path!r} is not a train_gpt2 checkpoint: not tensors and plain data "
@@ -181,7 +181,7 @@ def load_checkpoint(path, missing="no checkpoint to resume from", mmap=False, re
     return ckpt
 
 
-def a_pickle(path):
+def saved_by_torch(path):
     """Whether the file starts as torch.save's do: a zip archive, or a pickle (torch before 1.6, pickle.dump)."""
     with open(path, "rb") as f:
         return f.read(2) in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")

@@ -92,8 +92,8 @@ class BarStream:
     """sys.stderr for a progress bar (tqdm's file=): a write it cannot take (the reader of its pipe gone,
     a full disk) points it at os.devnull, as print_line does, instead of ending the work the bar shows."""
 
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
+    def __init__(self):
+        self.stream = sys.stderr
 
     def write(self, text):
         try:
