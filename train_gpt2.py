@@ -589,8 +589,8 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     fsdp_wrapped = cfg.fsdp or cfg.cpu_offload  # FSDP2 holds the state (--cpu_offload: in RAM, one process too)
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type, fsdp_wrapped)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
-    hellaswag_items = load_items_across_ranks(cfg.hellaswag) if cfg.hellaswag else None  # (before anything heavy)
     ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # its shape (resumed: batch, data, order)
+    hellaswag_items = load_items_across_ranks(cfg.hellaswag, cfg.block_size) if cfg.hellaswag else None
     total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
     cfg = replace(cfg, total_batch_size=total_batch_size)  # kept in the checkpoint: a resume keeps it
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one

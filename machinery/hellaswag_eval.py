@@ -121,14 +121,16 @@ def load_items(data="auto", flag="--data"):
         raise SettingError(f"{e}; it is the cached download: delete it, and the next run fetches it again") from None
 
 
-def load_items_across_ranks(source):
+def load_items_across_ranks(source, block_size):
     """load_items for a training run: under torchrun, the first process of each machine (LOCAL_RANK 0) fetches
-    the split where that machine's cache lacks it, while the others wait."""
+    the split where that machine's cache lacks it, while the others wait. Each item is checked to fit the
+    model's block_size now, not at an evaluation steps later."""
     if source == "auto" and dist.is_initialized():
         if os.environ.get("LOCAL_RANK", "0") == "0" and not os.path.isfile(cache_path()):
             load_items("auto", "--hellaswag")
         dist.barrier()
     items = load_items(source, "--hellaswag")
+    check_items_fit(items, block_size)
     print0(f"hellaswag {source} | {len(items):,} items at every evaluation")
     return items
 
@@ -146,7 +148,7 @@ def render(item, enc):
 
 def check_items_fit(items, block_size):
     """Each item's rows (context and ending) within the model's block_size: said before scoring begins,
-    naming the item, not partway through (hellaswag.py; a training run finds it at its first evaluation)."""
+    naming the item, not partway through."""
     enc = get_tokenizer()
     for number, item in enumerate(items, 1):
         longest = max(map(len, render(item, enc)[0]))

@@ -136,8 +136,9 @@ BAD_INPUTS = [  # (arguments, what the one line must say)
 
 
 def test_the_hellaswag_items_are_read_before_the_model_is_built(tmp_path, text_file, monkeypatch, capsys):
-    """A HellaSwag file that is not there (or a download that fails) is said before the model is built or
-    a checkpoint read: a 1.5B model takes minutes to load."""
+    """A HellaSwag file that is not there (or a download that fails) is said before the model is built: a
+    1.5B model takes minutes to load. (After a checkpoint is read, if the run starts from one: its model's
+    block_size is what each item must fit.)"""
     code, out, err = run_in_process(*TINY, "--input_file", str(text_file), "--hellaswag", "missing.jsonl",
                                     cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == "error: HellaSwag file 'missing.jsonl' not found\n"

@@ -116,12 +116,12 @@ def test_the_first_process_of_each_machine_fetches_the_split(tmp_path, monkeypat
     there): the first process of each machine fetches the split into its own cache, the others wait for it."""
     fetched = []
     monkeypatch.setattr(hellaswag_eval, "cache_path", lambda: str(tmp_path / "not-yet-cached.jsonl"))
-    monkeypatch.setattr(hellaswag_eval, "load_items", lambda source, flag: fetched.append(source) or ["item"])
+    monkeypatch.setattr(hellaswag_eval, "load_items", lambda source, flag: fetched.append(source) or [])
     monkeypatch.setattr(hellaswag_eval.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(hellaswag_eval.dist, "get_rank", lambda: rank)
     monkeypatch.setattr(hellaswag_eval.dist, "barrier", lambda: fetched.append("barrier"))
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-    assert hellaswag_eval.load_items_across_ranks("auto") == ["item"]
+    assert hellaswag_eval.load_items_across_ranks("auto", 1024) == []
     assert fetched == (["auto", "barrier", "auto"] if fetches else ["barrier", "auto"])  # (then read from the cache)
 
 
@@ -236,6 +236,29 @@ def test_an_item_longer_than_the_models_context_is_said_before_scoring(tmp_path,
     assert capsys.readouterr().err == (f"error: HellaSwag item 3 has {length} tokens (context and ending), more than "
                                        "the model's block_size of 128\n")
     assert scored == []
+
+
+def test_a_resumed_run_finds_an_item_longer_than_its_model_before_it_trains(tmp_path, text_file, items_file, capsys):
+    """A resumed run evaluates next at its next eval_interval, not at once: an item its model's context
+    (block_size 64 here) cannot hold is said before the first step, not after eval_interval steps of training
+    that the error would then lose."""
+    from machinery.tokens import get_tokenizer
+
+    assert main([*RUN, "--input_file", str(text_file), "--max_steps", "2", "--out_dir", str(tmp_path / "run")]) == 0
+    long = official("The " + "very " * 60 + "long story goes on. It", ["ends.", "stops.", "halts.", "is over."], 0, 9)
+    data = tmp_path / "items.jsonl"
+    data.write_text(items_file.read_text() + json.dumps(long) + "\n")
+    enc = get_tokenizer()
+    length = max(len(enc.encode_ordinary(long["ctx"])) + len(enc.encode_ordinary(" " + e)) for e in long["endings"])
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes(), (tmp_path / "run" / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*RUN, "--input_file", str(text_file), "--max_steps", "6", "--eval_interval", "5", "--resume",
+                 "--hellaswag", str(data), "--out_dir", str(tmp_path / "run")]) == 1
+    out, err = capsys.readouterr()
+    assert err == (f"error: HellaSwag item {len(CONTEXTS) + 1} has {length} tokens (context and ending), more than "
+                   "the model's block_size of 64\n")
+    assert "step    2" not in out  # (no step trained)
+    assert ((tmp_path / "run" / "ckpt.pt").read_bytes(), (tmp_path / "run" / "log.jsonl").read_text()) == before
 
 
 def test_a_model_with_fewer_rows_than_gpt2s_tokens_is_refused_in_one_line(tmp_path, items_file, hf_gpt2_dir, capfd):
