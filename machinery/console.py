@@ -69,7 +69,18 @@ def describe_model(model, cfg, start_step, ckpt):
     elif os.path.exists(os.path.join(cfg.out_dir, "log.jsonl")) and cfg.max_steps and not cfg.eval_only:
         lines.append(f"note: {os.path.join(cfg.out_dir, 'log.jsonl')} exists (a run's that saved no checkpoint); this "
                      "fresh run replaces it when it saves its first checkpoint (until then it logs to log.new.jsonl)")
-    return "\n".join(lines)
+    return "\n".join(lines + evaluation_rounded(cfg))
+
+
+def evaluation_rounded(cfg):
+    """--eval_only where B*T*processes does not divide the tokens an evaluation reads (eval_iters steps of
+    total_batch_size; a training run's always divides them): the line saying how many it reads instead."""
+    tokens, batch = cfg.eval_iters * cfg.total_batch_size, cfg.B * cfg.T * int(os.environ.get("WORLD_SIZE", 1))
+    if not cfg.eval_only or tokens % batch == 0:
+        return []
+    return [f"note: validation reads {max(1, tokens // batch) * batch:,} tokens, not eval_iters x total_batch_size = "
+            f"{tokens:,}, which B*T*processes = {batch:,} does not divide: its loss compares only roughly with a "
+            "run's (a --B that divides them reads the same tokens)"]
 
 
 def describe_resume(cfg, start_step, saved):

@@ -1524,6 +1524,24 @@ def test_a_picture_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_pa
 # ----------------------------------------------------------------------------- evaluating a checkpoint
 
 
+def test_eval_only_on_other_batches_reads_the_runs_tokens_or_says_it_cannot(tmp_path, text_file, four_steps,
+                                                                             monkeypatch, capsys):
+    """An evaluation reads eval_iters x total_batch_size tokens (20 x 32 = 640 here, a run of B=2, T=16). At
+    --B 4 (batches of 64) --eval_only reads those and prints the run's own val loss; at --B 3 (48) no whole
+    number of batches makes 640, so it reads 624 and says so, rather than print another number silently."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    last = read_log(tmp_path / "run")[-1]
+    for B, note in (("4", None), ("3", "note: validation reads 624 tokens, not eval_iters x total_batch_size = 640, "
+                                       "which B*T*processes = 48 does not divide: its loss compares only roughly")):
+        code, out, _ = run_in_process(*RUN, "--input_file", text_file, "--out_dir", "run", "--resume", "--eval_only",
+                                      "--B", B, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 0
+        notes = [line for line in out.splitlines() if line.startswith("note: validation reads")]
+        assert notes == [] if note is None else len(notes) == 1 and notes[0].startswith(note)
+        if note is None:
+            assert f"step     4 | val loss {last['val_loss']:.4f}" in out
+
+
 def test_eval_only_of_a_checkpoint_prints_the_runs_last_evaluation_and_writes_nothing(tmp_path, text_file,
                                                                                     monkeypatch, capsys):
     """--resume --eval_only loads the checkpoint a run saved after its last step and evaluates it as
