@@ -192,6 +192,6 @@ def another_process_stopped(error):
     again, with its traceback: it is not one of the run's expected faults."""
     if not (dist.is_initialized() and any(words in str(error) for words in PEER_GONE)):
         raise error
-    print(f"error: process {dist.get_rank()} stopped: another process of the run stopped first (its line says why)",
-          file=sys.stderr, flush=True)
+    print(f"error: process {dist.get_rank()} stopped: another process of the run stopped first (its line says why; "
+          "none if it was killed outright: by the OOM killer, say)", file=sys.stderr, flush=True)
     return 1
