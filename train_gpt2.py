@@ -207,9 +207,8 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)  # (GPT-3's betas)
 
     def flops_per_token(self, T):
-        """Training FLOPs per token at sequence length T (forward 2 and backward 4 per weight of a matmul):
-        6 N, N the parameters without the position table (a lookup, no matmul; the tied token matrix is
-        counted once, for lm_head), plus attention's own matmuls, q @ k^T and att @ v: 12 n_layer C T."""
+        """Training FLOPs per token at length T: 6 per weight of a matmul (2 forward, 4 backward), N weights (all but
+        the position table, a lookup; the tied matrix once), plus attention's q @ k^T and att @ v: 12 n_layer C T."""
         n_params = sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
         return 6 * n_params + 12 * self.config.n_layer * self.config.n_embd * T
 
@@ -446,13 +445,13 @@ def join_process_group(device, device_type):
 
 
 def batch_arithmetic(cfg, world_size):
-    """(tokens per optimizer step, micro-steps per optimizer step)."""
+    """(cfg with total_batch_size, the tokens of an optimizer step, filled in; micro-steps per optimizer step)."""
     tokens_per_micro_step = cfg.B * cfg.T * world_size
     total_batch_size = cfg.total_batch_size or tokens_per_micro_step
     if total_batch_size % tokens_per_micro_step and not cfg.eval_only:  # (evaluating alone accumulates nothing)
         raise SettingError(f"--total_batch_size {total_batch_size} is not a multiple of B*T*processes "
                            f"= {cfg.B}*{cfg.T}*{world_size} = {tokens_per_micro_step}")
-    return total_batch_size, total_batch_size // tokens_per_micro_step
+    return replace(cfg, total_batch_size=total_batch_size), total_batch_size // tokens_per_micro_step
 
 
 def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device_type):
@@ -491,7 +490,7 @@ def make_loader(cfg, split, rank, world_size):
 
 
 # -----------------------------------------------------------------------------
-# The run: one optimizer step's gradients, evaluation, what a checkpoint holds, then train() and main()
+# The run: one optimizer step's gradients, evaluation, what a checkpoint holds; train() sets up, training_loop steps
 
 
 def forward_backward(model, raw_model, loader, grad_accum_steps, autocast, scaler, device):
@@ -547,14 +546,6 @@ def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     return results
 
 
-def evaluate_only(model, hellaswag_items, step, cfg, rank, world_size, device, autocast):
-    """--eval_only: the evaluation that ends a run, once; nothing trained, nothing written."""
-    val_loader = make_loader(cfg, "val", rank, world_size)  # (the data may have no training split)
-    if not evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
-        raise SettingError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
-    return 0
-
-
 def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master):
     """Rank 0 writes out_dir/ckpt.pt: everything an exact resume needs, not the weights alone, and the settings."""
     if not (master or cfg.fsdp):  # (under FSDP every process takes part: the state is gathered from all)
@@ -580,19 +571,17 @@ def stop_mid_run(model, optimizer, scaler, steps_done, cfg, train_loader, sample
         return stopped_before_saving(steps_done, cfg.out_dir)
     write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master)
     log.checkpointed()
-    return stopped_after_saving(steps_done, cfg.out_dir)  # (then train's `with` closes the log, restores handlers)
+    return stopped_after_saving(steps_done, cfg.out_dir)  # (then the loop's `with` closes the log, restores handlers)
 
 
 def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
-    """Set up, then the training loop. Returns 0, or 130 when a signal stopped it."""
-    master = rank == 0  # rank 0 prints, logs and saves
+    """Set up the run (its starting checkpoint, model, data, optimizer), then training_loop: 0, or 130 when stopped."""
     fsdp_wrapped = cfg.fsdp or cfg.cpu_offload  # FSDP2 holds the state (--cpu_offload: in RAM, one process too)
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type, fsdp_wrapped)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
     ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # its shape (resumed: batch, data, order)
     hellaswag_items = load_items_across_ranks(cfg.hellaswag, cfg.block_size) if cfg.hellaswag else None
-    total_batch_size, grad_accum_steps = batch_arithmetic(cfg, world_size)
-    cfg = replace(cfg, total_batch_size=total_batch_size)  # kept in the checkpoint: a resume keeps it
+    cfg, grad_accum_steps = batch_arithmetic(cfg, world_size)  # (cfg.total_batch_size: kept, so a resume keeps it)
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
     raw_model = make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device_type)
     start_step = ckpt["steps_done"] if cfg.resume else 0
@@ -603,12 +592,15 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     else:
         raw_model.to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
-    if cfg.eval_only:
-        return evaluate_only(raw_model, hellaswag_items, start_step, cfg, rank, world_size, device, autocast)
+    if cfg.eval_only:  # the evaluation that ends a run, once; nothing trained, nothing written
+        val_loader = make_loader(cfg, "val", rank, world_size)  # (the data may have no training split)
+        if not evaluate(raw_model, val_loader, hellaswag_items, start_step, cfg, device, autocast):
+            raise SettingError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
+        return 0
     if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
-        return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
+        return finish_run(raw_model, cfg, device, autocast, sample_generator, rank == 0, trained=False)
     train_loader, val_loader = make_loader(cfg, "train", rank, world_size), make_loader(cfg, "val", rank, world_size)
-    print0(describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps))
+    print0(describe_data(cfg, train_loader, val_loader, cfg.total_batch_size, world_size, grad_accum_steps))
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)  # (after sharding: its shards)
     print0(describe_plan(cfg, raw_model, start_step))  # what the run will write, and how big
     if cfg.resume:  # the optimizer's moments, the loss scale, the data's position and the random streams, as they were
@@ -618,9 +610,17 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     if distributed and not fsdp_wrapped:  # DDP averages gradients across processes during backward
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
                     **buffers_not_resent())  # (the buffers, the causal masks, never change: no resending)
+    return training_loop(cfg, start_step, model, raw_model, optimizer, scaler, train_loader, val_loader,
+                         hellaswag_items, sample_generator, grad_accum_steps, device, autocast)
+
+
+def training_loop(cfg, start_step, model, raw_model, optimizer, scaler, train_loader, val_loader, hellaswag_items,
+                  sample_generator, grad_accum_steps, device, autocast):
+    """Steps to max_steps, each: evaluate and save when due, update the weights, print its line, log its record."""
+    master = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 prints, logs and saves
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
-    # MFU, model FLOPs utilization: the FLOPs a step's tokens need, per second, over the GPU's bf16 peak
-    flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device_type)
+    # MFU, model FLOPs utilization: the FLOPs a process's tokens need, per second, over its GPU's bf16 peak
+    flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device)
     step_times = []  # (step_line's median step and time left)
     with RunLog(cfg, start_step) as log, StopRequested(log) as stop:  # Ctrl-C/SIGTERM: stop.requested, saved below
         # step s's record (log.jsonl): the losses of the model after s updates, then update s's lr, norm, tokens
@@ -640,7 +640,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss = forward_backward(model, raw_model, train_loader, grad_accum_steps, autocast, scaler, device)
-            if distributed:  # for the log: each process saw its part of the batch; the batch's loss is their mean
+            if dist.is_initialized():  # for the log: each process saw its part of the batch, whose loss is their mean
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones (float16 only: else a no-op)
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)  # (FSDP: over all shards)
@@ -649,14 +649,14 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
                 group["lr"] = lr
             scaler.step(optimizer)  # optimizer.step(), skipped if float16 gradients overflowed
             scaler.update()
-            synchronize(device_type)  # the GPU runs ahead of Python: all its work is done before the clock
+            synchronize(device)  # the GPU runs ahead of Python: all its work is done before the clock
             dt = time.perf_counter() - t0
             loss, norm = loss.item(), norm.item()
             stop_now = stop_requested_anywhere(stop.requested, device)  # every process stops after the same step
             check_finite(loss, norm, scaler.is_enabled(), step, cfg.out_dir)  # (inf or nan: stop before saving it)
-            record.update(loss=loss, lr=lr, norm=norm, ms=dt * 1000, tok_per_s=total_batch_size / dt,
-                          tokens=(step + 1) * total_batch_size,
-                          **hardware_use(flops_per_token, total_batch_size / world_size, dt, peak_tflops))
+            record.update(loss=loss, lr=lr, norm=norm, ms=dt * 1000, tok_per_s=cfg.total_batch_size / dt,
+                          tokens=(step + 1) * cfg.total_batch_size,
+                          **hardware_use(flops_per_token, cfg.B * cfg.T * grad_accum_steps, dt, peak_tflops))
             step_times.append(dt)
             print0(step_line(record, step_times, cfg.max_steps))
             log.write(record, picture=step % cfg.eval_interval == 0 or stop_now)  # progress.png: at evaluations, a stop

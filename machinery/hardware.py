@@ -66,8 +66,9 @@ def select_device(name, device_type):
         raise SettingError(f"device {name!r} requested but MPS is not available")
 
 
-def synchronize(device_type):
-    """Wait for queued GPU work, to read a clock. CPU work is synchronous: nothing to wait for."""
+def synchronize(device):
+    """Wait for queued GPU work, to read a clock ("cuda:1", or a type: "cuda"). CPU work is synchronous: no wait."""
+    device_type = torch.device(device).type
     if device_type in ("cuda", "mps"):
         getattr(torch, device_type).synchronize()  # torch.cuda.synchronize(), torch.mps.synchronize()
 

@@ -268,17 +268,19 @@ def describe_peak(peak, device):
 
 
 def step_of(error):
-    """The training step the error interrupted: the loop variable `step` of train_gpt2.train, read from
-    the frame the error came through (main() catches it, outside the loop), or None before the loop."""
+    """The training step the error interrupted: the loop variable `step` of train_gpt2.training_loop, read
+    from the frame the error came through (main() catches it, outside the loop), or None before the loop."""
     return train_local(error, "step")
 
 
 def train_local(error, name):
-    """The value of train_gpt2.train's local variable `name` where the error left it, or None."""
-    for frame, _ in traceback.walk_tb(error.__traceback__):
-        if frame.f_code.co_name == "train" and name in frame.f_locals:
-            return frame.f_locals[name]
-    return None
+    """The value of a local variable `name` of train_gpt2.train or its training_loop (the innermost the error
+    came through) where the error left it, or None."""
+    found = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):  # (from main() inwards)
+        if frame.f_code.co_name in ("train", "training_loop") and name in frame.f_locals:
+            found = frame.f_locals[name]
+    return found
 
 
 def out_of_memory(error):

@@ -96,7 +96,7 @@ class RunLog:
 
     A fresh run into an out_dir that holds another run's checkpoint (or log) leaves that run's log and
     picture as they are until this run's own checkpoint replaces it: until then it writes log.new.jsonl
-    and progress.new.png, which take the names log.jsonl and progress.png when train() says, through
+    and progress.new.png, which take the names log.jsonl and progress.png when the training loop says, through
     checkpointed(), that its checkpoint is written. A run stopped before that leaves the other run whole:
     a stop signal then saves nothing (keeps_other_checkpoint), and the other run can still be resumed."""
 
@@ -105,7 +105,7 @@ class RunLog:
         self.start_step, self.ended, self.lock = start_step, None, None
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         self.other_checkpoint = file_identity(self.ckpt_path)  # (changed since: this run's)
-        # (every process: a fresh run's stop before its first checkpoint saves none, train() asks this)
+        # (every process: a fresh run's stop before its first checkpoint saves none, stop_mid_run asks)
         self.keeps_other_checkpoint = not cfg.resume and self.other_checkpoint is not None
         if int(os.environ.get("RANK", 0)) != 0:
             return

@@ -29,11 +29,12 @@ BF16_PEAK_TFLOPS = (
 )
 
 
-def bf16_peak_tflops(device_type):
-    """The dense bf16 peak of this process's GPU, or None where it is not known (CPUs, MPS, other GPUs)."""
-    if device_type != "cuda":
+def bf16_peak_tflops(device):
+    """The dense bf16 peak of this process's GPU ("cuda:1", or "cuda": the current one), or None where it is not
+    known (CPUs, MPS, other GPUs)."""
+    if torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(device)
     return next((peak for pattern, peak in BF16_PEAK_TFLOPS if re.search(pattern, name)), None)
 
 

@@ -110,7 +110,7 @@ def test_interrupt_saves_and_resume_continues_exactly(tmp_path, text_file, unint
 SECOND_SIGTERM = """import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 from machinery.stopping import StopRequested, sigterm_stops_at_once
-with sigterm_stops_at_once(), StopRequested() as stop:  # as main() and train() nest them
+with sigterm_stops_at_once(), StopRequested() as stop:  # as main() and training_loop() nest them
     os.kill(os.getpid(), signal.SIGTERM)  # the first: asks to stop after the step
     time.sleep(0.1)
     print("asked" if stop.requested else "not asked", flush=True)
@@ -1059,7 +1059,7 @@ def saved_then_interrupted(state, path):
 def test_a_run_stopped_just_after_its_first_checkpoint_keeps_its_log_with_it(tmp_path, four_steps, text_file,
                                                                               monkeypatch, capsys):
     """A fresh run beside another run's files whose first checkpoint is written, and which stops at once
-    before train() says so (a second Ctrl-C held while the file was written): the checkpoint is this run's,
+    before the training loop says so (a second Ctrl-C held while the file was written): the checkpoint is this run's,
     so its log and picture take the names beside it, not the other run's log."""
     run = shutil.copytree(four_steps, tmp_path / "run")
     monkeypatch.setattr(train_gpt2, "save_checkpoint", saved_then_interrupted)
@@ -1072,7 +1072,7 @@ def test_a_run_stopped_just_after_its_first_checkpoint_keeps_its_log_with_it(tmp
 
 def test_a_signal_during_the_first_checkpoints_write_is_answered_by_what_the_folder_holds(tmp_path, four_steps):
     """A first signal that comes while a fresh run's first checkpoint is written is answered once the file is
-    whole (SignalsHeld), before train() says the checkpoint is written: the answer asks the folder (the
+    whole (SignalsHeld), before the training loop says the checkpoint is written: the answer asks the folder (the
     checkpoint's identity), so it does not promise to keep the other run's checkpoint, already replaced."""
     run = shutil.copytree(four_steps, tmp_path / "run")
     with machinery.run_log.RunLog(train_gpt2.TrainConfig(out_dir=str(run)), 0) as log:

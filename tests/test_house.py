@@ -115,6 +115,22 @@ def test_each_module_of_the_package_says_what_it_holds_and_stays_small(module):
     assert len(source.splitlines()) <= 420, f"{module} has grown past about 400 lines: split it by topic"
 
 
+def test_the_story_reads_at_one_sitting_in_short_functions_without_closures():
+    """train_gpt2.py stays at most 700 lines; no function of the scripts or the package is longer than 60
+    lines (train() sets the run up, training_loop() steps); and none is defined inside another (a closure
+    hides what a function reads)."""
+    assert len((REPO / "train_gpt2.py").read_text().splitlines()) <= 700
+    long, nested = [], []
+    for name in (*SCRIPTS, *PACKAGE):
+        functions = [node for node in ast.walk(ast.parse((REPO / name).read_text()))
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        long += [f"{name}:{f.name} ({f.end_lineno - f.lineno + 1} lines)" for f in functions
+                 if f.end_lineno - f.lineno + 1 > 60]
+        nested += [f"{name}:{f.name}.{inner.name}" for f in functions for inner in ast.walk(f)
+                   if inner is not f and isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    assert long == [] and nested == []
+
+
 def test_no_line_of_the_code_or_its_tests_is_wider_than_120_characters():
     files = [*SCRIPTS, *PACKAGE, *(p.relative_to(REPO).as_posix() for p in (REPO / "tests").glob("*.py"))]
     wide = [f"{name}:{number}" for name in files

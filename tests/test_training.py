@@ -645,6 +645,6 @@ def test_evaluating_alone_takes_a_total_batch_size_the_processes_do_not_divide()
     from train_gpt2 import TrainConfig, batch_arithmetic
 
     cfg = TrainConfig(B=64, T=1024, total_batch_size=524288, eval_only=True)
-    assert batch_arithmetic(cfg, 3)[0] == 524288
+    assert batch_arithmetic(cfg, 3)[0].total_batch_size == 524288
     with pytest.raises(ValueError, match="is not a multiple of B\\*T\\*processes = 64\\*1024\\*3 = 196608"):
         batch_arithmetic(dataclasses.replace(cfg, eval_only=False), 3)
