@@ -266,7 +266,7 @@ class DataLoaderLite:
     """Serves (x, y) batches of shape (B, T); y is x shifted by one token. The tokens: a text file (input_file)
     tokenized in memory, all of it (split None), its first 90% ("train") or last 10% ("val"); or prepare.py's
     shards (data_dir), read a window at a time, training's in a new seeded order each epoch (unless shuffle is
-    False). Each step reads the next window of B*T*num_processes tokens (+1, the last target), process r its
+    False). Each next_batch reads the next window of B*T*num_processes tokens (+1, the last target), process r its
     r-th B*T of them; a shard too short for the next window gives way to the next."""
 
     def __init__(self, B, T, input_file="input.txt", split=None, process_rank=0, num_processes=1,
@@ -566,7 +566,7 @@ def write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sa
 
 
 def stop_mid_run(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master, log):
-    """A stop signal mid-run: save the steps done, to continue with --resume. Returns the exit code, 130."""
+    """A stop signal mid-run: save the steps done for --resume (none over another run's checkpoint). Returns 130."""
     if log.keeps_other_checkpoint:  # this run saved nothing yet, over another run's checkpoint: keep that one whole
         return stopped_before_saving(steps_done, cfg.out_dir)
     write_checkpoint(model, optimizer, scaler, steps_done, cfg, train_loader, sample_generator, master)
@@ -575,11 +575,12 @@ def stop_mid_run(model, optimizer, scaler, steps_done, cfg, train_loader, sample
 
 
 def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
-    """Set up the run (its starting checkpoint, model, data, optimizer), then training_loop: 0, or 130 when stopped."""
+    """Set up the run (checkpoint, model, data, optimizer), then training_loop; or only evaluate, or only sample."""
+    master = rank == 0  # rank 0 prints, logs and saves
     fsdp_wrapped = cfg.fsdp or cfg.cpu_offload  # FSDP2 holds the state (--cpu_offload: in RAM, one process too)
     dtype, autocast, scaler = make_precision(cfg.dtype, device_type, fsdp_wrapped)
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
-    ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # its shape (resumed: batch, data, order)
+    ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # cfg gets its shape (resumed: B, T, data)
     hellaswag_items = load_items_across_ranks(cfg.hellaswag, cfg.block_size) if cfg.hellaswag else None
     cfg, grad_accum_steps = batch_arithmetic(cfg, world_size)  # (cfg.total_batch_size: kept, so a resume keeps it)
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
@@ -592,13 +593,13 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     else:
         raw_model.to(device)
     sample_generator = torch.Generator().manual_seed(cfg.seed + rank)  # apart from training's stream
-    if cfg.eval_only:  # the evaluation that ends a run, once; nothing trained, nothing written
+    if cfg.eval_only:  # the evaluation that ends a run, once; nothing trained, nothing written to out_dir
         val_loader = make_loader(cfg, "val", rank, world_size)  # (the data may have no training split)
         if not evaluate(raw_model, val_loader, hellaswag_items, start_step, cfg, device, autocast):
             raise SettingError("nothing to evaluate: the data has no validation batch, and --hellaswag is not set")
         return 0
-    if start_step >= cfg.max_steps:  # nothing to train: just sample (e.g. --init_from gpt2 --max_steps 0)
-        return finish_run(raw_model, cfg, device, autocast, sample_generator, rank == 0, trained=False)
+    if start_step >= cfg.max_steps:  # nothing to train: sample, and --export_dir (e.g. --init_from gpt2 --max_steps 0)
+        return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
     train_loader, val_loader = make_loader(cfg, "train", rank, world_size), make_loader(cfg, "val", rank, world_size)
     print0(describe_data(cfg, train_loader, val_loader, cfg.total_batch_size, world_size, grad_accum_steps))
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)  # (after sharding: its shards)
@@ -611,13 +612,12 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
                     **buffers_not_resent())  # (the buffers, the causal masks, never change: no resending)
     return training_loop(cfg, start_step, model, raw_model, optimizer, scaler, train_loader, val_loader,
-                         hellaswag_items, sample_generator, grad_accum_steps, device, autocast)
+                         hellaswag_items, sample_generator, grad_accum_steps, master, device, autocast)
 
 
 def training_loop(cfg, start_step, model, raw_model, optimizer, scaler, train_loader, val_loader, hellaswag_items,
-                  sample_generator, grad_accum_steps, device, autocast):
+                  sample_generator, grad_accum_steps, master, device, autocast):
     """Steps to max_steps, each: evaluate and save when due, update the weights, print its line, log its record."""
-    master = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 prints, logs and saves
     min_lr = cfg.lr if cfg.min_lr is None else cfg.min_lr
     # MFU, model FLOPs utilization: the FLOPs a process's tokens need, per second, over its GPU's bf16 peak
     flops_per_token, peak_tflops = raw_model.flops_per_token(cfg.T), bf16_peak_tflops(device)

@@ -39,7 +39,7 @@ def format_seconds(seconds):
 
 def step_line(record, step_times, max_steps):
     """The line printed for each step, with the time left estimated from the typical step."""
-    typical = np.median(step_times[1:] if len(step_times) > 1 else step_times)  # step 0 warms up
+    typical = np.median(step_times[1:] if len(step_times) > 1 else step_times)  # (this run's first step warms up)
     eta = format_seconds(typical * (max_steps - record["step"] - 1))
     return (f"step {record['step']:5d} | loss {record['loss']:.6f} | lr {record['lr']:.1e} | "
             f"norm {record['norm']:.2f} | {record['ms']:.1f} ms | {record['tok_per_s']:.0f} tok/s | "

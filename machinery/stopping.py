@@ -140,7 +140,7 @@ def stop_requested_anywhere(requested, device):
     """Whether any process was asked to stop. A signal reaches one process (or all, at slightly
     different steps): every process must stop after the same step, or the others wait forever in
     the next step's collectives. One tiny all-reduce a step (a fraction of a millisecond, see
-    docs/performance.md); also the point where the CPU waits for the device's queued work."""
+    docs/performance.md)."""
     flag = torch.tensor(float(requested), device=device)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
