@@ -17,7 +17,7 @@ import sys
 from dataclasses import field, fields
 from typing import get_args
 
-from machinery.files import SettingError, folder_problem, in_binary_units, ram_bytes, say_once
+from machinery.files import SettingError, check_folder_free, folder_problem, in_binary_units, ram_bytes, say_once
 from machinery.tokens import GPT2_VOCAB_SIZE
 
 
@@ -230,6 +230,8 @@ def check_config(cfg):
     for name, what in RUN_FILES.items():
         if writes_run and os.path.isdir(os.path.join(cfg.out_dir, name)):
             raise SettingError(f"{os.path.join(cfg.out_dir, name)!r} is a folder: the run's {what} is written there")
+    if writes_run:
+        check_folder_free(cfg.out_dir)  # (another run writing it: said now, not after minutes of loading)
     from machinery.pretrained import check_export_dir  # (here, not above: prepare.py imports this module, not torch)
     check_export_dir(cfg.export_dir, cfg.init_from)
     if cfg.eval_only and cfg.export_dir:

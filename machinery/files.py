@@ -308,3 +308,13 @@ def lock_folder(path, flag="--out_dir"):
             return None
         raise
     return handle
+
+
+def check_folder_free(path, flag="--out_dir"):
+    """lock_folder's line at once, before the heavy work (a model built, a checkpoint read), when another run
+    holds `path`; the run's own lock is taken later, and held (RunLog). Rank 0 only: it alone takes that lock,
+    and the others would find its probe."""
+    if int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(path):
+        handle = lock_folder(path, flag)
+        if handle is not None:
+            os.close(handle)

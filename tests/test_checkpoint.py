@@ -1289,18 +1289,33 @@ def test_a_second_run_into_a_folder_another_run_is_writing_is_refused(tmp_path, 
                                                                        capsys):
     """Two runs writing one out_dir would overwrite each other's checkpoint and log: the second is refused
     in one line (the first holds a lock on the folder while it writes; held here as the first run would),
-    and the folder's files are untouched. Once the first has ended, the same command runs."""
+    before it prints or loads anything, and the folder's files are untouched. Once the first has ended, the
+    same command runs."""
     shutil.copytree(four_steps, tmp_path / "run")
     before = {p.name: digest(p) for p in (tmp_path / "run").iterdir()}
     first = machinery.files.lock_folder(str(tmp_path / "run"))
     args = (*RUN, "--input_file", text_file, "--max_steps", "6", "--out_dir", "run", "--resume")
-    code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    code, out, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == ("error: another run is writing 'run' now: wait for it to end, or choose another "
-                                 "--out_dir\n")
+                                 "--out_dir\n") and out == ""  # (no device line: refused before the setup)
     assert {p.name: digest(p) for p in (tmp_path / "run").iterdir()} == before
     os.close(first)
     code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
+
+
+def test_only_rank_0_asks_for_the_folder_before_the_run(tmp_path, monkeypatch):
+    """The early probe of out_dir's lock is rank 0's alone: rank 0 takes the lock for the run, and under
+    torchrun the other processes would find rank 0's probe (or its lock) and refuse their own run."""
+    held = machinery.files.lock_folder(str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    machinery.files.check_folder_free(str(tmp_path))  # (no error: not rank 0's to ask)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="another run is writing"):
+        machinery.files.check_folder_free(str(tmp_path))
+    os.close(held)
+    machinery.files.check_folder_free(str(tmp_path))  # free again: no error, and no lock left held by the probe
+    os.close(machinery.files.lock_folder(str(tmp_path)))
 
 
 def test_a_folder_on_a_file_system_without_locks_is_written_unlocked(tmp_path, monkeypatch):
