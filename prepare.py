@@ -54,6 +54,7 @@ import argparse
 import contextlib
 import glob
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -407,14 +408,18 @@ def write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress)
     # the bar counts the bytes of the source read (FineWeb-Edu's: characters, its size estimated from the tokens)
     total_bytes = TEXT_BYTES_PER_TOKEN * FINEWEB_EDU_TOKENS if hub else sum(os.path.getsize(f) for f in files)
     done_bytes = TEXT_BYTES_PER_TOKEN * writer.position if hub else 0  # (a resumed local run's documents count it)
-    desc = f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}"
+    desc, shown = f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}", False
+    # the bar is shown from the first text on (delay until then): a source refused before it has its line alone
     with tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, smoothing=0.05, desc=desc,
-              disable=not show_progress, file=BarStream()) as progress, \
+              disable=not show_progress, file=BarStream(), delay=math.inf) as progress, \
             contextlib.closing(tokenized(batches_of(documents, progress), num_proc)) as results:  # (ends the workers)
         try:
             for tokens, lengths, at in results:
                 writer.add(tokens, lengths, at)
                 progress.set_postfix_str(f"{writer.position:,} tokens, {len(manifest['shards'])} shards", refresh=False)
+                if not shown and writer.text_seen:  # the first text: the bar shows, and from now on moves
+                    shown, progress.delay = True, 0
+                    progress.refresh()
             if writer.position == writer.documents:  # every document was empty: nothing but separators
                 raise PrepareError(f"{source!r} holds no text")
             if not writer.text_seen:  # (as train_gpt2.py refuses an --input_file of whitespace)

@@ -1001,7 +1001,7 @@ def test_cli_prepares_a_text_file_and_says_what_it_wrote(tmp_path):
     assert manifest["documents"] == 1  # a text file is one document
     assert r.stdout == (f"data/book: 1 documents, {manifest['tokens']:,} tokens in {splits.count('train')} train "
                         f"and {splits.count('val')} val shards\n")
-    assert "tokens" in r.stderr  # the progress bar
+    assert "tokenizing book.txt: 100%" in r.stderr and "tokens" in r.stderr  # the progress bar, at its end
     again = run_script("book.txt", "--out_dir", "data/book", "--shard_size", "1000", cwd=tmp_path,
                        script="prepare.py")
     assert again.returncode == 0 and again.stdout == r.stdout  # complete: nothing to do
@@ -1066,9 +1066,8 @@ def test_bad_input_is_one_clear_line(tmp_path, source, setup, message, monkeypat
     monkeypatch.chdir(tmp_path)
     assert prepare.main([source, "--out_dir", "out", "--num_proc", "1"]) == 1  # an exception would fail here
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]  # after the progress bar, if it started
-    assert last.startswith("error:") and message in last, err
-    assert err.count("\n") == 1  # (a bar that started is cleared: on a terminal, the error's line is all there is)
+    # the line alone, not after a progress bar (which shows from the first text on; one that started is cleared)
+    assert err.startswith("error:") and message in err and err.count("\n") == 1 and "\r" not in err, err
     # nothing written is kept, not even the manifest: mended, the source is prepared by the same command
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
