@@ -18,7 +18,7 @@ from dataclasses import field, fields
 from typing import get_args
 
 from machinery.files import SettingError, check_folder_free, folder_problem, in_binary_units, ram_bytes, say_once
-from machinery.tokens import GPT2_VOCAB_SIZE
+from machinery.tokens import GPT2_VOCAB_SIZE, input_file_path
 
 
 # the files a run writes in its out_dir (a fresh run beside another run's: its log and picture as .new first)
@@ -192,6 +192,8 @@ def parse_args(config_class, argv=None, description="Train or sample GPT-2."):
     given = settings_parser(config_class, description, defaults=False).parse_args(parser.expanded)
     for name in PATHS & settings.keys():  # ~ is the shell's: in a recipe or --out_dir=~/run it reaches us as typed
         settings[name] = os.path.expanduser(settings[name])
+    if "input_file" in settings:  # (the default, run from another folder: the input.txt beside the script)
+        settings["input_file"] = input_file_path(settings["input_file"])
     return config_class(**settings), set(vars(given))
 
 

@@ -64,9 +64,22 @@ def blank_ids():
 TOKENIZE_BYTES_PER_BYTE = 12
 
 
+DEFAULT_INPUT_FILE = "input.txt"  # TrainConfig's and DataLoaderLite's: Shakespeare, beside train_gpt2.py
+
+
+def input_file_path(path):
+    """The file `path` names; for the default, input.txt, where the current folder has none, the one beside
+    train_gpt2.py, so that `python path/to/train_gpt2.py` trains from any folder as it does from its own."""
+    path = os.fspath(path)
+    beside_the_script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_INPUT_FILE)
+    if path == DEFAULT_INPUT_FILE and not os.path.exists(path) and os.path.isfile(beside_the_script):
+        return beside_the_script
+    return path
+
+
 def tokenize_file(path) -> np.ndarray:
     """All tokens of a UTF-8 text file, as uint16 (GPT-2's 50,257 ids fit; half the memory of int32)."""
-    path = os.fspath(path)
+    path = input_file_path(path)
     stat = os.stat(path) if os.path.isfile(path) else None
     if stat is None:
         raise SettingError(f"input file {path!r} not found")

@@ -181,6 +181,26 @@ def test_sampling_alone_reads_no_sequence_of_T_tokens(tmp_path, monkeypatch, cap
     assert code == 0 and out.splitlines()[-1].startswith("> Hello"), err
 
 
+def test_the_default_input_file_is_found_from_any_folder(tmp_path, monkeypatch, capsys):
+    """`python path/to/train_gpt2.py` in a folder without input.txt trains on the input.txt beside the script
+    (the data line names it), as DataLoaderLite's default does; a folder's own input.txt comes first, and a
+    file named otherwise is only ever the one named."""
+    from train_gpt2 import DataLoaderLite
+
+    code, out, err = run_in_process(*SMALL, "--max_steps", "1", "--num_samples", "0", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and f"data {REPO / 'input.txt'} | " in out, err
+    monkeypatch.chdir(tmp_path)
+    assert DataLoaderLite(4, 32).n_tokens == DataLoaderLite(4, 32, input_file=str(REPO / "input.txt")).n_tokens
+    (tmp_path / "input.txt").write_text("Only this folder's own words, again and again. " * 40)
+    code, out, err = run_in_process(*SMALL, "--max_steps", "1", "--num_samples", "0", cwd=tmp_path,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "data input.txt | " in out, err
+    code, _, err = run_in_process(*SMALL, "--input_file", "other.txt", "--max_steps", "1", cwd=tmp_path,
+                                  monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == "error: input file 'other.txt' not found\n"
+
+
 def test_an_out_dir_that_cannot_be_written_is_named_before_the_run(tmp_path, monkeypatch):
     """No permission to write in the folder (or in the one it would be made in): said at the start, not at
     the first save after hours of training. (Tests run as root, who may write anywhere: os.access is
