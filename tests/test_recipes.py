@@ -253,13 +253,13 @@ SIZES = {"gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vo
 MEMORY = re.compile(r"about ([\d.]+) gib a gpu, ([\d.]+) gib with its margin, on (\d+) gpus? of (\d+) gb")
 
 
-@pytest.mark.parametrize("name", ["gpt2_350m.args", "gpt2_774m.args", "gpt2_1558m.args", "finetune_gpt2_xl.args",
-                                  "finetune_gpt2_xl_24gb.args"])
+@pytest.mark.parametrize("name", ["gpt2_350m.args", "gpt2_774m.args", "gpt2_1558m.args", "finetune_gpt2.args",
+                                  "finetune_gpt2_xl.args", "finetune_gpt2_xl_24gb.args"])
 def test_the_bigger_recipes_fit_their_hardware_by_the_fitted_formula_with_its_margin(name, monkeypatch):
-    """Each recipe for the bigger GPT-2s says the memory a GPU needs at its settings, on the hardware it
-    names: the figure the run's own start line will print (machinery/memory.py's plan), which with the
-    estimate's margin fits a GPU of that size counted as decimal GB (a card holds a little more), with no
-    warning. A recipe or the formula changed without the other fails here."""
+    """Each recipe for the bigger GPT-2s, and each fine-tuning one, says the memory a GPU needs at its
+    settings, on the hardware it names: the figure the run's own start line will print (machinery/memory.py's
+    plan), which with the estimate's margin fits a GPU of that size counted as decimal GB (a card holds a
+    little more), with no warning. A recipe or the formula changed without the other fails here."""
     import types
 
     import torch
