@@ -408,10 +408,10 @@ def write_shards(source, hub, out_dir, manifest, files, num_proc, show_progress)
     # the bar counts the bytes of the source read (FineWeb-Edu's: characters, its size estimated from the tokens)
     total_bytes = TEXT_BYTES_PER_TOKEN * FINEWEB_EDU_TOKENS if hub else sum(os.path.getsize(f) for f in files)
     done_bytes = TEXT_BYTES_PER_TOKEN * writer.position if hub else 0  # (a resumed local run's documents count it)
-    desc, shown = f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}", False
-    # the bar is shown from the first text on (delay until then): a source refused before it has its line alone
+    desc, shown = f"{'resuming' if manifest['shards'] else 'tokenizing'} {source}", writer.text_seen
+    # the bar is shown from the first text on (a resume's: at once): a source refused before it has its line alone
     with tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, smoothing=0.05, desc=desc,
-              disable=not show_progress, file=BarStream(), delay=math.inf) as progress, \
+              disable=not show_progress, file=BarStream(), delay=0 if shown else math.inf) as progress, \
             contextlib.closing(tokenized(batches_of(documents, progress), num_proc)) as results:  # (ends the workers)
         try:
             for tokens, lengths, at in results:

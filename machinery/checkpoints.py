@@ -6,8 +6,7 @@ the rest, in the order a run meets it:
   settings it decides (its shape; for a resume, its batch, data and order: resumed_batch).
 - load_weights, restore_training_state: the model's weights, then a resumed run's optimizer, loss scale,
   place in the data (restore_data_position) and random streams.
-- checkpoint_due, save_checkpoint: when a checkpoint is written, and the atomic write. (The random
-  streams it holds: random_streams.py.)
+- checkpoint_due, save_checkpoint: when a checkpoint is written, and the atomic write (its RNG: random_streams.py).
 """
 
 import os
@@ -17,7 +16,8 @@ from dataclasses import replace
 
 import torch
 
-from machinery.files import DiskFull, SettingError, first_line, is_whole_number, number_problem, write_atomically
+from machinery.files import (DiskFull, SettingError, check_folder_free, first_line, is_whole_number, number_problem,
+                             write_atomically)
 from machinery.memory import out_of_memory
 from machinery.pretrained import check_export_dir, non_finite_weight, pretrained_shape, refuse_small_vocabulary
 from machinery.random_streams import set_rng_state
@@ -136,6 +136,8 @@ def resumed_batch(cfg, given, saved, path, world_size, steps_done):
         raise SettingError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = "
                            f"{cfg.B}*{cfg.T}*{world_size} = {micro_batch:,}: resume with a --B that makes them one")
     check_data(cfg, steps_done=steps_done)  # the data it will read, now that the checkpoint has said which
+    if steps_done < cfg.max_steps and not cfg.eval_only:  # (it trains: another run writing out_dir, said now)
+        check_folder_free(cfg.out_dir)
     return cfg
 
 
@@ -188,10 +190,9 @@ def saved_by_torch(path):
 
 
 def damaged_record(path):
-    """The first record (a tensor's bytes, the pickle) of a checkpoint whose bytes do not match the CRC-32
-    torch.save wrote with them, or None. torch.load does not compare them: bits flipped on a disk or in a
-    copy would load as other numbers, and a resume would save them on. (0.2 s a GB from the page cache.)
-    torch's format before 1.6, not a zip, has no checksums to compare."""
+    """The first record (a tensor's bytes, the pickle) whose bytes do not match the CRC-32 torch.save wrote with
+    them, or None (torch's format before 1.6 has none). torch.load does not compare them: bits flipped on a disk
+    or in a copy would load as other numbers, and a resume would save them on. (0.2 s a GB from the page cache.)"""
     if not zipfile.is_zipfile(path):
         return None
     try:
@@ -207,8 +208,7 @@ def model_problem(ckpt):
     config = ckpt["model_config"]
     if not is_whole_number(ckpt["steps_done"]):
         return f"steps_done is {ckpt['steps_done']!r}, not a whole number >= 0"
-    problem = number_problem([("model_config", config, name, 1, None) for name in SHAPE])
-    if problem:
+    if problem := number_problem([("model_config", config, name, 1, None) for name in SHAPE]):
         return problem
     unknown = set(config) - {*SHAPE, "sdpa"}
     if unknown:

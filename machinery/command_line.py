@@ -192,8 +192,8 @@ def parse_args(config_class, argv=None, description="Train or sample GPT-2."):
     given = settings_parser(config_class, description, defaults=False).parse_args(parser.expanded)
     for name in PATHS & settings.keys():  # ~ is the shell's: in a recipe or --out_dir=~/run it reaches us as typed
         settings[name] = os.path.expanduser(settings[name])
-    if "input_file" in settings:  # (the default, run from another folder: the input.txt beside the script)
-        settings["input_file"] = input_file_path(settings["input_file"])
+    if "input_file" in settings and "input_file" not in vars(given):  # (run from another folder: the one beside
+        settings["input_file"] = input_file_path(settings["input_file"])  # the script; one typed is the one read)
     return config_class(**settings), set(vars(given))
 
 
@@ -232,7 +232,7 @@ def check_config(cfg):
     for name, what in RUN_FILES.items():
         if writes_run and os.path.isdir(os.path.join(cfg.out_dir, name)):
             raise SettingError(f"{os.path.join(cfg.out_dir, name)!r} is a folder: the run's {what} is written there")
-    if writes_run:
+    if writes_run and not cfg.resume:  # (a resume: once its checkpoint says whether it trains, resumed_batch)
         check_folder_free(cfg.out_dir)  # (another run writing it: said now, not after minutes of loading)
     from machinery.pretrained import check_export_dir  # (here, not above: prepare.py imports this module, not torch)
     check_export_dir(cfg.export_dir, cfg.init_from)

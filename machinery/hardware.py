@@ -52,7 +52,7 @@ def cpu_has_native_bf16():
 
 def select_device(name, device_type):
     """Check that a device name is known and present on this machine. cuda:N also becomes the current CUDA
-    device, so that what asks the current one (its capability for the dtype, its name for MFU, synchronize)
+    device, so that what asks the current one (its capability for the dtype, the memory it holds)
     asks GPU N, not GPU 0 (torchrun's processes: join_process_group sets their local rank's instead)."""
     if device_type not in ("cpu", "cuda", "mps") or (":" in name and not name.split(":")[1].isdigit()):
         raise SettingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
@@ -69,8 +69,10 @@ def select_device(name, device_type):
 def synchronize(device):
     """Wait for queued GPU work, to read a clock ("cuda:1", or a type: "cuda"). CPU work is synchronous: no wait."""
     device_type = torch.device(device).type
-    if device_type in ("cuda", "mps"):
-        getattr(torch, device_type).synchronize()  # torch.cuda.synchronize(), torch.mps.synchronize()
+    if device_type == "cuda":
+        torch.cuda.synchronize(device)  # (that GPU; "cuda": the current one)
+    elif device_type == "mps":
+        torch.mps.synchronize()
 
 
 def torchrun_ranks(device_type):

@@ -1289,15 +1289,22 @@ def test_a_second_run_into_a_folder_another_run_is_writing_is_refused(tmp_path, 
                                                                        capsys):
     """Two runs writing one out_dir would overwrite each other's checkpoint and log: the second is refused
     in one line (the first holds a lock on the folder while it writes; held here as the first run would),
-    before it prints or loads anything, and the folder's files are untouched. Once the first has ended, the
-    same command runs."""
+    before it builds a model (a fresh run: before it prints a line; a resume: once its checkpoint says it
+    trains), and the folder's files are untouched. A resume with no steps left only samples, and may; once
+    the first run has ended, the same command runs."""
     shutil.copytree(four_steps, tmp_path / "run")
     before = {p.name: digest(p) for p in (tmp_path / "run").iterdir()}
     first = machinery.files.lock_folder(str(tmp_path / "run"))
-    args = (*RUN, "--input_file", text_file, "--max_steps", "6", "--out_dir", "run", "--resume")
+    refused = "error: another run is writing 'run' now: wait for it to end, or choose another --out_dir\n"
+    fresh = (*RUN, "--input_file", text_file, "--max_steps", "6", "--out_dir", "run")
+    code, out, err = run_in_process(*fresh, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == refused and out == ""
+    args = (*fresh, "--resume")
     code, out, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 1 and err == ("error: another run is writing 'run' now: wait for it to end, or choose another "
-                                 "--out_dir\n") and out == ""  # (no device line: refused before the setup)
+    assert code == 1 and err == refused and "model" not in out  # (only the device line: no model built)
+    code, out, err = run_in_process(*args, "--max_steps", "4", "--num_samples", "1", "--max_new_tokens", "2",
+                                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)  # (the last --max_steps)
+    assert code == 0 and out.splitlines()[-1].startswith("> "), err
     assert {p.name: digest(p) for p in (tmp_path / "run").iterdir()} == before
     os.close(first)
     code, _, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)

@@ -184,7 +184,7 @@ def test_sampling_alone_reads_no_sequence_of_T_tokens(tmp_path, monkeypatch, cap
 def test_the_default_input_file_is_found_from_any_folder(tmp_path, monkeypatch, capsys):
     """`python path/to/train_gpt2.py` in a folder without input.txt trains on the input.txt beside the script
     (the data line names it), as DataLoaderLite's default does; a folder's own input.txt comes first, and a
-    file named otherwise is only ever the one named."""
+    file typed (--input_file input.txt too) is only ever the one typed."""
     from train_gpt2 import DataLoaderLite
 
     code, out, err = run_in_process(*SMALL, "--max_steps", "1", "--num_samples", "0", cwd=tmp_path,
@@ -196,9 +196,11 @@ def test_the_default_input_file_is_found_from_any_folder(tmp_path, monkeypatch, 
     code, out, err = run_in_process(*SMALL, "--max_steps", "1", "--num_samples", "0", cwd=tmp_path,
                                     monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0 and "data input.txt | " in out, err
-    code, _, err = run_in_process(*SMALL, "--input_file", "other.txt", "--max_steps", "1", cwd=tmp_path,
-                                  monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 1 and err == "error: input file 'other.txt' not found\n"
+    (tmp_path / "input.txt").unlink()
+    for typed in ("other.txt", "input.txt"):
+        code, _, err = run_in_process(*SMALL, "--input_file", typed, "--max_steps", "1", cwd=tmp_path,
+                                      monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 1 and err == f"error: input file {typed!r} not found\n"
 
 
 def test_an_out_dir_that_cannot_be_written_is_named_before_the_run(tmp_path, monkeypatch):

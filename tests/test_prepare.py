@@ -5,6 +5,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -252,16 +253,17 @@ def test_a_resumed_runs_progress_starts_where_the_killed_one_stopped(tmp_path, b
     rows count their shares of its compressed size: their text would pass it, and the bar lose its ETA).
     A run killed part way, then resumed, counts at once what the killed run did (not read again: a text
     file from the piece it stopped in, a folder's documents skipped), then the rest as it reads it: it
-    ends where an uninterrupted run's bar ends."""
+    ends where an uninterrupted run's bar ends. A fresh run's bar waits for the first text (an input refused
+    before it has its error line alone); a resumed run's shows at once (they hold text)."""
     import tqdm
 
     source = big_text[0] if kind == "text file" else corpus_folder[0]
-    counted, totals = [], []
+    counted, totals, delays = [], [], []
 
     class Bar(tqdm.tqdm):
-        def __init__(self, *args, total=None, **kwargs):
-            totals.append(total)
-            super().__init__(*args, total=total, **kwargs)
+        def __init__(self, *args, total=None, delay=0, **kwargs):
+            totals.append(total), delays.append(delay)
+            super().__init__(*args, total=total, delay=delay, **kwargs)
 
         def update(self, n=1):
             counted.append(n)
@@ -279,6 +281,7 @@ def test_a_resumed_runs_progress_starts_where_the_killed_one_stopped(tmp_path, b
     prepare.prepare(str(source), str(tmp_path / "run"), shard_size=1000, show_progress=False)
     assert sum(counted) == whole
     assert sum(len(text) for text, _ in tokenized) < all_text  # (what the killed run did: not again)
+    assert delays[0] == math.inf and delays[-1] == 0
 
 
 def test_a_resumed_fineweb_edu_run_starts_its_bar_at_what_was_done(tmp_path, stand_in, monkeypatch):

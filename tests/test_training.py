@@ -150,7 +150,7 @@ def test_device_resolution():
 
 def test_cuda_n_becomes_the_current_gpu_and_a_missing_one_is_one_line(monkeypatch):
     """--device cuda:1 in one process: what asks torch.cuda for "the current GPU" (the dtype from its
-    capability, MFU's peak from its name, synchronize) must ask GPU 1, so it is made the current one.
+    capability, the memory it holds) must ask GPU 1, so it is made the current one.
     A GPU the machine does not have is one line. (CUDA faked: two GPUs; on real GPUs not tested here.)"""
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -386,6 +386,17 @@ GPU_NAMES = [
 def test_bf16_peak_by_gpu_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     assert machinery.speed.bf16_peak_tflops("cuda") == peak
+
+
+def test_the_clock_and_the_peak_ask_the_gpu_they_are_given(monkeypatch):
+    """synchronize and bf16_peak_tflops take the run's device ("cuda:1") and ask that GPU, not the current one;
+    on a CPU there is nothing to wait for. (CUDA faked.)"""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: asked.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: asked.append(("name", device)) or "H100")
+    machinery.hardware.synchronize("cuda:1"), machinery.hardware.synchronize("cpu")
+    assert machinery.speed.bf16_peak_tflops("cuda:1") == 989.5
+    assert asked == [("synchronize", "cuda:1"), ("name", "cuda:1")]
 
 
 def test_no_peak_on_cpu_or_mps(monkeypatch):
