@@ -11,10 +11,13 @@ takes the model from train_gpt2.py, which never imports it.
     python hellaswag.py --out_dir out --limit 200        # a quick look
 
 Without --data, the validation split (10,042 items) is fetched once through the `datasets` library
-(Rowan/hellaswag; the classic download URL on GitHub is gone) and cached as jsonl.
+(Rowan/hellaswag; the classic download URL on GitHub is gone) and cached as jsonl ($XDG_CACHE_HOME, else
+~/.cache: train_gpt2/hellaswag_val.jsonl). For OpenAI's gpt2 and gpt2-xl on all of it, the published
+reference accuracies are printed under the result.
 
 Interrupted (Ctrl-C, or a scheduler's SIGTERM) or killed, the same command continues from the counts
-saved so far (machinery/hellaswag_eval.py: count_correct_resumably).
+saved so far, kept beside the cached items until the pass ends (machinery/hellaswag_eval.py:
+count_correct_resumably).
 """
 
 import argparse

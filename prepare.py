@@ -87,8 +87,8 @@ TEXT_BYTES_PER_TOKEN = 4  # GPT-2 on English: ~4 bytes of UTF-8 a token; for the
 def tokenize_batch(pieces):
     """The tokens of (text, at) pieces, `at` the byte where the piece starts in its document (0: it begins
     one; a big .txt document comes in several pieces), <|endoftext|> first in a piece that begins a
-    document: one uint16 array, each piece's token count, and each `at` (handed back with the tokens,
-    for the writer)."""
+    document. Returns (tokens: one uint16 array, lengths: each piece's token count, at: each `at`, handed
+    back with the tokens for the writer)."""
     enc = get_tokenizer()
     texts = [text_tokens(enc, text) for text, _ in pieces]
     at = np.array([start for _, start in pieces], dtype=np.int64)
@@ -238,7 +238,7 @@ class ShardWriter:
         """Append pieces of documents, each `lengths` tokens, starting at byte `at` of its document (0
         begins one). The first piece may be partly written already, on a resume."""
         starts = self.stream_position + np.cumsum(lengths) - lengths  # stream position where each piece starts
-        data = tokens[self.position - self.stream_position:]  # skip what earlier shards hold
+        data = tokens[self.position - self.stream_position:]  # skip what earlier shards hold (a resume's first)
         self.text_seen = self.text_seen or not blank_ids()[data].all()  # (a corpus's first batch, in practice)
         while len(data):
             if self.filled == self.shard_size:  # full, and a token follows: write it
@@ -322,8 +322,9 @@ class ShardWriter:
 
 def needed_bytes(files, manifest):
     """About how many bytes the shards still need, at 2 a token: the source's tokens estimated from its
-    files' size (~4 bytes a token; parquet's compression makes that an underestimate, which is the safe
-    side), or FineWeb-Edu's ~10B tokens when its files are on the hub."""
+    files' size (~4 bytes a token; parquet's compression makes that an underestimate: the check never
+    refuses wrongly, and a disk that fills anyway ends the run in one line, to continue once space is freed),
+    or FineWeb-Edu's ~10B tokens when its files are on the hub."""
     if files is None:
         tokens = FINEWEB_EDU_TOKENS
     else:
