@@ -133,11 +133,14 @@ def plan_memory(model, cfg, world_size, device, dtype, start_step=0):
         return f"memory per process: weights {size(WEIGHT_BYTES * n)}{where} (no training) | {has}"
     parts = memory_needs(model, cfg, world_size, dtype, device)  # [(what, bytes)]
     need = sum(bytes_ for _, bytes_ in parts)
-    line = f"memory per process: {' + '.join(what for what, _ in parts)} = about {size(need)}{fit(need, total)} | {has}"
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes sharing this machine's RAM
+    shared = here if device.startswith("cpu") else 1  # (a CPU's processes all live in this RAM)
+    together = f", {size(shared * need)} for the {shared} processes of this machine" if shared > 1 else ""
+    line = (f"memory per process: {' + '.join(what for what, _ in parts)} = about {size(need)}{together}"
+            f"{fit(shared * need, total)} | {has}")
     # on CPUs, refused when even the estimate, which runs low there (docs/memory.md), passes the RAM: a
     # process that runs out of it is ended by the kernel without a word (a run under it may still be)
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes sharing this machine's RAM
-    fits_here = not (device.startswith("cpu") and total and here * need > total)
+    fits_here = not (device.startswith("cpu") and total and shared * need > total)
     if not everyone_agrees(fits_here, device):
         raise SettingError(too_little_ram(cfg, need, here, total if not fits_here else None, world_size))
     if cfg.cpu_offload:  # the state, in the machine's RAM

@@ -164,6 +164,15 @@ def test_training_that_cannot_fit_in_a_cpus_ram_is_refused_before_step_0(small_t
             with pytest.raises(ValueError, match=r"\(3 processes x [\d.]+ MiB\), more than this machine's .*, "
                                                  r"split the state with --fsdp, or start fewer processes a machine$"):
                 plan_memory(model, cfg, processes, "cpu", torch.float32)
+    # the line says what the machine's processes need together, and whether that is within the estimate's margin
+    monkeypatch.setattr(machinery.memory, "ram_bytes", lambda: 1024 * GIB)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    each = float(plan_memory(model, cfg, 2, "cpu", torch.float32).split("= about ")[1].split()[0]) * MIB
+    for ram, said in ((2.1 * each, ": may not fit (within the estimate's error)"), (2.4 * each, "")):
+        monkeypatch.setattr(machinery.memory, "ram_bytes", lambda: ram)
+        line = plan_memory(model, cfg, 2, "cpu", torch.float32)
+        both = re.search(r"= about ([\d.]+) MiB, ([\d.]+) MiB for the 2 processes of this machine(.*?) \| ", line)
+        assert both and abs(float(both[2]) - 2 * float(both[1])) <= 0.1 and both[3] == said, line
     # a resume with no step left to train (--max_steps reached: it only samples) needs only the weights: under
     # FSDP this process's share of them (each tensor's largest piece of three, counted here by hand), offloaded in RAM
     weights = 4 * sum(p.numel() for p in model.parameters())
