@@ -76,10 +76,12 @@ def text_file(tmp_path):
 
 def die_with_pytest():
     """In the child, before it runs: the kernel sends it SIGTERM if pytest dies (torchrun, so told, stops
-    its workers): a killed test run leaves no training behind."""
+    its workers): a killed test run leaves no training behind. And SIGHUP at its default, as a command
+    typed in a terminal has it: under `nohup pytest` it would be ignored, and a run keeps it ignored."""
     import ctypes
 
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def descendants(pid):
