@@ -444,11 +444,11 @@ def join_process_group(device, device_type):
     return True, rank, world_size, device
 
 
-def batch_arithmetic(cfg, world_size):
-    """(cfg with total_batch_size, the tokens of an optimizer step, filled in; micro-steps per optimizer step)."""
+def batch_arithmetic(cfg, world_size, start_step=0):
+    """(cfg with total_batch_size filled in: an optimizer step's tokens; its micro-steps, where the run trains)."""
     tokens_per_micro_step = cfg.B * cfg.T * world_size
     total_batch_size = cfg.total_batch_size or tokens_per_micro_step
-    if total_batch_size % tokens_per_micro_step and not cfg.eval_only:  # (evaluating alone accumulates nothing)
+    if total_batch_size % tokens_per_micro_step and start_step < cfg.max_steps and not cfg.eval_only:
         raise SettingError(f"--total_batch_size {total_batch_size} is not a multiple of B*T*processes "
                            f"= {cfg.B}*{cfg.T}*{world_size} = {tokens_per_micro_step}")
     return replace(cfg, total_batch_size=total_batch_size), total_batch_size // tokens_per_micro_step
@@ -582,10 +582,10 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     print0(f"device {device} | dtype {str(dtype).replace('torch.', '')} | processes {world_size}")
     ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # cfg gets its shape (resumed: B, T, data)
     hellaswag_items = load_items_across_ranks(cfg.hellaswag, cfg.block_size) if cfg.hellaswag else None
-    cfg, grad_accum_steps = batch_arithmetic(cfg, world_size)  # (cfg.total_batch_size: kept, so a resume keeps it)
+    start_step = ckpt["steps_done"] if cfg.resume else 0
+    cfg, grad_accum_steps = batch_arithmetic(cfg, world_size, start_step)  # (total_batch_size: kept for a resume)
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
     raw_model = make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device_type)
-    start_step = ckpt["steps_done"] if cfg.resume else 0
     print0(describe_model(raw_model, cfg, start_step, ckpt))
     print0(plan_memory(raw_model, cfg, world_size, device, dtype, start_step))  # (a CPU: raises if RAM can't hold it)
     if fsdp_wrapped:  # each process keeps 1/N of the state (in RAM with --cpu_offload) and joins every forward

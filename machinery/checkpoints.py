@@ -132,7 +132,7 @@ def resumed_batch(cfg, given, saved, path, world_size, steps_done):
     order = {name: saved[name] for name in ("seed", "shuffle") if name in saved and name not in given}
     cfg = replace(cfg, B=B, T=saved["T"], total_batch_size=tokens, **data, **order)
     micro_batch = cfg.B * cfg.T * world_size  # tokens of one forward pass over all processes
-    if tokens % micro_batch and not cfg.eval_only:  # (another --B or number of processes; evaluating accumulates none)
+    if tokens % micro_batch and steps_done < cfg.max_steps and not cfg.eval_only:  # (evaluating, sampling: none)
         raise SettingError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = "
                            f"{cfg.B}*{cfg.T}*{world_size} = {micro_batch:,}: resume with a --B that makes them one")
     check_data(cfg, steps_done=steps_done)  # the data it will read, now that the checkpoint has said which

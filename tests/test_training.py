@@ -652,10 +652,20 @@ def test_validation_reads_eval_iters_steps_of_tokens_and_at_most_the_whole_split
 
 def test_evaluating_alone_takes_a_total_batch_size_the_processes_do_not_divide():
     """--eval_only accumulates nothing: the reproduction's 524,288 tokens a step over 3 GPUs (196,608 a
-    micro-step) evaluates; training with it is refused in one line."""
+    micro-step) evaluates; training with it is refused in one line. So does a run with no step left
+    (it only samples): a resume at its end, or of a one-process run under two processes."""
     from train_gpt2 import TrainConfig, batch_arithmetic
 
     cfg = TrainConfig(B=64, T=1024, total_batch_size=524288, eval_only=True)
     assert batch_arithmetic(cfg, 3)[0].total_batch_size == 524288
     with pytest.raises(ValueError, match="is not a multiple of B\\*T\\*processes = 64\\*1024\\*3 = 196608"):
         batch_arithmetic(dataclasses.replace(cfg, eval_only=False), 3)
+    training = dataclasses.replace(cfg, eval_only=False, max_steps=100)
+    assert batch_arithmetic(training, 3, start_step=100)[0].total_batch_size == 524288
+    with pytest.raises(ValueError, match="is not a multiple of B"):
+        batch_arithmetic(training, 3, start_step=99)
+    saved = dataclasses.asdict(TrainConfig(B=2, T=16, total_batch_size=32, max_steps=4))  # (one process's run)
+    resume = machinery.checkpoints.resumed_batch  # (settings, flags typed, the run's, its path, processes, steps done)
+    assert resume(TrainConfig(resume=True, max_steps=4), set(), saved, "run/ckpt.pt", 2, 4).total_batch_size == 32
+    with pytest.raises(ValueError, match="the run's 32 tokens per step are not a multiple of B\\*T\\*processes"):
+        resume(TrainConfig(resume=True, max_steps=6), set(), saved, "run/ckpt.pt", 2, 4)
