@@ -132,11 +132,12 @@ def resumed_batch(cfg, given, saved, path, world_size, steps_done):
     order = {name: saved[name] for name in ("seed", "shuffle") if name in saved and name not in given}
     cfg = replace(cfg, B=B, T=saved["T"], total_batch_size=tokens, **data, **order)
     micro_batch = cfg.B * cfg.T * world_size  # tokens of one forward pass over all processes
-    if tokens % micro_batch and steps_done < cfg.max_steps and not cfg.eval_only:  # (evaluating, sampling: none)
+    trains = steps_done < cfg.max_steps and not cfg.eval_only  # (evaluating or sampling accumulates nothing)
+    if tokens % micro_batch and trains:
         raise SettingError(f"the run's {tokens:,} tokens per step are not a multiple of B*T*processes = "
                            f"{cfg.B}*{cfg.T}*{world_size} = {micro_batch:,}: resume with a --B that makes them one")
     check_data(cfg, steps_done=steps_done)  # the data it will read, now that the checkpoint has said which
-    if steps_done < cfg.max_steps and not cfg.eval_only:  # (it trains: another run writing out_dir, said now)
+    if trains:  # (writes out_dir: another run writing it is said now, before a model is built)
         check_folder_free(cfg.out_dir)
     return cfg
 
@@ -273,8 +274,7 @@ def load_weights(model, ckpt, path):
     except (TypeError, KeyError, RuntimeError) as e:  # the right keys, but not what we saved
         what = " ".join(str(e).split()).removeprefix("Error(s) in loading state_dict for GPT: ")  # (torch's lines)
         raise SettingError(f"{path!r} is not a usable train_gpt2 checkpoint: {first_line(what)[:300]}") from None
-    not_finite = non_finite_weight(model)
-    if not_finite:
+    if not_finite := non_finite_weight(model):
         raise SettingError(f"{path!r} is not a usable train_gpt2 checkpoint: its {not_finite} holds NaN or inf")
 
 
