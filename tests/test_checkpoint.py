@@ -1299,6 +1299,10 @@ def test_a_second_run_into_a_folder_another_run_is_writing_is_refused(tmp_path, 
     fresh = (*RUN, "--input_file", text_file, "--max_steps", "6", "--out_dir", "run")
     code, out, err = run_in_process(*fresh, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == refused and out == ""
+    for writes_nothing in (["--max_steps", "0", "--num_samples", "1"], ["--eval_only", "--eval_iters", "1"]):
+        code, out, err = run_in_process(*fresh, *writes_nothing, "--max_new_tokens", "2", cwd=tmp_path,
+                                        monkeypatch=monkeypatch, capsys=capsys)  # (sampling or evaluating: may)
+        assert code == 0, err
     args = (*fresh, "--resume")
     code, out, err = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == refused and "model" not in out  # (only the device line: no model built)

@@ -154,7 +154,9 @@ def test_training_that_cannot_fit_in_a_cpus_ram_is_refused_before_step_0(small_t
     assert "step" not in out and not (small_text / "run").exists()  # nothing trained, nothing written
     model, cfg = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)), TrainConfig(B=4, T=32)
     monkeypatch.setattr(machinery.memory, "ram_bytes", lambda: 1024 * GIB)
-    need = float(plan_memory(model, cfg, 1, "cpu", torch.float32).split("= about ")[1].split()[0]) * MIB
+    alone = plan_memory(model, cfg, 1, "cpu", torch.float32)
+    assert "processes of this machine" not in alone  # (one process: its need is the machine's)
+    need = float(alone.split("= about ")[1].split()[0]) * MIB
     for processes, fits in ((2, True), (3, False)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
         monkeypatch.setattr(machinery.memory, "ram_bytes", lambda: 2.5 * need)
@@ -259,7 +261,8 @@ def test_the_out_of_memory_line_suggests_checkpointing_only_where_more_is_left(m
 
 def test_a_resumed_runs_out_of_memory_line_names_the_batch_it_trains_with(small_text, monkeypatch, capsys):
     """Resumed without batch flags, a run trains with the checkpoint's batch (B=2, T=16: 32 tokens a
-    step), not the command line's defaults (B=4, T=32): the out-of-memory line says the former."""
+    step), not the command line's defaults (B=4, T=32): the out-of-memory line says the former, in the
+    loop and before it (the setup's settings)."""
     import train_gpt2
 
     common = [*TINY[:-2], "--input_file", "text.txt", "--num_samples", "0", "--out_dir", "run"]
@@ -275,6 +278,10 @@ def test_a_resumed_runs_out_of_memory_line_names_the_batch_it_trains_with(small_
                                   capsys=capsys)
     assert code == 1 and err.startswith("error: out of memory at step 2 (micro-batch 2 x 16 on cpu")
     assert "keep --total_batch_size 32 (more accumulation" in err
+    monkeypatch.setattr(train_gpt2, "restore_training_state", out_of_memory)  # (before the loop: train's frame)
+    code, _, err = run_in_process(*common, "--max_steps", "4", "--resume", cwd=small_text, monkeypatch=monkeypatch,
+                                  capsys=capsys)
+    assert code == 1 and err.startswith("error: out of memory before training (micro-batch 2 x 16 on cpu"), err
 
 
 def test_the_ram_processes_may_use_is_the_lowest_cgroup_limit_above_them(tmp_path):

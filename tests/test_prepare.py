@@ -258,12 +258,16 @@ def test_a_resumed_runs_progress_starts_where_the_killed_one_stopped(tmp_path, b
     import tqdm
 
     source = big_text[0] if kind == "text file" else corpus_folder[0]
-    counted, totals, delays = [], [], []
+    counted, totals, delays, ends = [], [], [], []
 
     class Bar(tqdm.tqdm):
         def __init__(self, *args, total=None, delay=0, **kwargs):
             totals.append(total), delays.append(delay)
             super().__init__(*args, total=total, delay=delay, **kwargs)
+
+        def close(self):
+            ends.append(getattr(self, "delay", None))  # (a fresh run at its end: 0, shown once text came)
+            return super().close()
 
         def update(self, n=1):
             counted.append(n)
@@ -281,7 +285,7 @@ def test_a_resumed_runs_progress_starts_where_the_killed_one_stopped(tmp_path, b
     prepare.prepare(str(source), str(tmp_path / "run"), shard_size=1000, show_progress=False)
     assert sum(counted) == whole
     assert sum(len(text) for text, _ in tokenized) < all_text  # (what the killed run did: not again)
-    assert delays[0] == math.inf and delays[-1] == 0
+    assert delays[0] == math.inf and ends[0] == 0 and delays[-1] == 0, (delays, ends)  # (fresh: shown; resumed)
 
 
 def test_a_resumed_fineweb_edu_run_starts_its_bar_at_what_was_done(tmp_path, stand_in, monkeypatch):

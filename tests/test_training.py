@@ -394,9 +394,11 @@ def test_the_clock_and_the_peak_ask_the_gpu_they_are_given(monkeypatch):
     asked = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: asked.append(("synchronize", device)))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: asked.append(("name", device)) or "H100")
-    machinery.hardware.synchronize("cuda:1"), machinery.hardware.synchronize("cpu")
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: asked.append(("synchronize", "mps")))
+    for device in ("cuda:1", "cpu", "mps"):
+        machinery.hardware.synchronize(device)
     assert machinery.speed.bf16_peak_tflops("cuda:1") == 989.5
-    assert asked == [("synchronize", "cuda:1"), ("name", "cuda:1")]
+    assert asked == [("synchronize", "cuda:1"), ("synchronize", "mps"), ("name", "cuda:1")]
 
 
 def test_no_peak_on_cpu_or_mps(monkeypatch):
@@ -446,14 +448,35 @@ def test_tflops_are_per_process(tmp_path, text_file, monkeypatch):
     """Under torchrun each process reports its own rate: its share of the step's tokens (total /
     world_size) over the step's time. Here rank 0 of a world of 2, faked in this one process (no process
     group: the loaders serve rank 0's share, averages over ranks are the rank's own): the step's tokens
-    are 2 x B x T, the rate counts B x T."""
+    are 2 x B x T, the rate counts B x T; with two micro-batches a step, twice each."""
     monkeypatch.setattr(train_gpt2, "join_process_group", lambda device, device_type: (False, 0, 2, device))
-    code, log = run_main(tmp_path, text_file, "--max_steps", "2")
-    assert code == 0 and len(trained(log)) == 2
     flops_per_token = tiny_flops_per_token()
-    for r in trained(log):
-        assert r["tokens"] == (r["step"] + 1) * 2 * 2 * 16  # B=2, T=16, 2 processes
-        assert r["tflops"] == pytest.approx(flops_per_token * r["tok_per_s"] / 2 / 1e12, rel=1e-9)
+    for micro_batches in (1, 2):
+        code, log = run_main(tmp_path / str(micro_batches), text_file, "--max_steps", "2",
+                             "--total_batch_size", micro_batches * 2 * 2 * 16)
+        assert code == 0 and len(trained(log)) == 2
+        for r in trained(log):
+            assert r["tokens"] == (r["step"] + 1) * micro_batches * 2 * 2 * 16  # B=2, T=16, 2 processes
+            assert r["tflops"] == pytest.approx(flops_per_token * r["tok_per_s"] / 2 / 1e12, rel=1e-9)
+
+
+def test_only_rank_0_saves_the_checkpoint(tmp_path, text_file, monkeypatch):
+    """Rank 0 alone writes ckpt.pt (every process holds the same weights under DDP): here rank 1 of 2, faked in
+    this one process, trains its share and writes none."""
+    monkeypatch.setattr(train_gpt2, "join_process_group", lambda device, device_type: (False, 1, 2, device))
+    code, _ = run_main(tmp_path, text_file, "--max_steps", "2")
+    assert code == 0 and not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_a_run_resumed_at_its_end_under_more_processes_only_samples(tmp_path, text_file, monkeypatch, capsys):
+    """A one-process run resumed under two (faked here: rank 0 of 2) with no step left only samples: its
+    tokens a step, which the two do not divide, are no obstacle, as for --eval_only."""
+    code, _ = run_main(tmp_path, text_file, "--max_steps", "2")
+    assert code == 0
+    monkeypatch.setattr(train_gpt2, "join_process_group", lambda device, device_type: (False, 0, 2, device))
+    code, _ = run_main(tmp_path, text_file, "--max_steps", "2", "--resume")
+    out = capsys.readouterr().out
+    assert code == 0 and "nothing to train: the run has done 2 steps" in out and out.splitlines()[-1].startswith("> ")
 
 
 # ----------------------------------------------------------------------------- what a run says it wrote
