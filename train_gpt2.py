@@ -601,7 +601,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     if start_step >= cfg.max_steps:  # nothing to train: sample, and --export_dir (e.g. --init_from gpt2 --max_steps 0)
         return finish_run(raw_model, cfg, device, autocast, sample_generator, master, trained=False)
     train_loader, val_loader = make_loader(cfg, "train", rank, world_size), make_loader(cfg, "val", rank, world_size)
-    print0(describe_data(cfg, train_loader, val_loader, cfg.total_batch_size, world_size, grad_accum_steps))
+    print0(describe_data(cfg, train_loader, val_loader, world_size, grad_accum_steps))
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type)  # (after sharding: its shards)
     print0(describe_plan(cfg, raw_model, start_step))  # what the run will write, and how big
     if cfg.resume:  # the optimizer's moments, the loss scale, the data's position and the random streams, as they were

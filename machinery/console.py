@@ -159,9 +159,10 @@ def describe_plan(cfg, model, start_step):
             f"{os.path.join(cfg.out_dir, 'progress.png')}{export}")
 
 
-def describe_data(cfg, train_loader, val_loader, total_batch_size, world_size, grad_accum_steps):
-    """The line that says what a run trains on, and how many tokens make one optimizer step."""
-    batch = (f"{total_batch_size:,} tokens per step = {cfg.B} x {cfg.T} x {world_size} processes "
+def describe_data(cfg, train_loader, val_loader, world_size, grad_accum_steps):
+    """The line that says what a run trains on, and how many tokens make one optimizer step (cfg's total_batch_size,
+    filled in by train_gpt2.batch_arithmetic)."""
+    batch = (f"{cfg.total_batch_size:,} tokens per step = {cfg.B} x {cfg.T} x {world_size} processes "
              f"x {grad_accum_steps} accumulation steps")
     if not cfg.data_dir:
         return f"data {cfg.input_file} | {train_loader.n_tokens:,} train tokens | {batch}"

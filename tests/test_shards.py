@@ -298,14 +298,14 @@ def test_the_data_line_names_the_shards_too_short_for_a_batch(tmp_path):
     either split (a val shard too short leaves the run without validation)."""
     data = write_shards(tmp_path / "d", [700, 700, 50])  # (50 tokens: no window of B=4, T=16)
     loader = DataLoaderLite(4, 16, data_dir=str(data), split="train")
-    cfg = train_gpt2.TrainConfig(data_dir=str(data), B=4, T=16)
-    line = machinery.console.describe_data(cfg, loader, None, 64, 1, 1)
+    cfg = train_gpt2.TrainConfig(data_dir=str(data), B=4, T=16, total_batch_size=64)
+    line = machinery.console.describe_data(cfg, loader, None, 1, 1)
     assert line.startswith(f"data {data} | 2 train shards (1 shorter than a batch, passed over), 1,450 tokens | ")
-    line = machinery.console.describe_data(cfg, DataLoaderLite(1, 16, data_dir=str(data), split="train"), None, 16,
-                                           1, 1)
+    line = machinery.console.describe_data(replace(cfg, total_batch_size=16),
+                                           DataLoaderLite(1, 16, data_dir=str(data), split="train"), None, 1, 1)
     assert line.startswith(f"data {data} | 3 train shards, 1,450 tokens | ")
     data = write_shards(tmp_path / "v", [700, 700, 50], splits=["train", "train", "val"])  # (too short: no validation)
-    line = machinery.console.describe_data(replace(cfg, data_dir=str(data)), loader, None, 64, 1, 1)
+    line = machinery.console.describe_data(replace(cfg, data_dir=str(data)), loader, None, 1, 1)
     assert " | 0 val shards (1 shorter than a batch, passed over), 50 tokens | " in line
 
 
