@@ -183,8 +183,8 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
-        if targets is not None and self.loss_in_chunks:  # CPUs: the loss below, by rows: never all (B*T, V) logits
-            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))  # (B*T, C)
+        if targets is not None and self.loss_in_chunks:  # CPUs (make_model): never all (B*T, V) logits at once:
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))  # by rows
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -445,7 +445,7 @@ def join_process_group(device, device_type):
 
 
 def batch_arithmetic(cfg, world_size, start_step=0):
-    """(cfg with total_batch_size filled in: an optimizer step's tokens; its micro-steps, where the run trains)."""
+    """(cfg with total_batch_size, a step's tokens, filled in; micro-batches a step): it must divide if it trains."""
     tokens_per_micro_step = cfg.B * cfg.T * world_size
     total_batch_size = cfg.total_batch_size or tokens_per_micro_step
     if total_batch_size % tokens_per_micro_step and start_step < cfg.max_steps and not cfg.eval_only:
@@ -470,7 +470,7 @@ def make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device_type):
         model = GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size, sdpa=cfg.sdpa)
     if fsdp_wrapped and builds_the_model(fsdp_wrapped):
         from_rank0(model.config)  # rank 0 sends its shape to the others' from_rank0(None)
-    check_block_size(cfg, model.config.block_size)
+    check_block_size(cfg, model.config.block_size)  # T within the position table
     model.activation_checkpointing = cfg.activation_checkpointing  # (how this run trains it: not kept with it)
     model.loss_in_chunks = device_type == "cpu"  # where RAM runs out first (docs/performance.md)
     return model
@@ -535,7 +535,7 @@ def estimate_val_loss(model, loader, n_batches, device, autocast):
 def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     """The validation loss (and HellaSwag with --hellaswag) over all ranks: printed, and returned for the log."""
     results = {}
-    if val_loader is not None:  # eval_iters steps of total_batch_size tokens (a resume keeps it: on any B or GPUs)
+    if val_loader is not None:  # eval_iters steps of total_batch_size tokens: the same on any B or GPUs
         n_batches = cfg.eval_iters * cfg.total_batch_size // (cfg.B * cfg.T * val_loader.num_processes)  # each rank's
         n_batches = max(1, min(n_batches, batches_per_pass(val_loader)))  # (at most the split: never a token twice)
         results["val_loss"] = estimate_val_loss(model, val_loader, n_batches, device, autocast)
@@ -583,7 +583,7 @@ def train(cfg, flags_given, distributed, rank, world_size, device, device_type):
     ckpt, ckpt_path, cfg = starting_checkpoint(cfg, flags_given, world_size)  # cfg gets its shape (resumed: B, T, data)
     hellaswag_items = load_items_across_ranks(cfg.hellaswag, cfg.block_size) if cfg.hellaswag else None
     start_step = ckpt["steps_done"] if cfg.resume else 0
-    cfg, grad_accum_steps = batch_arithmetic(cfg, world_size, start_step)  # (total_batch_size: kept for a resume)
+    cfg, grad_accum_steps = batch_arithmetic(cfg, world_size, start_step)  # (a resume keeps its run's, any B or GPUs)
     # evaluation, sampling and checkpoints use this module, never the compiled or DDP-wrapped one
     raw_model = make_model(cfg, ckpt, ckpt_path, fsdp_wrapped, device_type)
     print0(describe_model(raw_model, cfg, start_step, ckpt))
@@ -667,7 +667,7 @@ def training_loop(cfg, start_step, model, raw_model, optimizer, scaler, train_lo
 
 
 def main(argv=None):
-    cfg, flags_given = parse_args(TrainConfig, argv)
+    cfg, flags_given = parse_args(TrainConfig, argv)  # (flags_given: those typed, which a checkpoint's must match)
     try:
         check_config(cfg)
         device, device_type = resolve_device(cfg.device)

@@ -38,18 +38,15 @@ SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 def starting_checkpoint(cfg, given, world_size):
     """(the checkpoint a run starts from, its path, cfg with its model shape, and for a resume its batch):
-    the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none (and where
-    --init_from names OpenAI's weights or a save_pretrained folder, the shape flags typed are checked
-    against theirs)."""
+    the run's own with --resume, a ckpt.pt named by --init_from (weights only), else none (where --init_from
+    names OpenAI's weights or a save_pretrained folder, cfg takes their shape as from a checkpoint)."""
     if cfg.resume:
         path, missing = os.path.join(cfg.out_dir, "ckpt.pt"), "no checkpoint to resume from"
     elif names_a_checkpoint(cfg.init_from):
         refuse_fine_tuning_over_its_source(cfg)
         path, missing = cfg.init_from, "--init_from: no checkpoint"
     else:
-        if cfg.init_from != "scratch":
-            check_pretrained_shape(cfg, given)
-        return None, None, cfg
+        return None, None, cfg if cfg.init_from == "scratch" else settings_from_pretrained(cfg, given)
     ckpt = load_checkpoint(path, missing, mmap=cfg.fsdp or cfg.cpu_offload, resume=cfg.resume)
     cfg = settings_from_checkpoint(cfg, given, ckpt, path, cfg.resume, world_size)
     check_export_dir(cfg.export_dir, cfg.init_from)  # (again: a resume's --init_from is the run's, read just now)
@@ -71,15 +68,16 @@ def refuse_fine_tuning_over_its_source(cfg):
                            f"{cfg.out_dir!r}: give this run another --out_dir (or continue that run with --resume)")
 
 
-def check_pretrained_shape(cfg, given):
-    """OpenAI's weights (or a save_pretrained folder) decide the model's shape as a checkpoint does: a
-    shape flag typed against it is one line, and so is a vocabulary below GPT-2's (a bigger --vocab_size
-    is the same weights, their table padded)."""
+def settings_from_pretrained(cfg, given):
+    """cfg with the shape of OpenAI's weights (or a save_pretrained folder's), which decide it as a checkpoint
+    does: a shape flag typed against it is one line, and so is a vocabulary below GPT-2's (a bigger --vocab_size
+    is the same weights, their table padded: kept)."""
     refuse_small_vocabulary(cfg.init_from, "GPT-2's tokens would index past its table")  # (as a checkpoint's)
     shape = pretrained_shape(cfg.init_from)
     if cfg.vocab_size >= shape.get("vocab_size", 0):
         shape.pop("vocab_size", None)
     refuse_clashes(cfg, given, shape, repr(cfg.init_from), "the model")
+    return replace(cfg, **shape)  # (block_size: what HellaSwag's items and T must fit, before the weights load)
 
 
 def settings_from_checkpoint(cfg, given, ckpt, path, resume, world_size):

@@ -261,6 +261,31 @@ def test_a_resumed_run_finds_an_item_longer_than_its_model_before_it_trains(tmp_
     assert ((tmp_path / "run" / "ckpt.pt").read_bytes(), (tmp_path / "run" / "log.jsonl").read_text()) == before
 
 
+@pytest.mark.parametrize("eval_only", [False, True], ids=["training", "eval_only"])
+def test_an_item_longer_than_a_save_pretrained_models_context_is_said_before_its_model_is_built(
+        tmp_path, text_file, items_file, hf_gpt2_dir, eval_only, capsys):
+    """--init_from a save_pretrained folder decides the model's shape as a checkpoint does: its block_size
+    (32 here, not the flag's default of 1024) is what the items must fit, said before the model is made (it
+    was found at the first evaluation, after the setup; with --eval_only, with the progress bar drawn)."""
+    from machinery.tokens import get_tokenizer
+
+    path, _ = hf_gpt2_dir(n_positions=32)
+    long = official("The " + "very " * 40 + "long story goes on. It", ["ends.", "stops.", "halts.", "is over."], 0, 9)
+    data = tmp_path / "items.jsonl"
+    data.write_text(items_file.read_text() + json.dumps(long) + "\n")
+    enc = get_tokenizer()
+    length = max(len(enc.encode_ordinary(long["ctx"])) + len(enc.encode_ordinary(" " + e)) for e in long["endings"])
+    assert 32 < length <= 1024
+    capsys.readouterr()  # (transformers' save_pretrained draws a bar)
+    mode = ["--eval_only"] if eval_only else ["--max_steps", "2"]
+    assert main(["--init_from", str(path), "--input_file", str(text_file), "--B", "2", "--T", "16", *mode,
+                 "--device", "cpu", "--hellaswag", str(data), "--out_dir", str(tmp_path / "run")]) == 1
+    out, err = capsys.readouterr()
+    assert err == (f"error: HellaSwag item {len(CONTEXTS) + 1} has {length} tokens (context and ending), more than "
+                   "the model's block_size of 32\n")
+    assert "parameters" not in out  # (no model described: none was built)
+
+
 def test_a_model_with_fewer_rows_than_gpt2s_tokens_is_refused_in_one_line(tmp_path, items_file, hf_gpt2_dir, capfd):
     """HellaSwag's items are GPT-2 tokens (ids up to 50256): a 100-token table cannot look them up, in a
     save_pretrained directory or in a run's checkpoint (a model fine-tuned from such a directory; refused
