@@ -619,6 +619,19 @@ def test_a_resume_with_other_optimisation_settings_says_which_and_follows_them(t
     assert [r for r in read_log(tmp_path / "run") if r["step"] == 4][0]["val_loss"] == ended["val_loss"]
 
 
+def test_a_resumes_own_evaluation_at_its_first_step_replaces_the_ended_runs(tmp_path, four_steps):
+    """The resume's first record takes the place of the ended run's last (the same step): an evaluation the
+    resume made there is the one kept; only what it did not evaluate (HellaSwag here) is carried over."""
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    kept = read_log(run)[:-1]
+    ended = {**read_log(run)[-1], "hellaswag_acc": 0.3}
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*kept, ended]))
+    assert ended["step"] == 4 and ended["val_loss"] != 2.0
+    with machinery.run_log.RunLog(train_gpt2.TrainConfig(out_dir=str(run), resume=True), 4) as log:
+        log.write({"step": 4, "val_loss": 2.0, "loss": 4.0})
+    assert read_log(run) == [*kept, {"step": 4, "val_loss": 2.0, "loss": 4.0, "hellaswag_acc": 0.3}]
+
+
 def test_a_resume_that_names_no_data_reads_the_runs_own_from_any_folder(tmp_path, four_steps, monkeypatch, capsys):
     """The run's data is named in its checkpoint: a resume started in a folder with no input.txt (a
     scheduler's job folder) trains on it; where that data is gone, the line names the run's file."""

@@ -206,9 +206,15 @@ def test_generation_never_emits_padding_ids():
 
 
 def test_generation_crops_context_to_block_size():
+    """Past block_size (64) the model reads the last 64 tokens: every one of them, none dropped."""
     model = GPT(TINY).eval()
-    out = model.generate(torch.zeros((1, 60), dtype=torch.long), 10, temperature=0)
+    idx = torch.randint(0, 1000, (1, 60), generator=torch.Generator().manual_seed(0))
+    seen = []  # the input of each forward pass
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    out = model.generate(idx, 10, temperature=0)
     assert out.shape == (1, 70)
+    assert [x.shape[1] for x in seen] == [60, 61, 62, 63, 64, 64, 64, 64, 64, 64]
+    assert all(torch.equal(x, out[:, max(0, n - 64):n]) for x, n in zip(seen, range(60, 70)))
 
 
 def test_the_loss_without_the_logits_matches_the_float64_reference(monkeypatch):

@@ -72,6 +72,18 @@ def test_shards_hold_exactly_the_documents_token_stream(tmp_path, corpus_folder)
     assert manifest["source"] == os.path.abspath(folder)
 
 
+def test_an_empty_text_file_in_a_folder_is_an_empty_document(tmp_path, corpus_folder):
+    """A folder's empty .txt file is a document with no text: its <|endoftext|> is in the stream and it is
+    counted, as an empty jsonl text is (a resume's document numbers count it too)."""
+    folder, docs = corpus_folder
+    (folder / "a0.txt").write_text("")  # read after a.txt, before b.jsonl
+    docs = [docs[0], ""] + docs[1:]
+    manifest = prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1500, num_proc=1, show_progress=False)
+    _, arrays = read_shards(tmp_path / "out")
+    assert np.array_equal(np.concatenate(arrays).astype(np.int64), stream_of(docs))
+    assert manifest["documents"] == len(docs)
+
+
 def test_shard_sizes_splits_and_hashes(tmp_path, corpus_folder):
     folder, docs = corpus_folder
     prepare.prepare(str(folder), str(tmp_path / "out"), shard_size=1500, num_proc=1, show_progress=False)
@@ -428,6 +440,14 @@ def test_japanese_text_whose_lines_begin_with_kana_is_read_in_pieces_too(tmp_pat
     assert len(pieces) > 10 and "".join(t for t, _, _ in pieces) == text
     tokens, _, _ = prepare.tokenize_batch([(t, at) for t, _, at in pieces])
     assert np.array_equal(tokens, stream_of([text]))
+
+
+def test_a_place_to_cut_at_the_end_of_a_read_is_found_when_the_next_read_comes(tmp_path, monkeypatch):
+    """A place to cut needs a look at the bytes after it: one at the last byte of a read (byte 15 of 16) is
+    found once the next read is there, not passed over (the piece would grow to the next place, or the end)."""
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 16)
+    (tmp_path / "t.txt").write_bytes(b"a" * 15 + b" " + b"b" * 40)  # the one place to cut: before the space
+    assert [at for _, _, at in corpus.text_pieces(str(tmp_path / "t.txt"))] == [0, 15]
 
 
 def test_a_long_stretch_with_nowhere_to_cut_is_searched_once(tmp_path, monkeypatch):
@@ -928,6 +948,18 @@ def test_too_little_disk_space_is_refused_before_anything_is_written(tmp_path, m
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("free,starts", [(95, True), (85, False)])
+def test_the_disk_estimate_has_a_margin(monkeypatch, free, starts):
+    """The shards' size is an estimate: 95% of it free starts (a full disk later is one line, and the same
+    command continues), under 90% is refused before anything is written."""
+    monkeypatch.setattr(shard_folder, "free_bytes", lambda folder: free)
+    if starts:
+        shard_folder.check_disk_space("out", 100)
+    else:
+        with pytest.raises(PrepareError, match="not enough disk space: 'out' has 85 B free"):
+            shard_folder.check_disk_space("out", 100)
+
+
 @pytest.mark.parametrize("fail_at,code", [(1, errno.ENOSPC), (2, errno.ENOSPC), (5, errno.ENOSPC), (8, errno.EFBIG)],
                          ids=["first_manifest", "first_shard", "manifest", "shard_too_big"])
 def test_a_disk_that_fills_up_ends_the_run_in_one_line_and_the_same_command_continues(
@@ -1304,6 +1336,8 @@ REFUSED_EDITS = {  # the folder's own fields edited: one line naming what is wro
     "every split val": (lambda m: [s.update(split="val") for s in m["shards"]], "it lists no train shard"),
     "tokens": (lambda m: m.update(tokens=3000), "but its tokens is 3,000, where its shards hold "),
     "documents": (lambda m: m.update(documents=2), "but its documents is 2, where its shards hold 1"),
+    "last shard ends mid-document": (lambda m: m["shards"][-1].update(next_offset=5),  # (one document, not whole)
+                                     "but its documents is 1, where its shards hold 2"),
 }
 
 
@@ -1362,6 +1396,8 @@ RESUME_EDITS = {  # the last shard of a killed run made to say the source goes o
                   "a place the source does not have"),
     "next_byte in a json line": (lambda s: s.update(next_document=1, next_byte=5, next_byte_offset=0),
                                  "next_document 1, next_byte 5, a place the source does not have"),
+    "next_byte past the last document": (lambda s: s.update(next_document=6, next_byte=5, next_byte_offset=0),
+                                         "next_document 6, next_byte 5, a place the source does not have"),
 }
 
 

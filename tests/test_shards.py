@@ -119,6 +119,9 @@ def test_validation_reads_the_val_shards_from_their_start_in_order(tmp_path):
     val.reset()
     assert all(torch.equal(a, val.next_batch()[0]) for a in first)  # the same batches every time
     assert [int(x[0, 0]) for x in first] == [0, 8, 2000, 2008, 2016]  # shard 0's windows, then shard 2's
+    many = write_shards(tmp_path / "many", [9, 300] * 4, ["val", "train"] * 4)  # (any order of 2 may be 0, 1)
+    val = DataLoaderLite(2, 4, data_dir=many, split="val", shuffle=True)
+    assert [int(val.next_batch()[0][0, 0]) for _ in range(4)] == [0, 2000, 4000, 6000]  # a window a shard
 
 
 def test_loader_state_round_trips_across_shards_and_epochs(tmp_path):
