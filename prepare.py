@@ -40,7 +40,9 @@ stopped in (at worst its one ~2 GB file), never the files before it. A dropped c
 a server error is retried (one line each, a few tries in a row); offline mode, a hub whose name does
 not resolve, a dataset or subset the hub does not know, or a refused permission end the run at once,
 in one line. A local source whose files changed since the shards were begun (its fingerprint), or
-while it was read, is refused in one line: the shards would be of the old version, or mix both. A
+while it was read, is refused in one line: the shards would be of the old version, or mix both (an
+unfinished folder whose source changed only in files its shards hold nothing of, say a bad line that
+stopped the run fixed, goes on: its shards are the changed source's too). A
 finished out_dir is checked again as train_gpt2.py checks it, and its totals and splits against its
 shards; a manifest that says otherwise (edited by hand), or a place to resume from that the source
 does not have, is one line, never a success.
@@ -348,7 +350,7 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
     try:
         if os.path.isdir(out_dir):
             refuse_folders_under_its_names(out_dir)
-        manifest = start_manifest(out_dir, source_name, shard_size, fingerprint)
+        manifest = start_manifest(out_dir, source_name, shard_size, fingerprint, files)
         if manifest["complete"]:  # (start_manifest checked its shards): checked again, nothing rewritten
             check_finished(out_dir, manifest)
             return manifest
@@ -378,10 +380,9 @@ def prepare(source, out_dir, shard_size=SHARD_SIZE, num_proc=1, show_progress=Tr
 
 def forget_if_no_shards(out_dir):
     """After a source that could not be used, the manifest of a folder without a shard file goes too: the
-    folder holds nothing worth keeping, and the same command, once the source is mended, starts afresh (the
-    manifest would say the source changed since, and ask for the folder to be deleted). Where shard files
-    are (even ones the manifest no longer lists), it stays, to say whose they are."""
-    if not glob.glob(os.path.join(out_dir, "*.npy")):
+    folder holds nothing worth keeping, and the same command, once the source is mended, starts afresh. Where
+    shard files are (even ones the manifest no longer lists), it stays, to say whose they are."""
+    if not glob.glob(os.path.join(glob.escape(out_dir), "*.npy")):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, MANIFEST))
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 
+from machinery.command_line import in_recipes
 from machinery.files import (DiskFull, SettingError, check_folder_free, first_line, is_whole_number, number_problem,
                              write_atomically)
 from machinery.memory import out_of_memory
@@ -97,8 +98,8 @@ def refuse_clashes(cfg, given, decided, source, decider):
     if clashes:
         has = ", ".join(f"{name}={decided[name]!r}" for name in clashes)
         says = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in clashes)
-        raise SettingError(f"{source} has {has}; the command line says {says} (leave these flags out: {decider} "
-                           "decides them)")
+        raise SettingError(f"{source} has {has}; the command line says {says}{in_recipes(given, clashes)} (leave "
+                           f"these flags out: {decider} decides them)")
 
 
 def same_setting(typed, decided):
@@ -119,9 +120,9 @@ def resumed_batch(cfg, given, saved, path, world_size, steps_done):
     for name, typed, run_value in (("T", cfg.T, saved["T"]), ("total_batch_size", typed_tokens, tokens)):
         if name in given and typed != run_value:
             says = getattr(cfg, name) if typed == getattr(cfg, name) else f"0 (B*T*processes = {typed})"
-            raise SettingError(f"--{name} {says} instead of the run's {run_value}: a resume continues "
-                               f"the run as it was; leave --{name} out, or start a new run from these weights "
-                               f"with --init_from {path}")
+            raise SettingError(f"--{name} {says}{in_recipes(given, [name])} instead of the run's {run_value}: a resume "
+                               f"continues the run as it was; leave --{name} out, or start a new run from these "
+                               f"weights with --init_from {path}")
     # the run's data too, unless the command names some (a data_dir run resumed without --data_dir would
     # otherwise read input.txt), in the run's order unless it names another (without the run's --seed, the
     # rest of an epoch's shards would come in another order: some read twice, some not at all)
@@ -391,6 +392,7 @@ def save_checkpoint(state, path):
         data["init_from"] = os.path.abspath(config["init_from"])
     state = {**state, "train_config": {**config, **data}} if data else state
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # (out_dir removed mid-run: the model is not lost)
         with SignalsHeld():  # (a signal mid-write: once the file is whole)
             write_atomically(path, lambda f: torch.save(state, f))
     except DiskFull as e:

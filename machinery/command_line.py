@@ -183,6 +183,20 @@ def settings_parser(config_class, description, defaults=True):
     return parser
 
 
+class FlagsGiven(set):
+    """The names of the flags given (a set), and `recipes`: for a flag only recipes gave, those recipes."""
+
+    def __init__(self, names, recipes_of=None):
+        super().__init__(names)
+        self.recipes = {flag.lstrip("-").removeprefix("no-"): paths for flag, paths in (recipes_of or {}).items()}
+
+
+def in_recipes(given, names):
+    """' (in recipe configs/NAME.args)' where recipes gave these flags, for a line about them (else '')."""
+    recipes = sorted(set().union(*(getattr(given, "recipes", {}).get(name, ()) for name in names)))
+    return f" (in recipe {', '.join(recipes)})" if recipes else ""
+
+
 def parse_args(config_class, argv=None, description="Train or sample GPT-2."):
     """(the settings, the names of the flags that were given): a run started from a checkpoint takes
     the model's shape from it, and only a shape flag the user gave can contradict it."""
@@ -194,7 +208,7 @@ def parse_args(config_class, argv=None, description="Train or sample GPT-2."):
         settings[name] = os.path.expanduser(settings[name])
     if "input_file" in settings and "input_file" not in vars(given):  # (run from another folder: the one beside
         settings["input_file"] = input_file_path(settings["input_file"])  # the script; one typed is the one read)
-    return config_class(**settings), set(vars(given))
+    return config_class(**settings), FlagsGiven(vars(given), parser.recipes_of)
 
 
 def check_config(cfg):

@@ -5,6 +5,7 @@ A local corpus as prepare.py reads it: a stream of documents from a .txt file or
     local_files(source)                   the source's files, in the order their documents are read
     local_documents(files, skip, byte)    the documents after the first `skip`, in pieces (text, bytes, at)
     source_fingerprint(source, files)     each file's name, size and mtime_ns: taken without reading a file
+    unchanged_files, documents_in         how far a changed source is the same (a resume may go on past it)
 
 A row of a .parquet file and a line of a .jsonl file (its "text") are each one document; a .txt file
 is one document, read in pieces of about PIECE_BYTES cut where the pieces' tokens are exactly the
@@ -84,6 +85,17 @@ def source_fingerprint(source, files):
 def file_fingerprint(path, folder):
     stat = os.stat(path)  # (a link's: its file's size and time)
     return [os.path.relpath(path, folder), stat.st_size, stat.st_mtime_ns]
+
+
+def unchanged_files(recorded, now):
+    """How many of the source's files, from the first on, are as a fingerprint recorded them."""
+    differ = (i for i, (then, today) in enumerate(zip(recorded, now)) if then != today)
+    return next(differ, min(len(recorded), len(now)))
+
+
+def documents_in(files):
+    """How many documents `files` hold, counted by reading them (a .txt file is one)."""
+    return sum(sum(1 for _ in read_documents(path)) if path.endswith((".parquet", ".jsonl")) else 1 for path in files)
 
 
 def read_documents(path, start=0):

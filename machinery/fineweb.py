@@ -30,7 +30,7 @@ def stand_in_files():
     folder = os.environ.get(STAND_IN_ENV)
     if not folder:
         return None
-    files = sorted(glob.glob(os.path.join(os.path.abspath(folder), "*.parquet")))
+    files = sorted(glob.glob(os.path.join(glob.escape(os.path.abspath(folder)), "*.parquet")))
     if not files:
         raise PrepareError(f"{STAND_IN_ENV}={folder!r} names no folder of .parquet files")
     return files

@@ -96,10 +96,15 @@ def load_transformers_gpt2(name_or_path, known_names):
 def load_failure_line(name_or_path, known_names, online, error):
     """The line for a GPT-2 that transformers could not load: from a directory (its config.json checked
     already), naming its weights file (where it holds none, this raises that SettingError instead); by
-    name, the hub (or its cache)."""
+    name, the hub (or its cache: a file missing is an OSError, one there but damaged any other error)."""
     if os.path.isdir(name_or_path):
         return (f"{name_or_path!r}: its weights file {weights_file(name_or_path)} cannot be read (damaged or "
                 f"truncated?): {first_line(error)}")
+    if not isinstance(error, OSError):
+        from huggingface_hub.constants import HF_HUB_CACHE
+        cached = os.path.join(HF_HUB_CACHE, f"models--{name_or_path}")
+        return (f"could not load GPT-2 weights from {name_or_path!r}: its copy in the hub's cache cannot be read "
+                f"(damaged or truncated?): {first_line(error)}; delete {cached} to download it again")
     why = first_line(error) if online or name_or_path not in known_names else \
         "not in the hub's cache, and the Hugging Face hub cannot be reached"
     hint = " (offline? load from a save_pretrained directory instead)" if name_or_path in known_names else ""
@@ -326,7 +331,7 @@ def export_to_transformers(config, state_dict, directory, conv1d_weights):
     staging, made = None, first_missing_folder(directory)  # (made here: removed again if the export fails)
     try:
         os.makedirs(directory, exist_ok=True)
-        for stale in glob.glob(os.path.join(directory, ".export-*")):  # what a killed export left
+        for stale in glob.glob(os.path.join(glob.escape(directory), ".export-*")):  # what a killed export left
             shutil.rmtree(stale, ignore_errors=True)
         staging = tempfile.mkdtemp(prefix=".export-", dir=directory)  # (inside: the same file system)
         GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,

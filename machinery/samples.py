@@ -6,6 +6,8 @@ stop was asked for in its last step. Every process calls both: under FSDP each f
 rank 0 prints.
 """
 
+import os
+
 import torch
 
 from machinery.console import describe_outputs, print0
@@ -49,8 +51,9 @@ def finish_run(model, cfg, device, autocast, generator, master, trained, stopped
     print_samples(model, cfg, device, autocast, generator)
     state = full_model_state(model) if cfg.export_dir else None  # (under FSDP: gathered from every process)
     if master and cfg.export_dir:
+        replaced = os.path.exists(os.path.join(cfg.export_dir, "model.safetensors"))  # (said: it was asked for)
         model.save_pretrained(cfg.export_dir, state)
-        print0(f"exported to {cfg.export_dir}")
+        print0(f"exported to {cfg.export_dir}{' (the model that was there replaced)' if replaced else ''}")
     if trained:
         peak = largest_peak_memory(device)  # (every process: the largest is said)
         print0(describe_outputs(cfg.out_dir, describe_peak(peak, device)))

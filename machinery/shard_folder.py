@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from machinery.corpus import documents_in, unchanged_files
 from machinery.files import PrepareError, SettingError, free_bytes, in_units, lock_folder, ram_bytes, sha256_of
 from machinery.tokens import MANIFEST, manifest_problem, read_manifest
 
@@ -24,16 +25,16 @@ DISK_SLACK = 0.9  # refuse to start below 90% of the estimated space: it is an e
 # Continuing a folder: its manifest checked against its shards and the source
 
 
-def start_manifest(out_dir, source_name, shard_size, fingerprint=None):
+def start_manifest(out_dir, source_name, shard_size, fingerprint=None, files=()):
     """The manifest to continue: the one in out_dir (its shards checked, and for a local source its
-    fingerprint: source_fingerprint), or a new one."""
+    fingerprint: source_fingerprint, of `files`), or a new one."""
     path = os.path.join(out_dir, MANIFEST)
     fresh = dict(tokenizer="gpt2", dtype="uint16", source=source_name, shard_size=shard_size)
     if fingerprint is not None:  # (FineWeb-Edu's files are pinned to a commit instead: source_files)
         fresh["source_fingerprint"] = fingerprint
     fresh.update(shards=[], documents=0, tokens=0, complete=False)
     if not os.path.exists(path):
-        if glob.glob(os.path.join(out_dir, "*.npy")):
+        if glob.glob(os.path.join(glob.escape(out_dir), "*.npy")):
             raise PrepareError(f"{out_dir!r} holds .npy files but no {MANIFEST}: use an empty or new --out_dir")
         return fresh
     try:
@@ -53,9 +54,12 @@ def start_manifest(out_dir, source_name, shard_size, fingerprint=None):
             raise PrepareError(f"{out_dir!r} holds shards whose {name} is {manifest[name]!r}, not {fresh[name]!r} as "
                                "prepare.py writes them: use another --out_dir")
     change = fingerprint_change(manifest.get("source_fingerprint"), fingerprint, path)
-    if change:
+    if change and (manifest["complete"] or not changed_after_its_shards(manifest, fingerprint, files)):
         raise PrepareError(f"{source_name} has changed since {out_dir!r} was prepared from it ({change}): delete "
                            f"{out_dir!r} to prepare it again, or choose another --out_dir")
+    if change:  # (a bad line mended, say, that the killed run stopped at): its shards are the new source's too
+        print(f"{source_name}: {change}, after the documents of the shards so far: continuing", file=sys.stderr)
+        manifest["source_fingerprint"] = fingerprint
     manifest = {**fresh, **manifest}  # an older prepare.py's manifest has no fingerprint: from now on, this one
     for i, shard in enumerate(manifest["shards"]):  # keep the shards that are intact, redo from the first that is not
         damage = shard_damage(os.path.join(out_dir, shard["file"]), shard)
@@ -97,6 +101,15 @@ def fingerprint_change(recorded, now, path):
         if before[name] != after[name]:
             return f"{name} has another size or modification time"
     return "its files are in another order"
+
+
+def changed_after_its_shards(manifest, now, files):
+    """Whether the files of an unfinished folder's source that changed (edited, added, removed) all come after
+    every document its shards hold: then the shards are those a fresh run over the source as it is now makes,
+    and the run can go on with it (the unchanged files are read to count their documents)."""
+    last = manifest["shards"][-1] if manifest["shards"] else dict(next_document=0, next_offset=0)
+    begun = last["next_document"] + (last["next_offset"] > 0)  # documents in the shards, whole or begun
+    return begun <= documents_in(files[:unchanged_files(manifest["source_fingerprint"], now)])
 
 
 def is_fingerprint_entry(entry):

@@ -849,6 +849,10 @@ def test_a_resume_continues_the_runs_batch_and_names_another_B(tmp_path, text_fi
         assert code == 1 and err == (f"error: {flag} {value} instead of the run's {run_value}: a resume continues the "
                                      f"run as it was; leave {flag} out, or start a new run from these weights with "
                                      f"--init_from same/ckpt.pt\n")
+    (tmp_path / "short.args").write_text("--T 8\n")  # (from a recipe: the line names it)
+    code, _, err = run_in_process(*common, "--max_steps", "6", "--resume", "@short.args", "--out_dir", "same",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.startswith("error: --T 8 (in recipe short.args) instead of the run's 16: "), err
     # a --B whose micro-batch does not divide the run's tokens per step is said in the run's terms
     code, _, err = run_in_process(*common, "--max_steps", "6", "--resume", "--B", "4", "--out_dir", "same",
                                   cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
@@ -1064,6 +1068,22 @@ def test_a_stop_in_the_last_step_saves_the_run_and_skips_its_samples_and_export(
     assert (tmp_path / "exported" / "model.safetensors").exists() and len(calls) == 4
 
 
+def out_dir_removed_then_saved(state, path):
+    shutil.rmtree(os.path.dirname(path))  # (what `rm -rf out` while the run trains does)
+    machinery.checkpoints.save_checkpoint(state, path)
+
+
+def test_a_run_whose_out_dir_was_removed_while_it_trained_still_saves_its_model(tmp_path, text_file, monkeypatch,
+                                                                               capsys):
+    """out_dir deleted mid-run (by hand, by a cleanup job): the checkpoint at the end is written into it made
+    again, not lost to "No such file or directory" after the whole run."""
+    monkeypatch.setattr(train_gpt2, "save_checkpoint", out_dir_removed_then_saved)
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", "run", "--max_steps", "2",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["steps_done"] == 2
+
+
 def saved_then_interrupted(state, path):
     machinery.checkpoints.save_checkpoint(state, path)
     raise KeyboardInterrupt  # (a second Ctrl-C held during the write: SignalsHeld raises it once the file is whole)
@@ -1165,7 +1185,12 @@ def test_an_export_that_fails_leaves_the_model_there_as_it_was(tmp_path, text_fi
     from safetensors import SafetensorError
 
     args = (*RUN, "--input_file", text_file, "--max_steps", "2", "--out_dir", "run", "--export_dir", "hf")
-    assert run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)[0] == 0
+    code, out, _ = run_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "\nexported to hf\n" in out
+    # exporting again, with nothing to train (no plan line said it would): the end says the model there was replaced
+    code, out, _ = run_in_process("--init_from", "run/ckpt.pt", "--max_steps", "0", "--num_samples", "0",
+                                  "--export_dir", "hf", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "\nexported to hf (the model that was there replaced)\n" in out
     exported = {path.name: digest(path) for path in (tmp_path / "hf").iterdir()}
     assert set(exported) == {"config.json", "model.safetensors"}
     modes = {path.stat().st_mode for path in (tmp_path / "hf").iterdir()}

@@ -223,6 +223,12 @@ def test_init_from_a_checkpoint_takes_its_shape_and_names_every_contradiction(tm
                                     monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err == ("error: checkpoint 'out/ckpt.pt' has n_embd=32; the command line says n_embd=40 "
                                  "(leave these flags out: the checkpoint decides them)\n")
+    # the same flags from a recipe (the user typed none of them): the line names the recipe, as argparse's do
+    (tmp_path / "shape.args").write_text("--n_layer 3\n--n_embd 48\n--n_head 2\n")
+    code, out, err = run_in_process("--init_from", "out/ckpt.pt", "--max_steps", "0", "@shape.args", "--n_embd", "32",
+                                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err == ("error: checkpoint 'out/ckpt.pt' has n_layer=2; the command line says n_layer=3 (in "
+                                 "recipe shape.args) (leave these flags out: the checkpoint decides them)\n")
 
 
 def test_a_stop_at_the_last_step_still_evaluates_and_saves_the_trained_model(tmp_path, monkeypatch, capsys):

@@ -578,7 +578,7 @@ def write_stand_in(folder, n_files=4, rows=ROWS, max_words=120):
 @pytest.fixture
 def stand_in(tmp_path, monkeypatch):
     """A stand-in of 4 files of 60 rows (~24k tokens), and an uninterrupted run's folder from it."""
-    folder = tmp_path / "hub"
+    folder = tmp_path / "hub[1]"  # (a folder name is not a pattern: its files are found)
     docs = write_stand_in(folder)
     monkeypatch.setenv(fineweb.STAND_IN_ENV, str(folder))
     monkeypatch.setattr(fineweb, "RETRY_PAUSE_S", 0.0)
@@ -1142,7 +1142,8 @@ def test_a_source_mended_after_its_error_is_prepared_by_the_same_command(tmp_pat
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
 
 
-def test_a_source_that_fails_after_a_shard_keeps_its_manifest(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("out", ["out", "out[1]"])  # (a folder's name is not a pattern: no shard is overlooked)
+def test_a_source_that_fails_after_a_shard_keeps_its_manifest(tmp_path, monkeypatch, capsys, out):
     """A bad line read after the first shards are written: the manifest stays, to say whose they are (a
     folder of shards without one is refused by the next run as another program's)."""
     monkeypatch.chdir(tmp_path)
@@ -1150,9 +1151,9 @@ def test_a_source_that_fails_after_a_shard_keeps_its_manifest(tmp_path, monkeypa
     (tmp_path / "c").mkdir()
     good = "".join(json.dumps({"text": doc}) + "\n" for doc in make_documents(40, seed=4))
     (tmp_path / "c" / "a.jsonl").write_text(good + "{oops\n")
-    assert prepare.main(["c", "--out_dir", "out", "--num_proc", "1", "--shard_size", "200"]) == 1
+    assert prepare.main(["c", "--out_dir", out, "--num_proc", "1", "--shard_size", "200"]) == 1
     assert "a.jsonl:41 is not JSON" in capsys.readouterr().err
-    assert list((tmp_path / "out").glob("*.npy")) and (tmp_path / "out" / "manifest.json").exists()
+    assert list((tmp_path / out).glob("*.npy")) and (tmp_path / out / "manifest.json").exists()
 
 
 def test_jsonl_is_read_as_bytes_its_bad_utf8_named_where_it_is_and_a_byte_order_mark_skipped(tmp_path):
@@ -1221,22 +1222,25 @@ def test_an_out_dir_of_another_source_or_shard_size_is_refused_untouched(tmp_pat
         err = capsys.readouterr().err
         assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
         assert folder_bytes(tmp_path / "out") == before  # nothing already written is damaged
-    (tmp_path / "loose").mkdir()
-    np.save(tmp_path / "loose" / "mine.npy", np.arange(3))
-    assert prepare.main(["a.txt", "--out_dir", "loose"]) == 1
-    assert "no manifest.json" in capsys.readouterr().err
+    for loose in ("loose", "loose[1]", "loose*?"):  # (a folder's name is not a pattern: its files are seen)
+        (tmp_path / loose).mkdir()
+        np.save(tmp_path / loose / "val_000000.npy", np.arange(3))  # (named as a shard: not overwritten)
+        assert prepare.main(["a.txt", "--out_dir", loose]) == 1
+        assert "no manifest.json" in capsys.readouterr().err
+        assert np.array_equal(np.load(tmp_path / loose / "val_000000.npy"), np.arange(3))
 
 
 @pytest.mark.parametrize("state", ["finished", "interrupted"])
 @pytest.mark.parametrize("source,edit,change", [
     ("corpus/a.txt", "edit a.txt", "a.txt has another size or modification time"),
-    ("corpus", "add b.txt", "b.txt added"),
+    ("corpus", "add 0.txt", "0.txt added"),
     ("corpus", "remove a.txt", "a.txt removed")])
 def test_a_source_changed_since_its_shards_were_made_is_refused_untouched(tmp_path, monkeypatch, capsys, state,
                                                                           source, edit, change):
     """The manifest records each source file's size and modification time: a repeat after the source
     changed (on a finished out_dir it would report the old shards, on an interrupted one mix both
-    versions) is one line naming the source, the out_dir and what to do, and the folder is as it was."""
+    versions) is one line naming the source, the out_dir and what to do, and the folder is as it was.
+    (Each change here is at or before the file the killed run stopped in, a.txt: 0.txt is read first.)"""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text(" ".join(make_documents(40, seed=5)))
@@ -1248,8 +1252,8 @@ def test_a_source_changed_since_its_shards_were_made_is_refused_untouched(tmp_pa
         prepare_killed_at_write(monkeypatch, 4, source, "out", shard_size=500)
     if edit == "edit a.txt":
         (tmp_path / "corpus" / "a.txt").write_text(" ".join(make_documents(40, seed=6)))
-    elif edit == "add b.txt":
-        (tmp_path / "corpus" / "b.txt").write_text("new")
+    elif edit == "add 0.txt":
+        (tmp_path / "corpus" / "0.txt").write_text("new")
     else:
         (tmp_path / "corpus" / "a.txt").unlink()
     before = folder_bytes(tmp_path / "out")
@@ -1258,6 +1262,51 @@ def test_a_source_changed_since_its_shards_were_made_is_refused_untouched(tmp_pa
     assert capsys.readouterr().err == (f"error: {os.path.abspath(source)} has changed since 'out' was prepared "
                                        f"from it ({change}): delete 'out' to prepare it again, or choose another "
                                        "--out_dir\n")
+    assert folder_bytes(tmp_path / "out") == before
+
+
+LATER_CHANGES = {  # besides the bad line mended, files changed after the failed run's shards end (in a.jsonl)
+    "bad line mended": lambda c: None,
+    "a file added": lambda c: (c / "b2.txt").write_text("a new document"),
+    "a file removed": lambda c: (c / "c.txt").unlink(),
+}
+
+
+@pytest.mark.parametrize("change", LATER_CHANGES)
+def test_a_source_changed_only_after_its_shards_documents_is_continued(tmp_path, monkeypatch, capsys, change):
+    """A run stopped by a bad line (or killed), its source then changed only in files its shards hold nothing
+    of: they are the shards a fresh run over the source as it is now makes, so the same command continues (a
+    line says so) and ends with the folder a fresh run makes, byte for byte: a bad line fixed costs no shard."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)  # (tokenized and written a few documents at a time)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(40, seed=5)))
+    (tmp_path / "c" / "b.jsonl").write_text('{"text": broken\n{"text": "fine"}\n')
+    (tmp_path / "c" / "c.txt").write_text("the last document")
+    args = ["c", "--out_dir", "out", "--shard_size", "300", "--num_proc", "1"]
+    assert prepare.main(args) == 1 and "b.jsonl:1 is not JSON" in capsys.readouterr().err  # (shards of a.jsonl kept)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"]
+    (tmp_path / "c" / "b.jsonl").write_text('{"text": "mended"}\n{"text": "fine"}\n')
+    LATER_CHANGES[change](tmp_path / "c")
+    assert prepare.main(args) == 0
+    assert (f"{tmp_path / 'c'}: b.jsonl has another size or modification time, after the documents of the shards "
+            "so far: continuing\n") in capsys.readouterr().err  # (the first change, as the refusals name it)
+    assert prepare.main(["c", "--out_dir", "fresh", "--shard_size", "300", "--num_proc", "1"]) == 0
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "fresh")
+
+
+def test_a_finished_folder_whose_source_gained_a_last_file_is_refused(tmp_path, monkeypatch, capsys):
+    """A file added after every document a finished folder's shards hold is still a change: the folder is not
+    the source's as it is now (and is not reported prepared); it is refused as any other change."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text(" ".join(make_documents(40, seed=5)))
+    assert prepare.main(["c", "--out_dir", "out", "--shard_size", "500", "--num_proc", "1"]) == 0
+    (tmp_path / "c" / "z.txt").write_text("one more document")
+    before = folder_bytes(tmp_path / "out")
+    capsys.readouterr()
+    assert prepare.main(["c", "--out_dir", "out", "--shard_size", "500", "--num_proc", "1"]) == 1
+    assert "(z.txt added): delete 'out' to prepare it again" in capsys.readouterr().err
     assert folder_bytes(tmp_path / "out") == before
 
 

@@ -425,6 +425,24 @@ def test_hellaswag_refuses_a_damaged_folder_in_the_same_line(items_file, hf_gpt2
     assert capfd.readouterr() == ("", "error: " + says.format(p=repr(str(path))) + "\n")
 
 
+def test_openai_weights_damaged_in_the_hubs_cache_are_named_as_such(tmp_path, hf_gpt2_dir):
+    """--init_from gpt2 whose copy in the hub's cache is cut short (a download killed, a disk that filled): the
+    line says the cached file is damaged and which folder to delete, not that the model is not cached."""
+    path, _ = hf_gpt2_dir()
+    snapshot = tmp_path / "hf" / "hub" / "models--gpt2" / "snapshots" / ("0" * 40)  # the hub cache's layout
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    (snapshot / "config.json").write_bytes((path / "config.json").read_bytes())
+    (snapshot / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:10_000])
+    r = run_script("--init_from", "gpt2", "--max_steps", "0", cwd=tmp_path, env_extra={"HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 1 and r.stderr.startswith(
+        "error: could not load GPT-2 weights from 'gpt2': its copy in the hub's cache cannot be read (damaged or "
+        "truncated?): "), r.stderr
+    assert r.stderr.endswith(f"; delete {tmp_path / 'hf' / 'hub' / 'models--gpt2'} to download it again\n")
+    assert r.stderr.count("\n") == 1
+
+
 def test_a_config_whose_model_ram_cannot_hold_is_said_before_transformers_builds_it(items_file, hf_gpt2_dir, capfd,
                                                                                      monkeypatch):
     """transformers makes config.json's model in float32 before reading a weight: an n_positions edited to a
