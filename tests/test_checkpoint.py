@@ -128,7 +128,7 @@ def test_a_second_sigterm_stops_at_once_as_a_second_ctrl_c_does(tmp_path):
     interrupts at once, as a second Ctrl-C does, so main says so in one line (it used to end the process
     without a word). The signal handlers are back as they were after the loop."""
     r = subprocess.run([sys.executable, "-c", SECOND_SIGTERM.format(repo=str(REPO))], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=300)
     assert (r.returncode, r.stdout) == (0, "asked\ninterrupted\ndefault again\n"), r
     assert r.stderr.count("SIGTERM: stopping after this step") == 1  # the first is answered; the second stops
 
@@ -162,7 +162,7 @@ def test_under_torchrun_a_sigterm_after_a_sigterm_is_the_same_request(tmp_path, 
     still stops at once."""
     env = {**os.environ, "RANK": "0"} if torchrun else {k: v for k, v in os.environ.items() if k != "RANK"}
     r = subprocess.run([sys.executable, "-c", SECOND_SIGNAL.format(repo=str(REPO), first=first, second=second)],
-                       capture_output=True, text=True, timeout=60, env=env)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert (r.returncode, r.stdout) == (0, then + "\n"), r
     assert r.stderr.count("stopping after this step") == 1, r.stderr  # (the first is answered, once)
 
@@ -208,7 +208,7 @@ def test_a_second_signal_while_the_checkpoint_is_written_stops_once_the_file_is_
     torch.save, its KeyboardInterrupt became a RuntimeError about the file's position with a 40-line
     traceback. Held until the file is written, it stops the run at once with the whole checkpoint kept."""
     r = subprocess.run([sys.executable, "-c", SIGTERM_MID_SAVE.format(repo=str(REPO))], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=300)
     assert (r.returncode, r.stdout) == (0, "stopped at once, the checkpoint whole: 65536.0\n"), r
     assert "Traceback" not in r.stderr and sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 

@@ -357,12 +357,12 @@ def test_sampling_outside_the_main_thread_leaves_the_signals_alone(tmp_path, mon
     thread = threading.Thread(target=lambda: codes.append(main([*TINY, "--max_steps", "0", "--num_samples", "1",
                                                                 "--max_new_tokens", "3"])))
     thread.start()
-    thread.join(timeout=120)
+    thread.join(timeout=300)
     assert codes == [0], capsys.readouterr().err
 
 
 def test_gpt2_by_name_offline_is_one_clear_line(tmp_path):
-    r = run_script("--init_from", "gpt2", "--max_steps", "0", cwd=tmp_path, timeout=120)
+    r = run_script("--init_from", "gpt2", "--max_steps", "0", cwd=tmp_path, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: could not load GPT-2 weights from 'gpt2'")
     assert len(r.stderr.strip().splitlines()) == 1
@@ -506,7 +506,7 @@ def test_more_torchrun_processes_than_gpus_is_one_line(tmp_path):
     (fake / "sitecustomize.py").write_text(
         "import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 1\n")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    r = run_script(*TINY, "--device", "cuda", cwd=tmp_path, runner=torchrun, timeout=120,
+    r = run_script(*TINY, "--device", "cuda", cwd=tmp_path, runner=torchrun, timeout=300,
                    env_extra={"PYTHONPATH": str(fake), "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0
     line = ("error: torchrun started 2 processes on a node with 1 GPU(s): one process per GPU, "

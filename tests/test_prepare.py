@@ -1017,12 +1017,12 @@ def test_a_shard_the_disk_takes_only_part_of_is_said_as_a_full_disk(tmp_path, re
     folder, _ = reference
     args = [sys.executable, str(REPO / "prepare.py"), str(folder), "--out_dir", "run", "--shard_size", str(shard_size),
             "--num_proc", "1"]
-    r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
     assert r.returncode == 1
     assert re.fullmatch(r"error: disk full: writing run/(val_000000|train_000000)\.npy failed \(File too large\); "
                         r"free some space and run the same command to continue", r.stderr.splitlines()[-1]), r.stderr
     assert not list((tmp_path / "run").glob("*.tmp"))
-    assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
+    assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=300).returncode == 0
     prepare.prepare(str(folder), str(tmp_path / "uninterrupted"), shard_size=shard_size, show_progress=False)
     assert folder_bytes(tmp_path / "run") == folder_bytes(tmp_path / "uninterrupted")
 

@@ -76,7 +76,7 @@ def fsdp_runs(tmp_path_factory):
     for name, extra in (("fsdp", ["--activation_checkpointing"]),
                         ("plain", ["--cpu_offload", "--activation_checkpointing", "selective"])):
         r = run_script(*common, "--B", "2", "--fsdp", "--resume", *extra, "--out_dir", name, cwd=tmp,
-                       runner=TORCHRUN, timeout=180)
+                       runner=TORCHRUN, timeout=300)
         assert r.returncode == 0, r.stderr
         resumed[name] = r
     return tmp, sharded, resumed
@@ -301,7 +301,7 @@ def test_under_fsdp_one_process_builds_the_model_and_sampling_needs_no_whole_cop
     weights_mib = 4 * 227_517_952 / 2**20
     args = ["--dtype", "bfloat16", "--n_layer", "64", "--n_head", "8", "--n_embd", "512", "--block_size", "64",
             "--fsdp", "--max_steps", "0", "--num_samples", "1", "--max_new_tokens", "2"]
-    r = run_script(*args, cwd=tmp_path, runner=TORCHRUN, script="tests/run_measuring_memory.py", timeout=240)
+    r = run_script(*args, cwd=tmp_path, runner=TORCHRUN, script="tests/run_measuring_memory.py", timeout=300)
     assert r.returncode == 0, r.stderr
     peaks = peak_mb(r)
     print(f"peak MiB above start, per rank: {peaks}; the whole model's weights: {weights_mib:.0f} MiB")
