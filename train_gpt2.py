@@ -56,7 +56,7 @@ from machinery.speed import bf16_peak_tflops, hardware_use
 from machinery.stopping import (StopRequested, TrainingDiverged, another_process_stopped, check_finite,
                                 sigterm_stops_at_once, stop_requested_anywhere, stopped_after_saving, stopped_at_once,
                                 stopped_before_saving)
-from machinery.tokens import (GPT2_VOCAB_SIZE, batches_per_pass, check_data, open_shard, shard_files, text_file_split,
+from machinery.tokens import (GPT2_VOCAB_SIZE, check_data, open_shard, shard_files, text_file_split, validation_batches,
                               get_tokenizer)  # noqa: F401 (get_tokenizer: importers take it from here, as plot_log)
 
 # -----------------------------------------------------------------------------
@@ -535,9 +535,8 @@ def estimate_val_loss(model, loader, n_batches, device, autocast):
 def evaluate(model, val_loader, hellaswag_items, step, cfg, device, autocast):
     """The validation loss (and HellaSwag with --hellaswag) over all ranks: printed, and returned for the log."""
     results = {}
-    if val_loader is not None:  # eval_iters steps of total_batch_size tokens: the same on any B or GPUs
-        n_batches = cfg.eval_iters * cfg.total_batch_size // (cfg.B * cfg.T * val_loader.num_processes)  # each rank's
-        n_batches = max(1, min(n_batches, batches_per_pass(val_loader)))  # (at most the split: never a token twice)
+    if val_loader is not None:  # eval_iters steps of total_batch_size tokens (or the split's whole steps): any B, GPUs
+        n_batches = validation_batches(val_loader, cfg.eval_iters, cfg.total_batch_size)  # each rank's
         results["val_loss"] = estimate_val_loss(model, val_loader, n_batches, device, autocast)
     if hellaswag_items is not None:  # (resumable: with --eval_only, a killed pass continues where it stopped)
         results.update(accuracy_across_ranks(model, hellaswag_items, device, autocast, resumable=cfg.eval_only))

@@ -1,8 +1,8 @@
 """
 HellaSwag, the benchmark a GPT-2 reproduction is judged by: which of four endings continues a context.
 The items (a local jsonl file, or the validation split fetched once and cached), their scoring, and
-the reference accuracies. It needs only a model that maps (B, T) tokens to (B, T, V) logits and has
-config.block_size: train_gpt2.py scores its model during training (--hellaswag), hellaswag.py any
+the reference accuracies. It needs only a model that maps (B, T) tokens to (B, T, V) logits (alone, or
+first of a tuple) and has config.block_size: train_gpt2.py scores its model during training (--hellaswag), hellaswag.py any
 GPT-2 from its command line.
 
 Data: the official jsonl format, one item per line with `ctx`, `endings` (four strings) and `label`
@@ -179,7 +179,8 @@ def ending_losses(model, items, device, autocast):
         mask[i, start:len(row)] = True
     tokens, mask = tokens.to(device), mask.to(device)
     with autocast:
-        logits, _ = model(tokens)  # (4N, L, V)
+        logits = model(tokens)  # (4N, L, V): alone, or first of a tuple, as GPT's forward gives (logits, None)
+    logits = logits[0] if isinstance(logits, tuple) else logits
     # position t predicts token t+1: losses of tokens 1..L-1, in float32
     losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")  # (4N, L-1)
     losses = losses * mask[:, 1:]

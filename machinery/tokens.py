@@ -291,6 +291,16 @@ def batches_per_pass(loader):
     return sum((length - 1) // window for length in lengths)
 
 
+def validation_batches(loader, eval_iters, total_batch_size):
+    """Each process's batches of one evaluation: eval_iters optimizer steps of total_batch_size tokens, or, where the
+    split holds fewer, as many whole steps as it holds (the same tokens at any B or number of processes), at least
+    one batch; never a token twice (batches_per_pass)."""
+    window = loader.B * loader.T * loader.num_processes  # a batch of every process: total_batch_size a step
+    wanted, per_step, fits = eval_iters * total_batch_size // window, max(1, total_batch_size // window), \
+        batches_per_pass(loader)
+    return max(1, min(wanted, fits // per_step * per_step or fits))
+
+
 def listed_shard(path):
     """The entry the manifest beside a shard has for it: its file, split, tokens, sha256, ..."""
     with open(os.path.join(os.path.dirname(path), MANIFEST)) as f:

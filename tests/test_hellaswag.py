@@ -72,6 +72,33 @@ def test_scores_and_accuracies_match_transformers_ending_by_ending(items_file, r
     assert by_total == shortest and by_mean != by_total and correct != correct_norm
 
 
+class LogitsOnly(torch.nn.Module):
+    """transformers' GPT-2 as the scorer asks of a model: (B, T) tokens to (B, T, V) logits, alone (not GPT's
+    (logits, loss)), and config.block_size."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf_model = hf_model
+        self.config = GPTConfig(block_size=hf_model.config.n_positions)
+
+    def forward(self, tokens):
+        return self.hf_model(tokens).logits
+
+
+def test_any_model_that_gives_logits_is_scored(items_file, random_gpt2):
+    """The scorer needs no more of a model than its logits and its block size: transformers' GPT-2 behind a
+    forward that returns logits alone scores each ending as ours (the same weights) does."""
+    _, ours, hf_model = random_gpt2
+    items = hellaswag_eval.read_items(str(items_file))
+    fp32 = torch.autocast("cpu", enabled=False)
+    theirs = LogitsOnly(hf_model)
+    for a, b in zip(hellaswag_eval.ending_losses(theirs, items, "cpu", fp32),
+                    hellaswag_eval.ending_losses(ours, items, "cpu", fp32)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # (float32, two implementations)
+    assert hellaswag_eval.count_correct(theirs, items, "cpu", fp32) == hellaswag_eval.count_correct(ours, items, "cpu",
+                                                                                                     fp32)
+
+
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 7])
 def test_batched_scoring_equals_unbatched(items_file, random_gpt2, batch_size):
     _, ours, _ = random_gpt2

@@ -673,6 +673,34 @@ def test_validation_reads_eval_iters_steps_of_tokens_and_at_most_the_whole_split
     assert code == 0 and 0 < whole_split < 1000 and counts == [(whole_split, whole_split)] * 2
 
 
+def recording_estimate(records, estimate, model, loader, n_batches, *args):
+    """estimate_val_loss, recording (rows read, rows the split holds in whole batches, the loss) of each call."""
+    loss = estimate(model, loader, n_batches, *args)
+    records.append((n_batches * loader.B, machinery.tokens.batches_per_pass(loader) * loader.B, loss))
+    return loss
+
+
+def test_a_split_smaller_than_the_evaluation_is_read_in_whole_steps_the_same_at_any_B(tmp_path, text_file,
+                                                                                       monkeypatch):
+    """A validation split shorter than eval_iters steps of total_batch_size (64) tokens: it is read in as many
+    whole steps as it holds, the same tokens at B=1, 2 or 4, so a checkpoint evaluated at another B (a resume
+    takes the run's) gives the run's loss (at B=1 a cut to whole batches read one row more: 10.7525 for 10.7535)."""
+    import train_gpt2
+
+    records = []
+    monkeypatch.setattr(train_gpt2, "estimate_val_loss",
+                        functools.partial(recording_estimate, records, train_gpt2.estimate_val_loss))
+    assert run_main(tmp_path / "run", text_file, "--max_steps", "1", "--dtype", "float32")[0] == 0
+    for B in ("1", "2", "4"):
+        assert main([*TINY, "--init_from", str(tmp_path / "run" / "out" / "ckpt.pt"), "--input_file", str(text_file),
+                     "--eval_only", "--B", B, "--T", "16", "--total_batch_size", "64", "--eval_iters", "1000",
+                     "--dtype", "float32"]) == 0
+    (rows, fits, loss), *others = records[-3:]
+    assert all(other_rows == rows for other_rows, _, _ in others) and rows * 16 % 64 == 0  # whole steps of 64 tokens
+    assert all(rows <= other_fits < rows + 4 for _, other_fits, _ in records[-3:])  # all but under a step's rows
+    assert all(other_loss == pytest.approx(loss, abs=1e-5) for _, _, other_loss in others)  # (float32 sums)
+
+
 def test_evaluating_alone_takes_a_total_batch_size_the_processes_do_not_divide():
     """--eval_only accumulates nothing: the reproduction's 524,288 tokens a step over 3 GPUs (196,608 a
     micro-step) evaluates; training with it is refused in one line. So does a run with no step left
