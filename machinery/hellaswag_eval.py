@@ -2,8 +2,8 @@
 HellaSwag, the benchmark a GPT-2 reproduction is judged by: which of four endings continues a context.
 The items (a local jsonl file, or the validation split fetched once and cached), their scoring, and
 the reference accuracies. It needs only a model that maps (B, T) tokens to (B, T, V) logits (alone, or
-first of a tuple) and has config.block_size: train_gpt2.py scores its model during training (--hellaswag), hellaswag.py any
-GPT-2 from its command line.
+first of a tuple) and has config.block_size: train_gpt2.py scores its model during training
+(--hellaswag), hellaswag.py any GPT-2 from its command line.
 
 Data: the official jsonl format, one item per line with `ctx`, `endings` (four strings) and `label`
 (0-3); the validation split has 10,042 items. Scoring, completion style (the one the classic GPT-2
