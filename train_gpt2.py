@@ -271,8 +271,7 @@ class DataLoaderLite:
 
     def __init__(self, B, T, input_file="input.txt", split=None, process_rank=0, num_processes=1,
                  val_fraction=0.1, data_dir=None, shuffle=True, seed=1337):
-        self.B, self.T, self.seed = B, T, seed
-        self.process_rank, self.num_processes = process_rank, num_processes
+        self.B, self.T, self.seed, self.process_rank, self.num_processes = B, T, seed, process_rank, num_processes
         if data_dir is not None:  # shard files, opened one at a time by load_shard
             self.shards, self.n_tokens = shard_files(data_dir, split, B, T, num_processes)  # each >= 1 window
             self.shuffle = shuffle and split == "train"
@@ -628,11 +627,12 @@ def training_loop(cfg, start_step, model, raw_model, optimizer, scaler, train_lo
             record = {"step": step}
             if step % cfg.eval_interval == 0 or done:  # step 0 too: from scratch, about ln(V) = 10.8
                 record.update(evaluate(raw_model, val_loader, hellaswag_items, step, cfg, device, autocast))
+            if done:  # the trained model's record before its checkpoint: a stop while that is written keeps it
+                log.write({**record, "peak_memory_bytes": largest_peak_memory(device)}, picture=True)  # (all ranks')
             if done or checkpoint_due(step, start_step, cfg.checkpoint_interval):
                 write_checkpoint(raw_model, optimizer, scaler, step, cfg, train_loader, sample_generator, master)
                 log.checkpointed()  # (a fresh run's log now replaces the other run's, if any: see RunLog)
             if done:
-                log.write({**record, "peak_memory_bytes": largest_peak_memory(device)}, picture=True)  # (all ranks')
                 break
             if cfg.sample_interval and step > 0 and step % cfg.sample_interval == 0:
                 print_samples(raw_model, cfg, device, autocast, sample_generator)  # (finish_run samples the last)

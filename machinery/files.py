@@ -286,21 +286,22 @@ def free_bytes(path):
     return shutil.disk_usage(nearest_existing(path)).free
 
 
-def lock_folder(path, flag="--out_dir"):
+def lock_folder(path, flag="--out_dir", shared=False):
     """A handle that holds an exclusive lock on the folder `path` until it is closed or the process ends
     (flock on the folder itself: no lock file is left behind), or one line when another process holds
     it: two runs writing one folder would overwrite each other's files. None where there is no flock
-    (Windows, a file system without locks)."""
+    (Windows, a file system without locks). `shared`: a shared lock, which only an exclusive one stops."""
     try:
         import fcntl
     except ImportError:  # (Windows)
         return None
     handle = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(handle)
-        raise ValueError(f"another run is writing {path!r} now: wait for it to end, or choose another {flag}") from None
+        raise SettingError(f"another run is writing {path!r} now: wait for it to end, or choose another {flag}"
+                           ) from None
     except OSError as e:
         os.close(handle)
         # a file system without locks (some NFS; SMB on macOS, whose ENOTSUP is not its EOPNOTSUPP)
@@ -312,9 +313,10 @@ def lock_folder(path, flag="--out_dir"):
 
 def check_folder_free(path, flag="--out_dir"):
     """lock_folder's line at once, before the heavy work (a model built, a checkpoint read), when another run
-    holds `path`; the run's own lock is taken later, and held (RunLog). Rank 0 only: it alone takes that lock,
-    and the others would find its probe."""
-    if int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(path):
-        handle = lock_folder(path, flag)
+    holds `path`; the run's own lock is taken later, and held (RunLog). Every process of a torchrun run asks,
+    with a shared lock, which another's probe does not stop: all of them meet another run's lock alike, and it
+    is said once (rank 0 takes its own lock only after a collective that every probe precedes)."""
+    if os.path.isdir(path):
+        handle = lock_folder(path, flag, shared=True)
         if handle is not None:
             os.close(handle)

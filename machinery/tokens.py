@@ -208,6 +208,7 @@ def shard_files(data_dir, split, B, T, num_processes):
 class DamagedShard(OSError):
     """A shard whose contents cannot be GPT-2's tokens. (An OSError, as gzip's BadGzipFile is: a damaged
     validation shard stops the run, where a ValueError, too little data, only leaves out validation.)"""
+    every_process = True  # (every process opens the same shard at the same step: said once, console.say_error)
 
 
 class ShardTokens:
@@ -328,7 +329,9 @@ def text_file_split(path, split, val_fraction, B, T, num_processes):
 def check_one_window(shards, n_tokens, what, B, T, num_processes):
     window = B * T * num_processes + 1
     if not shards:
-        needs = f"the {window} one batch needs (B={B}, T={T}); use more data or lower --B/--T"
+        processes = f", {num_processes} processes" if num_processes > 1 else ""  # (each reads its B x T of a batch)
+        fewer = "lower --B/--T or use fewer processes" if num_processes > 1 else "lower --B/--T"
+        needs = f"the {window} one batch needs (B={B}, T={T}{processes}); use more data or {fewer}"
         if n_tokens < window:
             raise SettingError(f"{what} has {n_tokens} tokens, fewer than {needs}")
         raise SettingError(f"no shard among {what} holds {needs}")

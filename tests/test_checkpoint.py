@@ -1103,6 +1103,22 @@ def test_a_run_stopped_just_after_its_first_checkpoint_keeps_its_log_with_it(tmp
     assert [r["step"] for r in read_log(run)] == [0, 1] and not (run / "log.new.jsonl").exists()  # (2: not begun)
 
 
+@pytest.mark.parametrize("beside", [False, True], ids=["own_folder", "beside_another_run"])
+def test_a_stop_while_the_last_checkpoint_is_written_keeps_the_trained_models_record(tmp_path, four_steps, text_file,
+                                                                                    monkeypatch, capsys, beside):
+    """A second Ctrl-C while the trained model's checkpoint is written (held until the file is whole) stops at
+    once: the log already holds that model's record (its evaluation, the run's peak memory), which no resume
+    would write again (it has nothing left to train), in its own folder or beside another run's files."""
+    run = shutil.copytree(four_steps, tmp_path / "run") if beside else tmp_path / "run"
+    monkeypatch.setattr(train_gpt2, "save_checkpoint", saved_then_interrupted)
+    code, _, err = run_in_process(*RUN, "--input_file", text_file, "--out_dir", run, "--max_steps", "3",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 130 and err.startswith("interrupted: stopped at once"), err
+    assert load_checkpoint(str(run / "ckpt.pt"))["steps_done"] == 3
+    assert [r["step"] for r in read_log(run)] == [0, 1, 2, 3] and not (run / "log.new.jsonl").exists()
+    assert {"val_loss", "peak_memory_bytes"} <= read_log(run)[-1].keys()
+
+
 def test_a_signal_during_the_first_checkpoints_write_is_answered_by_what_the_folder_holds(tmp_path, four_steps):
     """A first signal that comes while a fresh run's first checkpoint is written is answered once the file is
     whole (SignalsHeld), before the training loop says the checkpoint is written: the answer asks the folder (the
@@ -1353,16 +1369,19 @@ def test_a_second_run_into_a_folder_another_run_is_writing_is_refused(tmp_path, 
     assert code == 0, err
 
 
-def test_only_rank_0_asks_for_the_folder_before_the_run(tmp_path, monkeypatch):
-    """The early probe of out_dir's lock is rank 0's alone: rank 0 takes the lock for the run, and under
-    torchrun the other processes would find rank 0's probe (or its lock) and refuse their own run."""
-    held = machinery.files.lock_folder(str(tmp_path))
-    monkeypatch.setenv("RANK", "1")
-    machinery.files.check_folder_free(str(tmp_path))  # (no error: not rank 0's to ask)
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="another run is writing"):
-        machinery.files.check_folder_free(str(tmp_path))
+def test_every_process_asks_for_the_folder_before_the_run_and_the_probes_never_meet(tmp_path, monkeypatch):
+    """The early probe of out_dir's lock is every process's (under torchrun each meets another run's lock alike,
+    and it is said once: a SettingError), with a shared lock: one process's probe never stops another's, and
+    none is left held for rank 0's own (exclusive) lock."""
+    held = machinery.files.lock_folder(str(tmp_path))  # another run's
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(machinery.files.SettingError, match="another run is writing"):
+            machinery.files.check_folder_free(str(tmp_path))
     os.close(held)
+    probing = machinery.files.lock_folder(str(tmp_path), shared=True)  # another process's probe, in the middle
+    machinery.files.check_folder_free(str(tmp_path))  # (no error: probes do not meet)
+    os.close(probing)
     machinery.files.check_folder_free(str(tmp_path))  # free again: no error, and no lock left held by the probe
     os.close(machinery.files.lock_folder(str(tmp_path)))
 

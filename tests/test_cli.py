@@ -422,20 +422,22 @@ def test_a_fault_only_one_torchrun_process_meets_is_one_line_from_each(tmp_path,
 
 
 def test_an_error_every_process_meets_alike_is_said_by_the_first_process_of_a_machine(monkeypatch, capsys):
-    """console.say_error under torchrun: on a process other than local rank 0, a SettingError or a diverged
-    loss waits (for torchrun to stop it, once rank 0 has said it and failed) before it is said; any other
-    error is said at once, as it may be this process's alone. Local rank 0 says every error at once."""
+    """console.say_error under torchrun: on a process other than local rank 0, a SettingError, a diverged
+    loss or a damaged shard (every process opens it at the same step) waits (for torchrun to stop it, once
+    rank 0 has said it and failed) before it is said; any other error is said at once, as it may be this
+    process's alone. Local rank 0 says every error at once."""
     from machinery.console import say_error
     from machinery.files import SAY_ONCE_WAIT_S, SettingError
     from machinery.stopping import TrainingDiverged
+    from machinery.tokens import DamagedShard
 
     waits = []
     monkeypatch.setattr(machinery.files.time, "sleep", waits.append)
     monkeypatch.setenv("RANK", "1")  # (torchrun's: without it, as in prepare.py run by hand, nothing waits)
     for local_rank in ("1", "0"):
         monkeypatch.setenv("LOCAL_RANK", local_rank)
-        for error, alike in ((SettingError("a"), True), (TrainingDiverged("b"), True), (ValueError("c"), False),
-                             (OSError("d"), False)):
+        for error, alike in ((SettingError("a"), True), (TrainingDiverged("b"), True), (DamagedShard("e"), True),
+                             (ValueError("c"), False), (OSError("d"), False)):
             waits.clear()
             say_error(error)
             assert waits == ([SAY_ONCE_WAIT_S] if alike and local_rank != "0" else []), (local_rank, error)

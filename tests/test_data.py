@@ -116,10 +116,18 @@ def test_position_state_round_trips(text_file):
 
 
 def test_text_shorter_than_one_batch_is_a_clear_error(tmp_path):
+    """The line names what a batch needs: B x T of every process (+1), and so the processes where there are
+    several (B x T alone may fit: lowering --B/--T is not the only way)."""
     path = tmp_path / "short.txt"
     path.write_text("Only a few words here.")
-    with pytest.raises(ValueError, match=r"fewer than the 129 one batch needs"):
+    with pytest.raises(ValueError, match=r"fewer than the 129 one batch needs \(B=4, T=32\); use more data or "
+                                         r"lower --B/--T$"):
         DataLoaderLite(4, 32, path)
+    path.write_text(" ".join(["word"] * 40))  # 40 tokens: one process's batch of 4 x 8 fits, two processes' not
+    DataLoaderLite(4, 8, path)
+    with pytest.raises(ValueError, match=r"has 40 tokens, fewer than the 65 one batch needs \(B=4, T=8, 2 "
+                                         r"processes\); use more data or lower --B/--T or use fewer processes$"):
+        DataLoaderLite(4, 8, path, num_processes=2)
 
 
 @pytest.mark.parametrize("content,message", [

@@ -130,6 +130,33 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
     assert 3 < load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["steps_done"] < 300
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
+def test_a_torchrun_run_into_a_folder_another_run_writes_is_refused_in_one_line(tmp_path, resume):
+    """Two processes started into an out_dir another run holds: each meets its lock before it builds a model,
+    and the refusal is said once (a resume's rank 1, past the process group's start, waited for rank 0 in a
+    collective, and then said "another process stopped first")."""
+    from machinery.files import lock_folder
+
+    (tmp_path / "text.txt").write_text((REPO / "input.txt").read_text()[:20_000])
+    args = [*TINY, "--input_file", "text.txt", "--B", "2", "--T", "16", "--num_samples", "0"]
+    if resume:  # (the run's first step, in one process; the other run holds the folder now)
+        assert run_script(*args, "--total_batch_size", "64", "--max_steps", "1", cwd=tmp_path).returncode == 0
+    else:
+        (tmp_path / "out").mkdir()
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    held = lock_folder(str(tmp_path / "out"))
+    try:
+        r = run_script(*args, "--max_steps", "3", *(["--resume"] if resume else []), cwd=tmp_path, runner=TORCHRUN,
+                       env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
+    finally:
+        os.close(held)
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]  # (torchrun reports beside them)
+    assert ours == ["error: another run is writing 'out' now: wait for it to end, or choose another --out_dir"], \
+        r.stderr
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+
+
 def test_a_plain_checkpoint_resumes_under_fsdp_with_the_state_in_ram(fsdp_runs):
     tmp, _, resumed = fsdp_runs
     assert "resumed from plain/ckpt.pt at step 2" in resumed["plain"].stdout
